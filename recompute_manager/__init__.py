@@ -1,0 +1,1 @@
+"""Recompute Manager service (see issue: Recompute Manager)."""

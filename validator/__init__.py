@@ -1,0 +1,1 @@
+"""Validator service (see issue: Validator)."""
