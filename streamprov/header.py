@@ -1,0 +1,260 @@
+"""The provenance header: a frozen value with one way onto a Kafka record and one way off.
+
+Wire format (docs/header-format.md): the value of the Kafka record header `streamprov` is Avro
+single-object encoding of `schemas/provenance_header.avsc`. The per-record fields come first and are
+read by hand (a few slices and varints); the lineage, shared by every record of a stage, is decoded
+through a memo. Unknown fingerprints and any malformed byte string raise `HeaderError` subclasses and
+nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c as _crc32c
+
+from streamprov import avro
+from streamprov.checksum import Checksum, ChecksumAlgorithm, compute
+from streamprov.errors import HeaderError, MalformedHeaderError, UnknownSchemaError
+from streamprov.lineage import Lineage, decode_lineage, encode_lineage, step_from_avro
+
+HEADER_KEY = "streamprov"
+"""Kafka record header key carrying the provenance header."""
+
+SCHEMA_NAME = "provenance_header"
+CURRENT_SCHEMA = avro.load_schema_json(SCHEMA_NAME)
+PREFIX = avro.single_object_prefix(CURRENT_SCHEMA)
+_PREFIX_LEN = len(PREFIX)
+_ALGORITHMS = tuple(ChecksumAlgorithm)
+_crc = _crc32c.crc32c
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode_checksum(c: Checksum) -> bytes:
+    return avro.encode_long(c.algorithm) + avro.encode_bytes(c.value)
+
+
+@dataclass(frozen=True, slots=True)
+class ProvenanceHeader:
+    """DataID, Lineage, Timestamp and Checksum of one record, plus its source's checksum."""
+
+    data_id: str
+    checksum: Checksum
+    source_checksum: Checksum
+    timestamp_ms: int
+    lineage: Lineage = ()
+
+    @classmethod
+    def for_source(
+        cls,
+        data_id: str,
+        value: bytes,
+        algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
+        timestamp_ms: int | None = None,
+    ) -> ProvenanceHeader:
+        """Header of an original record: empty lineage, the source checksum is its own checksum."""
+        checksum = compute(algorithm, value)
+        ts = now_ms() if timestamp_ms is None else timestamp_ms
+        return cls(data_id, checksum, checksum, ts, ())
+
+    @property
+    def is_source(self) -> bool:
+        return not self.lineage
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                PREFIX,
+                encode_checksum(self.checksum),
+                encode_checksum(self.source_checksum),
+                avro.encode_long(self.timestamp_ms),
+                avro.encode_bytes(self.data_id.encode("utf-8")),
+                encode_lineage(self.lineage),
+            )
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ProvenanceHeader:
+        """Decode header bytes; raises only `HeaderError` subclasses, whatever the input."""
+        if not isinstance(raw, bytes | bytearray | memoryview):
+            raise MalformedHeaderError(f"header value must be bytes, not {type(raw).__name__}")
+        raw = bytes(raw)
+        if raw[:_PREFIX_LEN] == PREFIX:
+            return _decode_current(raw)
+        return _decode_other_version(raw)
+
+    def to_headers(self) -> list[tuple[str, bytes]]:
+        return [(HEADER_KEY, self.encode())]
+
+    @classmethod
+    def from_headers(cls, headers: Sequence[tuple[str, bytes | None]] | None) -> ProvenanceHeader | None:
+        """The header among a record's Kafka headers; None when the record carries none."""
+        raw = find_raw(headers)
+        return None if raw is None else cls.decode(raw)
+
+    def describe(self) -> dict[str, Any]:
+        """A plain, printable view (hex digests, step descriptions)."""
+        return {
+            "data_id": self.data_id,
+            "timestamp_ms": self.timestamp_ms,
+            "checksum": self.checksum.hex(),
+            "source_checksum": self.source_checksum.hex(),
+            "lineage": [s.describe() for s in self.lineage],
+        }
+
+
+def find_raw(headers: Sequence[tuple[str, bytes | None]] | None) -> bytes | None:
+    """Raw provenance header bytes among Kafka headers; an empty/None value counts as malformed."""
+    if not headers:
+        return None
+    for key, value in headers:
+        if key == HEADER_KEY:
+            if not value:
+                raise MalformedHeaderError(f"header {HEADER_KEY!r} is present but empty", b"")
+            return value
+    return None
+
+
+def _digest_len(raw: bytes, pos: int) -> int:
+    """Digest length of the Checksum encoded at `pos` (its algorithm index and length bytes)."""
+    index, length = raw[pos], raw[pos + 1]
+    if index == 0 and length == 8:  # CRC32C, 4 bytes (zig-zag 4 = 8)
+        return 4
+    if index == 2 and length == 64:  # SHA256 (index 1 = 2), 32 bytes
+        return 32
+    raise MalformedHeaderError(
+        f"bad checksum encoding at byte {pos}: algorithm {index}, length byte {length}", raw
+    )
+
+
+def scan(raw: bytes) -> tuple[int, int, int, int]:
+    """Locate the per-record fields of a current-version header without building any object.
+
+    Returns (source_start, source_end, id_start, lineage_at): the checksum occupies
+    raw[PREFIX_LEN:source_start], the source checksum raw[source_start:source_end], the timestamp
+    sits between source_end and id_start (the DataID's length varint starts at id_start), and the
+    lineage is raw[lineage_at:]. Validates as it goes; this is the per-message hot path.
+    """
+    if raw[:_PREFIX_LEN] != PREFIX:
+        raise UnknownSchemaError("header is not the current provenance schema", raw)
+    try:
+        source_start = _PREFIX_LEN + 2 + _digest_len(raw, _PREFIX_LEN)
+        source_end = source_start + 2 + _digest_len(raw, source_start)
+        pos = source_end
+        limit = pos + 10
+        while raw[pos] & 0x80:
+            pos += 1
+            if pos >= limit:
+                raise MalformedHeaderError("timestamp varint longer than 10 bytes", raw)
+        id_start = pos + 1
+        first = raw[id_start]
+        if first < 0x80 and not first & 1:  # the common case: a short DataID, one-byte length
+            id_end = id_start + 1 + (first >> 1)
+            if id_end > len(raw):
+                raise MalformedHeaderError("DataID runs past the end of the header", raw)
+        else:
+            _, id_end = avro.read_bytes(raw, id_start)
+        raw[id_start:id_end].decode("utf-8")
+        return source_start, source_end, id_start, id_end
+    except IndexError as exc:
+        raise MalformedHeaderError("header is truncated", raw) from exc
+    except UnicodeDecodeError as exc:
+        raise MalformedHeaderError(f"DataID is not UTF-8: {exc}", raw) from exc
+
+
+def verify_value(raw: bytes, value: bytes) -> bool:
+    """Does `value` match the checksum in current-version header `raw`? The validator's hot check."""
+    if raw[:_PREFIX_LEN] != PREFIX:
+        raise UnknownSchemaError("header is not the current provenance schema", raw)
+    try:
+        n = _digest_len(raw, _PREFIX_LEN)
+    except IndexError as exc:
+        raise MalformedHeaderError("header is truncated", raw) from exc
+    expected = raw[_PREFIX_LEN + 2 : _PREFIX_LEN + 2 + n]
+    if n == 4:
+        return _crc(value).to_bytes(4, "big") == expected
+    return hashlib.sha256(value).digest() == expected
+
+
+def _checksum_at(raw: bytes, start: int, end: int) -> Checksum:
+    return Checksum(_ALGORITHMS[raw[start] >> 1], raw[start + 2 : end])
+
+
+def _decode_current(raw: bytes) -> ProvenanceHeader:
+    source_start, source_end, id_start, lineage_at = scan(raw)
+    ts, _ = avro.read_long(raw, source_end)
+    _, data_at = avro.read_long(raw, id_start)
+    return ProvenanceHeader(
+        raw[data_at:lineage_at].decode("utf-8"),
+        _checksum_at(raw, _PREFIX_LEN, source_start),
+        _checksum_at(raw, source_start, source_end),
+        ts,
+        decode_lineage(raw[lineage_at:]),
+    )
+
+
+def _history() -> dict[bytes, Any]:
+    known: dict[bytes, Any] = {}
+    for name in avro.history_names():
+        schema = avro.load_schema_json(name, history=True)
+        known[avro.fingerprint_bytes(schema)] = schema
+    return known
+
+
+_OLDER_VERSIONS: dict[bytes, Any] = _history()
+
+
+def register_older_version(schema: dict[str, Any]) -> None:
+    """Accept headers written with an older schema (schema resolution maps them onto the current)."""
+    _OLDER_VERSIONS[avro.fingerprint_bytes(schema)] = schema
+
+
+def _decode_other_version(raw: bytes) -> ProvenanceHeader:
+    if raw[:2] != avro.SINGLE_OBJECT_MARKER or len(raw) < _PREFIX_LEN:
+        raise MalformedHeaderError(
+            "not an Avro single-object encoded provenance header (bad marker or too short)", raw
+        )
+    fp = raw[2:_PREFIX_LEN]
+    writer = _OLDER_VERSIONS.get(fp)
+    if writer is None:
+        raise UnknownSchemaError(
+            f"unknown provenance schema fingerprint {fp.hex()}: written by a newer or foreign "
+            "writer; upgrade streamprov or add the schema to schemas/history/",
+            raw,
+        )
+    try:
+        record = avro.schemaless_read(raw[_PREFIX_LEN:], writer, CURRENT_SCHEMA)
+        return _from_record(record)
+    except HeaderError:
+        raise
+    except Exception as exc:  # untrusted bytes through fastavro: one typed error out
+        raise MalformedHeaderError(f"older-version header does not decode: {exc!r}", raw) from exc
+
+
+def _from_record(record: dict[str, Any]) -> ProvenanceHeader:
+    def checksum(r: dict[str, Any]) -> Checksum:
+        return Checksum(ChecksumAlgorithm[r["algorithm"]], r["value"])
+
+    ts = record["timestamp"]
+    ts_ms = ts if isinstance(ts, int) else int(ts.timestamp() * 1000)
+    return ProvenanceHeader(
+        record["data_id"],
+        checksum(record["checksum"]),
+        checksum(record["source_checksum"]),
+        ts_ms,
+        tuple(step_from_avro(s) for s in record["lineage"]),
+    )
+
+
+def headers_without(
+    headers: Iterable[tuple[str, bytes | None]] | None, key: str = HEADER_KEY
+) -> list[tuple[str, bytes | None]]:
+    """A record's other headers, to carry through a step unchanged."""
+    return [(k, v) for k, v in (headers or ()) if k != key]

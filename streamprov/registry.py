@@ -1,0 +1,148 @@
+"""Function registry: id + version -> callable, with a hash of its code.
+
+The lineage names functions by id and version; the Validator and Recompute Manager replay a lineage by
+looking them up here. The code hash is recorded too, so a function whose body changed without a
+version bump is caught: at registration (same id and version, different code is refused) and later,
+when a lineage step's hash differs from the registered function's.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import marshal
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from streamprov.errors import FunctionNotFoundError, RegistryError
+from streamprov.lineage import InputDigest, Step, StepKind
+
+CODE_HASH_SIZE = 16
+
+
+def code_hash(func: Callable[..., Any]) -> bytes:
+    """First 16 bytes of SHA-256 over the function's normalised source.
+
+    The source is parsed and dumped as an AST without decorators, positions or comments, so
+    reformatting or moving a function does not change its hash but changing what it does does.
+    Without source (built-ins, REPL lambdas) the bytecode is hashed instead.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(func))
+        tree = ast.parse(source)
+        node = tree.body[0]
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            node.decorator_list = []
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                if isinstance(first.value.value, str):  # a docstring edit is not a code change
+                    node.body = node.body[1:] or [ast.Pass()]
+        material = ast.dump(node, include_attributes=False).encode()
+    except (OSError, TypeError, SyntaxError, IndexError):
+        code = getattr(func, "__code__", None)
+        material = marshal.dumps(code.co_code) if code is not None else repr(func).encode()
+    return hashlib.sha256(material).digest()[:CODE_HASH_SIZE]
+
+
+@dataclass(frozen=True)
+class RegisteredFunction:
+    """A transformation the pipeline may apply and a recompute may replay."""
+
+    function_id: str
+    version: str
+    kind: StepKind
+    func: Callable[..., Any]
+    code_hash: bytes
+    default_params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    initial: Callable[[], Any] | None = None
+    """REDUCE only: a factory for the empty accumulator."""
+
+    def step(self, params: Mapping[str, Any] | None = None, inputs: InputDigest | None = None) -> Step:
+        merged = {**self.default_params, **(params or {})}
+        return Step.create(self.kind, self.function_id, self.version, self.code_hash, merged, inputs)
+
+    def apply(self, *args: Any, params: Mapping[str, Any] | None = None) -> Any:
+        return self.func(*args, **{**self.default_params, **(params or {})})
+
+
+class FunctionRegistry:
+    """Registered functions by (id, version); the newest registration of an id is its default."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], RegisteredFunction] = {}
+        self._latest: dict[str, RegisteredFunction] = {}
+
+    def add(
+        self,
+        func: Callable[..., Any],
+        function_id: str,
+        version: str,
+        *,
+        kind: StepKind = StepKind.MAP,
+        params: Mapping[str, Any] | None = None,
+        initial: Callable[[], Any] | None = None,
+    ) -> RegisteredFunction:
+        if not function_id or not version:
+            raise RegistryError("a function needs a non-empty id and version")
+        if kind is StepKind.REDUCE and initial is None:
+            raise RegistryError(
+                f"reduce function {function_id!r} needs initial=<factory of the empty accumulator>"
+            )
+        entry = RegisteredFunction(
+            function_id,
+            version,
+            kind,
+            func,
+            code_hash(func),
+            MappingProxyType(dict(params or {})),
+            initial,
+        )
+        existing = self._by_key.get((function_id, version))
+        if existing is not None and existing.code_hash != entry.code_hash:
+            raise RegistryError(
+                f"function {function_id!r} version {version!r} is already registered with other "
+                "code; bump the version when the code changes"
+            )
+        self._by_key[(function_id, version)] = entry
+        self._latest[function_id] = entry
+        return entry
+
+    def map(
+        self, function_id: str, version: str, **params: Any
+    ) -> Callable[[Callable[..., Any]], RegisteredFunction]:
+        """Decorator: register `fn(value, **params) -> value`."""
+        return lambda fn: self.add(fn, function_id, version, kind=StepKind.MAP, params=params)
+
+    def reduce(
+        self, function_id: str, version: str, *, initial: Callable[[], Any], **params: Any
+    ) -> Callable[[Callable[..., Any]], RegisteredFunction]:
+        """Decorator: register `fn(accumulator, value, **params) -> accumulator`."""
+        return lambda fn: self.add(
+            fn, function_id, version, kind=StepKind.REDUCE, params=params, initial=initial
+        )
+
+    def get(self, function_id: str, version: str | None = None) -> RegisteredFunction:
+        entry = self._latest.get(function_id) if version is None else self._by_key.get((function_id, version))
+        if entry is None:
+            known = ", ".join(f"{i}@{v}" for i, v in sorted(self._by_key)) or "none"
+            wanted = function_id if version is None else f"{function_id}@{version}"
+            raise FunctionNotFoundError(f"no function {wanted} is registered (registered: {known})")
+        return entry
+
+    def for_step(self, step: Step) -> RegisteredFunction:
+        """The function a lineage step names; its code hash may differ (see `changed`)."""
+        return self.get(step.function_id, step.function_version)
+
+    def changed(self, step: Step) -> bool:
+        """True when the registered code for this step's id and version is not the code that ran."""
+        return self.for_step(step).code_hash != step.code_hash
+
+    def __iter__(self) -> Any:
+        return iter(self._by_key.values())
+
+    def __len__(self) -> int:
+        return len(self._by_key)

@@ -1,0 +1,262 @@
+"""Stamping provenance onto step outputs, shared by every agent flavour (faust, confluent-kafka).
+
+The map path is the hot path: per record it reads the input header's head fields, copies the source
+checksum and DataID spans verbatim, computes one output checksum and appends a memoised lineage. No
+lineage is decoded or encoded per record; the timestamp's varint is reused within a millisecond.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamprov import avro
+from streamprov.checksum import Checksum, ChecksumAlgorithm, compute, digest
+from streamprov.errors import MalformedHeaderError
+from streamprov.header import (
+    PREFIX,
+    ProvenanceHeader,
+    encode_checksum,
+    find_raw,
+    now_ms,
+    scan,
+    verify_value,
+)
+from streamprov.lineage import (
+    LINEAGE_CACHE_SIZE,
+    InputDigest,
+    Lineage,
+    Step,
+    common_prefix,
+    encode_lineage,
+)
+from streamprov.lineage import extend_encoded as _extend
+from streamprov.merkle import MerkleAccumulator, length_prefixed
+from streamprov.registry import RegisteredFunction
+
+Headers = Sequence[tuple[str, bytes | None]]
+
+
+class ChecksumMismatchError(MalformedHeaderError):
+    """An input record's value does not match the checksum its own header claims."""
+
+
+class _Clock:
+    """Millisecond timestamp and its Avro varint, re-encoded only when the millisecond changes."""
+
+    __slots__ = ("_enc", "_ms")
+
+    def __init__(self) -> None:
+        self._ms = -1
+        self._enc = b""
+
+    def encoded(self) -> bytes:
+        ms = now_ms()
+        if ms != self._ms:
+            self._ms = ms
+            self._enc = avro.encode_long(ms)
+        return self._enc
+
+
+_CRC_TAG = avro.encode_long(ChecksumAlgorithm.CRC32C) + avro.encode_long(4)
+
+
+def _encoded_checksum(algorithm: ChecksumAlgorithm, value: bytes) -> bytes:
+    if algorithm is ChecksumAlgorithm.CRC32C:
+        return _CRC_TAG + digest(algorithm, value)
+    return encode_checksum(compute(algorithm, value))
+
+
+def source_data_id(key: bytes | None, topic: str, partition: int, offset: int) -> str:
+    """DataID for a record that arrives without provenance: its key, else its coordinates."""
+    if key:
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            return "hex:" + key.hex()
+    return f"{topic}/{partition}/{offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    """What a step needs of one consumed record to stamp its output."""
+
+    value: bytes
+    headers: Headers | None
+    key: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
+class MapStamper:
+    """Builds output headers for one map step (function + parameters + checksum algorithm)."""
+
+    def __init__(
+        self,
+        function: RegisteredFunction,
+        params: Mapping[str, Any] | None = None,
+        algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
+        verify_input: bool = True,
+    ) -> None:
+        self.function = function
+        self.step: Step = function.step(params)
+        self.algorithm = algorithm
+        self.verify_input = verify_input
+        self._clock = _Clock()
+        self._first_lineage = encode_lineage((self.step,))
+        self._lineages: dict[bytes, bytes] = {}
+
+    def stamp(self, record: InputRecord, output_value: bytes) -> bytes:
+        """Encoded output header; raises `HeaderError` when the input's header is bad."""
+        raw = find_raw(record.headers)
+        if raw is None:
+            data_id = source_data_id(record.key, record.topic, record.partition, record.offset)
+            return b"".join(
+                (
+                    PREFIX,
+                    _encoded_checksum(self.algorithm, output_value),
+                    _encoded_checksum(self.algorithm, record.value),
+                    self._clock.encoded(),
+                    avro.encode_bytes(data_id.encode("utf-8")),
+                    self._first_lineage,
+                )
+            )
+        if raw[: len(PREFIX)] != PREFIX:  # an older header version: decode fully, re-encode
+            return self._stamp_decoded(ProvenanceHeader.decode(raw), record.value, output_value)
+        source_start, source_end, id_start, lineage_at = scan(raw)
+        if self.verify_input and not verify_value(raw, record.value):
+            raise ChecksumMismatchError("input value does not match its header checksum", raw)
+        # The source checksum and DataID spans are copied verbatim from the input header.
+        return b"".join(
+            (
+                PREFIX,
+                _encoded_checksum(self.algorithm, output_value),
+                raw[source_start:source_end],
+                self._clock.encoded(),
+                raw[id_start:lineage_at],
+                self._output_lineage(raw[lineage_at:]),
+            )
+        )
+
+    def _output_lineage(self, input_lineage: bytes) -> bytes:
+        out = self._lineages.get(input_lineage)
+        if out is None:
+            if len(self._lineages) >= LINEAGE_CACHE_SIZE:
+                self._lineages.clear()
+            out = self._lineages[input_lineage] = _extend(input_lineage, self.step)
+        return out
+
+    def _stamp_decoded(self, header: ProvenanceHeader, value: bytes, output_value: bytes) -> bytes:
+        if self.verify_input and digest(header.checksum.algorithm, value) != header.checksum.value:
+            raise ChecksumMismatchError("input value does not match its header checksum")
+        return ProvenanceHeader(
+            header.data_id,
+            compute(self.algorithm, output_value),
+            header.source_checksum,
+            now_ms(),
+            (*header.lineage, self.step),
+        ).encode()
+
+
+def input_header(record: InputRecord, algorithm: ChecksumAlgorithm) -> ProvenanceHeader:
+    """The record's provenance, or a fresh source header when it carries none."""
+    header = ProvenanceHeader.from_headers(record.headers)
+    if header is None:
+        data_id = source_data_id(record.key, record.topic, record.partition, record.offset)
+        return ProvenanceHeader.for_source(data_id, record.value, algorithm)
+    return header
+
+
+def _leaf(data_id: str, checksum: Checksum) -> bytes:
+    return length_prefixed(data_id.encode("utf-8"), bytes([checksum.algorithm]), checksum.value)
+
+
+@dataclass
+class ReduceState:
+    """Accumulated state of one reduce group (key, window): the value and a bounded input digest.
+
+    Only O(log n) hashes are kept whatever the fan-in; the lineage is the prefix the inputs share.
+    """
+
+    accumulator: Any
+    inputs: MerkleAccumulator = field(default_factory=MerkleAccumulator)
+    sources: MerkleAccumulator = field(default_factory=MerkleAccumulator)
+    upstream: Lineage | None = None
+    last_timestamp_ms: int = 0
+
+    def add(
+        self,
+        function: RegisteredFunction,
+        params: Mapping[str, Any],
+        header: ProvenanceHeader,
+        value: Any,
+    ) -> None:
+        self.accumulator = function.apply(self.accumulator, value, params=params)
+        self.inputs.add(_leaf(header.data_id, header.checksum))
+        self.sources.add(_leaf(header.data_id, header.source_checksum))
+        self.upstream = (
+            header.lineage if self.upstream is None else common_prefix([self.upstream, header.lineage])
+        )
+        self.last_timestamp_ms = max(self.last_timestamp_ms, header.timestamp_ms)
+
+    @property
+    def count(self) -> int:
+        return self.inputs.count
+
+    def header(
+        self,
+        step: Step,
+        data_id: str,
+        output_value: bytes,
+        algorithm: ChecksumAlgorithm,
+        window: tuple[int, int] | None = None,
+    ) -> ProvenanceHeader:
+        """The output header: the reduce step carries the input digest, never the input list."""
+        digest_ = InputDigest(
+            self.inputs.count,
+            self.inputs.root(),
+            window[0] if window else None,
+            window[1] if window else None,
+        )
+        reduce_step = Step(
+            step.kind,
+            step.function_id,
+            step.function_version,
+            step.code_hash,
+            step.parameters,
+            digest_,
+        )
+        return ProvenanceHeader(
+            data_id,
+            compute(algorithm, output_value),
+            Checksum(ChecksumAlgorithm.SHA256, self.sources.root()),
+            now_ms(),
+            (*(self.upstream or ()), reduce_step),
+        )
+
+
+_EMPTY_LINEAGE = encode_lineage(())
+
+
+class SourceStamper:
+    """Headers for original records as a producer writes them: empty lineage, own checksum as source."""
+
+    def __init__(self, algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C) -> None:
+        self.algorithm = algorithm
+        self._clock = _Clock()
+
+    def header(self, data_id: str | bytes, value: bytes) -> bytes:
+        encoded = _encoded_checksum(self.algorithm, value)
+        id_bytes = data_id.encode("utf-8") if isinstance(data_id, str) else data_id
+        return b"".join(
+            (
+                PREFIX,
+                encoded,
+                encoded,
+                self._clock.encoded(),
+                avro.encode_bytes(id_bytes),
+                _EMPTY_LINEAGE,
+            )
+        )
