@@ -38,9 +38,13 @@ def code_hash(func: Callable[..., Any]) -> bytes:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             node.decorator_list = []
             first = node.body[0] if node.body else None
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                if isinstance(first.value.value, str):  # a docstring edit is not a code change
-                    node.body = node.body[1:] or [ast.Pass()]
+            is_docstring = (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            )
+            if is_docstring:  # a docstring edit is not a code change
+                node.body = node.body[1:] or [ast.Pass()]
         material = ast.dump(node, include_attributes=False).encode()
     except (OSError, TypeError, SyntaxError, IndexError):
         code = getattr(func, "__code__", None)
