@@ -63,10 +63,16 @@ def _encode_long(n: int) -> bytes:
     return bytes(out)
 
 
+_LONG_MIN = -(1 << 63)
+_LONG_MAX = (1 << 63) - 1
+
+
 def encode_long(n: int) -> bytes:
-    """Avro zig-zag varint."""
+    """Avro zig-zag varint of a 64-bit long (anything wider would silently decode as another value)."""
     if 0 <= n < 256:
         return _small_long(n)
+    if not _LONG_MIN <= n <= _LONG_MAX:
+        raise OverflowError(f"{n} does not fit an Avro long")
     return _encode_long(n)
 
 
@@ -75,7 +81,11 @@ def encode_bytes(b: bytes) -> bytes:
 
 
 def read_long(buf: bytes, pos: int) -> tuple[int, int]:
-    """Decode an Avro varint at `pos`; returns (value, next position). Raises on truncation or overlong."""
+    """Decode an Avro varint at `pos`; returns (value, next position).
+
+    Raises on truncation and on anything that is not a 64-bit long (more than 10 bytes, or a 10th
+    byte above 1), so every value read here re-encodes and any other Avro reader agrees on it.
+    """
     shift = 0
     z = 0
     while True:
@@ -83,12 +93,12 @@ def read_long(buf: bytes, pos: int) -> tuple[int, int]:
             raise MalformedHeaderError("truncated varint", buf)
         b = buf[pos]
         pos += 1
+        if shift == 63 and b > 1:  # the 10th byte holds only bit 63; more would overflow a long
+            raise MalformedHeaderError("varint overflows a 64-bit long", buf)
         z |= (b & 0x7F) << shift
         if not b & 0x80:
             return (z >> 1) ^ -(z & 1), pos
         shift += 7
-        if shift > 63:
-            raise MalformedHeaderError("varint longer than 10 bytes", buf)
 
 
 def read_bytes(buf: bytes, pos: int) -> tuple[bytes, int]:
@@ -99,6 +109,26 @@ def read_bytes(buf: bytes, pos: int) -> tuple[bytes, int]:
     return buf[pos:end], end
 
 
+def without_logical_types(schema: Any) -> Any:
+    """A copy of `schema` with every `logicalType` dropped: values decode as their Avro base type.
+
+    The canonical form (and so the fingerprint) ignores logical types, so this is the same schema on
+    the wire; it spares lossy conversions (timestamp-millis via a float datetime) and range limits.
+    """
+    if isinstance(schema, dict):
+        return {k: without_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    if isinstance(schema, list):
+        return [without_logical_types(v) for v in schema]
+    return schema
+
+
 def schemaless_read(body: bytes, writer: Any, reader: Any | None = None) -> Any:
-    """fastavro's schemaless reader on bytes; callers wrap its exceptions in a typed error."""
-    return fastavro.schemaless_reader(io.BytesIO(body), writer, reader)
+    """fastavro's schemaless reader on bytes that must hold exactly one datum.
+
+    Callers wrap its exceptions in a typed error; trailing bytes raise ValueError.
+    """
+    buf = io.BytesIO(body)
+    value = fastavro.schemaless_reader(buf, writer, reader)
+    if buf.tell() != len(body):
+        raise ValueError(f"{len(body) - buf.tell()} trailing bytes after the Avro datum")
+    return value

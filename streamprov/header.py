@@ -159,9 +159,10 @@ def scan(raw: bytes) -> tuple[int, int, int, int]:
             id_end = id_start + 1 + (first >> 1)
             if id_end > len(raw):
                 raise MalformedHeaderError("DataID runs past the end of the header", raw)
-        else:
-            _, id_end = avro.read_bytes(raw, id_start)
-        raw[id_start:id_end].decode("utf-8")
+            raw[id_start + 1 : id_end].decode("utf-8")
+        else:  # a long DataID (64 bytes or more): a multi-byte length varint, not part of the text
+            data_id, id_end = avro.read_bytes(raw, id_start)
+            data_id.decode("utf-8")
         return source_start, source_end, id_start, id_end
     except IndexError as exc:
         raise MalformedHeaderError("header is truncated", raw) from exc
@@ -178,6 +179,8 @@ def verify_value(raw: bytes, value: bytes) -> bool:
     except IndexError as exc:
         raise MalformedHeaderError("header is truncated", raw) from exc
     expected = raw[_PREFIX_LEN + 2 : _PREFIX_LEN + 2 + n]
+    if len(expected) != n:
+        raise MalformedHeaderError("header is truncated inside its checksum", raw)
     if n == 4:
         return _crc(value).to_bytes(4, "big") == expected
     return hashlib.sha256(value).digest() == expected
@@ -204,16 +207,18 @@ def _history() -> dict[bytes, Any]:
     known: dict[bytes, Any] = {}
     for name in avro.history_names():
         schema = avro.load_schema_json(name, history=True)
-        known[avro.fingerprint_bytes(schema)] = schema
+        known[avro.fingerprint_bytes(schema)] = avro.without_logical_types(schema)
     return known
 
 
 _OLDER_VERSIONS: dict[bytes, Any] = _history()
+# Older versions are read with logical types off: the timestamp comes back as the exact long written.
+_READER_SCHEMA = avro.without_logical_types(CURRENT_SCHEMA)
 
 
 def register_older_version(schema: dict[str, Any]) -> None:
     """Accept headers written with an older schema (schema resolution maps them onto the current)."""
-    _OLDER_VERSIONS[avro.fingerprint_bytes(schema)] = schema
+    _OLDER_VERSIONS[avro.fingerprint_bytes(schema)] = avro.without_logical_types(schema)
 
 
 def _decode_other_version(raw: bytes) -> ProvenanceHeader:
@@ -230,7 +235,7 @@ def _decode_other_version(raw: bytes) -> ProvenanceHeader:
             raw,
         )
     try:
-        record = avro.schemaless_read(raw[_PREFIX_LEN:], writer, CURRENT_SCHEMA)
+        record = avro.schemaless_read(raw[_PREFIX_LEN:], writer, _READER_SCHEMA)
         return _from_record(record)
     except HeaderError:
         raise
@@ -238,17 +243,23 @@ def _decode_other_version(raw: bytes) -> ProvenanceHeader:
         raise MalformedHeaderError(f"older-version header does not decode: {exc!r}", raw) from exc
 
 
+_DIGEST_SIZES = {ChecksumAlgorithm.CRC32C: 4, ChecksumAlgorithm.SHA256: 32}
+
+
 def _from_record(record: dict[str, Any]) -> ProvenanceHeader:
     def checksum(r: dict[str, Any]) -> Checksum:
-        return Checksum(ChecksumAlgorithm[r["algorithm"]], r["value"])
+        algorithm = ChecksumAlgorithm[r["algorithm"]]
+        if len(r["value"]) != _DIGEST_SIZES[algorithm]:
+            raise MalformedHeaderError(
+                f"{algorithm.name} checksum of {len(r['value'])} bytes (expected {_DIGEST_SIZES[algorithm]})"
+            )
+        return Checksum(algorithm, r["value"])
 
-    ts = record["timestamp"]
-    ts_ms = ts if isinstance(ts, int) else int(ts.timestamp() * 1000)
     return ProvenanceHeader(
         record["data_id"],
         checksum(record["checksum"]),
         checksum(record["source_checksum"]),
-        ts_ms,
+        record["timestamp"],
         tuple(step_from_avro(s) for s in record["lineage"]),
     )
 

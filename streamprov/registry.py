@@ -15,7 +15,7 @@ import marshal
 import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from types import CodeType, MappingProxyType
 from typing import Any
 
 from streamprov.errors import FunctionNotFoundError, RegistryError
@@ -48,8 +48,18 @@ def code_hash(func: Callable[..., Any]) -> bytes:
         material = ast.dump(node, include_attributes=False).encode()
     except (OSError, TypeError, SyntaxError, IndexError):
         code = getattr(func, "__code__", None)
-        material = marshal.dumps(code.co_code) if code is not None else repr(func).encode()
+        material = _bytecode_material(code) if code is not None else repr(func).encode()
     return hashlib.sha256(material).digest()[:CODE_HASH_SIZE]
+
+
+def _bytecode_material(code: CodeType) -> bytes:
+    """Opcodes alone miss constants (`x + 1` and `x + 2` share them): add constants and names too,
+    nested code objects included, but not file names or line numbers."""
+    consts = tuple(_bytecode_material(c) if isinstance(c, CodeType) else c for c in code.co_consts)
+    try:
+        return marshal.dumps((code.co_code, consts, code.co_names, code.co_varnames))
+    except ValueError:  # an unmarshallable constant: its repr is stable enough
+        return marshal.dumps((code.co_code, repr(consts), code.co_names, code.co_varnames))
 
 
 @dataclass(frozen=True)

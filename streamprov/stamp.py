@@ -249,7 +249,14 @@ class SourceStamper:
 
     def header(self, data_id: str | bytes, value: bytes) -> bytes:
         encoded = _encoded_checksum(self.algorithm, value)
-        id_bytes = data_id.encode("utf-8") if isinstance(data_id, str) else data_id
+        if isinstance(data_id, str):
+            id_bytes = data_id.encode("utf-8")
+        else:  # a binary key: the same rule as `source_data_id`, so the DataID is always UTF-8
+            try:
+                bytes(data_id).decode("utf-8")
+                id_bytes = bytes(data_id)
+            except UnicodeDecodeError:
+                id_bytes = ("hex:" + bytes(data_id).hex()).encode("ascii")
         return b"".join(
             (
                 PREFIX,
