@@ -124,6 +124,24 @@ class WindowedReducer:
         slot = self._open.pop(k)
         return ReduceOutput(k[0], (k[1], k[1] + self.window_ms), slot.state.accumulator, slot.state)
 
+    def state_of(self, key: str, start: int) -> ReduceState | None:
+        """The open state of window (key, start): an agent persists it after `add`."""
+        slot = self._open.get((key, start))
+        return None if slot is None else slot.state
+
+    def restore(self, key: str, start: int, state: ReduceState) -> None:
+        """Re-open a window from persisted state after a restart (the state store is the truth)."""
+        if start % self.window_ms:
+            raise StreamprovError(f"{start} is not the start of a {self.window_ms} ms window")
+        self._open[(key, start)] = _Window(state)
+
+    def advance_watermark(self, timestamp_ms: int) -> None:
+        """Move the watermark forward without a record: restoring progress, or an idle timer.
+
+        Call `close_due()` afterwards to emit what it closed.
+        """
+        self._watermark = max(self._watermark, timestamp_ms)
+
     def open_offsets(self) -> dict[TopicPartition, int]:
         """Per partition, the oldest offset still held by an open window (not yet committable)."""
         low: dict[TopicPartition, int] = {}
