@@ -1,0 +1,87 @@
+"""Dead-letter records: the original record, untouched, plus headers that say why it was set aside.
+
+Every agent flavour sends a record it cannot process here instead of dropping it or crashing: the
+key, value and headers stay exactly as consumed (so it can be replayed once fixed), and three headers
+are added: the reason (a stable, machine-readable code), the error text, and where it came from
+(topic/partition/offset).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+from streamprov.errors import HeaderError, ProcessingError, SerdeError, UnknownSchemaError
+from streamprov.reduce import LateRecordError
+from streamprov.stamp import ChecksumMismatchError
+
+REASON_HEADER = "streamprov.dlq.reason"
+ERROR_HEADER = "streamprov.dlq.error"
+SOURCE_HEADER = "streamprov.dlq.source"
+DLQ_HEADERS = frozenset({REASON_HEADER, ERROR_HEADER, SOURCE_HEADER})
+
+MAX_ERROR_BYTES = 1024
+"""Error text is cut to this size: a header is no place for a whole traceback."""
+
+
+class DeadLetterReason(enum.StrEnum):
+    """Why a record was dead-lettered; the value is what goes into the reason header."""
+
+    MALFORMED_HEADER = "malformed_header"
+    UNKNOWN_SCHEMA = "unknown_schema"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    DESERIALIZATION_ERROR = "deserialization_error"
+    SERIALIZATION_ERROR = "serialization_error"
+    PROCESSING_ERROR = "processing_error"
+    LATE_RECORD = "late_record"
+
+
+def classify(exc: BaseException, *, serialising: bool = False) -> DeadLetterReason:
+    """The reason code for an exception raised while processing a record.
+
+    `serialising` tells a `SerdeError` on the way out (the function's result) from one on the way in.
+    Anything unexpected counts as a processing error: the user's function raised it.
+    """
+    if isinstance(exc, ChecksumMismatchError):
+        return DeadLetterReason.CHECKSUM_MISMATCH
+    if isinstance(exc, UnknownSchemaError):
+        return DeadLetterReason.UNKNOWN_SCHEMA
+    if isinstance(exc, HeaderError):
+        return DeadLetterReason.MALFORMED_HEADER
+    if isinstance(exc, SerdeError):
+        return DeadLetterReason.SERIALIZATION_ERROR if serialising else DeadLetterReason.DESERIALIZATION_ERROR
+    if isinstance(exc, LateRecordError):
+        return DeadLetterReason.LATE_RECORD
+    if isinstance(exc, ProcessingError):
+        return DeadLetterReason.PROCESSING_ERROR
+    return DeadLetterReason.PROCESSING_ERROR
+
+
+def source_of(topic: str, partition: int, offset: int) -> str:
+    """Where a record came from, as written into the source header."""
+    return f"{topic}/{partition}/{offset}"
+
+
+def error_text(error: BaseException | str) -> str:
+    """Bounded, single-string error description for the error header."""
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+    data = text.encode("utf-8")
+    if len(data) <= MAX_ERROR_BYTES:
+        return text
+    return data[: MAX_ERROR_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+def dead_letter_headers(
+    headers: Iterable[tuple[str, bytes | None]] | None,
+    reason: DeadLetterReason | str,
+    error: BaseException | str,
+    source: str,
+) -> list[tuple[str, bytes | None]]:
+    """The original headers (minus earlier dead-letter headers) followed by reason, error, source."""
+    kept = [(k, v) for k, v in (headers or ()) if k not in DLQ_HEADERS]
+    return [
+        *kept,
+        (REASON_HEADER, str(reason).encode("utf-8")),
+        (ERROR_HEADER, error_text(error).encode("utf-8")),
+        (SOURCE_HEADER, source.encode("utf-8")),
+    ]
