@@ -40,9 +40,7 @@ def _map(fid: str = "clean", version: str = "1", **params: object) -> Step:
 
 
 def _reduce(window: tuple[int, int] | None, count: int = 3) -> Step:
-    digest = InputDigest(
-        count, hashlib.sha256(b"root").digest(), *(window if window else (None, None))
-    )
+    digest = InputDigest(count, hashlib.sha256(b"root").digest(), *(window if window else (None, None)))
     return Step.create(StepKind.REDUCE, "sum", "2", HASH_B, {"field": "amount"}, digest)
 
 
@@ -55,14 +53,10 @@ SAMPLES: dict[str, ProvenanceHeader] = {
     "source-crc32c": ProvenanceHeader.for_source("order-1", b'{"amount": 5}', CRC, timestamp_ms=TS),
     "source-sha256": ProvenanceHeader.for_source("order-1", b'{"amount": 5}', SHA, timestamp_ms=TS),
     "map-chain": _header("order-2", lineage=[_map("parse"), _map("clean", unit="EUR"), _map("enrich")]),
-    "reduce-windowed": _header(
-        "customer-9", alg=SHA, lineage=[_map("parse"), _reduce((TS - 60_000, TS))]
-    ),
+    "reduce-windowed": _header("customer-9", alg=SHA, lineage=[_map("parse"), _reduce((TS - 60_000, TS))]),
     "reduce-unwindowed": _header("customer-9", lineage=[_reduce(None, count=10_000)]),
     "reduce-negative-window": _header("k", lineage=[_reduce((-120_000, -60_000))]),
-    "mixed-algorithms": ProvenanceHeader(
-        "m", compute(SHA, b"out"), compute(CRC, b"src"), TS, (_map(),)
-    ),
+    "mixed-algorithms": ProvenanceHeader("m", compute(SHA, b"out"), compute(CRC, b"src"), TS, (_map(),)),
     "unicode-data-id": _header("日本語/ключ/😀/é", lineage=[_map()]),
     "data-id-63-bytes": _header("x" * 63),  # the longest DataID with a one-byte length varint
     "data-id-64-bytes": _header("x" * 64),  # the shortest with a two-byte length varint
@@ -86,9 +80,7 @@ SAMPLES: dict[str, ProvenanceHeader] = {
     "timestamp-negative": _header("t", ts=-1),
     "timestamp-max-long": _header("t", ts=(1 << 63) - 1),
     "timestamp-min-long": _header("t", ts=-(1 << 63)),
-    "empty-code-hash-and-ids": _header(
-        "z", lineage=[Step.create(StepKind.MAP, "", "", b"", {"": ""})]
-    ),
+    "empty-code-hash-and-ids": _header("z", lineage=[Step.create(StepKind.MAP, "", "", b"", {"": ""})]),
 }
 
 
