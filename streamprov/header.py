@@ -10,8 +10,9 @@ nothing else.
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ CURRENT_SCHEMA = avro.load_schema_json(SCHEMA_NAME)
 PREFIX = avro.single_object_prefix(CURRENT_SCHEMA)
 _PREFIX_LEN = len(PREFIX)
 _ALGORITHMS = tuple(ChecksumAlgorithm)
-_crc = _crc32c.crc32c
+_crc: Callable[[bytes], int] = _crc32c.crc32c
 
 
 def now_ms() -> int:
@@ -170,20 +171,37 @@ def scan(raw: bytes) -> tuple[int, int, int, int]:
         raise MalformedHeaderError(f"DataID is not UTF-8: {exc}", raw) from exc
 
 
+_CRC_HEAD = PREFIX + avro.encode_long(ChecksumAlgorithm.CRC32C) + avro.encode_long(4)
+# One C call reads the prefix, the CRC32C tag and the digest (as an int, no slice): the fast path.
+_unpack_crc_head = struct.Struct(f">{len(_CRC_HEAD)}sI").unpack_from
+
+
 def verify_value(raw: bytes, value: bytes) -> bool:
-    """Does `value` match the checksum in current-version header `raw`? The validator's hot check."""
+    """Does `value` match the checksum in current-version header `raw`? The validator's hot check.
+
+    Raises `UnknownSchemaError` for another schema version and `MalformedHeaderError` for a bad or
+    truncated checksum encoding; only the prefix and the checksum are read.
+    """
+    expected: int
+    try:
+        head, expected = _unpack_crc_head(raw)
+    except (struct.error, TypeError):  # shorter than a CRC32C checksum, or not bytes: the slow path
+        pass
+    else:
+        if head == _CRC_HEAD:
+            return _crc(value) == expected
     if raw[:_PREFIX_LEN] != PREFIX:
         raise UnknownSchemaError("header is not the current provenance schema", raw)
     try:
         n = _digest_len(raw, _PREFIX_LEN)
     except IndexError as exc:
         raise MalformedHeaderError("header is truncated", raw) from exc
-    expected = raw[_PREFIX_LEN + 2 : _PREFIX_LEN + 2 + n]
-    if len(expected) != n:
+    expected_digest = raw[_PREFIX_LEN + 2 : _PREFIX_LEN + 2 + n]
+    if len(expected_digest) != n:
         raise MalformedHeaderError("header is truncated inside its checksum", raw)
     if n == 4:
-        return _crc(value).to_bytes(4, "big") == expected
-    return hashlib.sha256(value).digest() == expected
+        return _crc(value).to_bytes(4, "big") == expected_digest
+    return hashlib.sha256(value).digest() == expected_digest
 
 
 def _checksum_at(raw: bytes, start: int, end: int) -> Checksum:

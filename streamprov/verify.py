@@ -1,0 +1,241 @@
+"""Consumer-side verification: is a consumed record's value the one its provenance header describes?
+
+This is the Validator's per-record hot path, run on every record of every output topic, so it is
+written for the common case and falls back to the general code for everything else:
+
+* the common case is a current-version header with a CRC32C checksum. It is checked with one
+  `struct` call (prefix, checksum tag and digest at once, the digest as an int) and one CRC32C call
+  over the value; no header object, no slicing, no enum or dataclass is built per record;
+* anything else (a SHA-256 checksum, an older schema version, a malformed or truncated header, a
+  null value) takes the slow path, which decodes as much as it needs and raises only `HeaderError`
+  subclasses for bad headers.
+
+`verify_record` answers for one record; `check_batch` checks a whole `Consumer.consume()` batch in
+one loop and reports only the records that are not OK, so a Validator's cost for a clean batch is one
+Python call, not one per record. `record_fields` gives the per-record fields (DataID, timestamp,
+checksums) through `header.scan`, without decoding the lineage.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple, Protocol
+
+import crc32c as _crc32c
+
+from streamprov import avro
+from streamprov.checksum import Checksum, ChecksumAlgorithm, digest
+from streamprov.errors import HeaderError, MalformedHeaderError
+from streamprov.header import (
+    _PREFIX_LEN,
+    HEADER_KEY,
+    PREFIX,
+    ProvenanceHeader,
+    scan,
+    verify_value,
+)
+
+__all__ = [
+    "Failure",
+    "MessageLike",
+    "RecordFields",
+    "Verdict",
+    "check_batch",
+    "find_header",
+    "record_fields",
+    "verify_message",
+    "verify_record",
+]
+
+HeadersLike = Sequence[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None
+"""Kafka record headers as confluent-kafka gives them (a list of pairs; a dict is accepted too)."""
+
+
+class MessageLike(Protocol):
+    """The two methods of a consumed `confluent_kafka.Message` that verification reads."""
+
+    def headers(self) -> HeadersLike: ...
+
+    def value(self) -> bytes | None: ...
+
+
+class Verdict(enum.IntEnum):
+    """Outcome of verifying one record."""
+
+    OK = 0
+    """The value's checksum equals the one in its provenance header."""
+    MISMATCH = 1
+    """The header is well-formed but the value does not match its checksum: corrupt or altered."""
+    NO_HEADER = 2
+    """The record carries no provenance header at all."""
+    MALFORMED = 3
+    """Only in `check_batch` results: the header is bad (`verify_record` raises instead)."""
+
+
+class Failure(NamedTuple):
+    """A record of a batch that is not OK: its position in the batch, why, and the error if malformed."""
+
+    position: int
+    verdict: Verdict
+    error: HeaderError | None = None
+
+
+class RecordFields(NamedTuple):
+    """The per-record fields of a header; the lineage (shared by a whole stage) is left encoded."""
+
+    data_id: str
+    timestamp_ms: int
+    checksum: Checksum
+    source_checksum: Checksum
+
+
+# Module-level bindings: a global lookup is cheaper than an attribute lookup on the hot path.
+_OK = Verdict.OK
+_MISMATCH = Verdict.MISMATCH
+_NO_HEADER = Verdict.NO_HEADER
+_MALFORMED = Verdict.MALFORMED
+_KEY = HEADER_KEY
+_crc: Callable[[bytes], int] = _crc32c.crc32c
+_CRC_HEAD = PREFIX + avro.encode_long(ChecksumAlgorithm.CRC32C) + avro.encode_long(4)
+_unpack_crc_head = struct.Struct(f">{len(_CRC_HEAD)}sI").unpack_from
+_ALGORITHMS = tuple(ChecksumAlgorithm)
+
+
+def find_header(headers: HeadersLike) -> bytes | None:
+    """The raw provenance header among `headers`, None when absent.
+
+    Raises `MalformedHeaderError` when the header is present but empty, null or not bytes, or when
+    `headers` itself is not a list of (key, value) pairs or a mapping.
+    """
+    if not headers:
+        return None
+    try:
+        if isinstance(headers, Mapping):
+            if _KEY not in headers:
+                return None
+            raw = headers[_KEY]
+        else:
+            for key, found in headers:
+                if key == _KEY:
+                    raw = found
+                    break
+            else:
+                return None
+    except (TypeError, ValueError) as exc:
+        raise MalformedHeaderError(f"record headers are not (key, value) pairs: {exc}") from exc
+    if not raw:
+        raise MalformedHeaderError(f"header {_KEY!r} is present but empty", b"")
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise MalformedHeaderError(f"header {_KEY!r} must be bytes, not {type(raw).__name__}")
+    return bytes(raw)
+
+
+def _verify_raw(raw: bytes, value: bytes | None) -> Verdict:
+    """The general check of a found header: any algorithm, any known schema version."""
+    if value is None:  # a null value (tombstone) is checked as empty bytes
+        value = b""
+    if raw[:_PREFIX_LEN] == PREFIX:
+        return _OK if verify_value(raw, value) else _MISMATCH
+    header = ProvenanceHeader.decode(raw)  # an older version, or raises Unknown/Malformed
+    expected = header.checksum
+    return _OK if digest(expected.algorithm, value) == expected.value else _MISMATCH
+
+
+def verify_record(headers: HeadersLike, value: bytes | None) -> Verdict:
+    """Verify one record: OK, MISMATCH or NO_HEADER; raises `HeaderError` subclasses when malformed.
+
+    Only the marker, the schema fingerprint and the checksum are read: this is the corruption check.
+    For the rest of the header (DataID, timestamp, source checksum) use `record_fields`.
+    """
+    if type(headers) is list and type(value) is bytes:  # confluent-kafka's form: inline
+        try:
+            for key, found in headers:
+                if key == _KEY:
+                    raw = found
+                    break
+            else:
+                return _NO_HEADER
+            head, expected = _unpack_crc_head(raw)  # TypeError unless raw is bytes
+            if head == _CRC_HEAD:
+                return _OK if _crc(value) == expected else _MISMATCH
+        except (struct.error, TypeError, ValueError):  # short or odd header: the general path says why
+            pass
+    header = find_header(headers)
+    if header is None:
+        return _NO_HEADER
+    return _verify_raw(header, value)
+
+
+def verify_message(message: MessageLike) -> Verdict:
+    """`verify_record` on a consumed message's headers and value."""
+    return verify_record(message.headers(), message.value())
+
+
+def check_batch(messages: Iterable[MessageLike]) -> list[Failure]:
+    """Verify every message of a batch; returns only those that are not OK (an empty list if clean).
+
+    Never raises for a bad record: a malformed header is reported as `Verdict.MALFORMED` with its
+    `HeaderError` (which keeps the raw bytes for a dead-letter record), and the batch goes on.
+    The loop inlines `verify_record`'s common case, so a clean batch costs no call per record beyond
+    the message's own `headers()` and `value()` and the CRC32C itself.
+    """
+    failures: list[Failure] = []
+    unpack = _unpack_crc_head
+    crc = _crc
+    head_ok = _CRC_HEAD
+    key_ = _KEY
+    i = -1
+    for m in messages:
+        i += 1
+        hs = m.headers()
+        if type(hs) is list:
+            try:
+                for key, found in hs:
+                    if key == key_:
+                        raw = found
+                        break
+                else:
+                    failures.append(Failure(i, _NO_HEADER))
+                    continue
+                head, expected = unpack(raw)  # TypeError unless raw is bytes
+                if head == head_ok and crc(m.value()) == expected:  # type: ignore[arg-type]
+                    continue
+            except (struct.error, TypeError, ValueError):  # odd header or null value: general path
+                pass
+        try:
+            verdict = verify_record(hs, m.value())
+        except HeaderError as exc:
+            failures.append(Failure(i, _MALFORMED, exc))
+        else:
+            if verdict is not _OK:
+                failures.append(Failure(i, verdict))
+    return failures
+
+
+def _checksum_at(raw: bytes, start: int, end: int) -> Checksum:
+    return Checksum(_ALGORITHMS[raw[start] >> 1], raw[start + 2 : end])
+
+
+def record_fields(raw: bytes) -> RecordFields:
+    """DataID, timestamp, checksum and source checksum of a header, without decoding its lineage.
+
+    A current-version header is read with `header.scan` (a few slices and varints); an older one is
+    decoded in full. Raises only `HeaderError` subclasses.
+    """
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise MalformedHeaderError(f"header value must be bytes, not {type(raw).__name__}")
+    raw = bytes(raw)
+    if raw[:_PREFIX_LEN] != PREFIX:
+        h = ProvenanceHeader.decode(raw)
+        return RecordFields(h.data_id, h.timestamp_ms, h.checksum, h.source_checksum)
+    source_start, source_end, id_start, lineage_at = scan(raw)
+    timestamp_ms, _ = avro.read_long(raw, source_end)
+    _, data_at = avro.read_long(raw, id_start)
+    return RecordFields(
+        raw[data_at:lineage_at].decode("utf-8"),
+        timestamp_ms,
+        _checksum_at(raw, _PREFIX_LEN, source_start),
+        _checksum_at(raw, source_start, source_end),
+    )
