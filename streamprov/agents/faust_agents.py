@@ -1,0 +1,731 @@
+"""Provenance map and reduce agents for faust-streaming, declared with decorators.
+
+```python
+app = faust.App("id", broker="kafka://127.0.0.1:39092", topic_partitions=1)
+prov = ProvenanceAgents(app, registry=FunctionRegistry(), dead_letter_topic="dlq")
+
+@prov.map(source="readings", sink="scaled", function_id="scale", version="1", params={"factor": 2})
+def scale(value, factor): return value * factor
+
+@prov.reduce(source="scaled", sink="totals", function_id="sum", version="1",
+             initial=lambda: 0, window_ms=1000, grace_ms=0)
+def total(acc, value): return acc + value
+```
+
+Each decorator registers the function in the `FunctionRegistry` (so the Validator and the Recompute
+Manager can replay it) and creates a faust agent for it. Topics carry raw bytes: the checksum in a
+provenance header is over exactly the bytes on the wire, and a `Serde` (canonical JSON by default)
+turns them into values for the function and back.
+
+The record logic lives in `MapHandler` and `ReduceHandler`, which know nothing about faust: they
+take an `InputRecord` and return `Outgoing` records, so they are tested without a broker and could
+drive any consumer loop. The faust agents are a thin loop around them.
+
+Guarantees
+----------
+* Nothing is dropped and no record problem crashes an agent: malformed or unknown headers, checksum
+  mismatches, undecodable values, exceptions in the user's function, late records go to the
+  dead-letter topic with `streamprov.dlq.reason` / `.error` / `.source` headers.
+* Map: at-least-once. faust flushes the producer before it commits an offset, so an output is on
+  the broker before its input counts as done; after a crash the input is processed again and the
+  output written twice (same DataID, value and checksums; only the header timestamp differs).
+* Reduce (``state="table"``, the default): every open (key, window) state lives in a faust Table,
+  i.e. in a compacted changelog topic, so a restart (or a rebalance that moves the partition)
+  resumes the open windows instead of losing them. Each state carries the offset of the last
+  record folded into it, and a per-partition entry keeps the watermark and the last folded offset:
+  a record replayed after a crash (its offset not yet committed when the worker died) is recognised
+  and not folded twice. A closed window's output is awaited until the broker acknowledged it, and
+  only then is its state deleted; so a crash in between re-emits that window once more after the
+  restart (at-least-once output, identical value and Merkle root). With faust's
+  ``processing_guarantee="exactly_once"`` the changelog, outputs and offsets share a transaction.
+* Reduce with ``state="memory"``: open windows live only in this process. faust commits the
+  offsets of records as soon as they are folded, so a restart or a rebalance loses every open
+  window, and the records in it are not read again. Use it for tests and throw-away pipelines.
+* Windows close on event time: when the partition's watermark (the highest record timestamp seen)
+  passes window end + grace. A partition that stops receiving records keeps its last windows open
+  until a later record arrives (faust cannot write a Table outside an event, so there is no idle
+  timer); send a heartbeat record with a later timestamp to flush them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import faust
+
+from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
+from streamprov.agents.serde import JsonSerde, Serde
+from streamprov.checksum import ChecksumAlgorithm, matches
+from streamprov.errors import ProcessingError, SerdeError, StreamprovError
+from streamprov.header import (
+    HEADER_KEY,
+    PREFIX,
+    ProvenanceHeader,
+    find_raw,
+    headers_without,
+    scan,
+    verify_value,
+)
+from streamprov.lineage import StepKind, decode_lineage, encode_lineage
+from streamprov.merkle import MerkleAccumulator, length_prefixed
+from streamprov.reduce import LateRecordError, ReduceOutput, WindowedReducer
+from streamprov.registry import FunctionRegistry, RegisteredFunction
+from streamprov.stamp import (
+    ChecksumMismatchError,
+    InputRecord,
+    MapStamper,
+    ReduceState,
+    input_header,
+    source_data_id,
+)
+
+logger = logging.getLogger(__name__)
+
+OutHeaders = list[tuple[str, bytes | None]]
+StateStore = MutableMapping[bytes, bytes]
+"""Where reduce state lives: a faust Table (changelog-backed) or, for tests, a plain dict."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One record to produce: a step's output, or an input set aside on the dead-letter topic."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: OutHeaders
+    timestamp_ms: int | None = None
+    dead_letter: bool = False
+
+
+def dead_letter(
+    topic: str,
+    record: InputRecord | None,
+    reason: DeadLetterReason | str,
+    error: BaseException | str,
+    *,
+    key: bytes | None = None,
+    value: bytes | None = None,
+    headers: OutHeaders | None = None,
+    source: str = "",
+    timestamp_ms: int | None = None,
+) -> Outgoing:
+    """The original record, untouched, with the dead-letter headers added."""
+    if record is not None:
+        key, value, source = (
+            record.key,
+            record.value,
+            source_of(record.topic, record.partition, record.offset),
+        )
+        headers = list(record.headers or ())
+    return Outgoing(
+        topic, key, value, dead_letter_headers(headers, reason, error, source), timestamp_ms, True
+    )
+
+
+def check_input(record: InputRecord) -> None:
+    """Reject a record whose provenance header is malformed or whose value does not match it.
+
+    Done before the value is decoded, so a corrupted payload is reported as a checksum mismatch (the
+    cause) rather than as whatever the decoder made of it.
+    """
+    raw = find_raw(record.headers)
+    if raw is None:
+        return
+    if raw[: len(PREFIX)] == PREFIX:
+        scan(raw)
+        ok = verify_value(raw, record.value)
+    else:  # an older header version: full decode
+        ok = matches(ProvenanceHeader.decode(raw).checksum, record.value)
+    if not ok:
+        raise ChecksumMismatchError("input value does not match its header checksum", raw)
+
+
+class MapHandler:
+    """One map step, per record: check the header, decode, apply, encode, stamp."""
+
+    def __init__(
+        self,
+        function: RegisteredFunction,
+        *,
+        sink: str,
+        dead_letter_topic: str,
+        serde: Serde | None = None,
+        algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
+        verify_input: bool = True,
+    ) -> None:
+        if function.kind is not StepKind.MAP:
+            raise StreamprovError(f"{function.function_id} is not a map function")
+        self.function = function
+        self.sink = sink
+        self.dead_letter_topic = dead_letter_topic
+        self.serde: Serde = serde if serde is not None else JsonSerde()
+        self.verify_input = verify_input
+        # The input is checked once up front (check_input); the stamper need not verify again.
+        self.stamper = MapStamper(function, None, algorithm, verify_input=False)
+
+    def handle(self, record: InputRecord, timestamp_ms: int | None = None) -> Outgoing:
+        """The output record, or the input as a dead-letter record; never raises for a bad record."""
+        stage = "input"
+        try:
+            if self.verify_input:
+                check_input(record)
+            value = self.serde.loads(record.value)
+            stage = "function"
+            try:
+                result = self.function.apply(value)
+            except Exception as exc:
+                raise ProcessingError(
+                    f"{self.function.function_id}@{self.function.version} raised {exc!r}"
+                ) from exc
+            stage = "output"
+            out = self.serde.dumps(result)
+            header = self.stamper.stamp(record, out)
+        except Exception as exc:
+            reason = classify(exc, serialising=stage == "output")
+            logger.warning(
+                "map %s: %s at %s/%s/%s sent to %s: %s",
+                self.function.function_id,
+                reason,
+                record.topic,
+                record.partition,
+                record.offset,
+                self.dead_letter_topic,
+                exc,
+            )
+            return dead_letter(self.dead_letter_topic, record, reason, exc, timestamp_ms=timestamp_ms)
+        headers: OutHeaders = [(HEADER_KEY, header), *headers_without(record.headers)]
+        return Outgoing(self.sink, record.key, out, headers, timestamp_ms)
+
+
+# -- reduce state persistence ----------------------------------------------------------------------
+_STATE_VERSION = b"\x01"
+_NO_LINEAGE = b""  # ReduceState.upstream is None (no input yet); an empty lineage encodes as b"\x00"
+
+
+def _i64(n: int) -> bytes:
+    return n.to_bytes(8, "big", signed=True)
+
+
+def _from_i64(b: bytes) -> int:
+    if len(b) != 8:
+        raise StreamprovError(f"expected an 8-byte integer, got {len(b)} bytes")
+    return int.from_bytes(b, "big", signed=True)
+
+
+def split_prefixed(data: bytes) -> list[bytes]:
+    """Inverse of `merkle.length_prefixed`; raises StreamprovError on anything else."""
+    parts: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise StreamprovError("truncated length prefix in reduce state")
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        pos += 4
+        if pos + n > len(data):
+            raise StreamprovError("reduce state part runs past the end")
+        parts.append(data[pos : pos + n])
+        pos += n
+    return parts
+
+
+def window_key(topic: str, partition: int, key: str, start: int) -> bytes:
+    """Store key of one open window; it names its source partition so a restore can filter on it."""
+    return b"w" + length_prefixed(topic.encode(), partition.to_bytes(4, "big"), key.encode(), _i64(start))
+
+
+def progress_key(topic: str, partition: int) -> bytes:
+    """Store key of a partition's progress: watermark and the last offset folded into any window."""
+    return b"p" + length_prefixed(topic.encode(), partition.to_bytes(4, "big"))
+
+
+def parse_window_key(raw: bytes) -> tuple[str, int, str, int] | None:
+    """(topic, partition, key, window start) of a window key; None for any other store key."""
+    if raw[:1] != b"w":
+        return None
+    topic, partition, key, start = split_prefixed(raw[1:])
+    return topic.decode(), int.from_bytes(partition, "big"), key.decode(), _from_i64(start)
+
+
+def encode_state(state: ReduceState, last_offset: int, serde: Serde) -> bytes:
+    """A window's state in one store value: accumulator (via the serde), both Merkle frontiers,
+    the shared upstream lineage, the newest input timestamp and the last folded offset.
+
+    Writing the offset in the same value as the state makes "folded" and "recorded as folded" one
+    atomic changelog write, which is what lets a replay skip records already folded.
+    """
+    upstream = _NO_LINEAGE if state.upstream is None else encode_lineage(state.upstream)
+    return _STATE_VERSION + length_prefixed(
+        serde.dumps(state.accumulator),
+        state.inputs.to_bytes(),
+        state.sources.to_bytes(),
+        upstream,
+        _i64(state.last_timestamp_ms),
+        _i64(last_offset),
+    )
+
+
+def decode_state(raw: bytes, serde: Serde) -> tuple[ReduceState, int]:
+    if raw[:1] != _STATE_VERSION:
+        raise StreamprovError(f"unknown reduce state version {raw[:1].hex()}")
+    acc, inputs, sources, upstream, last_ts, last_offset = split_prefixed(raw[1:])
+    state = ReduceState(
+        serde.loads(acc),
+        MerkleAccumulator.from_bytes(inputs),
+        MerkleAccumulator.from_bytes(sources),
+        None if upstream == _NO_LINEAGE else decode_lineage(upstream),
+        _from_i64(last_ts),
+    )
+    return state, _from_i64(last_offset)
+
+
+def encode_progress(watermark_ms: int, last_offset: int) -> bytes:
+    return _i64(watermark_ms) + _i64(last_offset)
+
+
+def decode_progress(raw: bytes) -> tuple[int, int]:
+    return _from_i64(raw[:8]), _from_i64(raw[8:])
+
+
+@dataclass
+class _Partition:
+    """The reducer of one source partition and what has been folded into it."""
+
+    reducer: WindowedReducer
+    last_offset: int = -1
+    window_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+@dataclass
+class ReduceResult:
+    """What one input record produced: closed-window outputs and/or a dead-letter record.
+
+    The caller sends `records`, waits until the window outputs are acknowledged, then calls
+    `ReduceHandler.release(result)` to delete their state: a crash in between re-emits, never loses.
+    """
+
+    records: list[Outgoing] = field(default_factory=list)
+    closed: list[bytes] = field(default_factory=list)
+    duplicate: bool = False
+
+
+class ReduceHandler:
+    """Keyed tumbling-window reduce over one source topic, its state in a `StateStore`.
+
+    One `WindowedReducer` per source partition (a key lives in one partition, and a watermark per
+    partition keeps one slow partition from making another's records late).
+    """
+
+    def __init__(
+        self,
+        function: RegisteredFunction,
+        *,
+        sink: str,
+        dead_letter_topic: str,
+        window_ms: int,
+        grace_ms: int = 0,
+        store: StateStore | None = None,
+        serde: Serde | None = None,
+        algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
+        verify_input: bool = True,
+    ) -> None:
+        if function.kind is not StepKind.REDUCE:
+            raise StreamprovError(f"{function.function_id} is not a reduce function")
+        WindowedReducer(function, window_ms, grace_ms)  # validates the window arguments early
+        self.function = function
+        self.sink = sink
+        self.dead_letter_topic = dead_letter_topic
+        self.window_ms = window_ms
+        self.grace_ms = grace_ms
+        self.store: StateStore = store if store is not None else {}
+        self.serde: Serde = serde if serde is not None else JsonSerde()
+        self.algorithm = algorithm
+        self.verify_input = verify_input
+        self._partitions: dict[tuple[str, int], _Partition] = {}
+
+    # -- partitions --------------------------------------------------------------------------
+    def _partition(self, topic: str, partition: int) -> tuple[_Partition, list[ReduceOutput]]:
+        """The partition's reducer; the first call restores it from the store (after a restart or a
+        rebalance) and returns any windows the restored watermark had already closed."""
+        part = self._partitions.get((topic, partition))
+        if part is not None:
+            return part, []
+        part = _Partition(WindowedReducer(self.function, self.window_ms, self.grace_ms))
+        restored = 0
+        for raw_key, raw_value in list(self.store.items()):
+            parsed = parse_window_key(raw_key)
+            if parsed is None or parsed[0] != topic or parsed[1] != partition:
+                continue
+            _, _, key, start = parsed
+            state, last = decode_state(raw_value, self.serde)
+            part.reducer.restore(key, start, state)
+            part.window_offsets[(key, start)] = last
+            restored += 1
+        progress = self.store.get(progress_key(topic, partition))
+        if progress is not None:
+            watermark, part.last_offset = decode_progress(progress)
+            part.reducer.advance_watermark(watermark)
+        self._partitions[(topic, partition)] = part
+        if restored or progress is not None:
+            logger.info(
+                "reduce %s: restored %d open window(s) of %s/%s, watermark %s, last folded offset %s",
+                self.function.function_id,
+                restored,
+                topic,
+                partition,
+                part.reducer.watermark_ms,
+                part.last_offset,
+            )
+        return part, part.reducer.close_due()
+
+    def forget(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """Drop in-memory reducers of revoked partitions; their state stays in the store."""
+        for tp in partitions:
+            self._partitions.pop(tp, None)
+
+    # -- records -----------------------------------------------------------------------------
+    def group_key(self, record: InputRecord, header: ProvenanceHeader) -> str:
+        """The reduce key (and the output's DataID): the record key, else the input's DataID."""
+        if record.key:
+            return source_data_id(record.key, record.topic, record.partition, record.offset)
+        return header.data_id
+
+    def handle(self, record: InputRecord, timestamp_ms: int | None) -> ReduceResult:
+        """Fold one record; returns the outputs of windows it closed, or its dead-letter record."""
+        part, restored_due = self._partition(record.topic, record.partition)
+        result = ReduceResult()
+        self._emit(record.topic, record.partition, restored_due, result)
+        if record.offset <= part.last_offset:
+            logger.debug(
+                "reduce: %s/%s/%s already folded (replay)", record.topic, record.partition, record.offset
+            )
+            result.duplicate = True
+            return result
+        try:
+            if self.verify_input:
+                check_input(record)
+            header = input_header(record, self.algorithm)
+            ts = timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else header.timestamp_ms
+            key = self.group_key(record, header)
+            start, _ = part.reducer.window_of(ts)
+            if part.window_offsets.get((key, start), -1) >= record.offset:
+                result.duplicate = True
+                return result
+            value = self.serde.loads(record.value)
+            try:
+                part.reducer.add(key, header, value, ts)
+            except (LateRecordError, StreamprovError):
+                raise
+            except Exception as exc:
+                raise ProcessingError(
+                    f"{self.function.function_id}@{self.function.version} raised {exc!r}"
+                ) from exc
+        except Exception as exc:
+            reason = classify(exc)
+            logger.warning(
+                "reduce %s: %s at %s/%s/%s sent to %s: %s",
+                self.function.function_id,
+                reason,
+                record.topic,
+                record.partition,
+                record.offset,
+                self.dead_letter_topic,
+                exc,
+            )
+            result.records.append(
+                dead_letter(self.dead_letter_topic, record, reason, exc, timestamp_ms=timestamp_ms)
+            )
+            return result
+        state = part.reducer.state_of(key, start)
+        assert state is not None
+        part.window_offsets[(key, start)] = record.offset
+        part.last_offset = record.offset
+        # State before progress: a crash between the two leaves the window's own offset to dedup on.
+        self.store[window_key(record.topic, record.partition, key, start)] = encode_state(
+            state, record.offset, self.serde
+        )
+        self.store[progress_key(record.topic, record.partition)] = encode_progress(
+            part.reducer.watermark_ms, record.offset
+        )
+        self._emit(record.topic, record.partition, part.reducer.close_due(), result)
+        return result
+
+    def _emit(self, topic: str, partition: int, outputs: list[ReduceOutput], result: ReduceResult) -> None:
+        part = self._partitions[(topic, partition)]
+        for output in outputs:
+            part.window_offsets.pop((output.key, output.window[0]), None)
+            if output.state.count == 0:
+                # WindowedReducer opens a window before folding into it: a first record whose
+                # function call raised (and went to the dead-letter topic) leaves it empty.
+                continue
+            result.records.append(self.output_record(output, topic, partition))
+            result.closed.append(window_key(topic, partition, output.key, output.window[0]))
+
+    def output_record(self, output: ReduceOutput, topic: str, partition: int) -> Outgoing:
+        """A closed window as a record: key = DataID = group key, timestamp = the window's last ms."""
+        key = output.key.encode("utf-8")
+        ts = output.window[1] - 1
+        try:
+            value = self.serde.dumps(output.value)
+        except SerdeError as exc:
+            logger.error(
+                "reduce %s: window %s of %r not serialisable: %s",
+                self.function.function_id,
+                output.window,
+                output.key,
+                exc,
+            )
+            return dead_letter(
+                self.dead_letter_topic,
+                None,
+                DeadLetterReason.SERIALIZATION_ERROR,
+                exc,
+                key=key,
+                value=repr(output.value).encode("utf-8", "replace"),
+                source=f"{topic}/{partition} window [{output.window[0]}, {output.window[1]})",
+                timestamp_ms=ts,
+            )
+        header = output.header(self.function, None, value, self.algorithm)
+        return Outgoing(self.sink, key, value, [(HEADER_KEY, header.encode())], ts)
+
+    def release(self, result: ReduceResult) -> None:
+        """Delete the state of windows whose outputs the broker has acknowledged."""
+        for k in result.closed:
+            self.store.pop(k, None)
+        result.closed.clear()
+
+
+# -- faust wiring ----------------------------------------------------------------------------------
+def _faust_timestamp(ms: int | None) -> float | None:
+    """faust takes seconds and sends int(seconds * 1000): half a millisecond keeps that exact."""
+    return None if ms is None else (ms + 0.5) / 1000.0
+
+
+def _event_ms(timestamp: float | None) -> int | None:
+    return None if timestamp is None else round(timestamp * 1000)
+
+
+def input_record(message: Any) -> InputRecord:
+    """A faust/aiokafka message as the stampers see it (raw key, value and header list)."""
+    return InputRecord(
+        message.value,
+        list(message.headers or ()),
+        message.key,
+        message.topic,
+        message.partition,
+        message.offset,
+    )
+
+
+class ProvenanceAgents:
+    """Decorators that register a function and run it as a provenance-stamping faust agent.
+
+    `app` is a `faust.App` (typed as Any: faust's own annotations of topics, sends and agents do not
+    match what they return at runtime, e.g. `await topic.send()` gives a future to await again).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        registry: FunctionRegistry,
+        dead_letter_topic: str,
+        algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
+        serde: Serde | None = None,
+        verify_input: bool = True,
+        state: Literal["table", "memory"] = "table",
+    ) -> None:
+        self.app = app
+        self.registry = registry
+        self.dead_letter_topic = dead_letter_topic
+        self.algorithm = algorithm
+        self.serde: Serde = serde if serde is not None else JsonSerde()
+        self.verify_input = verify_input
+        self.state = state
+        self.agents: dict[str, Any] = {}
+        """faust agents by function id."""
+        self.handlers: dict[str, MapHandler | ReduceHandler] = {}
+        self._topics: dict[str, Any] = {}
+        self._reducers: list[ReduceHandler] = []
+        app.on_partitions_revoked.connect(self._on_partitions_revoked)
+
+    def topic(self, name: str, partitions: int | None = None) -> Any:
+        """A raw-bytes faust topic: no (de)serialisation between the wire and the checksum."""
+        t = self._topics.get(name)
+        if t is None:
+            t = self._topics[name] = self.app.topic(
+                name,
+                key_type=bytes,
+                value_type=bytes,
+                key_serializer="raw",
+                value_serializer="raw",
+                partitions=partitions,
+            )
+        return t
+
+    # -- decorators ---------------------------------------------------------------------------
+    def map(
+        self,
+        *,
+        source: str,
+        sink: str,
+        function_id: str,
+        version: str,
+        params: Mapping[str, Any] | None = None,
+        serde: Serde | None = None,
+    ) -> Callable[[Callable[..., Any]], RegisteredFunction]:
+        """Register `fn(value, **params) -> value` and run it on every record of `source`."""
+
+        def decorate(fn: Callable[..., Any]) -> RegisteredFunction:
+            registered = self.registry.add(fn, function_id, version, kind=StepKind.MAP, params=params)
+            handler = MapHandler(
+                registered,
+                sink=sink,
+                dead_letter_topic=self.dead_letter_topic,
+                serde=serde or self.serde,
+                algorithm=self.algorithm,
+                verify_input=self.verify_input,
+            )
+
+            async def run(stream: Any) -> None:
+                async for event in stream.events():
+                    message = event.message
+                    ts = _event_ms(message.timestamp)
+                    if message.value is None:
+                        out = self._tombstone(message, ts)
+                    else:
+                        out = handler.handle(input_record(message), ts)
+                    await self.send(out)
+
+            self._agent(function_id, "map", source, run, handler)
+            return registered
+
+        return decorate
+
+    def reduce(
+        self,
+        *,
+        source: str,
+        sink: str,
+        function_id: str,
+        version: str,
+        initial: Callable[[], Any],
+        window_ms: int,
+        grace_ms: int = 0,
+        params: Mapping[str, Any] | None = None,
+        serde: Serde | None = None,
+        partitions: int | None = None,
+    ) -> Callable[[Callable[..., Any]], RegisteredFunction]:
+        """Register `fn(acc, value, **params) -> acc`; fold `source` per key into tumbling windows.
+
+        `partitions` is the source topic's partition count (the state table must match it; defaults
+        to the app's `topic_partitions`).
+        """
+
+        def decorate(fn: Callable[..., Any]) -> RegisteredFunction:
+            registered = self.registry.add(
+                fn, function_id, version, kind=StepKind.REDUCE, params=params, initial=initial
+            )
+            store: StateStore | None = None
+            if self.state == "table":
+                store = self.app.Table(
+                    f"streamprov-reduce-{function_id}",
+                    default=None,
+                    partitions=partitions,
+                    schema=faust.Schema(
+                        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+                    ),
+                    help=f"open windows of streamprov reduce {function_id}@{version}",
+                )
+            handler = ReduceHandler(
+                registered,
+                sink=sink,
+                dead_letter_topic=self.dead_letter_topic,
+                window_ms=window_ms,
+                grace_ms=grace_ms,
+                store=store,
+                serde=serde or self.serde,
+                algorithm=self.algorithm,
+                verify_input=self.verify_input,
+            )
+            self._reducers.append(handler)
+
+            async def run(stream: Any) -> None:
+                async for event in stream.events():
+                    message = event.message
+                    ts = _event_ms(message.timestamp)
+                    if message.value is None:
+                        await self.send(self._tombstone(message, ts))
+                        continue
+                    result = handler.handle(input_record(message), ts)
+                    await self.deliver(result)
+                    handler.release(result)
+
+            self._agent(function_id, "reduce", source, run, handler, partitions)
+            return registered
+
+        return decorate
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _agent(
+        self,
+        function_id: str,
+        kind: str,
+        source: str,
+        run: Callable[[Any], Any],
+        handler: MapHandler | ReduceHandler,
+        partitions: int | None = None,
+    ) -> None:
+        if function_id in self.agents:
+            raise StreamprovError(f"an agent for {function_id!r} is already defined")
+        # An explicit name: every agent here wraps the same inner function, whose qualified name
+        # faust would otherwise use for all of them.
+        self.agents[function_id] = self.app.agent(
+            self.topic(source, partitions), name=f"streamprov.{kind}.{function_id}"
+        )(run)
+        self.handlers[function_id] = handler
+
+    def _tombstone(self, message: Any, ts: int | None) -> Outgoing:
+        record = InputRecord(
+            b"", list(message.headers or ()), message.key, message.topic, message.partition, message.offset
+        )
+        out = dead_letter(
+            self.dead_letter_topic,
+            record,
+            DeadLetterReason.DESERIALIZATION_ERROR,
+            "record has no value (tombstone)",
+            timestamp_ms=ts,
+        )
+        return Outgoing(out.topic, out.key, None, out.headers, out.timestamp_ms, True)
+
+    async def send(self, out: Outgoing, *, force: bool = False) -> Any:
+        """Produce one record; returns faust's future of its delivery."""
+        return await self.topic(out.topic).send(
+            key=out.key,
+            value=out.value,
+            headers=out.headers,
+            timestamp=_faust_timestamp(out.timestamp_ms),
+            force=force,
+        )
+
+    async def deliver(self, result: ReduceResult) -> None:
+        """Send a reduce result and wait until the broker has every window output.
+
+        `force=True` bypasses faust's publish-on-commit attachments: an attached message is only sent
+        at the next commit, which cannot happen while this event is still being processed.
+        """
+        futures = [await self.send(out, force=True) for out in result.records]
+        for fut in futures:
+            await fut
+
+    async def _on_partitions_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
+        """A revoked partition's windows now belong to another worker: forget them here.
+
+        If it comes back, the reducer is rebuilt from the table faust recovered for it.
+        """
+        tps = {(tp.topic, tp.partition) for tp in revoked}
+        for handler in self._reducers:
+            handler.forget(tps)

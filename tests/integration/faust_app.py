@@ -1,0 +1,89 @@
+"""A small faust app for the integration tests: map (scale) then windowed reduce (sum).
+
+Run as a script in a subprocess (``python faust_app.py worker --without-web``); everything comes from
+environment variables so each test gets its own app id, topics and data directory. The process kills
+itself after ``STREAMPROV_FAUST_LIFETIME_S`` seconds whatever happens, so no test can leave a
+worker behind. The web server is off (``--without-web``: the worker command overrides the
+``web_enabled`` setting) and would bind loopback only if a caller turned it on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import faust
+
+from streamprov.agents.faust_agents import ProvenanceAgents
+from streamprov.checksum import ChecksumAlgorithm
+from streamprov.registry import FunctionRegistry
+
+ENV = os.environ
+
+
+def _watchdog(lifetime_s: float) -> None:
+    """SIGTERM ourselves after the lifetime (a clean faust shutdown), SIGKILL 15 s later."""
+
+    def fire() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Timer(15.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+
+    timer = threading.Timer(lifetime_s, fire)
+    timer.daemon = True
+    timer.start()
+
+
+app = faust.App(
+    ENV["STREAMPROV_FAUST_APP_ID"],
+    broker=f"kafka://{ENV['STREAMPROV_FAUST_BOOTSTRAP']}",
+    store="memory://",
+    datadir=ENV["STREAMPROV_FAUST_DATADIR"],
+    topic_partitions=1,
+    topic_replication_factor=1,
+    web_enabled=False,
+    web_bind="127.0.0.1",
+    web_host="127.0.0.1",
+    web_port=int(ENV.get("STREAMPROV_FAUST_WEB_PORT", "6066")),
+    consumer_auto_offset_reset="earliest",
+    broker_commit_interval=0.5,
+)
+
+registry = FunctionRegistry()
+prov = ProvenanceAgents(
+    app,
+    registry=registry,
+    dead_letter_topic=ENV["STREAMPROV_FAUST_DLQ"],
+    algorithm=ChecksumAlgorithm.CRC32C,
+    state="table" if ENV.get("STREAMPROV_FAUST_STATE", "table") == "table" else "memory",
+)
+
+
+@prov.map(
+    source=ENV["STREAMPROV_FAUST_SOURCE"],
+    sink=ENV["STREAMPROV_FAUST_MAPPED"],
+    function_id="scale",
+    version="1",
+    params={"factor": 2},
+)
+def scale(value: dict[str, Any], factor: int) -> dict[str, Any]:
+    return {"v": value["v"] * factor}
+
+
+@prov.reduce(
+    source=ENV["STREAMPROV_FAUST_MAPPED"],
+    sink=ENV["STREAMPROV_FAUST_TOTALS"],
+    function_id="sum",
+    version="1",
+    initial=lambda: 0,
+    window_ms=int(ENV.get("STREAMPROV_FAUST_WINDOW_MS", "1000")),
+    grace_ms=0,
+)
+def total(acc: int, value: dict[str, Any]) -> int:
+    return acc + int(value["v"])
+
+
+if __name__ == "__main__":
+    _watchdog(float(ENV.get("STREAMPROV_FAUST_LIFETIME_S", "90")))
+    app.main()
