@@ -98,8 +98,13 @@ class WindowedReducer:
         slot = self._open.get((key, start))
         if slot is None:
             assert self.function.initial is not None
-            slot = self._open[(key, start)] = _Window(ReduceState(self.function.initial()))
-        slot.state.add(self.function, self.params, header, value)
+            slot = _Window(ReduceState(self.function.initial()))
+            # Kept only once the function accepted the record: if it raises, no empty window is left
+            # behind to be emitted later with zero inputs.
+            slot.state.add(self.function, self.params, header, value)
+            self._open[(key, start)] = slot
+        else:
+            slot.state.add(self.function, self.params, header, value)
         if position is not None:
             tp = (position[0], position[1])
             slot.first_offsets.setdefault(tp, position[2])
