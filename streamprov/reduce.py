@@ -114,9 +114,9 @@ class WindowedReducer:
         """Windows whose end plus grace is at or before the watermark, oldest first."""
         horizon = self._watermark - self.grace_ms
         due = sorted((k for k in self._open if k[1] + self.window_ms <= horizon), key=lambda k: (k[1], k[0]))
-        # Every window ending at or before the horizon is now closed, whether or not it held records
-        # (and whatever other keys hold): a later record for any of them is late. Lateness depends on
-        # the watermark alone, so a replay of a subset of keys decides it the same way.
+        # Every window ending at or before the horizon is now closed, whether or not it held records:
+        # a later record for any of them is late. Lateness depends on the watermark alone, not on
+        # which windows other keys happened to hold (and no window is emitted after a newer one).
         self._closed_before = max(self._closed_before, self.window_of(horizon)[0])
         return [self._emit(k) for k in due]
 

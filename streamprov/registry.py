@@ -71,7 +71,8 @@ class RegisteredFunction:
     kind: StepKind
     func: Callable[..., Any]
     code_hash: bytes
-    default_params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    default_params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    """Parameters applied unless a step overrides them (left out of the hash: a mapping is unhashable)."""
     initial: Callable[[], Any] | None = None
     """REDUCE only: a factory for the empty accumulator."""
 
