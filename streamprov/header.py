@@ -119,6 +119,12 @@ def find_raw(headers: Sequence[tuple[str, bytes | None]] | None) -> bytes | None
         if key == HEADER_KEY:
             if not value:
                 raise MalformedHeaderError(f"header {HEADER_KEY!r} is present but empty", b"")
+            if type(value) is not bytes:  # other clients hand out bytearray or memoryview
+                if not isinstance(value, bytearray | memoryview):
+                    raise MalformedHeaderError(
+                        f"header {HEADER_KEY!r} must be bytes, not {type(value).__name__}"
+                    )
+                return bytes(value)
             return value
     return None
 

@@ -434,6 +434,23 @@ def test_map_stamper_input_header_errors_are_typed(registry: FunctionRegistry) -
         stamper.stamp(_record(b"v", b""), b"out")
 
 
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_map_stamper_accepts_any_bytes_like_header(registry: FunctionRegistry, kind) -> None:
+    """Regression: a bytearray header value hit an unhashable memo key (TypeError), a memoryview
+    an AttributeError; both are legitimate header values from other Kafka clients."""
+    raw = SourceStamper().header("s", b"v")
+    out = MapStamper(registry.get("reverse")).stamp(_record(b"v", kind(raw)), b"o")
+    assert ProvenanceHeader.decode(out).data_id == "s"
+    assert ProvenanceHeader.from_headers([(HEADER_KEY, kind(raw))]) == ProvenanceHeader.decode(raw)
+
+
+def test_header_value_of_another_type_is_malformed(registry: FunctionRegistry) -> None:
+    with pytest.raises(MalformedHeaderError, match="must be bytes"):
+        ProvenanceHeader.from_headers([(HEADER_KEY, "c3 01")])  # type: ignore[list-item]
+    with pytest.raises(MalformedHeaderError):
+        MapStamper(registry.get("reverse")).stamp(_record(b"v", "c3 01"), b"o")  # type: ignore[arg-type]
+
+
 def test_map_stamper_memo_does_not_mix_lineages(registry: FunctionRegistry) -> None:
     stamper = MapStamper(registry.get("reverse"))
     a = ProvenanceHeader("a", compute(CRC, b"1"), compute(CRC, b"s"), TS, (_map("one"),))

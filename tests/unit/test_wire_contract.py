@@ -357,3 +357,49 @@ def test_history_folder_versions_are_registered() -> None:
     for path in history:
         fp = _plain_fingerprint(load_schema(str(path)))
         assert fp in _OLDER_VERSIONS, path.name
+
+
+# --- docs/header-format.md stays true -----------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "header-format.md"
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    text = DOC.read_text("utf-8")
+    return [block.split("\n```", 1)[0] for block in text.split(f"```{lang}\n")[1:]]
+
+
+def test_doc_hex_dump_is_what_the_codec_writes() -> None:
+    from streamprov.checksum import ChecksumAlgorithm, compute
+    from streamprov.header import ProvenanceHeader
+    from streamprov.lineage import Step, StepKind
+
+    (dump,) = [b for b in _doc_blocks("") if b.startswith("00000000:")]
+    documented = bytes.fromhex("".join(line[10:50] for line in dump.splitlines()).replace(" ", ""))
+    crc = ChecksumAlgorithm.CRC32C
+    step = Step.create(
+        StepKind.MAP, "to_eur", "1", bytes.fromhex("24367332e58de7b83a8d2f1f1adb32fa"), {"rate": 0.92}
+    )
+    header = ProvenanceHeader(
+        "order-42", compute(crc, b'{"amount":92.0}'), compute(crc, b'{"amount":100}'), 1731000000123, (step,)
+    )
+    assert header.encode() == documented
+    assert _plain_read(documented)["data_id"] == "order-42"
+
+
+def test_doc_plain_reader_snippet_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamprov.header import ProvenanceHeader
+
+    (snippet,) = [b for b in _doc_blocks("python") if "schemaless_reader" in b]
+    assert len(snippet.strip().splitlines()) <= 14
+    raw = ProvenanceHeader.for_source("order-1", b"v", timestamp_ms=TS).encode()
+
+    class Message:
+        def headers(self) -> list[tuple[str, bytes]]:
+            return [("traceparent", b"00"), ("streamprov", raw)]
+
+    monkeypatch.chdir(SCHEMAS.parent)
+    namespace: dict[str, Any] = {"message": Message()}
+    exec(snippet, namespace)
+    assert namespace["header"]["data_id"] == "order-1"
+    assert namespace["header"]["lineage"] == []
