@@ -35,6 +35,8 @@ PROPS="${CONF_DIR}/server.properties"
 LOG4J_CONF="${CONF_DIR}/log4j2.yaml"
 CONSOLE_LOG="${LOG_DIR}/console.log"
 STAMP="${LIBS_DIR}/.complete-${KAFKA_VERSION}"
+PORT_MARKER="${DATA_DIR}/.streamprov-port"
+LOCK_FILE="${KAFKA_HOME}/kafka.sh.lock"
 
 PORT="${STREAMPROV_KAFKA_PORT:-39092}"
 CONTROLLER_PORT="$((PORT + 1))"
@@ -215,15 +217,26 @@ Configuration:
 EOF
 }
 
+jvm_args() {
+    # HEAP is a list of JVM options: split it on purpose.
+    # shellcheck disable=SC2206
+    JVM_ARGS=(${HEAP} -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+        -Djava.awt.headless=true -Dlog4j2.configurationFile="${LOG4J_CONF}"
+        -Dkafka.logs.dir="${LOG_DIR}" -cp "${LIBS_DIR}/*")
+}
+
 java_cmd() {
-    # shellcheck disable=SC2086  # HEAP is a list of JVM options
-    java ${HEAP} -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
-        -Dlog4j2.configurationFile="${LOG4J_CONF}" -Dkafka.logs.dir="${LOG_DIR}" \
-        -cp "${LIBS_DIR}/*" "$@"
+    jvm_args
+    java "${JVM_ARGS[@]}" "$@"
 }
 
 format_storage() {
     if [[ -f "${DATA_DIR}/meta.properties" ]]; then
+        # The standalone quorum records the controller's address at format time.
+        local formatted_port
+        formatted_port="$(cat "${PORT_MARKER}" 2>/dev/null || echo "${PORT}")"
+        [[ "${formatted_port}" == "${PORT}" ]] \
+            || die "the data in ${DATA_DIR} was formatted for port ${formatted_port}, not ${PORT}; run '$0 down' first (wipes it)"
         return 0
     fi
     local cluster_id
@@ -235,6 +248,7 @@ format_storage() {
         tail -n 30 "${LOG_DIR}/format.log" >&2 || true
         die "kafka-storage format failed (see ${LOG_DIR}/format.log)"
     fi
+    echo "${PORT}" >"${PORT_MARKER}"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -286,9 +300,18 @@ port_in_use() {
     (exec 3<>"/dev/tcp/${HOST}/$1") 2>/dev/null
 }
 
+running_port() {
+    # The client port of the running broker, from the config it was started with.
+    sed -n 's|^listeners=PLAINTEXT://[^:]*:\([0-9]*\),.*|\1|p' "${PROPS}" 2>/dev/null || true
+}
+
 cmd_start() {
     local pid
     if pid="$(running_pid)"; then
+        local port
+        port="$(running_port)"
+        [[ -z "${port}" || "${port}" == "${PORT}" ]] \
+            || die "the broker of this checkout already runs on port ${port}, not ${PORT}; run '$0 stop' first"
         log "already running (pid ${pid})"
         echo "${BOOTSTRAP}"
         return 0
@@ -305,10 +328,9 @@ cmd_start() {
     log "starting Apache Kafka ${KAFKA_VERSION} on ${BOOTSTRAP}"
     : >"${CONSOLE_LOG}"
     # setsid: the broker must outlive this shell and not get the caller's terminal signals.
-    setsid bash -c 'exec "$@"' _ java ${HEAP} -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
-        -Djava.awt.headless=true -Dlog4j2.configurationFile="${LOG4J_CONF}" \
-        -Dkafka.logs.dir="${LOG_DIR}" -cp "${LIBS_DIR}/*" kafka.Kafka "${PROPS}" \
-        >"${CONSOLE_LOG}" 2>&1 </dev/null &
+    jvm_args
+    # 9>&-: the broker must not inherit (and so hold) the lock taken by with_lock
+    setsid java "${JVM_ARGS[@]}" kafka.Kafka "${PROPS}" >"${CONSOLE_LOG}" 2>&1 </dev/null 9>&- &
     pid=$!
     echo "${pid}" >"${PID_FILE}"
 
@@ -376,15 +398,25 @@ cmd_down() {
 cmd_status() {
     local pid
     if pid="$(running_pid)"; then
-        echo "running (pid ${pid}) on ${BOOTSTRAP}"
+        echo "running (pid ${pid}) on ${HOST}:$(running_port)"
         return 0
     fi
     echo "not running"
     return 3
 }
 
+with_lock() {
+    # One verb at a time per checkout (parallel test runs may all call 'up').
+    mkdir -p "${KAFKA_HOME}"
+    exec 9>"${LOCK_FILE}"
+    flock -w 900 9 || die "another kafka.sh holds ${LOCK_FILE} for more than 900s"
+}
+
 main() {
     local verb="${1:-}"
+    case "${verb}" in
+        up | start | stop | restart | down | fetch) with_lock ;;
+    esac
     case "${verb}" in
         up | start) cmd_start ;;
         stop) cmd_stop ;;
