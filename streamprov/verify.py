@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import crc32c as _crc32c
 
@@ -146,22 +146,20 @@ def _verify_raw(raw: bytes, value: bytes | None) -> Verdict:
 def verify_record(headers: HeadersLike, value: bytes | None) -> Verdict:
     """Verify one record: OK, MISMATCH or NO_HEADER; raises `HeaderError` subclasses when malformed.
 
-    Only the marker, the schema fingerprint and the checksum are read: this is the corruption check.
-    For the rest of the header (DataID, timestamp, source checksum) use `record_fields`.
+    Only the marker, the schema fingerprint and the checksum are read: this is the corruption check
+    (so, like `header.verify_value`, a header cut after its checksum still verifies). The rest of
+    the header (DataID, timestamp, source checksum) is read and validated by `record_fields`.
     """
-    if type(headers) is list and type(value) is bytes:  # confluent-kafka's form: inline
-        try:
-            for key, found in headers:
-                if key == _KEY:
-                    raw = found
-                    break
-            else:
-                return _NO_HEADER
-            head, expected = _unpack_crc_head(raw)  # TypeError unless raw is bytes
+    # Duck-typed on purpose: anything unexpected raises and falls through to the checked path.
+    hs: Any = headers
+    try:  # common case: the provenance header comes first (ProvenanceProducer puts it there)
+        key, raw = hs[0]
+        if key == _KEY:
+            head, expected = _unpack_crc_head(raw)
             if head == _CRC_HEAD:
-                return _OK if _crc(value) == expected else _MISMATCH
-        except (struct.error, TypeError, ValueError):  # short or odd header: the general path says why
-            pass
+                return _OK if _crc(value) == expected else _MISMATCH  # type: ignore[arg-type]
+    except (IndexError, KeyError, TypeError, ValueError, struct.error):
+        pass  # no headers, another layout, a short header or a null value: the general path says why
     header = find_header(headers)
     if header is None:
         return _NO_HEADER
@@ -178,32 +176,24 @@ def check_batch(messages: Iterable[MessageLike]) -> list[Failure]:
 
     Never raises for a bad record: a malformed header is reported as `Verdict.MALFORMED` with its
     `HeaderError` (which keeps the raw bytes for a dead-letter record), and the batch goes on.
-    The loop inlines `verify_record`'s common case, so a clean batch costs no call per record beyond
-    the message's own `headers()` and `value()` and the CRC32C itself.
+    The loop inlines `verify_record`'s common case, so a clean batch costs no Python call per record
+    beyond the message's own `headers()` and `value()`, one `struct` unpack and the CRC32C itself.
     """
     failures: list[Failure] = []
     unpack = _unpack_crc_head
     crc = _crc
     head_ok = _CRC_HEAD
     key_ = _KEY
-    i = -1
-    for m in messages:
-        i += 1
-        hs = m.headers()
-        if type(hs) is list:
-            try:
-                for key, found in hs:
-                    if key == key_:
-                        raw = found
-                        break
-                else:
-                    failures.append(Failure(i, _NO_HEADER))
-                    continue
-                head, expected = unpack(raw)  # TypeError unless raw is bytes
+    for i, m in enumerate(messages):
+        hs: Any = m.headers()  # duck-typed: anything unexpected raises into the general path
+        try:
+            first = hs[0]
+            if first[0] == key_:
+                head, expected = unpack(first[1])
                 if head == head_ok and crc(m.value()) == expected:  # type: ignore[arg-type]
                     continue
-            except (struct.error, TypeError, ValueError):  # odd header or null value: general path
-                pass
+        except (IndexError, KeyError, TypeError, struct.error):
+            pass  # not the common case: the general path below gives the precise verdict
         try:
             verdict = verify_record(hs, m.value())
         except HeaderError as exc:
