@@ -54,8 +54,6 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import faust
-
 from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm, matches
@@ -297,6 +295,7 @@ class _Partition:
     reducer: WindowedReducer
     last_offset: int = -1
     window_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    replays_skipped: int = 0
 
 
 @dataclass
@@ -399,9 +398,7 @@ class ReduceHandler:
         result = ReduceResult()
         self._emit(record.topic, record.partition, restored_due, result)
         if record.offset <= part.last_offset:
-            logger.debug(
-                "reduce: %s/%s/%s already folded (replay)", record.topic, record.partition, record.offset
-            )
+            self._skip_replay(part, record)
             result.duplicate = True
             return result
         try:
@@ -412,6 +409,7 @@ class ReduceHandler:
             key = self.group_key(record, header)
             start, _ = part.reducer.window_of(ts)
             if part.window_offsets.get((key, start), -1) >= record.offset:
+                self._skip_replay(part, record)
                 result.duplicate = True
                 return result
             value = self.serde.loads(record.value)
@@ -452,6 +450,18 @@ class ReduceHandler:
         )
         self._emit(record.topic, record.partition, part.reducer.close_due(), result)
         return result
+
+    def _skip_replay(self, part: _Partition, record: InputRecord) -> None:
+        """A record folded before a restart whose offset was not committed: seen again, not re-folded."""
+        if not part.replays_skipped:
+            logger.info(
+                "reduce %s: %s/%s from offset %s was already folded before a restart; skipping the replay",
+                self.function.function_id,
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+        part.replays_skipped += 1
 
     def _emit(self, topic: str, partition: int, outputs: list[ReduceOutput], result: ReduceResult) -> None:
         part = self._partitions[(topic, partition)]
@@ -635,9 +645,10 @@ class ProvenanceAgents:
                     f"streamprov-reduce-{function_id}",
                     default=None,
                     partitions=partitions,
-                    schema=faust.Schema(
-                        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-                    ),
+                    # bytes types make faust pick the "raw" codec for the changelog in both
+                    # directions; a schema alone is overridden by the JSON default on recovery.
+                    key_type=bytes,
+                    value_type=bytes,
                     help=f"open windows of streamprov reduce {function_id}@{version}",
                 )
             handler = ReduceHandler(

@@ -47,7 +47,12 @@ app = faust.App(
     web_host="127.0.0.1",
     web_port=int(ENV.get("STREAMPROV_FAUST_WEB_PORT", "6066")),
     consumer_auto_offset_reset="earliest",
-    broker_commit_interval=0.5,
+    # a killed worker stays in the group until its session times out: keep that short (the broker's
+    # minimum), or the next worker's join waits the 60 s default
+    broker_session_timeout=6.0,
+    broker_heartbeat_interval=1.0,
+    # a test that kills the worker sets a long interval, so nothing is committed and all is replayed
+    broker_commit_interval=float(ENV.get("STREAMPROV_FAUST_COMMIT_INTERVAL", "0.5")),
 )
 
 registry = FunctionRegistry()
