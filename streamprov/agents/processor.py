@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 from confluent_kafka import (
@@ -462,6 +462,20 @@ class _PartitionState:
     closed_before: int | None = None
 
 
+@dataclass
+class _Batch:
+    """What one batch sent so far, and whether its transaction is open."""
+
+    sent: int = 0
+    dead_letters: int = 0
+    in_transaction: bool = False
+    failed: list[KafkaError] = field(default_factory=list)
+
+    def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:  # a librdkafka callback: record, act after flush()
+            self.failed.append(err)
+
+
 class Processor:
     """Consume, apply a registered function, stamp provenance, produce; exactly or at least once.
 
@@ -815,32 +829,20 @@ class Processor:
         return accepted
 
     def _process(self, batch: list[Any]) -> None:
-        outgoing: list[Outgoing] = []
         replayed = 0
-        for msg in batch:
-            st = self._parts[(msg.topic(), msg.partition())]
-            again = msg.offset() < st.replay_end
-            replayed += again
-            outgoing.extend(self.transform.process(msg, replayed=again, closed_before_ms=st.closed_before))
-        offsets = self._offsets_to_commit()
-        if outgoing or offsets:
-            shipped, committed = self._ship(outgoing, offsets)
-            if not shipped:
-                self._failed()
-                return
-            self._failures = 0
-            self.stats.batches += 1
-            self.stats.records_out += sum(not o.dead_letter for o in outgoing)
-            self.stats.dead_lettered += sum(o.dead_letter for o in outgoing)
-            if committed and offsets:
-                self.stats.commits += 1
-                for tp in offsets:
-                    owned = self._parts.get((tp.topic, tp.partition))
-                    if owned is not None:
-                        owned.committed = owned.resume = tp.offset
-                        owned.committed_meta = tp.metadata
-        self.stats.records_in += len(batch)
-        self.stats.replayed += replayed
+
+        def transform(work: _Batch) -> None:
+            nonlocal replayed
+            for msg in batch:
+                st = self._parts[(msg.topic(), msg.partition())]
+                again = msg.offset() < st.replay_end
+                replayed += again
+                for out in self.transform.process(msg, replayed=again, closed_before_ms=st.closed_before):
+                    self._send(work, out)
+
+        if self._ship(transform):
+            self.stats.records_in += len(batch)
+            self.stats.replayed += replayed
 
     def _failed(self) -> None:
         self.stats.aborts += 1
@@ -871,52 +873,92 @@ class Processor:
     def _flush_windows(self) -> None:
         outgoing = self.transform.flush()
         log.info("stop: flushing %d open window(s)", len(outgoing))
-        for _ in range(self.max_consecutive_failures + 1):
-            offsets = self._offsets_to_commit()
-            shipped, _committed = self._ship(outgoing, offsets)
-            if shipped:
-                self.stats.records_out += sum(not o.dead_letter for o in outgoing)
-                self.stats.dead_lettered += sum(o.dead_letter for o in outgoing)
-                self.stats.batches += 1
-                self.stats.commits += bool(offsets)
-                return
-            self.stats.aborts += 1
-        raise ProcessorError("could not ship the flushed windows")
+
+        def send(work: _Batch) -> None:
+            for out in outgoing:
+                self._send(work, out)
+
+        if not self._ship(send):
+            log.warning(
+                "the flushed windows could not be shipped: they are rebuilt from the input on restart"
+            )
 
     # -- shipping ------------------------------------------------------------------------------------------
-    def _ship(self, outgoing: list[Outgoing], offsets: list[TopicPartition]) -> tuple[bool, bool]:
-        """(shipped, committed). Not shipped: nothing of the batch is visible, the caller rewinds."""
-        if self.exactly_once:
-            shipped = self._transact(outgoing, offsets)
-            return shipped, shipped
-        return self._deliver_then_commit(outgoing, offsets)
+    def _ship(self, produce: Callable[[_Batch], None]) -> bool:
+        """Run `produce` (which sends outputs as they are made) and commit it with the input offsets.
 
-    def _transact(self, outgoing: list[Outgoing], offsets: list[TopicPartition]) -> bool:
-        producer, timeout = self._producer, self.operation_timeout_s
+        Exactly once, the transaction begins with the first output (after `consume()` returned) and
+        ends with the offsets; at least once, every delivery is confirmed before offsets are committed.
+        False when nothing of the batch was committed: the partitions were rewound to redo it.
+        """
+        work = _Batch()
         try:
-            self._call("begin_transaction", producer.begin_transaction)
-            for out in outgoing:
-                self._produce(out, None)
-            if offsets:
-                self._call(
-                    "send_offsets_to_transaction",
-                    lambda: producer.send_offsets_to_transaction(
-                        offsets, self._consumer.consumer_group_metadata(), timeout
-                    ),
-                )
-            self._call("commit_transaction", lambda: producer.commit_transaction(timeout))
-            return True
-        except ProcessorError as exc:
-            if not isinstance(exc, FatalProcessorError):
-                self._abort()
-            raise
+            produce(work)
+            offsets = self._offsets_to_commit()
+            if not work.sent and not offsets:
+                return True
+            committed = self._finish(work, offsets)
         except KafkaException as exc:
             err = _kafka_error(exc)
             if err.fatal():
-                raise _fatal("transaction", err) from exc
-            log.warning("transaction failed (%s): aborting and processing the batch again", err.str())
-            self._abort()
+                raise _fatal("transaction" if self.exactly_once else "produce", err) from exc
+            log.warning("batch failed (%s): processing it again", err.str())
+            if work.in_transaction:
+                self._abort()
+            self._failed()
             return False
+        except BaseException as exc:
+            if work.in_transaction and not isinstance(exc, FatalProcessorError):
+                self._abort_quietly()
+            raise
+        if committed is None:  # at least once, a delivery failed: not committed, redo the batch
+            self._failed()
+            return False
+        self._failures = 0
+        self.stats.batches += 1
+        self.stats.records_out += work.sent - work.dead_letters
+        self.stats.dead_lettered += work.dead_letters
+        if committed:
+            self.stats.commits += 1
+            for tp in offsets:
+                owned = self._parts.get((tp.topic, tp.partition))
+                if owned is not None:
+                    owned.committed = owned.resume = tp.offset
+                    owned.committed_meta = tp.metadata
+        return True
+
+    def _send(self, work: _Batch, out: Outgoing) -> None:
+        if self.exactly_once and not work.in_transaction:
+            self._call("begin_transaction", self._producer.begin_transaction)
+            work.in_transaction = True
+        self._produce(out, None if self.exactly_once else work.on_delivery)
+        work.sent += 1
+        work.dead_letters += out.dead_letter
+
+    def _finish(self, work: _Batch, offsets: list[TopicPartition]) -> bool | None:
+        """Commit the batch: True committed, False delivered but offsets not committed, None not delivered."""
+        if not self.exactly_once:
+            return self._deliver_then_commit(work, offsets)
+        producer, timeout = self._producer, self.operation_timeout_s
+        if not work.in_transaction:  # offsets only (a reduce holding its records, dead letters aside)
+            self._call("begin_transaction", producer.begin_transaction)
+            work.in_transaction = True
+        if offsets:
+            self._call(
+                "send_offsets_to_transaction",
+                lambda: producer.send_offsets_to_transaction(
+                    offsets, self._consumer.consumer_group_metadata(), timeout
+                ),
+            )
+        self._call("commit_transaction", lambda: producer.commit_transaction(timeout))
+        work.in_transaction = False
+        return bool(offsets)
+
+    def _abort_quietly(self) -> None:
+        try:
+            self._abort()
+        except Exception:  # already failing: keep the original error
+            log.exception("abort_transaction failed")
 
     def _abort(self) -> None:
         try:
@@ -973,33 +1015,21 @@ class Processor:
                     raise ProcessorError("the producer queue stayed full") from None
                 self._producer.poll(0.05)
 
-    def _deliver_then_commit(
-        self, outgoing: list[Outgoing], offsets: list[TopicPartition]
-    ) -> tuple[bool, bool]:
-        failed: list[KafkaError] = []
-
-        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
-                failed.append(err)
-
-        for out in outgoing:
-            self._produce(out, on_delivery)
+    def _deliver_then_commit(self, work: _Batch, offsets: list[TopicPartition]) -> bool | None:
         remaining = self._producer.flush(self.operation_timeout_s)
-        if remaining or failed:
-            for err in failed:
+        if remaining or work.failed:
+            for err in work.failed:
                 if err.fatal():
                     raise _fatal("delivery", err)
             log.warning(
                 "%d record(s) not delivered (%d still queued, first error %s): not committing, "
                 "processing the batch again",
-                len(failed),
+                len(work.failed),
                 remaining,
-                failed[0].str() if failed else "timeout",
+                work.failed[0].str() if work.failed else "timeout",
             )
-            return False, False
-        if not offsets:
-            return True, False
-        return True, self._commit_offsets(offsets)
+            return None
+        return self._commit_offsets(offsets) if offsets else False
 
     def _commit_offsets(self, offsets: list[TopicPartition]) -> bool:
         try:
