@@ -9,6 +9,7 @@ domain-separation prefixes (0x00, 0x01) so a leaf can never be confused with an 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 
 from streamprov.errors import StreamprovError
 
@@ -39,6 +40,16 @@ def merkle_root(leaves: list[bytes]) -> bytes:
     return node_hash(merkle_root(leaves[:split]), merkle_root(leaves[split:]))
 
 
+def fold_frontier(frontier: Sequence[bytes]) -> bytes:
+    """The root of a tree from its frontier (perfect subtree roots, leftmost first)."""
+    if not frontier:
+        return _EMPTY_ROOT
+    node = frontier[-1]
+    for left in reversed(frontier[:-1]):
+        node = node_hash(left, node)
+    return node
+
+
 class MerkleAccumulator:
     """Append leaves one at a time; `root()` equals `merkle_root(all leaves)`."""
 
@@ -63,12 +74,43 @@ class MerkleAccumulator:
         self._count += 1
 
     def root(self) -> bytes:
-        if not self._frontier:
-            return _EMPTY_ROOT
-        node = self._frontier[-1]
-        for left in reversed(self._frontier[:-1]):
-            node = node_hash(left, node)
-        return node
+        return fold_frontier(self._frontier)
+
+    def add_leaf_hash(self, node: bytes, on_node: Callable[[int, int, bytes], None] | None = None) -> None:
+        """Append a leaf given by its leaf hash (`leaf_hash(data)`, computed by the caller).
+
+        `on_node(level, index, hash)` hears of every perfect subtree this completes, the leaf itself
+        first (level 0): the node covering leaves [index * 2**level, (index + 1) * 2**level). A store
+        that keeps them can later answer proofs in O(log n) lookups (see `inclusion_proof`).
+        """
+        n = self._count
+        level = 0
+        if on_node is not None:
+            on_node(0, n, node)
+        while n & 1:
+            node = node_hash(self._frontier.pop(), node)
+            n >>= 1
+            level += 1
+            if on_node is not None:
+                on_node(level, n, node)  # n is now the merged node's index at `level`
+        self._frontier.append(node)
+        self._count += 1
+
+    @property
+    def frontier(self) -> tuple[bytes, ...]:
+        """Roots of the perfect subtrees so far, largest (leftmost) first; their sizes are the set
+        bits of `count`. With the count they are the whole state, and they fold into `root()`."""
+        return tuple(self._frontier)
+
+    @classmethod
+    def from_frontier(cls, count: int, frontier: Sequence[bytes]) -> MerkleAccumulator:
+        """Resume from `count` and its `frontier` (as a checkpoint stores them)."""
+        if count < 0 or len(frontier) != count.bit_count() or any(len(h) != HASH_SIZE for h in frontier):
+            raise StreamprovError(f"a frontier of {len(frontier)} hashes does not fit {count} leaves")
+        acc = cls()
+        acc._count = count
+        acc._frontier = list(frontier)
+        return acc
 
     def to_bytes(self) -> bytes:
         return self._count.to_bytes(8, "big") + b"".join(self._frontier)
@@ -84,3 +126,163 @@ class MerkleAccumulator:
         if len(acc._frontier) != acc._count.bit_count():
             raise StreamprovError("Merkle accumulator state does not match its count")
         return acc
+
+
+# --- proofs (RFC 6962 §2.1.1-2.1.2, verification per RFC 9162 §2.1.3.2 and §2.1.4.2) ---------------
+#
+# Proof *generation* needs the Merkle Tree Hash of sub-ranges of the leaves. It takes that as a
+# function, `subtree(start, end) -> MTH(D[start:end])`, so a caller with millions of leaves can answer
+# from stored perfect-subtree hashes in O(log n) lookups (the ledger index does) instead of holding
+# every leaf in memory. `SubtreeHashes` is the plain in-memory implementation over leaf hashes.
+# Every range a proof asks for starts at a multiple of the largest power of two not above its size.
+
+SubtreeHash = Callable[[int, int], bytes]
+"""`subtree(start, end)`: the Merkle Tree Hash of leaves [start, end), 0 <= start < end."""
+
+
+def _split(n: int) -> int:
+    """The largest power of two strictly smaller than n (n >= 2): RFC 6962's k."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
+    """MTH over leaves given by their leaf hashes (already `leaf_hash`ed), iteratively, O(n)."""
+    if not hashes:
+        return _EMPTY_ROOT
+    acc = MerkleAccumulator()
+    for h in hashes:
+        acc.add_leaf_hash(h)
+    return acc.root()
+
+
+class SubtreeHashes:
+    """`SubtreeHash` over an in-memory sequence of leaf hashes (memoising perfect subtrees)."""
+
+    __slots__ = ("_hashes", "_memo")
+
+    def __init__(self, hashes: Sequence[bytes]) -> None:
+        self._hashes = hashes
+        self._memo: dict[tuple[int, int], bytes] = {}
+
+    def __call__(self, start: int, end: int) -> bytes:
+        if not 0 <= start < end <= len(self._hashes):
+            raise StreamprovError(f"no subtree [{start}, {end}) in a tree of {len(self._hashes)} leaves")
+        n = end - start
+        if n == 1:
+            return self._hashes[start]
+        key = (start, end)
+        found = self._memo.get(key)
+        if found is None:
+            k = _split(n)
+            found = node_hash(self(start, start + k), self(start + k, end))
+            if not n & (n - 1):  # perfect subtrees recur across proofs; partial ones rarely do
+                self._memo[key] = found
+        return found
+
+
+def inclusion_proof(index: int, size: int, subtree: SubtreeHash) -> list[bytes]:
+    """Audit path PATH(index, D[size]) of RFC 6962 §2.1.1, leaf to root (at most log2(size) hashes)."""
+    if not 0 <= index < size:
+        raise StreamprovError(f"leaf {index} is not in a tree of {size} leaves")
+    siblings: list[bytes] = []
+    start, end, m = 0, size, index
+    while end - start > 1:  # descends one level per turn: at most 64 turns
+        k = _split(end - start)
+        if m < k:
+            siblings.append(subtree(start + k, end))
+            end = start + k
+        else:
+            siblings.append(subtree(start, start + k))
+            start += k
+            m -= k
+    siblings.reverse()
+    return siblings
+
+
+def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes) -> bool:
+    """Does `proof` show leaf hash `leaf` at `index` in the tree of `size` leaves with `root`?
+
+    RFC 9162 §2.1.3.2, step by step; any malformed input is simply `False`.
+    """
+    if not 0 <= index < size:
+        return False
+    fn, sn, r = index, size - 1, leaf
+    for p in proof:
+        if sn == 0 or len(p) != HASH_SIZE:
+            return False
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            while not fn & 1 and fn:  # fn == sn with fn even: climb past levels with no right sibling
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
+
+
+def consistency_proof(old_size: int, new_size: int, subtree: SubtreeHash) -> list[bytes]:
+    """PROOF(old_size, D[new_size]) of RFC 6962 §2.1.2: the tree of old_size leaves is a prefix.
+
+    Empty when the sizes are equal (the roots must then be equal) or the old tree is empty.
+    """
+    if not 0 <= old_size <= new_size:
+        raise StreamprovError(f"no consistency proof from size {old_size} to size {new_size}")
+    if old_size in (0, new_size):
+        return []
+    proof: list[bytes] = []
+    start, end, m, complete = 0, new_size, old_size, True
+    while m != end - start:  # SUBPROOF(m, D[start:end], complete), one level per turn
+        k = _split(end - start)
+        if m <= k:
+            proof.append(subtree(start + k, end))
+            end = start + k
+        else:
+            proof.append(subtree(start, start + k))
+            start += k
+            m -= k
+            complete = False
+    if not complete:
+        proof.append(subtree(start, end))
+    proof.reverse()
+    return proof
+
+
+def verify_consistency(
+    old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
+) -> bool:
+    """Does `proof` show the tree (old_size, old_root) is a prefix of (new_size, new_root)?
+
+    RFC 9162 §2.1.4.2, step by step; any malformed input is simply `False`.
+    """
+    if not 0 <= old_size <= new_size:
+        return False
+    if old_size == new_size:
+        return not proof and old_root == new_root
+    if old_size == 0:
+        return not proof  # the empty tree is a prefix of every tree
+    if not proof or any(len(p) != HASH_SIZE for p in proof):
+        return False
+    path = list(proof)
+    if not old_size & (old_size - 1):  # an exact power of two: the old root is itself a subtree
+        path.insert(0, old_root)
+    fn, sn = old_size - 1, new_size - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = node_hash(c, fr)
+            sr = node_hash(c, sr)
+            while not fn & 1 and fn:
+                fn >>= 1
+                sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    return fr == old_root and sr == new_root and sn == 0

@@ -1,0 +1,289 @@
+"""The ledger on Kafka: the topic is the source of truth (replicated, append-only), one writer owns it.
+
+Topic rules (`LEDGER_TOPIC_CONFIG`, `create_ledger_topic`):
+
+- exactly one partition: hash chaining needs one total order and a single sequencer;
+- never compacted and never expired (`cleanup.policy=delete`, `retention.ms=-1`,
+  `retention.bytes=-1`): compaction or retention would delete entries, which verification reports
+  as tampering (and the index could not be rebuilt).
+
+`KafkaLedgerSink` is the writer's storage: an idempotent producer (acks=all, gapless: librdkafka
+raises a fatal error rather than leave a hole), so a retried batch is neither duplicated nor
+reordered. Give it a `transactional_id` and Kafka also fences a zombie: a second writer with the same
+id aborts the first one's open transaction and makes it fail, so two writers can never fork the
+chain; each batch is then one transaction and readers read committed records only. On start it reads
+the topic's tail to continue the chain (from the last checkpoint, which carries the Merkle frontier).
+
+`KafkaLedgerReader` reads the records back in order, without joining a consumer group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from streamprov.ledger.chain import ChainState, resume_state
+from streamprov.ledger.codec import encode_record, record_key, stored
+from streamprov.ledger.errors import ChainError, LedgerError, LedgerTimeoutError, LedgerWriteFailedError
+from streamprov.ledger.model import LedgerRecord, StoredRecord
+
+logger = logging.getLogger(__name__)
+
+LEDGER_TOPIC_CONFIG: dict[str, str] = {
+    "cleanup.policy": "delete",
+    "retention.ms": "-1",
+    "retention.bytes": "-1",
+}
+KafkaConfig = Mapping[str, Any] | str
+"""librdkafka settings, or just the bootstrap servers."""
+Isolation = Literal["read_committed", "read_uncommitted"]
+
+_TAIL_WINDOW = 4096
+_BUFFER_FULL_WAIT_S = 0.05
+
+
+def _config(config: KafkaConfig) -> dict[str, Any]:
+    return {"bootstrap.servers": config} if isinstance(config, str) else dict(config)
+
+
+def create_ledger_topic(
+    config: KafkaConfig, topic: str, *, replication_factor: int = 1, timeout_s: float = 30.0
+) -> None:
+    """Create the ledger topic with the settings a ledger needs (one partition, kept forever).
+
+    Production clusters want replication_factor=3 and min.insync.replicas=2 (acks=all then waits
+    for two copies). An existing topic is left as it is.
+    """
+    admin = AdminClient(_config(config))
+    new = NewTopic(topic, num_partitions=1, replication_factor=replication_factor, config=LEDGER_TOPIC_CONFIG)
+    futures = admin.create_topics([new], operation_timeout=timeout_s, request_timeout=timeout_s)
+    try:
+        futures[topic].result(timeout=timeout_s)
+    except KafkaException as exc:
+        if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return
+        raise LedgerError(f"cannot create ledger topic {topic}: {exc}") from exc
+
+
+def _check_single_partition(config: dict[str, Any], topic: str, timeout_s: float) -> None:
+    md = AdminClient(config).list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
+    if md is None or md.error is not None:
+        raise LedgerError(f"ledger topic {topic} is not available: {md.error if md else 'unknown topic'}")
+    if len(md.partitions) != 1:
+        raise LedgerError(
+            f"ledger topic {topic} has {len(md.partitions)} partitions; a hash-chained ledger needs "
+            "exactly one (one total order, one sequencer)"
+        )
+
+
+class KafkaLedgerReader:
+    """Reads a ledger topic's records in order, from an offset up to what is stored at the call."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topic: str,
+        *,
+        isolation: Isolation = "read_committed",
+        idle_timeout_s: float = 30.0,
+    ) -> None:
+        self.config = _config(config)
+        self.topic = topic
+        self.isolation = isolation
+        self.idle_timeout_s = idle_timeout_s
+
+    def _consumer(self) -> Consumer:
+        return Consumer(
+            {
+                **self.config,
+                "group.id": f"streamprov-ledger-reader-{uuid.uuid4().hex[:12]}",  # never joined
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "isolation.level": self.isolation,
+                "auto.offset.reset": "earliest",
+            }
+        )
+
+    def watermarks(self, timeout_s: float = 10.0) -> tuple[int, int]:
+        consumer = self._consumer()
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=timeout_s)
+        except KafkaException as exc:
+            raise LedgerError(f"cannot read the offsets of ledger topic {self.topic}: {exc}") from exc
+        finally:
+            consumer.close()
+        return int(low), int(high)
+
+    def read(self, start_offset: int = 0) -> Iterator[StoredRecord]:
+        """Stored records from `start_offset` to the end of the partition as seen when reading it.
+
+        Raises `LedgerError` when the broker fails or nothing arrives for `idle_timeout_s`.
+        """
+        _, high = self.watermarks()
+        if start_offset >= high:
+            return
+        consumer = self._consumer()
+        try:
+            consumer.assign([TopicPartition(self.topic, 0, start_offset)])
+            idle_since = time.monotonic()
+            while True:  # ends at end-of-partition, at the high watermark, or after idle_timeout_s
+                batch: list[Message] = consumer.consume(num_messages=1000, timeout=0.5)
+                if not batch:
+                    if time.monotonic() - idle_since > self.idle_timeout_s:
+                        raise LedgerError(
+                            f"ledger topic {self.topic}: nothing read for {self.idle_timeout_s}s "
+                            f"(reading from offset {start_offset})"
+                        )
+                    continue
+                idle_since = time.monotonic()
+                for msg in batch:
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            return
+                        raise LedgerError(f"reading ledger topic {self.topic}: {err}")
+                    offset = msg.offset()
+                    if offset is None:  # only error events lack an offset; handled above
+                        continue
+                    yield stored(offset, msg.value())
+                    if offset >= high - 1:
+                        return
+        finally:
+            consumer.close()
+
+
+class KafkaLedgerSink:
+    """The writer's storage on Kafka; see the module docstring. Used from the writer thread only."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topic: str,
+        *,
+        transactional_id: str | None = None,
+        producer_config: Mapping[str, Any] | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.config = _config(config)
+        self.topic = topic
+        self.transactional_id = transactional_id
+        self.timeout_s = timeout_s
+        settings: dict[str, Any] = {
+            **self.config,
+            "linger.ms": 20,
+            "compression.type": "lz4",
+            **(producer_config or {}),
+            # not overridable: the ledger's guarantees rest on these
+            "enable.idempotence": True,
+            "acks": "all",
+            "enable.gapless.guarantee": True,
+        }
+        if transactional_id is not None:
+            settings["transactional.id"] = transactional_id
+        self._producer = Producer(settings)
+        self._errors: list[KafkaError] = []
+        self._in_flight = 0
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        # librdkafka callback: record only, act on the writer thread (confluent-kafka-python #457)
+        self._in_flight -= 1
+        if err is not None:
+            self._errors.append(err)
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            first = self._errors[0]
+            raise LedgerWriteFailedError(
+                f"{len(self._errors)} ledger records were not stored in {self.topic}: {first}"
+            )
+
+    def load_state(self, ledger_id: str, *, dedup_window: int) -> ChainState:
+        _check_single_partition(self.config, self.topic, self.timeout_s)
+        if self.transactional_id is not None:
+            try:  # fences any older writer with the same id and aborts its open transaction
+                self._producer.init_transactions(self.timeout_s)
+            except KafkaException as exc:
+                raise LedgerWriteFailedError(f"cannot start ledger transactions: {exc}") from exc
+        reader = KafkaLedgerReader(self.config, self.topic, idle_timeout_s=self.timeout_s)
+        low, high = reader.watermarks()
+        if high <= low:
+            if low > 0:
+                raise ChainError(
+                    f"ledger topic {self.topic} is empty from offset {low}: its entries were deleted"
+                )
+            return ChainState.genesis(ledger_id)
+        window = _TAIL_WINDOW
+        while True:  # the window grows 8x per turn until it covers the whole topic
+            start = max(low, high - window)
+            from_start = start == 0
+            state = resume_state(
+                ledger_id, reader.read(start), from_start=from_start, dedup_window=dedup_window
+            )
+            if state is not None:
+                logger.info(
+                    "ledger %s: resumed from offset %d, next seq %d", ledger_id, start, state.next_seq
+                )
+                return state
+            if start == low:
+                raise ChainError(
+                    f"ledger topic {self.topic} starts at offset {low} (earlier records were deleted) and "
+                    "holds no checkpoint to resume from"
+                )
+            window *= 8
+
+    def write(self, records: Sequence[LedgerRecord]) -> None:
+        self._raise_errors()
+        transactional = self.transactional_id is not None
+        try:
+            if transactional:
+                self._producer.begin_transaction()
+            for record in records:
+                self._produce(encode_record(record), record_key(record))
+            if transactional:
+                self._producer.commit_transaction(self.timeout_s)
+        except KafkaException as exc:
+            if transactional:
+                try:
+                    self._producer.abort_transaction(self.timeout_s)
+                except KafkaException:
+                    logger.exception("ledger: aborting the failed transaction failed too")
+            raise LedgerWriteFailedError(f"ledger batch not stored in {self.topic}: {exc}") from exc
+        self._raise_errors()
+
+    def _produce(self, value: bytes, key: bytes) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:  # retries only while librdkafka's local queue is full, until the deadline
+            try:
+                self._producer.produce(self.topic, value, key, partition=0, on_delivery=self._on_delivery)
+            except BufferError:
+                if time.monotonic() > deadline:
+                    raise LedgerWriteFailedError(
+                        f"the producer's local queue stayed full for {self.timeout_s}s"
+                    ) from None
+                self._producer.poll(_BUFFER_FULL_WAIT_S)
+                continue
+            self._in_flight += 1
+            self._producer.poll(0)
+            return
+
+    def service(self) -> None:
+        self._producer.poll(0)
+        self._raise_errors()
+
+    def flush(self, timeout_s: float) -> None:
+        remaining = self._producer.flush(timeout_s)
+        self._raise_errors()
+        if remaining:
+            raise LedgerTimeoutError(f"{remaining} ledger records still unacknowledged after {timeout_s}s")
+
+    def close(self) -> None:
+        remaining = self._producer.flush(self.timeout_s)
+        if remaining:
+            logger.error("ledger: %d records unacknowledged when closing", remaining)

@@ -1,0 +1,372 @@
+"""The asynchronous ledger writer: the data path hands over applications, a background thread stores them.
+
+Recording provenance must not slow the pipeline (OpenLineage #4883 is what happens otherwise). So
+`append` only checks the size and puts the application on a bounded queue; one background thread
+takes batches off it, seals them into chained entries (`LedgerChain`: the single sequencer), adds
+signed checkpoints, and writes them to the sink (Kafka: an idempotent, acks=all producer).
+
+Contract, for agents:
+
+- `append` never blocks longer than `put_timeout_s`. When the queue is full for that long the
+  ledger cannot keep up, and it raises `LedgerBackpressureError` with nothing queued: the caller
+  retries, slows down or stops. Entries are never dropped silently.
+- `flush()` returns when everything appended before it is durable. At-least-once end to end: an
+  agent calls `flush()` before committing its consumer offsets, so a crash can only replay
+  applications, never lose their entries; replays keep their entry_id and are dropped as
+  duplicates (by the chain's window, and in any case by the index), so the graph is not duplicated.
+- `close()` drains the queue, signs a final checkpoint (a cleanly stopped ledger is covered to its
+  last entry), flushes and closes the sink. Nothing appended before `close()` is lost.
+- When storage fails the writer stops: later `append`/`flush` calls raise `LedgerWriteFailedError`.
+  A new writer resumes from what storage holds.
+
+Memory is bounded by `max_queue` applications, one batch of `max_batch` records, and the chain's
+dedup window.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from streamprov.ledger.chain import DEFAULT_CHECKPOINT_EVERY, DEFAULT_DEDUP_WINDOW, LedgerChain
+from streamprov.ledger.errors import (
+    EntryTooLargeError,
+    LedgerBackpressureError,
+    LedgerClosedError,
+    LedgerTimeoutError,
+    LedgerWriteFailedError,
+)
+from streamprov.ledger.model import Application, Checkpoint, LedgerRecord
+from streamprov.ledger.signing import CheckpointSigner
+from streamprov.ledger.store import LedgerSink
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_ENTRY_BYTES = 900_000  # under Kafka's default 1 MiB message limit, with room for framing
+_IDLE_POLL_S = 0.1
+
+
+def approx_size(app: Application) -> int:
+    """An upper-bound estimate of an application's encoded size, cheap enough for the data path."""
+    refs = sum(len(r.data_id) * 4 + len(r.checksum.value) + 24 for r in (*app.inputs, app.output))
+    params = sum(len(k) * 4 + len(v) * 4 + 16 for k, v in app.parameters)
+    ctx = app.context
+    text = (
+        app.function_id
+        + app.function_version
+        + app.device_id
+        + ctx.source
+        + ctx.location
+        + (app.task_id or "")
+    )
+    return 256 + refs + params + len(text) * 4 + sum(len(r) * 4 + 8 for r in ctx.access_rights)
+
+
+@dataclass
+class _Barrier:
+    """A flush request travelling through the queue behind everything appended before it."""
+
+    timeout_s: float
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class _Stop:
+    pass
+
+
+_STOP = _Stop()
+
+
+@dataclass
+class WriterStats:
+    """Counters since the writer started (read without locking: approximate while running)."""
+
+    appended: int = 0
+    entries: int = 0
+    duplicates: int = 0
+    checkpoints: int = 0
+    batches: int = 0
+    durable_seq: int = -1
+    """Highest seq known durable (after the last successful flush)."""
+
+
+class LedgerWriter:
+    """Bounded, batched, asynchronous appends to one ledger; see the module docstring.
+
+    Use as a context manager, or `start()` then `close()`. Starting reads the sink's state (the
+    Kafka sink reads the ledger's tail) and may raise; after that, the data path only calls `append`.
+    """
+
+    def __init__(
+        self,
+        sink: LedgerSink,
+        ledger_id: str,
+        signer: CheckpointSigner | None,
+        *,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        dedup_window: int = DEFAULT_DEDUP_WINDOW,
+        max_queue: int = 10_000,
+        max_batch: int = 1_000,
+        put_timeout_s: float = 1.0,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        checkpoint_on_close: bool = True,
+    ) -> None:
+        if max_queue < 1 or max_batch < 1 or put_timeout_s < 0:
+            raise ValueError("max_queue and max_batch must be >= 1, put_timeout_s >= 0")
+        self.sink = sink
+        self.ledger_id = ledger_id
+        self.signer = signer
+        self.checkpoint_every = checkpoint_every
+        self.dedup_window = dedup_window
+        self.max_batch = max_batch
+        self.put_timeout_s = put_timeout_s
+        self.max_entry_bytes = max_entry_bytes
+        self.checkpoint_on_close = checkpoint_on_close
+        self.stats = WriterStats()
+        self._queue: queue.Queue[Application | _Barrier | _Stop] = queue.Queue(max_queue)
+        self._chain: LedgerChain | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._inflight = 0
+        self._state_lock = threading.Condition()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> LedgerWriter:
+        if self._thread is not None:
+            return self
+        state = self.sink.load_state(self.ledger_id, dedup_window=self.dedup_window)
+        self._chain = LedgerChain(
+            self.ledger_id,
+            self.signer,
+            checkpoint_every=self.checkpoint_every,
+            dedup_window=self.dedup_window,
+            state=state,
+        )
+        logger.info("ledger %s: resuming at seq %s", self.ledger_id, state.next_seq)
+        self._thread = threading.Thread(target=self._run, name=f"ledger-writer-{self.ledger_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __enter__(self) -> LedgerWriter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next new entry will get (read from the writer thread's chain)."""
+        return self._chain.next_seq if self._chain is not None else 0
+
+    # -- the data path ------------------------------------------------------------------------------
+    def append(self, app: Application, timeout_s: float | None = None) -> None:
+        """Queue `app` for the ledger; blocks at most `timeout_s` (default `put_timeout_s`)."""
+        if self._failure is not None:
+            raise LedgerWriteFailedError(f"the ledger writer failed: {self._failure!r}") from self._failure
+        size = approx_size(app)
+        if size > self.max_entry_bytes:
+            raise EntryTooLargeError(
+                f"application of {app.function_id}@{app.function_version} with {len(app.inputs)} inputs "
+                f"needs about {size} bytes, above max_entry_bytes={self.max_entry_bytes}"
+            )
+        with self._state_lock:
+            if self._closed or self._thread is None:
+                raise LedgerClosedError(
+                    "the ledger writer is closed" if self._closed else "start() the writer first"
+                )
+            self._inflight += 1
+        try:
+            self._queue.put(app, timeout=self.put_timeout_s if timeout_s is None else timeout_s)
+        except queue.Full:
+            raise LedgerBackpressureError(
+                f"ledger queue full ({self._queue.maxsize} applications) for "
+                f"{self.put_timeout_s if timeout_s is None else timeout_s}s: the ledger cannot keep up"
+            ) from None
+        else:
+            self.stats.appended += 1
+        finally:
+            with self._state_lock:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._state_lock.notify_all()
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Block until everything appended before this call is durable (or raise)."""
+        if self._thread is None:
+            raise LedgerClosedError("start() the writer first")
+        barrier = _Barrier(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        self._put_control(barrier, deadline)
+        if not barrier.done.wait(max(0.0, deadline - time.monotonic())):
+            raise LedgerTimeoutError(f"ledger flush did not finish within {timeout_s}s")
+        if barrier.error is not None:
+            if isinstance(barrier.error, LedgerTimeoutError):
+                raise barrier.error
+            raise LedgerWriteFailedError(f"the ledger writer failed: {barrier.error!r}") from barrier.error
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Drain, sign a final checkpoint, flush and stop. Idempotent."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+        thread = self._thread
+        if thread is None:
+            self.sink.close()
+            return
+        deadline = time.monotonic() + timeout_s
+        self._put_control(_STOP, deadline)
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            raise LedgerTimeoutError(f"the ledger writer did not stop within {timeout_s}s")
+        if self._failure is not None:
+            raise LedgerWriteFailedError(f"the ledger writer failed: {self._failure!r}") from self._failure
+
+    def _put_control(self, item: _Barrier | _Stop, deadline: float) -> None:
+        try:
+            self._queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            raise LedgerTimeoutError("the ledger queue stayed full; the writer is not keeping up") from None
+
+    # -- the writer thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # any failure stops the writer; callers see it on their next call
+            logger.exception("ledger %s: writer failed", self.ledger_id)
+            self._failure = exc
+            self._drain_after_failure(exc)
+        finally:
+            try:
+                self.sink.close()
+            except Exception:
+                logger.exception("ledger %s: closing the sink failed", self.ledger_id)
+
+    def _take_batch(self) -> list[Application | _Barrier | _Stop] | None:
+        try:
+            first = self._queue.get(timeout=_IDLE_POLL_S)
+        except queue.Empty:
+            return None
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        chain = self._chain
+        assert chain is not None
+        while True:  # ends at the stop marker (close) or on a failure
+            batch = self._take_batch()
+            if batch is None:
+                self.sink.service()
+                continue
+            pending: list[LedgerRecord] = []
+            for item in batch:
+                if isinstance(item, Application):
+                    self._seal(chain, item, pending)
+                elif isinstance(item, _Barrier):
+                    self._write(pending)
+                    pending = []
+                    self._flush(item)
+                else:
+                    self._write(pending)
+                    self._finish(chain)
+                    return
+            self._write(pending)
+
+    def _seal(self, chain: LedgerChain, app: Application, pending: list[LedgerRecord]) -> None:
+        records = chain.append(app)
+        if not records:
+            self.stats.duplicates += 1
+            return
+        self.stats.entries += 1
+        if len(records) > 1:
+            self.stats.checkpoints += 1
+        pending.extend(records)
+
+    def _write(self, records: list[LedgerRecord]) -> None:
+        if records:
+            self.sink.write(records)
+            self.stats.batches += 1
+
+    def _flush(self, barrier: _Barrier) -> None:
+        try:
+            self.sink.flush(barrier.timeout_s)
+        except LedgerTimeoutError as exc:  # not a failure of storage: the caller may try again
+            barrier.error = exc
+        except BaseException as exc:
+            barrier.error = exc
+            raise
+        else:
+            assert self._chain is not None
+            self.stats.durable_seq = self._chain.next_seq - 1
+        finally:
+            barrier.done.set()
+
+    def _finish(self, chain: LedgerChain) -> None:
+        """At the stop marker: take what in-flight appends still put, then checkpoint and flush."""
+        pending: list[LedgerRecord] = []
+        barriers: list[_Barrier] = []
+        deadline = time.monotonic() + self.put_timeout_s + 1.0
+        while True:  # until no append is in flight (none can start: closed), or the deadline
+            self._drain_into(chain, pending, barriers)
+            with self._state_lock:
+                if not self._inflight or time.monotonic() > deadline:
+                    break
+                self._state_lock.wait(0.01)
+        self._drain_into(chain, pending, barriers)
+        if self.checkpoint_on_close:
+            cp: Checkpoint | None = chain.checkpoint()
+            if cp is not None:
+                pending.append(cp)
+                self.stats.checkpoints += 1
+        try:
+            self._write(pending)
+            self.sink.flush(max(1.0, self.put_timeout_s * 10))
+            self.stats.durable_seq = chain.next_seq - 1
+        except BaseException as exc:
+            for barrier in barriers:
+                barrier.error = exc
+            raise
+        finally:
+            for barrier in barriers:
+                barrier.done.set()
+
+    def _drain_into(self, chain: LedgerChain, pending: list[LedgerRecord], barriers: list[_Barrier]) -> None:
+        while True:  # the queue is finite and nothing new can start
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Application):
+                self._seal(chain, item, pending)
+            elif isinstance(item, _Barrier):
+                barriers.append(item)  # answered by close's own final flush
+
+    def _drain_after_failure(self, exc: BaseException) -> None:
+        """Release flushers and the closer; what is still queued is not stored (see the docstring)."""
+        lost = 0
+        while True:
+            try:
+                item = self._queue.get(timeout=_IDLE_POLL_S)
+            except queue.Empty:
+                if self._closed:
+                    break
+                continue
+            if isinstance(item, Application):
+                lost += 1
+            elif isinstance(item, _Barrier):
+                item.error = exc
+                item.done.set()
+            else:
+                break
+        if lost:
+            logger.error("ledger %s: %d queued applications were not stored", self.ledger_id, lost)
