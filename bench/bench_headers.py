@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--bootstrap", help="HOST:PORT of a running broker (default: start scripts/kafka.sh)")
     ap.add_argument("--messages", type=int, default=150_000, help="records per variant and round")
-    ap.add_argument("--rounds", type=int, default=6, help="rounds (each runs every variant once)")
+    ap.add_argument("--rounds", type=int, default=8, help="rounds (each runs every variant once)")
     ap.add_argument("--partitions", type=int, default=1, help="partitions per topic")
     ap.add_argument(
         "--breakdown",

@@ -3,12 +3,16 @@
 This is the Validator's per-record hot path, run on every record of every output topic, so it is
 written for the common case and falls back to the general code for everything else:
 
-* the common case is a current-version header with a CRC32C checksum. It is checked with one
-  `struct` call (prefix, checksum tag and digest at once, the digest as an int) and one CRC32C call
-  over the value; no header object, no slicing, no enum or dataclass is built per record;
-* anything else (a SHA-256 checksum, an older schema version, a malformed or truncated header, a
-  null value) takes the slow path, which decodes as much as it needs and raises only `HeaderError`
-  subclasses for bad headers.
+* the common case is a current-version header with a CRC32C checksum as the record's first header
+  (where `ProvenanceProducer` and the stampers put it). It is checked with one `struct` call
+  (prefix, checksum tag and digest at once, the digest as an int) and one CRC32C call over the
+  value; no header object, no slicing, no enum or dataclass is built per record;
+* anything else (the header further down the list, a SHA-256 checksum, an older schema version, a
+  malformed or truncated header, a null value) takes the general path, which decodes as much as it
+  needs and raises only `HeaderError` subclasses for bad headers.
+
+What this costs next to a plain consumer, and what bounds it, is measured by bench/bench_headers.py
+(see bench/README.md).
 
 `verify_record` answers for one record; `check_batch` checks a whole `Consumer.consume()` batch in
 one loop and reports only the records that are not OK, so a Validator's cost for a clean batch is one
@@ -29,10 +33,12 @@ from streamprov import avro
 from streamprov.checksum import Checksum, ChecksumAlgorithm, digest
 from streamprov.errors import HeaderError, MalformedHeaderError
 from streamprov.header import (
+    _CRC_HEAD,
     _PREFIX_LEN,
     HEADER_KEY,
     PREFIX,
     ProvenanceHeader,
+    _unpack_crc_head,
     scan,
     verify_value,
 )
@@ -98,8 +104,6 @@ _NO_HEADER = Verdict.NO_HEADER
 _MALFORMED = Verdict.MALFORMED
 _KEY = HEADER_KEY
 _crc: Callable[[bytes], int] = _crc32c.crc32c
-_CRC_HEAD = PREFIX + avro.encode_long(ChecksumAlgorithm.CRC32C) + avro.encode_long(4)
-_unpack_crc_head = struct.Struct(f">{len(_CRC_HEAD)}sI").unpack_from
 _ALGORITHMS = tuple(ChecksumAlgorithm)
 
 
