@@ -32,8 +32,10 @@ def tag(value: dict[str, Any], label: str = "tagged") -> dict[str, Any]:
 
 
 @registry.reduce("sum_n", "1", initial=int)
-def sum_n(total: int, value: dict[str, Any]) -> int:
+def sum_n(total: int, value: dict[str, Any], delay_ms: float = 0) -> int:
     """Per-key, per-window sum of n."""
+    if delay_ms:
+        time.sleep(delay_ms / 1000.0)
     if value["n"] < 0:
         raise ValueError(f"negative n: {value['n']}")
     return total + int(value["n"])

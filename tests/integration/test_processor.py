@@ -92,6 +92,10 @@ def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[
         probe.close()
 
 
+def _committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    return sum(max(tp.offset, 0) for tp in _committed(bootstrap, group, topic, partitions))
+
+
 def _run(processor: Processor, **kwargs: Any) -> Any:
     with processor:
         return processor.run(**kwargs)
@@ -221,7 +225,7 @@ def test_kill_9_mid_stream_then_restart(
     done = seen = 0
     try:
         while time.monotonic() < deadline and first.poll() is None:
-            done = sum(max(tp.offset, 0) for tp in _committed(kafka_bootstrap, group, src, partitions))
+            done = _committed_total(kafka_bootstrap, group, src, partitions)
             seen += sum(m.error() is None for m in watcher.consume(1000, 0.02))
             if done >= 500 and seen > done:
                 break
@@ -232,9 +236,16 @@ def test_kill_9_mid_stream_then_restart(
     assert 500 <= done < seen < n, (
         f"killed at {done} committed, {seen} seen; log:\n{log_path.read_text()[-3000:]}"
     )
-    done = sum(max(tp.offset, 0) for tp in _committed(kafka_bootstrap, group, src, partitions))
+    done = _committed_total(kafka_bootstrap, group, src, partitions)
 
-    second = _spawn(kafka_bootstrap, log_path, [*args, "--idle-timeout", "4"])
+    if guarantee == EXACTLY_ONCE:
+        second = _spawn(kafka_bootstrap, log_path, [*args, "--idle-timeout", "4"])
+    else:  # runs until SIGTERM, sent once everything is committed: a clean stop
+        second = _spawn(kafka_bootstrap, log_path, args)
+        deadline = time.monotonic() + 90
+        while _committed_total(kafka_bootstrap, group, src, partitions) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second.send_signal(signal.SIGTERM)
     code, stdout = _wait_exit(second, 120, log_path)
     assert code == 0, log_path.read_text()[-4000:]
     stats = json.loads(stdout.strip().splitlines()[-1])
@@ -251,8 +262,78 @@ def test_kill_9_mid_stream_then_restart(
             kafka_bootstrap, out, expected=n + 1, timeout_s=5, isolation="read_uncommitted"
         )
         assert len(everything) > n
-    committed = _committed(kafka_bootstrap, group, src, partitions)
-    assert sum(tp.offset for tp in committed) == n
+    assert _committed_total(kafka_bootstrap, group, src, partitions) == n
+
+
+def test_reduce_survives_kill_9_exactly_once(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
+) -> None:
+    """Crash mid-stream with windows open; the restart replays from the committed offsets (held back
+    by open windows) and, from the checkpoint, neither re-emits closed windows nor loses records."""
+    n, keys, step_ms = 2000, 10, 5  # 200 records per 1 s window, 20 per key
+    src, out, dlq = new_topic(), new_topic(), new_topic()
+    group = unique_group()
+    base = (int(time.time() * 1000) // 10_000) * 10_000 - 60_000
+    rows = [(f"k{i % keys}", f"r-{i:05d}", _value(i), base + i * step_ms) for i in range(n)]
+    _produce_timed(kafka_bootstrap, src, rows)
+    log_path = tmp_path / "reducer.log"
+    args = [
+        "--input",
+        src,
+        "--output",
+        out,
+        "--dlq",
+        dlq,
+        "--group",
+        group,
+        "--function",
+        "processor_fns:sum_n",
+        "--window-ms",
+        "1000",
+        "--batch-size",
+        "50",
+        "--params",
+        '{"delay_ms": 2}',
+        "--config",
+        "group.instance.id=reducer-1",
+        "--config",
+        "session.timeout.ms=6000",
+    ]
+    first = _spawn(kafka_bootstrap, log_path, [*args, "--log-level", "WARNING"])
+    deadline = time.monotonic() + 60
+    done = 0
+    try:
+        while time.monotonic() < deadline and first.poll() is None and done < 700:
+            done = _committed_total(kafka_bootstrap, group, src, 1)
+            time.sleep(0.03)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=10)
+    (tp,) = _committed(kafka_bootstrap, group, src, 1)
+    checkpoint = Checkpoint.decode(tp.metadata)
+    assert checkpoint is not None and tp.offset < checkpoint.position < n, log_path.read_text()[-3000:]
+
+    second = _spawn(kafka_bootstrap, log_path, [*args, "--idle-timeout", "4", "--flush-windows-on-stop"])
+    code, stdout = _wait_exit(second, 120, log_path)
+    assert code == 0, log_path.read_text()[-4000:]
+    stats = json.loads(stdout.strip().splitlines()[-1])
+    assert stats["replayed"] > 0 and stats["dead_lettered"] == 0
+
+    expected: dict[tuple[bytes, int], list[tuple[str, bytes]]] = {}
+    for key, data_id, value, ts in rows:
+        expected.setdefault((key.encode(), ts - ts % 1000), []).append((data_id, value))
+    got = consume_all(kafka_bootstrap, out, expected=len(expected), timeout_s=60, grace_s=1.0)
+    windows = Counter((m.key(), _header(m)[2].lineage[-1].inputs.window_start) for m in got)  # type: ignore[union-attr]
+    assert windows == Counter(set(expected)), "each window exactly once"
+    for msg in got:
+        key, value, header = _header(msg)
+        step = header.lineage[-1]
+        assert step.inputs is not None and key is not None
+        inputs = expected[(key, step.inputs.window_start or 0)]
+        assert json.loads(value) == sum(json.loads(v)["n"] for _, v in inputs)
+        assert step.inputs.count == len(inputs)
+        assert step.inputs.merkle_root == merkle_root([_leaf(d, compute(CRC, v)) for d, v in inputs])
+    assert consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=1.0) == []
 
 
 # -- 3. dead letters ------------------------------------------------------------------------------------
