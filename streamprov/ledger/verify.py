@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from streamprov.ledger.codec import CHECKPOINT_PREFIX
 from streamprov.ledger.hashing import content_problem, genesis_hash
 from streamprov.ledger.model import Checkpoint, LedgerEntry, MalformedRecord, StoredRecord
 from streamprov.ledger.signing import CheckpointVerifier
@@ -281,6 +282,14 @@ class _Verifier:
 
     def _malformed(self, rec: MalformedRecord, offset: int) -> Problem:
         k = self.expected
+        if rec.raw.startswith(CHECKPOINT_PREFIX):
+            return Problem(
+                ProblemKind.MODIFIED,
+                None,
+                offset,
+                f"a checkpoint (expected number {self.next_checkpoint}) no longer decodes: {rec.reason}",
+                self.next_checkpoint,
+            )
         if self._fits(self._next_entry()):
             return Problem(
                 ProblemKind.INSERTED, k, offset, f"a record that is not a ledger record: {rec.reason}"
