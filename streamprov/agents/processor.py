@@ -6,11 +6,12 @@ drops a record and never dies on bad input.
 
 How it stays correct:
 
-* No transaction is ever open while `consume()` runs. A batch is consumed, transformed in memory,
-  then shipped: exactly once = one transaction holding the outputs, the dead letters and the input
-  offsets; at least once = produce, wait for every delivery report, then commit synchronously. So a
-  rebalance (served inside `consume()`) always finds all finished work committed, and the librdkafka
-  callbacks only record what changed; the loop acts on it after `consume()` returns.
+* No transaction is ever open while `consume()` runs. A batch is consumed, then transformed record by
+  record, each output produced as soon as it is made (so sending overlaps the work): exactly once, in
+  one transaction begun with the first output and committed with the input offsets; at least once,
+  every delivery report is awaited before the offsets are committed synchronously. So a rebalance
+  (served inside `consume()`) always finds all finished work committed, and the librdkafka callbacks
+  only record what changed; the loop acts on it after `consume()` returns.
 * When a batch cannot be shipped (an abortable transaction error, a failed delivery), its in-memory
   effects are undone by seeking every partition back to the last committed offset and processing
   again; bounded by `max_consecutive_failures`.
@@ -284,7 +285,7 @@ class StepTransform:
             raise ChecksumMismatchError("input value does not match its header checksum", raw)
         return header
 
-    def _load(self, msg: MessageLike, value: bytes | None) -> Any:
+    def _load(self, value: bytes | None) -> Any:
         if value is None:
             raise SerdeError("record has no value (a tombstone)")
         try:
@@ -325,7 +326,7 @@ class StepTransform:
         except HeaderError as exc:
             return self.dead_letter(msg, exc)
         try:
-            obj = self._load(msg, value)
+            obj = self._load(value)
         except SerdeError as exc:
             return self.dead_letter(msg, exc, DeadLetterReason.DESERIALIZATION_ERROR)
         try:
@@ -367,7 +368,7 @@ class StepTransform:
                 header = ProvenanceHeader.from_headers(record.headers) or ProvenanceHeader.for_source(
                     source_data_id(record.key, topic, partition, offset), record.value, self.algorithm
                 )
-            obj = self._load(msg, value)
+            obj = self._load(value)
         except (HeaderError, SerdeError) as exc:
             return [] if replayed else [self.dead_letter(msg, exc)]
         timestamp = _record_timestamp(msg)
@@ -544,8 +545,15 @@ class Processor:
             verify_input=verify_input,
         )
         self.stats = ProcessorStats()
-        self._consumer = Consumer(self._consumer_settings(config, consumer_config))
-        self._producer = Producer(self._producer_settings(config, producer_config))
+        try:
+            self._consumer = Consumer(self._consumer_settings(config, consumer_config))
+        except KafkaException as exc:
+            raise ProcessorError(f"bad consumer configuration: {exc}", _kafka_error(exc)) from exc
+        try:
+            self._producer = Producer(self._producer_settings(config, producer_config))
+        except KafkaException as exc:
+            self._consumer.close()
+            raise ProcessorError(f"bad producer configuration: {exc}", _kafka_error(exc)) from exc
         self._parts: dict[TopicPartitionKey, _PartitionState] = {}
         self._events: list[tuple[str, list[TopicPartitionKey]]] = []
         self._fatal: KafkaError | None = None

@@ -21,7 +21,14 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from kafka_support import FAST_GROUP_CONFIG, Record, consume_all, produce, record_view
 
 from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HEADER, DeadLetterReason
-from streamprov.agents.processor import AT_LEAST_ONCE, EXACTLY_ONCE, Checkpoint, Processor
+from streamprov.agents.processor import (
+    AT_LEAST_ONCE,
+    EXACTLY_ONCE,
+    Checkpoint,
+    FatalProcessorError,
+    Processor,
+    ProcessorError,
+)
 from streamprov.checksum import Checksum, ChecksumAlgorithm, compute, matches
 from streamprov.header import HEADER_KEY, PREFIX, ProvenanceHeader
 from streamprov.lineage import StepKind
@@ -547,3 +554,34 @@ def test_rebalance_between_two_members_exactly_once(
     counts = Counter(_header(m)[2].data_id for m in got)
     assert set(counts) == set(sources)
     assert len(got) == n, f"duplicates: {[k for k, c in counts.items() if c > 1][:10]}"
+
+
+# -- 6. an abortable transaction error ---------------------------------------------------------------------
+def test_aborted_transactions_are_redone_then_give_up_with_a_typed_error(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any
+) -> None:
+    """The broker rejects an output (larger than the output topic allows): each attempt's transaction
+    aborts, the batch is rewound and redone, and after the bound the processor stops with a typed
+    error; nothing of the failed batch is visible, everything before it stays committed."""
+    src, out, dlq = new_topic(), new_topic(config={"max.message.bytes": "2000"}), new_topic()
+    items = [(f"ok-{i:02d}", _value(i)) for i in range(21)] + [("huge", _value(1, pad="x" * 5000))]
+    _produce_sources(kafka_bootstrap, src, items)
+    group = unique_group()
+    processor = Processor(
+        _config(kafka_bootstrap),
+        group_id=group,
+        input_topics=src,
+        output_topic=out,
+        dead_letter_topic=dlq,
+        function=processor_fns.enrich,
+        batch_size=10,
+        max_consecutive_failures=2,
+    )
+    with processor, pytest.raises(ProcessorError, match="in a row") as failure:
+        processor.run(idle_timeout_s=30)
+    assert not isinstance(failure.value, FatalProcessorError)
+    stats = processor.stats
+    assert (stats.records_in, stats.records_out, stats.aborts) == (20, 20, 3)
+    assert _committed_total(kafka_bootstrap, group, src, 1) == 20
+    got = consume_all(kafka_bootstrap, out, expected=21, timeout_s=3)
+    assert sorted(m.key() for m in got) == [f"ok-{i:02d}".encode() for i in range(20)]
