@@ -90,12 +90,12 @@ def inspect(
         _fail(
             "no Kafka to read from", "pass --bootstrap-servers HOST:PORT or set STREAMPROV_BOOTSTRAP_SERVERS"
         )
-    from streamprov.inspect import read_records  # noqa: PLC0415
+    from streamprov.inspect import describe_message, read_topic  # noqa: PLC0415
 
     assert bootstrap_servers is not None
     try:
-        for line in read_records(bootstrap_servers, topic, limit=limit, idle_timeout_s=timeout):
-            typer.echo(json.dumps(line, indent=2, ensure_ascii=False))
+        for msg in read_topic(bootstrap_servers, topic, limit=limit, idle_timeout_s=timeout):
+            typer.echo(json.dumps(describe_message(msg), indent=2, ensure_ascii=False))
     except StreamprovError as exc:
         _fail(str(exc))
 

@@ -199,7 +199,8 @@ def input_header(record: InputRecord, algorithm: ChecksumAlgorithm) -> Provenanc
     return header
 
 
-def _leaf(data_id: str, checksum: Checksum) -> bytes:
+def reduce_leaf(data_id: str, checksum: Checksum) -> bytes:
+    """Merkle leaf of one reduce input: length-prefixed DataID, algorithm byte, digest."""
     return length_prefixed(data_id.encode("utf-8"), bytes([checksum.algorithm]), checksum.value)
 
 
@@ -224,8 +225,8 @@ class ReduceState:
         value: Any,
     ) -> None:
         self.accumulator = function.apply(self.accumulator, value, params=params)
-        self.inputs.add(_leaf(header.data_id, header.checksum))
-        self.sources.add(_leaf(header.data_id, header.source_checksum))
+        self.inputs.add(reduce_leaf(header.data_id, header.checksum))
+        self.sources.add(reduce_leaf(header.data_id, header.source_checksum))
         self.upstream = (
             header.lineage if self.upstream is None else common_prefix([self.upstream, header.lineage])
         )

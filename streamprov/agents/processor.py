@@ -232,9 +232,11 @@ class StepTransform:
         window_ms: int | None = None,
         grace_ms: int = 0,
         verify_input: bool = True,
+        key_by: Callable[[Any], str | bytes] | None = None,
     ) -> None:
         self.function = function
         self.params = dict(params or {})
+        self.key_by = key_by
         self.serde: Serde = serde if serde is not None else JsonSerde()
         self.algorithm = algorithm
         self.output_topic = output_topic
@@ -341,8 +343,15 @@ class StepTransform:
         except HeaderError as exc:
             return self.dead_letter(msg, exc)
         headers: Headers = [(HEADER_KEY, header), *headers_without(msg.headers())]
+        key = msg.key()
+        if self.key_by is not None:  # re-key (e.g. for a downstream reduce); the DataID stays in the header
+            try:
+                new_key = self.key_by(result)
+            except Exception as exc:  # the user's key function: dead-letter, as for the step itself
+                return self.dead_letter(msg, exc, DeadLetterReason.PROCESSING_ERROR)
+            key = new_key.encode("utf-8") if isinstance(new_key, str) else new_key
         # The input's timestamp carries over, so a downstream windowed step sees event time.
-        return Outgoing(self.output_topic, msg.key(), output, headers, _record_timestamp(msg))
+        return Outgoing(self.output_topic, key, output, headers, _record_timestamp(msg))
 
     # -- reduce ------------------------------------------------------------------------------------
     def _mark(self, watermark_ms: int) -> int:
@@ -485,6 +494,8 @@ class Processor:
     its guarantee depends on (auto-commit off, idempotence, transactional.id, read_committed).
     Several processors in one group need distinct `transactional_id`s; keep each one stable across
     restarts so a restart fences its predecessor and aborts the transaction it left open.
+    `key_by` (map only) picks each output's key from the function's result, like Kafka Streams'
+    selectKey, so a downstream reduce can group by it; the DataID stays in the provenance header.
     """
 
     def __init__(
@@ -511,6 +522,7 @@ class Processor:
         max_consecutive_failures: int = 10,
         consumer_config: Mapping[str, Any] | None = None,
         producer_config: Mapping[str, Any] | None = None,
+        key_by: Callable[[Any], str | bytes] | None = None,
     ) -> None:
         topics = [input_topics] if isinstance(input_topics, str) else list(input_topics)
         if not topics or not all(topics):
@@ -543,6 +555,7 @@ class Processor:
             window_ms=window_ms,
             grace_ms=grace_ms,
             verify_input=verify_input,
+            key_by=key_by,
         )
         self.stats = ProcessorStats()
         try:

@@ -29,7 +29,7 @@ from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.lineage import StepKind
 from streamprov.merkle import merkle_root
 from streamprov.producer import ProvenanceProducer
-from streamprov.stamp import SourceStamper, _leaf
+from streamprov.stamp import SourceStamper, reduce_leaf
 
 pytest.importorskip("faust")
 pytestmark = pytest.mark.kafka
@@ -132,9 +132,9 @@ def check_totals(totals: list[Message], groups: dict[tuple[str, int], list[Messa
         inputs = groups[(key, digest.window_start)]
         assert digest.count == len(inputs)
         in_headers = [header(m) for m in inputs]
-        assert digest.merkle_root == merkle_root([_leaf(i.data_id, i.checksum) for i in in_headers])
+        assert digest.merkle_root == merkle_root([reduce_leaf(i.data_id, i.checksum) for i in in_headers])
         assert h.source_checksum == Checksum(
-            ChecksumAlgorithm.SHA256, merkle_root([_leaf(i.data_id, i.source_checksum) for i in in_headers])
+            ChecksumAlgorithm.SHA256, merkle_root([reduce_leaf(i.data_id, i.source_checksum) for i in in_headers])
         )
         assert value_of(msg) == sum(value_of(m)["v"] for m in inputs)
         assert msg.timestamp()[1] == digest.window_end - 1

@@ -34,7 +34,7 @@ from streamprov.header import HEADER_KEY, PREFIX, ProvenanceHeader
 from streamprov.lineage import StepKind
 from streamprov.merkle import merkle_root
 from streamprov.producer import ProvenanceProducer
-from streamprov.stamp import SourceStamper, _leaf
+from streamprov.stamp import SourceStamper, reduce_leaf
 
 pytestmark = pytest.mark.kafka
 
@@ -339,7 +339,7 @@ def test_reduce_survives_kill_9_exactly_once(
         inputs = expected[(key, step.inputs.window_start or 0)]
         assert json.loads(value) == sum(json.loads(v)["n"] for _, v in inputs)
         assert step.inputs.count == len(inputs)
-        assert step.inputs.merkle_root == merkle_root([_leaf(d, compute(CRC, v)) for d, v in inputs])
+        assert step.inputs.merkle_root == merkle_root([reduce_leaf(d, compute(CRC, v)) for d, v in inputs])
     assert consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=1.0) == []
 
 
@@ -488,9 +488,10 @@ def test_windowed_reduce_with_restart(kafka_bootstrap: str, new_topic: Any, uniq
         step = header.lineage[-1]
         assert (step.kind, step.function_id) == (StepKind.REDUCE, "sum_n")
         assert step.inputs is not None and step.inputs.count == len(ids)
-        assert step.inputs.merkle_root == merkle_root([_leaf(h.data_id, h.checksum) for _, _, h in inputs])
+        leaves = [reduce_leaf(h.data_id, h.checksum) for _, _, h in inputs]
+        assert step.inputs.merkle_root == merkle_root(leaves)
         assert (step.inputs.window_start, step.inputs.window_end) == (base + start, base + start + 1000)
-        source_root = merkle_root([_leaf(h.data_id, h.source_checksum) for _, _, h in inputs])
+        source_root = merkle_root([reduce_leaf(h.data_id, h.source_checksum) for _, _, h in inputs])
         assert header.source_checksum == Checksum(ChecksumAlgorithm.SHA256, source_root)
 
     (letter,) = consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=30, grace_s=1.0)

@@ -34,7 +34,7 @@ from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.lineage import StepKind
 from streamprov.merkle import MerkleAccumulator, length_prefixed, merkle_root
 from streamprov.registry import FunctionRegistry, RegisteredFunction
-from streamprov.stamp import InputRecord, ReduceState, SourceStamper, _leaf
+from streamprov.stamp import InputRecord, ReduceState, SourceStamper, reduce_leaf
 
 CRC = ChecksumAlgorithm.CRC32C
 WINDOW = 1000
@@ -181,7 +181,7 @@ def expected_root(records: list[InputRecord], *, source: bool = False) -> bytes:
     for r in records:
         h = ProvenanceHeader.from_headers(r.headers)
         assert h is not None
-        leaves.append(_leaf(h.data_id, h.source_checksum if source else h.checksum))
+        leaves.append(reduce_leaf(h.data_id, h.source_checksum if source else h.checksum))
     return merkle_root(leaves)
 
 

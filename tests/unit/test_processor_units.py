@@ -26,7 +26,7 @@ from streamprov.header import HEADER_KEY, PREFIX, ProvenanceHeader
 from streamprov.lineage import StepKind
 from streamprov.merkle import merkle_root
 from streamprov.registry import FunctionRegistry, RegisteredFunction
-from streamprov.stamp import SourceStamper, _leaf
+from streamprov.stamp import SourceStamper, reduce_leaf
 
 registry = FunctionRegistry()
 
@@ -227,7 +227,7 @@ def test_reduce_emits_closed_windows_with_a_digest_of_their_inputs() -> None:
     step = header.lineage[-1]
     assert header.lineage[:-1] == () and header.data_id == "a"
     assert step.kind is StepKind.REDUCE and step.inputs is not None
-    leaves = [_leaf(d, compute(ChecksumAlgorithm.CRC32C, js(n))) for d, n in (("a0", 1), ("a1", 3))]
+    leaves = [reduce_leaf(d, compute(ChecksumAlgorithm.CRC32C, js(n))) for d, n in (("a0", 1), ("a1", 3))]
     assert (step.inputs.count, step.inputs.merkle_root) == (2, merkle_root(leaves))
     assert (step.inputs.window_start, step.inputs.window_end) == (0, 1000)
     assert header.source_checksum == Checksum(ChecksumAlgorithm.SHA256, merkle_root(leaves))
@@ -368,3 +368,20 @@ def test_parser_collects_repeated_options() -> None:
     )
     assert args.input == ["a", "b"] and dict(args.config) == {"linger.ms": "1", "client.id": "x=y"}
     assert args.guarantee == "exactly_once"
+
+
+def test_map_key_by_rekeys_the_output_but_keeps_the_data_id() -> None:
+    (out,) = mapper(key_by=lambda result: f"bucket-{result['n'] % 3}").process(sourced("d-7", js(4)))
+    assert out.key == b"bucket-2"
+    assert header_of(out).data_id == "d-7"
+    (raw_key,) = mapper(key_by=lambda result: b"\x00bin").process(sourced("d-8", js(1)))
+    assert raw_key.key == b"\x00bin"
+
+
+def test_map_key_by_that_raises_dead_letters_the_record() -> None:
+    def broken(result: Any) -> str:
+        raise KeyError("sensor")
+
+    (out,) = mapper(key_by=broken).process(sourced("d-9", js(1)))
+    assert reason(out) == DeadLetterReason.PROCESSING_ERROR
+    assert out.key == b"d-9" and out.value == js(1)

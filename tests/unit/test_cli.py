@@ -1,0 +1,43 @@
+"""The `streamprov` command without a broker: help, header decoding, clear errors."""
+
+from __future__ import annotations
+
+import base64
+
+from typer.testing import CliRunner
+
+from streamprov.cli import app
+from streamprov.header import ProvenanceHeader
+
+
+def test_help_lists_the_commands() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("demo", "inspect", "header", "version"):
+        assert command in result.output
+
+
+def test_header_decode_reads_hex_and_base64() -> None:
+    raw = ProvenanceHeader.for_source("r-1", b"payload").encode()
+    for text in (raw.hex(), base64.b64encode(raw).decode()):
+        result = CliRunner().invoke(app, ["header", "decode", text])
+        assert result.exit_code == 0, result.output
+        assert '"data_id": "r-1"' in result.output
+        assert '"lineage": []' in result.output
+
+
+def test_header_decode_rejects_garbage_with_a_hint() -> None:
+    result = CliRunner().invoke(app, ["header", "decode", "c301deadbeef"])
+    assert result.exit_code == 1
+    assert "error:" in result.output
+    assert "hint:" in result.output
+    not_bytes = CliRunner().invoke(app, ["header", "decode", "not hex!"])
+    assert not_bytes.exit_code == 1
+    assert "neither hex nor base64" in not_bytes.output
+
+
+def test_inspect_without_bootstrap_says_what_to_do(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("STREAMPROV_BOOTSTRAP_SERVERS", raising=False)
+    result = CliRunner().invoke(app, ["inspect", "some-topic"])
+    assert result.exit_code == 1
+    assert "--bootstrap-servers" in result.output
