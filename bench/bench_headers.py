@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from naive import NaiveProvenanceProducer, naive_failures  # noqa: E402
+
 from streamprov.header import HEADER_KEY, ProvenanceHeader  # noqa: E402
 from streamprov.producer import ProvenanceProducer  # noqa: E402
 from streamprov.stamp import SourceStamper  # noqa: E402
@@ -61,13 +63,17 @@ PRODUCER_CONFIG: dict[str, Any] = {
     "queue.buffering.max.messages": 1_000_000,
     "queue.buffering.max.kbytes": 1_048_576,
 }
-# Identical for both consume variants: no group management (explicit assignment), no commits.
+# Identical for all consume variants: no group management (explicit assignment), no commits.
+# fetch.queue.backoff.ms: librdkafka's default (1000 ms) parks the fetcher for a second whenever
+# the prefetch queue is full, which a consumer slower than the fetch rate hits every time; the
+# benchmark would then time that idle second instead of the consumer.
 CONSUMER_CONFIG: dict[str, Any] = {
     "enable.auto.commit": False,
     "enable.partition.eof": False,
     "fetch.max.bytes": 52_428_800,
     "max.partition.fetch.bytes": 4_194_304,
     "queued.max.messages.kbytes": 262_144,
+    "fetch.queue.backoff.ms": 5,
 }
 CONSUME_BATCH = 1000
 
@@ -175,6 +181,8 @@ def run_produce(
         produce: Callable[..., None] = producer.produce
     elif variant == "prov":
         produce = ProvenanceProducer({}, producer=producer).produce
+    elif variant == "naive":
+        produce = NaiveProvenanceProducer(producer.produce).produce
     else:  # "const": one precomputed header on every record, passed the way ProvenanceProducer does
         constant: list[tuple[str, str | bytes | None]] = [
             (HEADER_KEY, SourceStamper().header(keys[0], payloads[0]))
@@ -198,6 +206,7 @@ CONSUME_MODES = {
     "verify": "consume + verify",
     "carry": "  prov topic, value",
     "headers": "  + headers()",
+    "naive": "consume naive verify",
 }
 """Consume variants: the two measured ones, and (--breakdown) two steps between them: reading the
 provenance topic touching only values (the cost of carrying headers), then also converting every
@@ -230,6 +239,12 @@ def run_consume(mode: str, bootstrap: str, topic: str, partitions: int, expected
         while seen < expected:
             msgs = consume(CONSUME_BATCH, 1.0)
             failures += len(check_batch(msgs))
+            seen += len(msgs)
+    elif mode == "naive":
+        failures += naive_failures(first)
+        while seen < expected:
+            msgs = consume(CONSUME_BATCH, 1.0)
+            failures += naive_failures(msgs)
             seen += len(msgs)
     else:
         while seen < expected:
@@ -276,6 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also time two consume steps between plain and verify (informational)",
     )
+    ap.add_argument(
+        "--naive",
+        action="store_true",
+        help="also time the first, unoptimised implementation (bench/naive.py) for comparison",
+    )
     ap.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics")
     args = ap.parse_args(argv)
     if args.messages < 2 * CONSUME_BATCH or args.rounds < 1:
@@ -291,24 +311,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-headers-{run_id}"
     warmup = f"{prefix}-warmup"
-    kinds = ("plain", "prov", "const") if args.breakdown else ("plain", "prov")
+    kinds = ["plain", "prov", *(["const"] if args.breakdown else []), *(["naive"] if args.naive else [])]
     topics = {(v, r): f"{prefix}-{v}-{r}" for r in range(args.rounds) for v in kinds}
     log(f"broker {bootstrap}: creating {len(topics) + 1} topics {prefix}-*")
     create_topics(bootstrap, [warmup, *topics.values()], args.partitions)
 
-    produce = {"plain": Variant("produce plain"), "prov": Variant("produce provenance")}
-    if args.breakdown:
-        produce["const"] = Variant("  constant header")
-    modes = ["plain", "verify", *(["carry", "headers"] if args.breakdown else [])]
+    produce_names = {
+        "plain": "produce plain",
+        "prov": "produce provenance",
+        "const": "  constant header",
+        "naive": "produce naive",
+    }
+    produce = {k: Variant(produce_names[k]) for k in kinds}
+    modes = [
+        "plain",
+        "verify",
+        *(["carry", "headers"] if args.breakdown else []),
+        *(["naive"] if args.naive else []),
+    ]
     consume = {m: Variant(CONSUME_MODES[m]) for m in modes}
-    source = {"plain": "plain", "verify": "prov", "carry": "prov", "headers": "prov"}
+    source = {"plain": "plain", "verify": "prov", "carry": "prov", "headers": "prov", "naive": "prov"}
     failures = 0
     started = time.monotonic()
     try:
         for r in range(args.rounds):
             flip = r % 2 == 1  # ABAB...: alternate which variant goes first
-            order = ("prov", "plain") if flip else ("plain", "prov")
-            for v in (("const", *order) if flip else (*order, "const")) if args.breakdown else order:
+            for v in reversed(kinds) if flip else kinds:
                 produce[v].rates.append(run_produce(v, bootstrap, topics[v, r], warmup, payloads, keys))
             if r == 0:
                 check_headers(bootstrap, topics["prov", 0], payloads, keys)
@@ -317,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 consume[mode].rates.append(rate)
                 failures += failed
             log(
-                f"round {r + 1}/{args.rounds} ({order[0]} first): "
+                f"round {r + 1}/{args.rounds} ({'last' if flip else 'first'} variant first): "
                 f"produce {produce['plain'].rates[-1]:,.0f} vs {produce['prov'].rates[-1]:,.0f}/s, "
                 f"consume {consume['plain'].rates[-1]:,.0f} vs {consume['verify'].rates[-1]:,.0f}/s"
             )
@@ -337,8 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"producer config (both variants): {PRODUCER_CONFIG}")
     print(f"consumer config (all variants): {CONSUMER_CONFIG}, consume({CONSUME_BATCH})")
     print(f"{'variant':<20} {'median records/s':>18} {'MB/s':>7} {'min':>10} {'max':>10} {'vs plain':>9}")
-    rows = [(produce[v], produce["plain"]) for v in ("plain", "const", "prov") if v in produce]
-    rows += [(consume[m], consume["plain"]) for m in ("plain", "carry", "headers", "verify") if m in consume]
+    rows = [(produce[v], produce["plain"]) for v in ("plain", "const", "prov", "naive") if v in produce]
+    rows += [
+        (consume[m], consume["plain"])
+        for m in ("plain", "carry", "headers", "verify", "naive")
+        if m in consume
+    ]
     for var, base in rows:
         print(
             f"{var.name:<20} {var.median:>18,.0f} {var.median * PAYLOAD_SIZE / 1e6:>7.1f} "
