@@ -102,7 +102,7 @@ def start_kafka() -> str:
     log(f"starting Apache Kafka: bash {script} up")
     env = dict(os.environ)
     env.setdefault("STREAMPROV_PYTHON", sys.executable)
-    result = subprocess.run(["bash", str(script), "up"], env=env, check=False)
+    result = subprocess.run(["bash", str(script), "up"], env=env, check=False, stdout=sys.stderr)
     if result.returncode != 0:
         sys.exit(f"scripts/kafka.sh up failed (exit {result.returncode}); see .kafka/logs/")
     return f"127.0.0.1:{os.environ.get('STREAMPROV_KAFKA_PORT', '39092')}"
