@@ -133,6 +133,7 @@ class _Verifier:
         self.signed_size = 0
         self.next_checkpoint = 0
         self.last: tuple[LedgerEntry, int, bytes] | None = None  # last accepted, its offset, head before it
+        self._frontier_before_last: tuple[bytes, ...] = ()
 
     # -- reading with a bounded look-ahead --------------------------------------------------------
     def _fill(self, n: int) -> None:
@@ -195,6 +196,7 @@ class _Verifier:
 
     def _accept(self, entry: LedgerEntry, offset: int) -> Problem | None:
         self.last = (entry, offset, self.head)
+        self._frontier_before_last = self.tree.frontier
         self.tree.add(entry.entry_hash)
         self.head = entry.entry_hash
         trusted = self.trusted.get(self.tree.count)
@@ -358,11 +360,29 @@ class _Verifier:
                 cp.number,
             )
         if cp.root_hash != self.tree.root() or cp.head_hash != self.head:
+            if self._only_last_changed(cp) and self.last is not None:
+                entry, entry_offset, _ = self.last
+                return Problem(
+                    ProblemKind.MODIFIED,
+                    entry.seq,
+                    entry_offset,
+                    f"entry seq {entry.seq} was changed and re-hashed: checkpoint {cp.number} signed "
+                    "another entry_hash for it",
+                    cp.number,
+                )
             return self._rewritten(cp, offset, f"signed checkpoint {cp.number}")
         self.checkpoints += 1
         self.next_checkpoint = cp.number + 1
         self.signed_size = cp.tree_size
         return None
+
+    def _only_last_changed(self, cp: Checkpoint) -> bool:
+        """Would the tree match the checkpoint with its last leaf being the head the checkpoint signed?"""
+        if cp.head_hash == self.head or not self.tree.count:
+            return False
+        tree = MerkleAccumulator.from_frontier(self.tree.count - 1, self._frontier_before_last)
+        tree.add(cp.head_hash)
+        return tree.root() == cp.root_hash
 
     def _rewritten(self, cp: Checkpoint, offset: int, what: str) -> Problem:
         """Entries re-chained after a change: the first differing frontier subtree bounds where."""

@@ -129,6 +129,7 @@ class LedgerWriter:
         self.stats = WriterStats()
         self._queue: queue.Queue[Application | _Barrier | _Stop] = queue.Queue(max_queue)
         self._chain: LedgerChain | None = None
+        self._batch: list[Application | _Barrier | _Stop] = []
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._closed = False
@@ -240,7 +241,8 @@ class LedgerWriter:
         except BaseException as exc:  # any failure stops the writer; callers see it on their next call
             logger.exception("ledger %s: writer failed", self.ledger_id)
             self._failure = exc
-            self._drain_after_failure(exc)
+            if not self._release(self._batch, exc):
+                self._drain_after_failure(exc)
         finally:
             try:
                 self.sink.close()
@@ -268,6 +270,7 @@ class LedgerWriter:
             if batch is None:
                 self.sink.service()
                 continue
+            self._batch = batch  # on a failure, its flushers and closer must still hear back
             pending: list[LedgerRecord] = []
             for item in batch:
                 if isinstance(item, Application):
@@ -350,6 +353,16 @@ class LedgerWriter:
                 self._seal(chain, item, pending)
             elif isinstance(item, _Barrier):
                 barriers.append(item)  # answered by close's own final flush
+
+    def _release(self, batch: list[Application | _Barrier | _Stop], exc: BaseException) -> bool:
+        """Answer the flushers in the batch that failed; True when it held the stop marker."""
+        stop = False
+        for item in batch:
+            if isinstance(item, _Barrier) and not item.done.is_set():
+                item.error = exc
+                item.done.set()
+            stop = stop or isinstance(item, _Stop)
+        return stop
 
     def _drain_after_failure(self, exc: BaseException) -> None:
         """Release flushers and the closer; what is still queued is not stored (see the docstring)."""

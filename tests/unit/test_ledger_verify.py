@@ -99,12 +99,13 @@ def test_a_modified_timestamp_is_caught_by_the_entry_hash() -> None:
     assert report.problem is not None and "entry_hash" in report.problem.detail
 
 
-def test_modified_and_rehashed_entry_is_named_by_its_successors_link() -> None:
+@pytest.mark.parametrize("seq", [0, 14, 9, 29])  # 9 and 29 end a checkpoint: it names them
+def test_modified_and_rehashed_entry_is_named_by_its_successor_or_checkpoint(seq: int) -> None:
     raw = list(CLEAN)
-    e = entry(raw, 14)
-    forged = seal(dataclasses.replace(e.application, output=node("evil", "x")), 14, e.prev_hash)
-    raw[at(14)] = encode_record(forged)
-    assert_problem(check(raw), ProblemKind.MODIFIED, 14, at(14))
+    e = entry(raw, seq)
+    forged = seal(dataclasses.replace(e.application, output=node("evil", "x")), seq, e.prev_hash)
+    raw[at(seq)] = encode_record(forged)
+    assert_problem(check(raw), ProblemKind.MODIFIED, seq, at(seq))
 
 
 def test_a_record_that_no_longer_decodes_is_modified() -> None:

@@ -198,3 +198,17 @@ def test_an_application_too_large_for_one_record_is_refused_up_front() -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         LedgerWriter(MemoryLedgerStore(), LEDGER, None, max_queue=0)
+
+
+def test_a_flush_queued_with_the_failing_batch_hears_of_the_failure() -> None:
+    for _ in range(20):  # the flush marker lands in the failing batch or after it: both must answer
+        store = GatedStore(fail_after=0)
+        w = writer(store, max_batch=100).start()
+        for app in chain_apps(3):
+            w.append(app)
+        started = time.monotonic()
+        with pytest.raises(LedgerWriteFailedError):
+            w.flush(5.0)
+        assert time.monotonic() - started < 2.0
+        with pytest.raises(LedgerWriteFailedError):
+            w.close(5.0)
