@@ -37,7 +37,9 @@ Guarantees
   and not folded twice. A closed window's output is awaited until the broker acknowledged it, and
   only then is its state deleted; so a crash in between re-emits that window once more after the
   restart (at-least-once output, identical value and Merkle root). With faust's
-  ``processing_guarantee="exactly_once"`` the changelog, outputs and offsets share a transaction.
+  ``processing_guarantee="exactly_once"`` the changelog, outputs and offsets would share a
+  transaction (not tested here). The replay check relies on the changelog keeping the order of
+  its writes, which one producer writing one partition does.
 * Reduce with ``state="memory"``: open windows live only in this process. faust commits the
   offsets of records as soon as they are folded, so a restart or a rebalance loses every open
   window, and the records in it are not read again. Use it for tests and throw-away pipelines.
@@ -45,6 +47,19 @@ Guarantees
   passes window end + grace. A partition that stops receiving records keeps its last windows open
   until a later record arrives (faust cannot write a Table outside an event, so there is no idle
   timer); send a heartbeat record with a later timestamp to flush them.
+
+faust-streaming notes (0.15.3, aiokafka 0.14, Apache Kafka 4.4)
+-------------------------------------------------------------
+* The reduce Table is declared with ``key_type=bytes, value_type=bytes``: faust picks the changelog
+  codec from those types, and a `faust.Schema` alone is overridden by the JSON default when the
+  changelog is read back, which leaves recovery retrying undecodable records forever.
+* ``faust worker`` sets ``web_enabled`` from its own ``--with-web/--without-web`` flag (default on,
+  binding 0.0.0.0:6066) whatever the App says: pass ``--without-web`` (or set ``web_bind``).
+* Seen in tests: now and then a restarted worker logs "Worker ready" after table recovery and then
+  hands no event to any agent (no error; a further restart recovers). aiokafka's
+  ``seek_to_committed`` does not seek partitions that have no committed offset, which is one way
+  records fetched during recovery could be lost to the stream. Watch for workers that are ready but
+  idle (faust's "Stream stopped processing" warning) and restart them.
 """
 
 from __future__ import annotations
@@ -359,7 +374,19 @@ class ReduceHandler:
             if parsed is None or parsed[0] != topic or parsed[1] != partition:
                 continue
             _, _, key, start = parsed
-            state, last = decode_state(raw_value, self.serde)
+            try:
+                state, last = decode_state(raw_value, self.serde)
+            except StreamprovError as exc:  # crash-looping on it would stop every other window
+                logger.error(
+                    "reduce %s: cannot restore window %s of %r on %s/%s (left in the store): %s",
+                    self.function.function_id,
+                    start,
+                    key,
+                    topic,
+                    partition,
+                    exc,
+                )
+                continue
             part.reducer.restore(key, start, state)
             part.window_offsets[(key, start)] = last
             restored += 1
@@ -520,9 +547,12 @@ def _event_ms(timestamp: float | None) -> int | None:
 
 def input_record(message: Any) -> InputRecord:
     """A faust/aiokafka message as the stampers see it (raw key, value and header list)."""
+    headers = message.headers or ()
+    if isinstance(headers, Mapping):  # faust accepts a dict of headers when sending
+        headers = headers.items()
     return InputRecord(
         message.value,
-        list(message.headers or ()),
+        list(headers),
         message.key,
         message.topic,
         message.partition,
@@ -700,17 +730,14 @@ class ProvenanceAgents:
         self.handlers[function_id] = handler
 
     def _tombstone(self, message: Any, ts: int | None) -> Outgoing:
-        record = InputRecord(
-            b"", list(message.headers or ()), message.key, message.topic, message.partition, message.offset
-        )
-        out = dead_letter(
+        """A record without a value: nothing to decode or checksum, so it is dead-lettered as is."""
+        return dead_letter(
             self.dead_letter_topic,
-            record,
+            input_record(message),  # value None, kept so the dead-letter record is the original
             DeadLetterReason.DESERIALIZATION_ERROR,
             "record has no value (tombstone)",
             timestamp_ms=ts,
         )
-        return Outgoing(out.topic, out.key, None, out.headers, out.timestamp_ms, True)
 
     async def send(self, out: Outgoing, *, force: bool = False) -> Any:
         """Produce one record; returns faust's future of its delivery."""

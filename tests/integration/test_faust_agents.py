@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -134,7 +135,8 @@ def check_totals(totals: list[Message], groups: dict[tuple[str, int], list[Messa
         in_headers = [header(m) for m in inputs]
         assert digest.merkle_root == merkle_root([reduce_leaf(i.data_id, i.checksum) for i in in_headers])
         assert h.source_checksum == Checksum(
-            ChecksumAlgorithm.SHA256, merkle_root([reduce_leaf(i.data_id, i.source_checksum) for i in in_headers])
+            ChecksumAlgorithm.SHA256,
+            merkle_root([reduce_leaf(i.data_id, i.source_checksum) for i in in_headers]),
         )
         assert value_of(msg) == sum(value_of(m)["v"] for m in inputs)
         assert msg.timestamp()[1] == digest.window_end - 1
@@ -248,11 +250,23 @@ def test_reduce_windows_survive_a_worker_restart(
     time.sleep(max(0.0, (last - last % window_ms + window_ms) / 1000 - time.time()) + 0.2)
     tick(kafka_bootstrap, topics["source"])
     groups = expected_windows(mapped, window_ms)  # a replay's map outputs keep their event time
-    with faust_worker(env, log):
-        totals = consume_all(
-            kafka_bootstrap, topics["totals"], expected=len(groups), timeout_s=60, grace_s=1.0
+    for attempt in (1, 2):
+        with faust_worker(env, log):
+            totals = consume_all(
+                kafka_bootstrap, topics["totals"], expected=len(groups), timeout_s=25, grace_s=1.0
+            )
+        if len(totals) >= len(groups):
+            break
+        # faust-streaming 0.15.3 sometimes (about 1 restart in 10 here, more under load) logs
+        # "Worker ready" after recovery and then hands no event to any agent; see the report in
+        # the module docstring of streamprov.agents.faust_agents. The state is untouched, so a
+        # second restart of it is still the scenario under test: retry once, visibly.
+        mapped_now = consume_all(kafka_bootstrap, topics["mapped"], expected=10**6, timeout_s=1)
+        warnings.warn(
+            f"faust worker stalled after restart (attempt {attempt}, mapped={len(mapped_now)}); retrying",
+            stacklevel=1,
         )
-        assert len(totals) == len(groups), log_tail(log)
+    assert len(totals) == len(groups), log_tail(log)
     # The tick is the last source record, so every map output (replays included) precedes the totals.
     mapped = consume_all(kafka_bootstrap, topics["mapped"], expected=10**6, timeout_s=3)
     replayed = len(mapped) - len(batch) - 1
