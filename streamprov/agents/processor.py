@@ -42,6 +42,14 @@ from confluent_kafka import (
 )
 
 from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
+from streamprov.agents.kafka_io import (
+    RebalanceEvents,
+    TopicPartitionKey,
+    is_fenced,
+    kafka_error,
+    produce_blocking,
+    seek_retrying,
+)
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm, matches
 from streamprov.errors import HeaderError, SerdeError, StreamprovError
@@ -66,17 +74,8 @@ EXACTLY_ONCE: Guarantee = "exactly_once"
 AT_LEAST_ONCE: Guarantee = "at_least_once"
 
 Headers = list[tuple[str, bytes | None]]
-TopicPartitionKey = tuple[str, int]
 
 _PREFIX_LEN = len(PREFIX)
-_FENCED_CODES = frozenset(
-    {
-        KafkaError._FENCED,
-        KafkaError.PRODUCER_FENCED,
-        KafkaError.INVALID_PRODUCER_EPOCH,
-        KafkaError.FENCED_INSTANCE_ID,
-    }
-)
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -98,13 +97,11 @@ class FencedError(FatalProcessorError):
 
 
 def _fatal(what: str, err: KafkaError) -> FatalProcessorError:
-    cls = FencedError if err.code() in _FENCED_CODES else FatalProcessorError
+    cls = FencedError if is_fenced(err) else FatalProcessorError
     return cls(f"{what}: {err.str()}", err)
 
 
-def _kafka_error(exc: KafkaException) -> KafkaError:
-    err = exc.args[0] if exc.args else None
-    return err if isinstance(err, KafkaError) else KafkaError(KafkaError._FAIL, str(exc))
+_kafka_error = kafka_error
 
 
 # -- values the loop passes around -----------------------------------------------------------------------
@@ -568,7 +565,7 @@ class Processor:
             self._consumer.close()
             raise ProcessorError(f"bad producer configuration: {exc}", _kafka_error(exc)) from exc
         self._parts: dict[TopicPartitionKey, _PartitionState] = {}
-        self._events: list[tuple[str, list[TopicPartitionKey]]] = []
+        self._rebalance = RebalanceEvents()
         self._fatal: KafkaError | None = None
         self._stop = threading.Event()
         self._started = False
@@ -626,12 +623,6 @@ class Processor:
         else:
             log.warning("Kafka error: %s", err.str())
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._events.append(("assign", [(p.topic, p.partition) for p in partitions]))
-
-    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._events.append(("revoke", [(p.topic, p.partition) for p in partitions]))
-
     # -- lifecycle -------------------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask `run()` to return after the current batch; safe from signal handlers and other threads."""
@@ -664,8 +655,12 @@ class Processor:
             self._call(
                 "init_transactions", lambda: self._producer.init_transactions(self.operation_timeout_s)
             )
+        rebalance = self._rebalance
         self._consumer.subscribe(
-            self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+            self.input_topics,
+            on_assign=rebalance.on_assign,
+            on_revoke=rebalance.on_revoke,
+            on_lost=rebalance.on_lost,
         )
         self._started = True
         log.info(
@@ -717,7 +712,7 @@ class Processor:
             want = self.batch_size if max_records is None else min(self.batch_size, max_records - done)
             messages = self._consume(want)
             dropped: set[TopicPartitionKey] = set()
-            if self._events:
+            if self._rebalance.pending:
                 dropped = self._apply_rebalance()
                 last_activity = time.monotonic()
             batch = self._accept(messages, dropped)
@@ -740,7 +735,7 @@ class Processor:
     # -- rebalance, acted on outside the callbacks ------------------------------------------------------
     def _apply_rebalance(self) -> set[TopicPartitionKey]:
         """Apply recorded assignments/revocations; returns partitions whose batch messages must be dropped."""
-        events, self._events = self._events, []
+        events = self._rebalance.drain()
         added: set[TopicPartitionKey] = set()
         revoked = False
         for kind, tps in events:
@@ -812,18 +807,10 @@ class Processor:
         return rewound
 
     def _seek(self, tp: TopicPartitionKey, offset: int) -> None:
-        target = TopicPartition(tp[0], tp[1], offset)
-        deadline = time.monotonic() + self.operation_timeout_s
-        while True:
-            try:
-                self._consumer.seek(target)
-                return
-            except KafkaException as exc:
-                if time.monotonic() >= deadline:
-                    raise ProcessorError(
-                        f"cannot seek {tp[0]}/{tp[1]} to {offset}", _kafka_error(exc)
-                    ) from exc
-                time.sleep(0.1)  # the partition's fetcher may still be starting
+        try:
+            seek_retrying(self._consumer, tp[0], tp[1], offset, self.operation_timeout_s)
+        except KafkaException as exc:
+            raise ProcessorError(f"cannot seek {tp[0]}/{tp[1]} to {offset}", _kafka_error(exc)) from exc
 
     # -- batches -----------------------------------------------------------------------------------------
     def _accept(self, messages: list[Any], dropped: set[TopicPartitionKey]) -> list[Any]:
@@ -1021,20 +1008,18 @@ class Processor:
             raise ProcessorError(f"{what} failed: {err.str()}", err) from exc
 
     def _produce(self, out: Outgoing, on_delivery: Callable[[KafkaError | None, Any], None] | None) -> None:
-        kwargs: dict[str, Any] = {"headers": out.headers}
-        if out.timestamp_ms is not None:
-            kwargs["timestamp"] = out.timestamp_ms
-        if on_delivery is not None:
-            kwargs["on_delivery"] = on_delivery
-        deadline = time.monotonic() + self.operation_timeout_s
-        while True:
-            try:
-                self._producer.produce(out.topic, out.value, out.key, **kwargs)
-                return
-            except BufferError:
-                if time.monotonic() >= deadline:
-                    raise ProcessorError("the producer queue stayed full") from None
-                self._producer.poll(0.05)
+        enqueued = produce_blocking(
+            self._producer,
+            out.topic,
+            out.value,
+            out.key,
+            headers=out.headers,
+            on_delivery=on_delivery,
+            timestamp_ms=out.timestamp_ms,
+            timeout_s=self.operation_timeout_s,
+        )
+        if not enqueued:
+            raise ProcessorError("the producer queue stayed full")
 
     def _deliver_then_commit(self, work: _Batch, offsets: list[TopicPartition]) -> bool | None:
         remaining = self._producer.flush(self.operation_timeout_s)
