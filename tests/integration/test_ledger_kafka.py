@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from kafka_support import produce
 from ledger_support import LEDGER, chain_apps, pipeline, signer, verifier
+from typer.testing import CliRunner
 
 from streamprov.ledger import (
     LedgerEntry,
@@ -20,6 +21,7 @@ from streamprov.ledger import (
     verify_ledger,
 )
 from streamprov.ledger import kafka as ledger_kafka
+from streamprov.ledger.cli import ledger_app
 from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG, KafkaLedgerReader, KafkaLedgerSink
 
 pytestmark = pytest.mark.kafka
@@ -124,6 +126,14 @@ def test_tampering_on_the_topic_is_caught(kafka_bootstrap: str, new_topic: ...) 
     report = verify_ledger(KafkaLedgerReader(kafka_bootstrap, copy).read(), LEDGER, verifier())
     assert report.problem is not None and report.problem.kind is ProblemKind.MODIFIED
     assert report.problem.seq == 12 and report.entries == 12
+
+    # the command line says the same, from the topic
+    key = signer().public_key.public_bytes_raw().hex()
+    cli = ["verify", "-b", kafka_bootstrap, "--ledger-id", LEDGER, "-k", key]
+    ok = CliRunner().invoke(ledger_app, [*cli, "--topic", original, "--require-signed"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(ledger_app, [*cli, "--topic", copy])
+    assert bad.exit_code == 1 and "MODIFIED at seq 12" in bad.output
 
 
 def test_a_topic_with_several_partitions_is_refused(kafka_bootstrap: str, new_topic: ...) -> None:

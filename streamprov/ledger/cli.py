@@ -1,0 +1,320 @@
+"""`streamprov ledger ...`: verify a ledger, dump it for offline audit, index and query it, make keys.
+
+A typer sub-app, mounted by `streamprov/cli.py` as `app.add_typer(ledger_app, name="ledger")`.
+`verify` exits 0 when the ledger re-derives cleanly, 1 when something is wrong (the first bad entry
+is named on stdout), and 2 when it could not check (no key, no broker, unreadable file).
+
+A ledger is read either from its Kafka topic (`--topic`, `--bootstrap-servers`) or from a dump file
+(`--dump`): the records exactly as stored, each as a 4-byte big-endian length and the bytes, so an
+auditor can verify a copy offline with nothing but the public key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from streamprov.ledger.codec import encode_record, stored
+from streamprov.ledger.errors import LedgerError
+from streamprov.ledger.index import LedgerIndex
+from streamprov.ledger.model import Checkpoint, DataRef, MalformedRecord, StoredRecord
+from streamprov.ledger.queries import Applied
+from streamprov.ledger.signing import CheckpointVerifier, load_public_key, public_key_pem
+from streamprov.ledger.verify import verify_ledger
+
+ledger_app = typer.Typer(help="The provenance ledger: verify, dump, index, query.", no_args_is_help=True)
+
+EXIT_TAMPERED = 1
+EXIT_ERROR = 2
+_LEN = struct.Struct(">I")
+
+Bootstrap = Annotated[
+    str | None,
+    typer.Option(
+        "--bootstrap-servers", "-b", envvar="STREAMPROV_BOOTSTRAP_SERVERS", help="Kafka bootstrap servers."
+    ),
+]
+Topic = Annotated[
+    str | None, typer.Option("--topic", "-t", envvar="STREAMPROV_LEDGER_TOPIC", help="Ledger topic.")
+]
+Dump = Annotated[Path | None, typer.Option("--dump", help="Read a ledger dump file instead of the topic.")]
+LedgerId = Annotated[
+    str | None,
+    typer.Option("--ledger-id", envvar="STREAMPROV_LEDGER_ID", help="Ledger id (default: the topic name)."),
+]
+IndexPath = Annotated[Path, typer.Option("--index", "-i", help="Directory of the local RocksDB index.")]
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def read_dump(path: Path) -> Iterator[StoredRecord]:
+    """Records of a dump file, offsets counted from 0."""
+    with path.open("rb") as f:
+        offset = 0
+        while True:  # one record per turn until the end of the file
+            head = f.read(_LEN.size)
+            if not head:
+                return
+            if len(head) < _LEN.size:
+                yield StoredRecord(offset, MalformedRecord(head, "truncated length at the end of the dump"))
+                return
+            (n,) = _LEN.unpack(head)
+            raw = f.read(n)
+            yield (
+                stored(offset, raw)
+                if len(raw) == n
+                else StoredRecord(offset, MalformedRecord(raw, "truncated record at the end of the dump"))
+            )
+            offset += 1
+
+
+def write_dump(path: Path, records: Iterator[StoredRecord]) -> int:
+    count = 0
+    with path.open("wb") as f:
+        for item in records:
+            rec = item.record
+            raw = rec.raw if isinstance(rec, MalformedRecord) else encode_record(rec)
+            f.write(_LEN.pack(len(raw)) + raw)
+            count += 1
+    return count
+
+
+def _source(
+    topic: str | None, bootstrap: str | None, dump: Path | None, start: int = 0
+) -> Iterator[StoredRecord]:
+    if dump is not None:
+        if not dump.is_file():
+            _fail(f"no dump file {dump}")
+        return (r for r in read_dump(dump) if r.offset >= start)
+    if not topic or not bootstrap:
+        _fail("name the ledger: --dump FILE, or --topic and --bootstrap-servers")
+    from streamprov.ledger.kafka import KafkaLedgerReader  # noqa: PLC0415 - keep --help fast
+
+    return KafkaLedgerReader(bootstrap, topic).read(start)
+
+
+def _ledger_id(ledger_id: str | None, topic: str | None) -> str:
+    value = ledger_id or topic
+    if not value:
+        _fail("which ledger? pass --ledger-id (it defaults to the topic name)")
+    return value
+
+
+@ledger_app.command()
+def verify(
+    topic: Topic = None,
+    bootstrap_servers: Bootstrap = None,
+    dump: Dump = None,
+    ledger_id: LedgerId = None,
+    public_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--public-key",
+            "-k",
+            help="Trusted Ed25519 public key: PEM file, or raw 32 bytes (hex/base64). Repeatable.",
+        ),
+    ] = None,
+    no_signatures: Annotated[
+        bool, typer.Option(help="Check hashes and links only (not recommended).")
+    ] = False,
+    trusted: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A checkpoint seen earlier (JSON from `ledger checkpoint`): the ledger must contain it."
+        ),
+    ] = None,
+    require_signed: Annotated[
+        bool, typer.Option(help="Entries after the last checkpoint are a failure (a stopped ledger).")
+    ] = False,
+) -> None:
+    """Re-derive every hash, link, sequence number, Merkle root and signature; name the first bad entry."""
+    keys = list(public_key or [])
+    env_key = os.environ.get("STREAMPROV_LEDGER_PUBLIC_KEY", "").strip()
+    if env_key:
+        keys.append(env_key)
+    if not keys and not no_signatures:
+        _fail("no public key: pass --public-key (or set STREAMPROV_LEDGER_PUBLIC_KEY), or --no-signatures")
+    try:
+        verifier = None if no_signatures else CheckpointVerifier([load_public_key(_key_arg(k)) for k in keys])
+        checkpoints = [_read_checkpoint_json(p) for p in trusted or []]
+        report = verify_ledger(
+            _source(topic, bootstrap_servers, dump),
+            _ledger_id(ledger_id, topic),
+            verifier,
+            trusted=checkpoints,
+            require_signed=require_signed,
+        )
+    except LedgerError as exc:
+        _fail(str(exc))
+    typer.echo(report.describe())
+    if not report.ok:
+        raise typer.Exit(EXIT_TAMPERED)
+
+
+def _key_arg(value: str) -> str | Path:
+    return Path(value) if Path(value).is_file() else value
+
+
+@ledger_app.command()
+def dump(
+    out: Annotated[Path, typer.Argument(help="File to write.")],
+    topic: Topic = None,
+    bootstrap_servers: Bootstrap = None,
+) -> None:
+    """Copy the ledger topic, record for record, into a file for offline verification."""
+    try:
+        n = write_dump(out, _source(topic, bootstrap_servers, None))
+    except LedgerError as exc:
+        _fail(str(exc))
+    typer.echo(f"{n} records written to {out}")
+
+
+@ledger_app.command()
+def index(
+    index_path: IndexPath,
+    topic: Topic = None,
+    bootstrap_servers: Bootstrap = None,
+    dump: Dump = None,
+    ledger_id: LedgerId = None,
+) -> None:
+    """Build or catch up the local index from where it stopped."""
+    try:
+        with LedgerIndex(index_path, _ledger_id(ledger_id, topic)) as idx:
+            applied = idx.apply(_source(topic, bootstrap_servers, dump, idx.next_offset))
+            typer.echo(f"{applied} records applied; {idx.size} entries, {idx.checkpoint_count} checkpoints")
+    except LedgerError as exc:
+        _fail(str(exc))
+
+
+def _node_arg(value: str) -> DataRef | str:
+    """`DATAID` or `DATAID@crc32c:<hex>` / `DATAID@sha256:<hex>` (as the ledger prints nodes)."""
+    from streamprov.checksum import Checksum, ChecksumAlgorithm  # noqa: PLC0415
+
+    data_id, sep, checksum = value.rpartition("@")
+    if not sep or ":" not in checksum:
+        return value
+    algorithm, _, digest = checksum.partition(":")
+    try:
+        return DataRef(data_id, Checksum(ChecksumAlgorithm[algorithm.upper()], bytes.fromhex(digest)))
+    except (KeyError, ValueError):
+        _fail(f"bad node {value!r}: expected DATAID@crc32c:<hex> or DATAID@sha256:<hex>")
+
+
+def _print(applied: tuple[Applied, ...], as_json: bool) -> None:
+    for a in applied:
+        e = a.entry
+        if as_json:
+            line = {
+                "seq": e.seq,
+                "depth": a.depth,
+                "entry_id": e.entry_id.hex(),
+                "application": e.application.describe(),
+            }
+            typer.echo(json.dumps(line, ensure_ascii=False))
+        else:
+            typer.echo(f"{e.seq:>10}  depth {a.depth:<3} {e.application.describe()}")
+
+
+@ledger_app.command()
+def downstream(
+    node: Annotated[str, typer.Argument(help="DATAID (its source versions) or DATAID@crc32c:<hex>.")],
+    index_path: IndexPath,
+    ledger_id: Annotated[str, typer.Option("--ledger-id", envvar="STREAMPROV_LEDGER_ID")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Everything derived from a data node or DataID, in dependency order (impact analysis)."""
+    with LedgerIndex(index_path, ledger_id) as idx:
+        result = idx.downstream(_node_arg(node))
+        _print(result.applications, as_json)
+
+
+@ledger_app.command()
+def upstream(
+    node: Annotated[str, typer.Argument(help="DATAID@crc32c:<hex> of an output.")],
+    index_path: IndexPath,
+    ledger_id: Annotated[str, typer.Option("--ledger-id", envvar="STREAMPROV_LEDGER_ID")],
+    max_depth: Annotated[int | None, typer.Option(min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Lineage of an output back to its sources, oldest first."""
+    target = _node_arg(node)
+    if isinstance(target, str):
+        _fail("upstream needs an exact node: DATAID@crc32c:<hex>")
+    with LedgerIndex(index_path, ledger_id) as idx:
+        _print(idx.upstream(target, max_depth=max_depth).applications, as_json)
+
+
+@ledger_app.command()
+def checkpoint(
+    index_path: IndexPath,
+    ledger_id: Annotated[str, typer.Option("--ledger-id", envvar="STREAMPROV_LEDGER_ID")],
+    number: Annotated[int | None, typer.Option(help="Default: the latest.")] = None,
+) -> None:
+    """Print a checkpoint as JSON (keep it: `verify --trusted` proves the ledger still contains it)."""
+    with LedgerIndex(index_path, ledger_id) as idx:
+        cp = idx.latest_checkpoint() if number is None else idx.checkpoint(number)
+    if cp is None:
+        _fail("no checkpoint yet")
+    typer.echo(json.dumps(checkpoint_json(cp), indent=2))
+
+
+def checkpoint_json(cp: Checkpoint) -> dict[str, object]:
+    return {
+        "ledger_id": cp.ledger_id,
+        "number": cp.number,
+        "tree_size": cp.tree_size,
+        "root_hash": cp.root_hash.hex(),
+        "head_hash": cp.head_hash.hex(),
+        "frontier": [h.hex() for h in cp.frontier],
+        "timestamp_ms": cp.timestamp_ms,
+        "key_id": cp.key_id.hex(),
+        "signature": cp.signature.hex(),
+    }
+
+
+def _read_checkpoint_json(path: Path) -> Checkpoint:
+    try:
+        d = json.loads(path.read_text("utf-8"))
+        return Checkpoint(
+            d["ledger_id"],
+            int(d["number"]),
+            int(d["tree_size"]),
+            bytes.fromhex(d["root_hash"]),
+            bytes.fromhex(d["head_hash"]),
+            tuple(bytes.fromhex(h) for h in d["frontier"]),
+            int(d["timestamp_ms"]),
+            bytes.fromhex(d["key_id"]),
+            bytes.fromhex(d["signature"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _fail(f"{path} is not a checkpoint JSON: {exc}")
+
+
+@ledger_app.command()
+def keygen(
+    out: Annotated[Path, typer.Argument(help="Private key PEM to write; the public key goes to OUT.pub.")],
+) -> None:
+    """Make an Ed25519 checkpoint signing key (private PEM, mode 0600) and its public key."""
+    if out.exists():
+        _fail(f"{out} exists; refusing to overwrite a key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub = out.with_name(out.name + ".pub")
+    pub.write_bytes(public_key_pem(key.public_key()))
+    typer.echo(f"private key: {out}\npublic key:  {pub}")

@@ -1,0 +1,119 @@
+"""`streamprov ledger ...` on dump files: verify's exit codes and messages, index, queries, keygen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ledger_support import LEDGER, OTHER_SEED, build, pipeline, signer, store_of
+from typer.testing import CliRunner
+
+from streamprov.ledger import LedgerEntry
+from streamprov.ledger.cli import EXIT_ERROR, EXIT_TAMPERED, ledger_app, read_dump, write_dump
+from streamprov.ledger.signing import public_key_pem
+
+runner = CliRunner()
+STORE = build(pipeline(3), checkpoint_every=6)
+
+
+def files(tmp_path: Path, raw: list[bytes] | None = None) -> tuple[Path, Path]:
+    store = STORE if raw is None else store_of(raw)
+    dump = tmp_path / "ledger.dump"
+    write_dump(dump, store.read())
+    key = tmp_path / "ledger.pub"
+    key.write_bytes(public_key_pem(signer().public_key))
+    return dump, key
+
+
+def verify(*args: str) -> tuple[int, str]:
+    result = runner.invoke(ledger_app, ["verify", "--ledger-id", LEDGER, *args])
+    return result.exit_code, result.output
+
+
+def test_dump_round_trips_every_record(tmp_path: Path) -> None:
+    dump, _ = files(tmp_path)
+    assert [r.record for r in read_dump(dump)] == [r.record for r in STORE.read()]
+
+
+def test_verify_a_clean_dump(tmp_path: Path) -> None:
+    dump, key = files(tmp_path)
+    code, out = verify("--dump", str(dump), "--public-key", str(key), "--require-signed")
+    assert code == 0 and "OK, 33 entries" in out
+    raw_hex = signer().public_key.public_bytes_raw().hex()
+    assert verify("--dump", str(dump), "-k", raw_hex)[0] == 0
+
+
+def test_verify_names_the_first_bad_entry_and_exits_1(tmp_path: Path) -> None:
+    raw = list(STORE.raw)
+    del raw[4]
+    dump, key = files(tmp_path, raw)
+    code, out = verify("--dump", str(dump), "--public-key", str(key))
+    assert code == EXIT_TAMPERED
+    assert "DELETED at seq 4, offset 4" in out
+
+
+def test_verify_with_the_wrong_key_is_a_bad_signature(tmp_path: Path) -> None:
+    dump, _ = files(tmp_path)
+    code, out = verify("--dump", str(dump), "-k", signer(OTHER_SEED).public_key.public_bytes_raw().hex())
+    assert code == EXIT_TAMPERED and "BAD SIGNATURE" in out
+
+
+def test_verify_needs_a_key_and_a_ledger(tmp_path: Path) -> None:
+    dump, _ = files(tmp_path)
+    code, out = verify("--dump", str(dump))
+    assert code == EXIT_ERROR and "no public key" in out
+    assert verify("--dump", str(dump), "--no-signatures")[0] == 0
+    assert verify("--dump", str(tmp_path / "missing"), "--no-signatures")[0] == EXIT_ERROR
+    assert verify("--no-signatures")[0] == EXIT_ERROR
+    assert verify("--dump", str(dump), "-k", "not-a-key")[0] == EXIT_ERROR
+
+
+def test_truncated_dump_is_reported(tmp_path: Path) -> None:
+    dump, key = files(tmp_path)
+    dump.write_bytes(dump.read_bytes()[:-7])
+    code, out = verify("--dump", str(dump), "-k", str(key))
+    assert code == EXIT_TAMPERED and "no longer decodes" in out
+
+
+def test_index_queries_and_trusted_checkpoints(tmp_path: Path) -> None:
+    dump, key = files(tmp_path)
+    idx = str(tmp_path / "idx")
+    result = runner.invoke(ledger_app, ["index", "-i", idx, "--dump", str(dump), "--ledger-id", LEDGER])
+    assert result.exit_code == 0 and "33 entries" in result.output
+    again = runner.invoke(ledger_app, ["index", "-i", idx, "--dump", str(dump), "--ledger-id", LEDGER])
+    assert "0 records applied" in again.output
+
+    down = runner.invoke(ledger_app, ["downstream", "g1-s0", "-i", idx, "--ledger-id", LEDGER])
+    functions = [line.split()[4].split("@")[0] for line in down.output.splitlines()]
+    assert down.exit_code == 0 and functions == ["map0", "map1", "sum", "publish"]
+
+    last = [r.record for r in STORE.read() if isinstance(r.record, LedgerEntry)][-1]
+    target = last.application.output.describe()
+    up = runner.invoke(ledger_app, ["upstream", target, "-i", idx, "--ledger-id", LEDGER, "--json"])
+    lines = [json.loads(line) for line in up.output.splitlines()]
+    assert up.exit_code == 0 and len(lines) == 11 and lines[-1]["seq"] == last.seq
+
+    cp = runner.invoke(ledger_app, ["checkpoint", "-i", idx, "--ledger-id", LEDGER])
+    trusted = tmp_path / "cp.json"
+    trusted.write_text(cp.output)
+    assert verify("--dump", str(dump), "-k", str(key), "--trusted", str(trusted))[0] == 0
+    (tmp_path / "short").mkdir()
+    short, _ = files(tmp_path / "short", STORE.raw[:20])
+    code, out = verify("--dump", str(short), "-k", str(key), "--trusted", str(trusted))
+    assert code == EXIT_TAMPERED and "TRUNCATED" in out
+
+
+def test_keygen_writes_a_private_and_a_public_key(tmp_path: Path) -> None:
+    out = tmp_path / "ledger.pem"
+    result = runner.invoke(ledger_app, ["keygen", str(out)])
+    assert result.exit_code == 0 and out.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ledger.pem.pub").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert runner.invoke(ledger_app, ["keygen", str(out)]).exit_code == EXIT_ERROR
+
+
+def test_garbage_records_in_a_dump_are_named(tmp_path: Path) -> None:
+    raw = list(STORE.raw)
+    raw.insert(3, b"hello")
+    dump, key = files(tmp_path, raw)
+    code, out = verify("--dump", str(dump), "-k", str(key))
+    assert code == EXIT_TAMPERED and "INSERTED at seq 3, offset 3" in out
