@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from streamprov import __version__
+from streamprov.config.cli import config_app
 from streamprov.errors import StreamprovError
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 header_app = typer.Typer(help="Work with single provenance headers.", no_args_is_help=True)
 app.add_typer(header_app, name="header")
+app.add_typer(config_app, name="config")
 
 BootstrapOption = Annotated[
     str | None,
