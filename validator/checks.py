@@ -1,0 +1,489 @@
+"""The Validator's per-message checks, without Kafka I/O: a batch of consumed messages in, alerts and
+dead letters out.
+
+Each check is switched per topic (`TopicPolicy`):
+
+* integrity: the value's checksum against the header's (`header.verify_value`: one struct unpack
+  and one CRC32C in the common case);
+* source drift: the header's source checksum against the current version of the source record
+  with the same DataID in the local source view; compared as encoded bytes, in place, with no
+  object built. A missing source is its own finding (`missing_source`). Records whose lineage holds
+  a REDUCE step are skipped: their DataID is the group key and their source checksum a Merkle root
+  over the inputs' source checksums, which the header alone cannot recompute (the input list is in
+  the ledger);
+* re-derivation (sampled): see `validator.rederive`;
+* staleness: the source record's Kafka timestamp against `source_max_age`, the header timestamp
+  against `message_max_age`.
+
+A record without a provenance header, or with one that does not decode (malformed, unknown schema
+version, bad lineage), is dead-lettered with the reason and also raises a `malformed` alert.
+
+Before a changed or missing source is reported, the view is brought up to the source topics' ends
+once per batch (`refresh`) and the suspects are checked again: a record derived from a source
+version the view has not read yet is not a finding.
+
+The loop is the Validator's hot path: per clean record it reads the header's head fields with
+`header.scan` (slices and varints, no objects), looks the lineage up in a memo keyed by its bytes,
+and the source up in the view's in-memory cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, Protocol
+
+from streamprov import avro
+from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
+from streamprov.checksum import ChecksumAlgorithm, digest
+from streamprov.errors import HeaderError, MalformedHeaderError
+from streamprov.header import HEADER_KEY, PREFIX, ProvenanceHeader, scan, verify_value
+from streamprov.lineage import Lineage, StepKind, decode_lineage
+from streamprov.stamp import source_data_id
+from streamprov.verify import find_header
+from validator.alerts import Alert, AlertKind, Criticality, Evidence
+from validator.rederive import Rederiver, describe_chain, sampled
+from validator.source_view import SourceEntry, SourceLookup
+
+log = logging.getLogger(__name__)
+
+_KEY = HEADER_KEY
+_PREFIX_LEN = len(PREFIX)
+_ALGORITHMS = tuple(ChecksumAlgorithm)
+_LINEAGE_MEMO_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class TopicPolicy:
+    """Which checks run on one output topic, with their limits (from the topic's config)."""
+
+    integrity: bool = True
+    source_drift: bool = True
+    rederive_rate: float = 0.0
+    """Fraction of records re-derived (0 = off)."""
+    source_max_age_ms: int | None = None
+    """Stale when the source record's Kafka timestamp is older than this (None = off)."""
+    message_max_age_ms: int | None = None
+    """Stale when the header timestamp is older than this (None = off)."""
+    criticality: Criticality = Criticality.MEDIUM
+
+    @property
+    def needs_source(self) -> bool:
+        return self.source_drift or self.source_max_age_ms is not None or self.rederive_rate > 0
+
+
+class MessageLike(Protocol):
+    """The part of a consumed `confluent_kafka.Message` the checks read (tests pass plain objects)."""
+
+    def topic(self) -> str | None: ...
+
+    def partition(self) -> int | None: ...
+
+    def offset(self) -> int | None: ...
+
+    def key(self) -> Any: ...
+
+    def value(self) -> Any: ...
+
+    def headers(self) -> Any: ...
+
+    def error(self) -> Any: ...
+
+
+class DeadLetterRecord(NamedTuple):
+    """A record to set aside exactly as consumed, with the dead-letter headers saying why."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+
+
+class LineageInfo(NamedTuple):
+    lineage: Lineage
+    has_reduce: bool
+    replayable: bool
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced, and counters for metrics."""
+
+    alerts: list[Alert] = field(default_factory=list)
+    dead_letters: list[DeadLetterRecord] = field(default_factory=list)
+    checked: int = 0
+    drift_skipped: int = 0
+    """Records whose lineage has a REDUCE step: no drift check (see the module doc)."""
+    rederived: int = 0
+    errors: list[Any] = field(default_factory=list)
+    """Consumer errors (`KafkaError`) delivered as messages in the batch; not records, not checked."""
+
+
+class _Suspect(NamedTuple):
+    """A drift finding held back until the view has caught up with the source topics."""
+
+    msg: MessageLike
+    raw: bytes
+    current: bytes
+    source_start: int
+    source_end: int
+    data_id: bytes
+    policy: TopicPolicy
+
+
+def iso_ms(ms: int) -> str:
+    """A ms timestamp as ISO 8601 UTC text for evidence (the raw number when out of range)."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+
+
+def checksum_text(encoded: bytes) -> str:
+    """'crc32c:5e9725f0' for an Avro-encoded Checksum (algorithm byte, length byte, digest)."""
+    return f"{_ALGORITHMS[encoded[0] >> 1].name.lower()}:{encoded[2:].hex()}"
+
+
+class Checker:
+    """Runs the enabled checks on batches of messages; keeps only memos, never Kafka state."""
+
+    def __init__(
+        self,
+        policy_for: Callable[[str], TopicPolicy],
+        view: SourceLookup | None,
+        *,
+        dead_letter_topic: str,
+        rederiver: Rederiver | None = None,
+        refresh: Callable[[], object] | None = None,
+    ) -> None:
+        self._policy_for = policy_for
+        self._policies: dict[str, TopicPolicy] = {}
+        self.view = view
+        self.dead_letter_topic = dead_letter_topic
+        self.rederiver = rederiver
+        self.refresh = refresh
+        self._lineages: dict[bytes, LineageInfo] = {}
+
+    def policy(self, topic: str) -> TopicPolicy:
+        pol = self._policies.get(topic)
+        if pol is None:
+            pol = self._policies[topic] = self._policy_for(topic)
+        return pol
+
+    def _lineage(self, encoded: bytes) -> LineageInfo:
+        info = self._lineages.get(encoded)
+        if info is None:
+            lineage = decode_lineage(encoded)  # raises MalformedHeaderError
+            has_reduce = any(s.kind is StepKind.REDUCE for s in lineage)
+            info = LineageInfo(lineage, has_reduce, bool(lineage) and not has_reduce)
+            if len(self._lineages) >= _LINEAGE_MEMO_SIZE:
+                self._lineages.clear()
+            self._lineages[encoded] = info
+        return info
+
+    # -- the batch loop ------------------------------------------------------------------------------
+    def check(self, messages: Iterable[MessageLike], now_ms: int) -> BatchResult:  # noqa: PLR0915
+        """Check every message; never raises for a bad record (it becomes an alert or a dead letter).
+
+        One long loop on purpose: it is the per-record path, and a method call per check would cost
+        more than the check.
+        """
+        result = BatchResult()
+        policies = self._policies
+        lineages = self._lineages
+        view = self.view
+        view_get = view.get if view is not None else None
+        suspects: list[_Suspect] = []
+        checked = 0
+        for m in messages:
+            checked += 1
+            topic = m.topic()
+            pol = policies.get(topic)  # type: ignore[arg-type]
+            if pol is None:
+                pol = self.policy(topic or "")
+            hs = m.headers()
+            # The common case, inline: the provenance header is the first, in the current version.
+            try:
+                key, raw = hs[0]
+                if key != _KEY:
+                    raw = None
+                source_start, source_end, id_start, lineage_at = scan(raw)
+                info = lineages.get(raw[lineage_at:])
+                if info is None:
+                    info = self._lineage(raw[lineage_at:])
+                current = raw
+            except (TypeError, IndexError, ValueError, HeaderError):
+                error = m.error()
+                if error is not None:  # an event from librdkafka, not a record
+                    checked -= 1
+                    result.errors.append(error)
+                    continue
+                try:
+                    raw, current = self._general_header(hs)
+                    source_start, source_end, id_start, lineage_at = scan(current)
+                    info = self._lineage(current[lineage_at:])
+                except HeaderError as exc:
+                    self._malformed(m, raw_or_none(hs), exc, pol, now_ms, result)
+                    continue
+            value = m.value()
+            if pol.integrity and not verify_value(current, value if value is not None else b""):
+                self._checksum_mismatch(m, raw, current, source_start, value, pol, now_ms, result)
+            if not pol.needs_source and pol.message_max_age_ms is None:
+                continue
+            data_at = id_start + 1 if current[id_start] < 0x80 else avro.read_long(current, id_start)[1]
+            data_id = current[data_at:lineage_at]
+            if pol.message_max_age_ms is not None:
+                ts = avro.read_long(current, source_end)[0]
+                if now_ms - ts > pol.message_max_age_ms:
+                    self._stale_message(m, raw, data_id, ts, pol, now_ms, result)
+            if view_get is None or not pol.needs_source:
+                continue
+            entry = view_get(data_id)
+            drifted = False
+            if pol.source_drift:
+                if info.has_reduce:
+                    result.drift_skipped += 1
+                elif entry is None:
+                    drifted = True
+                    suspects.append(_Suspect(m, raw, current, source_start, source_end, data_id, pol))
+                else:
+                    src = entry.checksum
+                    if current[source_start] != 0:  # not CRC32C: the view computes that algorithm
+                        algorithm = _ALGORITHMS[current[source_start] >> 1]
+                        src = view.encoded_checksum(data_id, algorithm) or b""  # type: ignore[union-attr]
+                    if source_end - source_start != len(src) or not current.startswith(src, source_start):
+                        drifted = True
+                        suspects.append(_Suspect(m, raw, current, source_start, source_end, data_id, pol))
+            if entry is None:
+                if not pol.source_drift:  # no drift check to report it: still a finding
+                    self._missing_source(m, raw, data_id, pol, now_ms, result)
+                continue
+            if (
+                pol.source_max_age_ms is not None
+                and entry.timestamp_ms >= 0
+                and now_ms - entry.timestamp_ms > pol.source_max_age_ms
+            ):
+                self._stale_source(m, raw, data_id, entry, pol, now_ms, result)
+            if (
+                pol.rederive_rate > 0
+                and not drifted
+                and info.replayable
+                and self.rederiver is not None
+                and sampled(topic or "", m.partition() or 0, m.offset() or 0, pol.rederive_rate)
+            ):
+                self._rederive(m, raw, current, data_id, entry, info, pol, now_ms, result)
+        result.checked = checked
+        if suspects:
+            self._report_drift(suspects, now_ms, result)
+        return result
+
+    def _general_header(self, hs: Any) -> tuple[bytes, bytes]:
+        """(raw, current-version bytes) of a header that is not first or not the current version."""
+        raw = find_header(hs)
+        if raw is None:
+            raise MalformedHeaderError(f"record has no provenance header {_KEY!r}")
+        try:
+            scan(raw)
+            return raw, raw
+        except HeaderError:
+            pass
+        # An older schema version decodes onto the current one; re-encoding gives the same fields.
+        return raw, ProvenanceHeader.decode(raw).encode()
+
+    # -- findings -------------------------------------------------------------------------------------
+    @staticmethod
+    def _alert(
+        kind: AlertKind,
+        m: MessageLike,
+        raw: bytes | None,
+        data_id: bytes | str,
+        evidence: Evidence,
+        pol: TopicPolicy,
+        now_ms: int,
+        aspect: str = "",
+    ) -> Alert:
+        return Alert.create(
+            kind,
+            data_id=data_id if isinstance(data_id, str) else data_id.decode("utf-8", "replace"),
+            topic=m.topic() or "",
+            partition=m.partition() or 0,
+            offset=m.offset() or 0,
+            header=raw,
+            evidence=evidence,
+            criticality=pol.criticality,
+            detected_at_ms=now_ms,
+            aspect=aspect,
+        )
+
+    def _malformed(
+        self,
+        m: MessageLike,
+        raw: bytes | None,
+        exc: HeaderError,
+        pol: TopicPolicy,
+        now_ms: int,
+        result: BatchResult,
+    ) -> None:
+        topic, partition, offset = m.topic() or "", m.partition() or 0, m.offset() or 0
+        reason = classify(exc) if raw is not None else DeadLetterReason.MALFORMED_HEADER
+        headers = dead_letter_headers(m.headers(), reason, exc, source_of(topic, partition, offset))
+        result.dead_letters.append(DeadLetterRecord(m.key(), m.value(), headers))
+        data_id = source_data_id(m.key(), topic, partition, offset)
+        evidence = Evidence(
+            f"a provenance header {_KEY!r} of a known schema version",
+            "no header" if raw is None else f"{len(raw)} header bytes: {exc}"[:500],
+            f"{reason}: {exc}; the record went to the dead-letter topic {self.dead_letter_topic}"[:1000],
+        )
+        result.alerts.append(self._alert(AlertKind.MALFORMED, m, raw, data_id, evidence, pol, now_ms))
+
+    def _checksum_mismatch(
+        self,
+        m: MessageLike,
+        raw: bytes,
+        current: bytes,
+        source_start: int,
+        value: bytes | None,
+        pol: TopicPolicy,
+        now_ms: int,
+        result: BatchResult,
+    ) -> None:
+        claimed = current[_PREFIX_LEN:source_start]  # the encoded checksum, right after the prefix
+        algorithm = _ALGORITHMS[claimed[0] >> 1]
+        actual = digest(algorithm, value if value is not None else b"")
+        data_id = _data_id_text(current)
+        evidence = Evidence(
+            checksum_text(claimed),
+            f"{algorithm.name.lower()}:{actual.hex()}",
+            f"the {algorithm.name} of the record's value does not match the checksum in its provenance "
+            "header: the payload was corrupted or the header altered"
+            + (" (the value is null)" if value is None else ""),
+        )
+        result.alerts.append(self._alert(AlertKind.CHECKSUM_MISMATCH, m, raw, data_id, evidence, pol, now_ms))
+
+    def _stale_message(
+        self,
+        m: MessageLike,
+        raw: bytes,
+        data_id: bytes,
+        ts: int,
+        pol: TopicPolicy,
+        now_ms: int,
+        result: BatchResult,
+    ) -> None:
+        limit = pol.message_max_age_ms or 0
+        evidence = Evidence(
+            f"age <= {limit} ms",
+            f"age {now_ms - ts} ms (header timestamp {iso_ms(ts)})",
+            f"the record was made longer ago than the topic's message_max_age ({limit} ms)",
+        )
+        result.alerts.append(
+            self._alert(AlertKind.STALE, m, raw, data_id, evidence, pol, now_ms, aspect="message")
+        )
+
+    def _stale_source(
+        self,
+        m: MessageLike,
+        raw: bytes,
+        data_id: bytes,
+        entry: SourceEntry,
+        pol: TopicPolicy,
+        now_ms: int,
+        result: BatchResult,
+    ) -> None:
+        limit = pol.source_max_age_ms or 0
+        age = now_ms - entry.timestamp_ms
+        evidence = Evidence(
+            f"source updated within {limit} ms",
+            f"source last updated {age} ms ago ({iso_ms(entry.timestamp_ms)}, {entry.coordinates})",
+            f"the source record has not been updated within the topic's source_max_age ({limit} ms)",
+        )
+        result.alerts.append(
+            self._alert(AlertKind.STALE, m, raw, data_id, evidence, pol, now_ms, aspect="source")
+        )
+
+    def _missing_source(
+        self, m: MessageLike, raw: bytes, data_id: bytes, pol: TopicPolicy, now_ms: int, result: BatchResult
+    ) -> None:
+        text = data_id.decode("utf-8", "replace")
+        evidence = Evidence(
+            f"a source record with DataID {text!r}",
+            "none in the source view",
+            "no source record has this DataID: it was never produced to a source topic, or was deleted "
+            "(a tombstone)",
+        )
+        result.alerts.append(self._alert(AlertKind.MISSING_SOURCE, m, raw, data_id, evidence, pol, now_ms))
+
+    def _report_drift(self, suspects: list[_Suspect], now_ms: int, result: BatchResult) -> None:
+        """Bring the view up to date once, then report the suspects that still differ."""
+        view = self.view
+        assert view is not None
+        if self.refresh is not None:
+            self.refresh()
+        for s in suspects:
+            entry = view.get(s.data_id)
+            if entry is None:
+                self._missing_source(s.msg, s.raw, s.data_id, s.policy, now_ms, result)
+                continue
+            claimed = s.current[s.source_start : s.source_end]
+            current = entry.checksum
+            if claimed[0] != 0:
+                current = view.encoded_checksum(s.data_id, _ALGORITHMS[claimed[0] >> 1]) or b""
+            if claimed == current:
+                continue
+            evidence = Evidence(
+                checksum_text(claimed),
+                checksum_text(current) if current else "unknown",
+                f"the source record {s.data_id.decode('utf-8', 'replace')!r} has changed since this record "
+                f"was derived from it: its current version ({entry.coordinates}, Kafka timestamp "
+                f"{iso_ms(entry.timestamp_ms)}) has another checksum",
+            )
+            result.alerts.append(
+                self._alert(AlertKind.SOURCE_CHANGED, s.msg, s.raw, s.data_id, evidence, s.policy, now_ms)
+            )
+
+    def _rederive(
+        self,
+        m: MessageLike,
+        raw: bytes,
+        current: bytes,
+        data_id: bytes,
+        entry: SourceEntry,
+        info: LineageInfo,
+        pol: TopicPolicy,
+        now_ms: int,
+        result: BatchResult,
+    ) -> None:
+        assert self.rederiver is not None and self.view is not None
+        source_value = self.view.value(data_id)
+        if source_value is None:
+            return
+        result.rederived += 1
+        claimed = current[_PREFIX_LEN : _checksum_end(current)]
+        outcome = self.rederiver.check(info.lineage, source_value, _ALGORITHMS[claimed[0] >> 1], claimed[2:])
+        if outcome is None:
+            return
+        evidence = Evidence(
+            outcome.expected, outcome.actual, f"{outcome.reason} (source {entry.coordinates})"
+        )
+        result.alerts.append(self._alert(outcome.kind, m, raw, data_id, evidence, pol, now_ms))
+        log.debug("re-derivation of %s: %s", describe_chain(info.lineage), outcome.kind)
+
+
+def _checksum_end(current: bytes) -> int:
+    return scan(current)[0]
+
+
+def _data_id_text(current: bytes) -> str:
+    _, _, id_start, lineage_at = scan(current)
+    _, data_at = avro.read_long(current, id_start)
+    return current[data_at:lineage_at].decode("utf-8")
+
+
+def raw_or_none(hs: Any) -> bytes | None:
+    """The provenance header bytes for a malformed record's alert, if any can be found."""
+    try:
+        raw = find_header(hs)
+    except HeaderError as exc:
+        return exc.raw or None
+    return raw

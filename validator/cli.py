@@ -1,0 +1,135 @@
+"""`streamprov validator run`: the Validator service as a command (also `python -m validator run`).
+
+Exit codes: 0 stopped cleanly (SIGTERM/SIGINT: the current batch is finished and committed), 1 the
+service failed, 2 bad configuration, 3 a fatal Kafka error (restart the process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+
+from streamprov.errors import StreamprovError
+
+log = logging.getLogger(__name__)
+
+validator_app = typer.Typer(
+    help="The Validator: check every record of the output topics, publish alerts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_FATAL = 3
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (+ exception), for log pipelines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, json_logs: bool) -> None:
+    """The service's own log setup (a command may install handlers; the library never does)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_logs:
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _fail(code: int, message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=code)
+
+
+@validator_app.command("run")
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="streamprov.yaml", exists=False)],
+    functions: Annotated[
+        str | None,
+        typer.Option(help="module:attribute of the FunctionRegistry used for re-derivation."),
+    ] = None,
+    topic: Annotated[
+        list[str] | None,
+        typer.Option("--topic", "-t", help="Validate this topic (repeatable); default: those under topics:."),
+    ] = None,
+    serde: Annotated[str, typer.Option(help="Value serde for re-derivation: json or raw.")] = "json",
+    host: Annotated[str, typer.Option(help="Address the HTTP endpoints bind to.")] = "0.0.0.0",  # noqa: S104
+    commit_interval: Annotated[
+        float, typer.Option(min=0.0, help="Seconds between offset commits (after acknowledgements).")
+    ] = 1.0,
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Log one JSON object per line.")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the Validator until SIGTERM/SIGINT."""
+    configure_logging(log_level, json_logs)
+    from streamprov.agents.serde import JsonSerde, RawSerde, Serde  # noqa: PLC0415 - keep --help fast
+    from streamprov.config import ConfigError, load_config  # noqa: PLC0415
+    from validator.errors import FatalValidatorError, ValidatorConfigError  # noqa: PLC0415
+    from validator.rederive import load_registry  # noqa: PLC0415
+    from validator.service import Validator  # noqa: PLC0415
+    from validator.settings import ServiceSettings  # noqa: PLC0415
+
+    serdes: dict[str, type[JsonSerde] | type[RawSerde]] = {"json": JsonSerde, "raw": RawSerde}
+    if serde not in serdes:
+        raise _fail(EXIT_CONFIG, f"--serde must be one of {', '.join(serdes)}, not {serde!r}")
+    try:
+        loaded = load_config(config)
+        settings = ServiceSettings.from_config(
+            loaded, topics=topic, http_host=host, commit_interval_s=commit_interval
+        )
+        registry = load_registry(functions) if functions else None
+        value_serde: Serde = serdes[serde]()
+        validator = Validator(settings, registry=registry, serde=value_serde)
+    except (ConfigError, ValidatorConfigError) as exc:
+        raise _fail(EXIT_CONFIG, str(exc)) from None
+    except StreamprovError as exc:
+        raise _fail(EXIT_FAILED, str(exc)) from None
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping after the current batch", signal.Signals(signum).name)
+        validator.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        with validator:
+            stats = validator.run()
+    except ValidatorConfigError as exc:
+        raise _fail(EXIT_CONFIG, str(exc)) from None
+    except FatalValidatorError as exc:
+        raise _fail(EXIT_FATAL, str(exc)) from None
+    except StreamprovError as exc:
+        raise _fail(EXIT_FAILED, str(exc)) from None
+    summary = {
+        "checked": stats.checked,
+        "alerts": stats.alerts,
+        "dead_letters": stats.dead_letters,
+        "commits": stats.commits,
+        "rewinds": stats.rewinds,
+        "alerts_by_kind": dict(stats.alerts_by_kind),
+    }
+    log.info("stopped: %s", json.dumps(summary, sort_keys=True))

@@ -1,0 +1,379 @@
+"""The Validator's local view of the source topics: the current version of every source record.
+
+Source topics are compacted and keyed by DataID, so the latest record of a key is the "original
+data" an output derives from. The view keeps it in RocksDB (rocksdict), filled by a consumer that
+assigns every partition of every source topic (no consumer group: every Validator needs all of it)
+and resumes from the offsets stored next to the data, written in the same atomic batch, so a
+restart neither re-reads the whole topic nor skips anything.
+
+Per record it stores the value (for re-derivation), the CRC32C of the value (the drift check's
+common case, compared as encoded bytes with the header's source checksum), the record's Kafka
+timestamp (staleness) and its coordinates (evidence). A tombstone deletes the DataID.
+
+The per-message lookup goes through a bounded in-memory cache in front of RocksDB (hits and misses
+both cached); every write to a DataID drops its cache entry, so the cache never serves an old version.
+Not thread-safe: the Validator's loop owns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import crc32c as _crc32c
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+from rocksdict import Options, Rdict, WriteBatch
+
+from streamprov.agents.kafka_io import kafka_error
+from streamprov.checksum import Checksum, ChecksumAlgorithm, digest
+from streamprov.errors import HeaderError
+from streamprov.header import ProvenanceHeader, encode_checksum
+from validator.errors import SourceViewError
+
+log = logging.getLogger(__name__)
+
+_DATA = b"d"
+_OFFSET = b"o"
+_RECORD = struct.Struct(">qIiqH")
+"""timestamp_ms, CRC32C of the value, partition, offset, topic length; then topic, then value."""
+_NEXT = struct.Struct(">q")
+_CRC_TAG = b"\x00\x08"
+"""Avro encoding of the Checksum head for CRC32C: algorithm 0, length 4."""
+
+
+class SourceEntry(NamedTuple):
+    """The current version of one source record, as the checks need it."""
+
+    checksum: bytes
+    """Encoded CRC32C Checksum of the value (tag + 4 digest bytes), comparable with header bytes."""
+    timestamp_ms: int
+    """The record's Kafka timestamp (-1 when the broker gave none)."""
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def coordinates(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+class SourceLookup(Protocol):
+    """What the checks read from the view (tests pass a dict-backed fake)."""
+
+    def get(self, data_id: bytes) -> SourceEntry | None: ...
+
+    def encoded_checksum(self, data_id: bytes, algorithm: ChecksumAlgorithm) -> bytes | None: ...
+
+    def value(self, data_id: bytes) -> bytes | None: ...
+
+
+def source_key(key: bytes | None, headers: Any) -> bytes | None:
+    """DataID (UTF-8 bytes) of a source record: its key ('hex:...' if not UTF-8), else its header's."""
+    if key:
+        try:
+            key.decode("utf-8")
+        except UnicodeDecodeError:
+            return b"hex:" + key.hex().encode("ascii")
+        return key
+    try:
+        header = ProvenanceHeader.from_headers(headers)
+    except HeaderError:
+        return None
+    return None if header is None else header.data_id.encode("utf-8")
+
+
+def _offset_key(topic: str, partition: int) -> bytes:
+    return _OFFSET + topic.encode("utf-8") + b"\x00" + partition.to_bytes(4, "big")
+
+
+def _decode_entry(raw: bytes) -> tuple[SourceEntry, bytes]:
+    ts, crc, partition, offset, topic_len = _RECORD.unpack_from(raw)
+    start = _RECORD.size
+    topic = raw[start : start + topic_len].decode("utf-8")
+    value = raw[start + topic_len :]
+    return SourceEntry(_CRC_TAG + crc.to_bytes(4, "big"), ts, topic, partition, offset), value
+
+
+class SourceView:
+    """RocksDB view of the compacted source topics; `start()` connects, `poll()` keeps it current."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        kafka_config: Mapping[str, Any],
+        topics: Sequence[str],
+        *,
+        cache_size: int = 100_000,
+        operation_timeout_s: float = 30.0,
+    ) -> None:
+        if cache_size <= 0:
+            raise SourceViewError("cache_size must be positive")
+        self.path = Path(path)
+        self.topics = list(topics)
+        self.cache_size = cache_size
+        self.operation_timeout_s = operation_timeout_s
+        self._kafka_config = dict(kafka_config)
+        self.path.mkdir(parents=True, exist_ok=True)
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        try:
+            self._db = Rdict(str(self.path), opts)
+        except Exception as exc:  # rocksdict raises plain Exceptions (a held lock, a corrupt dir)
+            raise SourceViewError(f"cannot open the source view at {self.path}: {exc}") from exc
+        self._cache: dict[bytes, SourceEntry | None] = {}
+        self._next: dict[tuple[str, int], int] = {}
+        self._targets: dict[tuple[str, int], int] = {}
+        self._caught_up = not self.topics
+        self._consumer: Consumer | None = None
+        self.records_applied = 0
+        self.records_skipped = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Assign every partition of the source topics from the stored offsets (else the beginning)."""
+        if self._consumer is not None or not self.topics:
+            return
+        settings = {
+            **self._kafka_config,
+            "group.id": "streamprov-validator-source-view",  # required by librdkafka; never joined
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+        settings.setdefault("logger", log)
+        try:
+            consumer = Consumer(settings)
+        except KafkaException as exc:
+            raise SourceViewError(f"bad consumer configuration: {exc}", kafka_error(exc)) from exc
+        self._consumer = consumer
+        assignment = []
+        for topic, partition in self._partitions(consumer):
+            stored = self._db.get(_offset_key(topic, partition))
+            start = _NEXT.unpack(stored)[0] if stored is not None else OFFSET_BEGINNING
+            if stored is not None:
+                self._next[(topic, partition)] = start
+            assignment.append(TopicPartition(topic, partition, start))
+        consumer.assign(assignment)
+        self._targets = self._high_watermarks([(tp.topic, tp.partition) for tp in assignment])
+        log.info(
+            "source view %s: %d partition(s) of %s, resuming at %s",
+            self.path,
+            len(assignment),
+            ",".join(self.topics),
+            {f"{t}/{p}": n for (t, p), n in sorted(self._next.items())} or "the beginning",
+        )
+
+    def _partitions(self, consumer: Consumer) -> list[tuple[str, int]]:
+        deadline = time.monotonic() + self.operation_timeout_s
+        while True:
+            missing: list[str] = []
+            found: list[tuple[str, int]] = []
+            try:
+                md = consumer.list_topics(timeout=min(5.0, self.operation_timeout_s))
+                for topic in self.topics:
+                    meta = md.topics.get(topic)
+                    if meta is None or meta.error is not None or not meta.partitions:
+                        missing.append(topic)
+                    else:
+                        found.extend((topic, p) for p in sorted(meta.partitions))
+            except KafkaException as exc:
+                missing = [f"({kafka_error(exc).str()})"]
+            if not missing:
+                return found
+            if time.monotonic() >= deadline:
+                raise SourceViewError(f"source topic(s) not found: {', '.join(missing)}")
+            time.sleep(0.5)
+
+    def _high_watermarks(self, tps: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        assert self._consumer is not None
+        marks: dict[tuple[str, int], int] = {}
+        for topic, partition in tps:
+            try:
+                _low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=min(10.0, self.operation_timeout_s)
+                )
+            except KafkaException as exc:
+                log.warning("high watermark of %s/%s: %s", topic, partition, kafka_error(exc).str())
+                continue
+            marks[(topic, partition)] = int(high)
+        return marks
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("closing the source view consumer: %s", exc)
+            self._consumer = None
+        self._db.close()
+
+    # -- keeping up -----------------------------------------------------------------------------------
+    def poll(self, max_messages: int = 1000, timeout_s: float = 0.0) -> int:
+        """Apply what the source consumer has ready (waiting up to `timeout_s`); returns how many."""
+        consumer = self._consumer
+        if consumer is None:
+            return 0
+        try:
+            messages = consumer.consume(max_messages, timeout_s)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err.fatal():
+                raise SourceViewError(f"source consumer: {err.str()}", err) from exc
+            log.warning("source consumer: %s", err.str())
+            return 0
+        records: list[tuple[str, int, int, bytes | None, bytes | None, Any, int]] = []
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                if error.fatal():
+                    raise SourceViewError(f"source consumer: {error.str()}", error)
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("source consumer: %s", error.str())
+                continue
+            kind, ts = msg.timestamp()
+            records.append(
+                (
+                    msg.topic() or "",
+                    msg.partition() or 0,
+                    msg.offset() or 0,
+                    msg.key(),
+                    msg.value(),
+                    msg.headers(),
+                    -1 if kind == TIMESTAMP_NOT_AVAILABLE else ts,
+                )
+            )
+        if records:
+            self.apply(records)
+        return len(records)
+
+    def apply(self, records: Sequence[tuple[str, int, int, bytes | None, bytes | None, Any, int]]) -> None:
+        """Store (topic, partition, offset, key, value, headers, timestamp_ms) records and their
+        next offsets in one atomic write; a None value deletes the DataID (a tombstone)."""
+        batch = WriteBatch(raw_mode=True)
+        cache = self._cache
+        nexts: dict[tuple[str, int], int] = {}
+        for topic, partition, offset, key, value, headers, ts in records:
+            nexts[(topic, partition)] = offset + 1
+            data_id = source_key(key, headers)
+            if data_id is None:
+                self.records_skipped += 1
+                log.warning(
+                    "source record %s/%s/%s has no key and no DataID: ignored", topic, partition, offset
+                )
+                continue
+            cache.pop(data_id, None)
+            if value is None:
+                batch.delete(_DATA + data_id)
+            else:
+                topic_bytes = topic.encode("utf-8")
+                head = _RECORD.pack(ts, _crc32c.crc32c(value), partition, offset, len(topic_bytes))
+                batch.put(_DATA + data_id, b"".join((head, topic_bytes, value)))
+            self.records_applied += 1
+        for (topic, partition), next_offset in nexts.items():
+            batch.put(_offset_key(topic, partition), _NEXT.pack(next_offset))
+        self._db.write(batch)
+        self._next.update(nexts)
+
+    @property
+    def caught_up(self) -> bool:
+        """Has the view read every source partition up to where it ended when the view started?"""
+        if self._caught_up:
+            return True
+        consumer = self._consumer
+        if consumer is None:
+            return False
+        behind = [tp for tp, high in self._targets.items() if self._next.get(tp, 0) < high]
+        if behind:
+            try:  # a transaction marker at the end is never a message: ask for the fetch position
+                positions = consumer.position([TopicPartition(t, p) for t, p in behind])
+            except KafkaException:
+                return False
+            if any(tp.offset < self._targets[(tp.topic, tp.partition)] for tp in positions):
+                return False
+        self._caught_up = True
+        log.info("source view caught up (%d records applied)", self.records_applied)
+        return True
+
+    def catch_up(self, timeout_s: float) -> bool:
+        """Read the source topics up to their current ends (a broker round trip); False on timeout.
+
+        Called before reporting a changed or missing source, so a record whose new source version
+        is already on the source topic but not yet in the view is not flagged.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return True
+        targets = self._high_watermarks(self._next_or_all())
+        deadline = time.monotonic() + timeout_s
+        while True:
+            behind = [tp for tp, high in targets.items() if self._next.get(tp, 0) < high]
+            if behind:
+                try:
+                    positions = consumer.position([TopicPartition(t, p) for t, p in behind])
+                    behind = [
+                        (tp.topic, tp.partition)
+                        for tp in positions
+                        if tp.offset < targets[(tp.topic, tp.partition)]
+                    ]
+                except KafkaException:
+                    pass
+            if not behind:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            self.poll(1000, min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _next_or_all(self) -> list[tuple[str, int]]:
+        assert self._consumer is not None
+        try:
+            assigned: list[TopicPartition] = self._consumer.assignment()
+            return [(tp.topic, tp.partition) for tp in assigned]
+        except KafkaException:
+            return list(self._targets)
+
+    def lag(self) -> int:
+        """Records between the view and the ends seen at start (0 once caught up)."""
+        if self._caught_up:
+            return 0
+        return sum(max(0, high - self._next.get(tp, 0)) for tp, high in self._targets.items())
+
+    # -- lookups ----------------------------------------------------------------------------------------
+    def get(self, data_id: bytes) -> SourceEntry | None:
+        """The current version of DataID `data_id` (UTF-8 bytes), or None when there is none."""
+        cache = self._cache
+        try:
+            return cache[data_id]
+        except KeyError:
+            pass
+        raw = self._db.get(_DATA + data_id)
+        entry = None if raw is None else _decode_entry(raw)[0]
+        if len(cache) >= self.cache_size:
+            del cache[next(iter(cache))]  # FIFO eviction: O(1), good enough for hot DataIDs
+        cache[data_id] = entry
+        return entry
+
+    def value(self, data_id: bytes) -> bytes | None:
+        """The current source value of `data_id` (for re-derivation); None when there is none."""
+        raw = self._db.get(_DATA + data_id)
+        return None if raw is None else _decode_entry(raw)[1]
+
+    def encoded_checksum(self, data_id: bytes, algorithm: ChecksumAlgorithm) -> bytes | None:
+        """The current source value's Checksum, Avro-encoded, in `algorithm` (SHA-256 is computed)."""
+        if algorithm is ChecksumAlgorithm.CRC32C:
+            entry = self.get(data_id)
+            return None if entry is None else entry.checksum
+        value = self.value(data_id)
+        return None if value is None else encode_checksum(Checksum(algorithm, digest(algorithm, value)))
