@@ -13,7 +13,8 @@ and one large (1M by default), then the same shape of query is timed on both:
 
 Entries go through the real LedgerChain (sequencing, hash chain, Ed25519 checkpoints every 10k) and
 LedgerIndex.apply (RocksDB WriteBatch of 10k records, chain re-checked, entry hashes not re-derived
-by default; --verify-hashes re-derives them too). Each index is closed and reopened before querying,
+by default; --verify-hashes re-derives them too), then compacted as `LedgerIndex.catch_up` does
+after a bulk load (included in the build time). Each index is closed and reopened before querying,
 so its block cache starts cold; queries on the two sizes are interleaved in rounds (ABAB...) and each
 size is summarised by the median over all its queries. The last line is
 `query_scaling_ratio=<median 1M / median 10k>`: close to 1 means the cost follows the answer.
@@ -67,7 +68,9 @@ _CODE.update({"sum": b"sum".ljust(16, b"."), "p0": b"p0".ljust(16, b"."), "p1": 
 _PARAMS = (("factor", "2"),)
 
 
-def _apply(kind: ApplicationKind, fid: str, inputs: tuple[DataRef, ...], out: DataRef, ts: int) -> Application:
+def _apply(
+    kind: ApplicationKind, fid: str, inputs: tuple[DataRef, ...], out: DataRef, ts: int
+) -> Application:
     return Application(kind, fid, "1", _CODE[fid], _PARAMS, inputs, out, ts, "bench-pod", CTX)
 
 
@@ -114,10 +117,13 @@ def build(path: Path, entries: int, verify_hashes: bool) -> tuple[int, float]:
             batch.append(StoredRecord(offset, final))
         index.apply(batch, batch_size=20_000)
         assert index.size == groups * PER_GROUP
+        index.compact()  # as LedgerIndex.catch_up does after a bulk load
     return groups, time.perf_counter() - started
 
 
-def timed_queries(index: LedgerIndex, groups: int, rng: random.Random, n: int) -> tuple[list[float], list[float]]:
+def timed_queries(
+    index: LedgerIndex, groups: int, rng: random.Random, n: int
+) -> tuple[list[float], list[float]]:
     down_times, up_times = [], []
     for _ in range(n):
         g = rng.randrange(groups)

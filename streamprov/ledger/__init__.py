@@ -13,6 +13,7 @@ index for lineage and impact queries.
     verify      verify_ledger: re-derive everything, name the first bad entry
     proofs      inclusion and consistency proofs
     index       LedgerIndex: RocksDB index, queries (upstream, downstream, affected_by_function)
+    cli         `streamprov ledger verify|dump|index|downstream|upstream|checkpoint|keygen`
     model, hashing, codec, signing, keys, queries, errors: the parts they share
 
 docs/ledger.md describes the formats byte by byte.

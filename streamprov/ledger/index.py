@@ -50,6 +50,7 @@ MIN_STORED_LEVEL = 4
 """Perfect Merkle subtrees of 16 leaves and up are stored (about n/8 keys); smaller ones are rebuilt
 from at most 16 leaves when a proof needs them. Proofs cost O(log n) reads either way."""
 DEFAULT_BATCH = 10_000
+COMPACT_AFTER = 100_000
 
 _M_LEDGER = keys.META + b"ledger_id"
 _M_OFFSET = keys.META + b"next_offset"
@@ -138,9 +139,27 @@ class LedgerIndex:
         return self._tree.root()
 
     # -- materialising ----------------------------------------------------------------------------
-    def catch_up(self, source: LedgerSource, *, batch_size: int = DEFAULT_BATCH) -> int:
-        """Index what `source` holds beyond the resume position; returns records applied."""
-        return self.apply(source.read(self._next_offset), batch_size=batch_size)
+    def catch_up(
+        self,
+        source: LedgerSource,
+        *,
+        batch_size: int = DEFAULT_BATCH,
+        compact_after: int | None = COMPACT_AFTER,
+    ) -> int:
+        """Index what `source` holds beyond the resume position; returns records applied.
+
+        After a bulk catch-up (at least `compact_after` records) the database is compacted: freshly
+        written data sits in many overlapping files that every lookup must consult, and a query's
+        cost should depend on its answer, not on how the index was loaded.
+        """
+        applied = self.apply(source.read(self._next_offset), batch_size=batch_size)
+        if compact_after is not None and applied >= compact_after:
+            self.compact()
+        return applied
+
+    def compact(self) -> None:
+        """Compact the whole database (seconds per million entries); queries get one sorted run."""
+        self._db.compact_range(None, None)
 
     def apply(self, records: Iterable[StoredRecord], *, batch_size: int = DEFAULT_BATCH) -> int:
         """Index `records` (in storage order) in atomic batches; returns how many were applied.
