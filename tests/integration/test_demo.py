@@ -45,8 +45,6 @@ def test_demo_on_apache_kafka_is_exactly_once_and_keeps_topics(kafka_bootstrap: 
 
     topic = re.search(r"inspect (streamprov-demo-\w+\.max)", out)
     assert topic is not None
-    inspected = CliRunner().invoke(
-        app, ["inspect", topic.group(1), "-b", kafka_bootstrap, "--timeout", "3"]
-    )
+    inspected = CliRunner().invoke(app, ["inspect", topic.group(1), "-b", kafka_bootstrap, "--timeout", "3"])
     assert inspected.exit_code == 0, inspected.output
     assert inspected.output.count('"data_id": "sensor-') == 3
