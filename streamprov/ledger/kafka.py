@@ -9,9 +9,10 @@ Topic rules (`LEDGER_TOPIC_CONFIG`, `create_ledger_topic`):
 
 `KafkaLedgerSink` is the writer's storage: an idempotent producer (acks=all, gapless: librdkafka
 raises a fatal error rather than leave a hole; it logs once that this setting is "experimental"),
-so a retried batch is neither duplicated nor reordered. Give it a `transactional_id` and Kafka also fences a zombie: a second writer with the same
-id aborts the first one's open transaction and makes it fail, so two writers can never fork the
-chain; each batch is then one transaction and readers read committed records only. On start it reads
+so a retried batch is neither duplicated nor reordered. Give it a `transactional_id` and Kafka also
+fences a zombie: a second writer with the same id aborts the first one's open transaction and makes
+it fail, so two writers can never fork the chain; each batch is then one transaction and readers
+read committed records only. On start it reads
 the topic's tail to continue the chain (from the last checkpoint, which carries the Merkle frontier).
 
 `KafkaLedgerReader` reads the records back in order, without joining a consumer group.
