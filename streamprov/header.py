@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import crc32c as _crc32c
 
@@ -95,7 +95,7 @@ class ProvenanceHeader:
         return [(HEADER_KEY, self.encode())]
 
     @classmethod
-    def from_headers(cls, headers: Sequence[tuple[str, bytes | None]] | None) -> ProvenanceHeader | None:
+    def from_headers(cls, headers: HeadersLike) -> ProvenanceHeader | None:
         """The header among a record's Kafka headers; None when the record carries none."""
         raw = find_raw(headers)
         return None if raw is None else cls.decode(raw)
@@ -111,22 +111,39 @@ class ProvenanceHeader:
         }
 
 
-def find_raw(headers: Sequence[tuple[str, bytes | None]] | None) -> bytes | None:
-    """Raw provenance header bytes among Kafka headers; an empty/None value counts as malformed."""
+HeadersLike = Sequence[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None
+"""Kafka record headers as clients hand them out (confluent-kafka: a list of pairs; a dict too)."""
+
+
+def find_raw(headers: HeadersLike) -> bytes | None:
+    """The raw provenance header among a record's headers; None when the record carries none.
+
+    Raises `MalformedHeaderError` when the header is present but empty, null or not bytes, or when
+    `headers` itself is not a list of (key, value) pairs or a mapping.
+    """
     if not headers:
         return None
-    for key, value in headers:
-        if key == HEADER_KEY:
-            if not value:
-                raise MalformedHeaderError(f"header {HEADER_KEY!r} is present but empty", b"")
-            if type(value) is not bytes:  # other clients hand out bytearray or memoryview
-                if not isinstance(value, bytearray | memoryview):
-                    raise MalformedHeaderError(
-                        f"header {HEADER_KEY!r} must be bytes, not {type(value).__name__}"
-                    )
-                return bytes(value)
-            return value
-    return None
+    try:
+        if isinstance(headers, Mapping):
+            if HEADER_KEY not in headers:
+                return None
+            value = headers[HEADER_KEY]
+        else:
+            for key, found in headers:
+                if key == HEADER_KEY:
+                    value = found
+                    break
+            else:
+                return None
+    except (TypeError, ValueError) as exc:
+        raise MalformedHeaderError(f"record headers are not (key, value) pairs: {exc}") from exc
+    if not value:
+        raise MalformedHeaderError(f"header {HEADER_KEY!r} is present but empty", b"")
+    if type(value) is bytes:
+        return value
+    if not isinstance(value, bytearray | memoryview):  # other clients hand out these
+        raise MalformedHeaderError(f"header {HEADER_KEY!r} must be bytes, not {type(value).__name__}")
+    return bytes(value)
 
 
 def _digest_len(raw: bytes, pos: int) -> int:
@@ -214,16 +231,52 @@ def _checksum_at(raw: bytes, start: int, end: int) -> Checksum:
     return Checksum(_ALGORITHMS[raw[start] >> 1], raw[start + 2 : end])
 
 
-def _decode_current(raw: bytes) -> ProvenanceHeader:
-    source_start, source_end, id_start, lineage_at = scan(raw)
-    ts, _ = avro.read_long(raw, source_end)
+class RecordFields(NamedTuple):
+    """The per-record fields of a header; the lineage (shared by a whole stage) is left encoded."""
+
+    data_id: str
+    timestamp_ms: int
+    checksum: Checksum
+    source_checksum: Checksum
+
+
+def record_fields(raw: bytes) -> RecordFields:
+    """DataID, timestamp, checksum and source checksum of a header, without decoding its lineage.
+
+    A current-version header is read with `scan` (a few slices and varints); an older one is decoded
+    in full. Raises only `HeaderError` subclasses.
+    """
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise MalformedHeaderError(f"header value must be bytes, not {type(raw).__name__}")
+    raw = bytes(raw)
+    if raw[:_PREFIX_LEN] != PREFIX:
+        h = _decode_other_version(raw)
+        return RecordFields(h.data_id, h.timestamp_ms, h.checksum, h.source_checksum)
+    return _current_fields(raw, *scan(raw))
+
+
+def _current_fields(
+    raw: bytes, source_start: int, source_end: int, id_start: int, lineage_at: int
+) -> RecordFields:
+    timestamp_ms, _ = avro.read_long(raw, source_end)
     _, data_at = avro.read_long(raw, id_start)
-    return ProvenanceHeader(
+    return RecordFields(
         raw[data_at:lineage_at].decode("utf-8"),
+        timestamp_ms,
         _checksum_at(raw, _PREFIX_LEN, source_start),
         _checksum_at(raw, source_start, source_end),
-        ts,
-        decode_lineage(raw[lineage_at:]),
+    )
+
+
+def _decode_current(raw: bytes) -> ProvenanceHeader:
+    spans = scan(raw)
+    fields = _current_fields(raw, *spans)
+    return ProvenanceHeader(
+        fields.data_id,
+        fields.checksum,
+        fields.source_checksum,
+        fields.timestamp_ms,
+        decode_lineage(raw[spans[3] :]),
     )
 
 

@@ -24,22 +24,24 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 import crc32c as _crc32c
 
-from streamprov import avro
-from streamprov.checksum import Checksum, ChecksumAlgorithm, digest
-from streamprov.errors import HeaderError, MalformedHeaderError
+from streamprov.checksum import ChecksumAlgorithm, digest
+from streamprov.errors import HeaderError
 from streamprov.header import (
     _CRC_HEAD,
     _PREFIX_LEN,
     HEADER_KEY,
     PREFIX,
+    HeadersLike,
     ProvenanceHeader,
+    RecordFields,
     _unpack_crc_head,
-    scan,
+    find_raw,
+    record_fields,
     verify_value,
 )
 
@@ -49,14 +51,10 @@ __all__ = [
     "RecordFields",
     "Verdict",
     "check_batch",
-    "find_header",
     "record_fields",
     "verify_message",
     "verify_record",
 ]
-
-HeadersLike = Sequence[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None
-"""Kafka record headers as confluent-kafka gives them (a list of pairs; a dict is accepted too)."""
 
 
 class MessageLike(Protocol):
@@ -88,15 +86,6 @@ class Failure(NamedTuple):
     error: HeaderError | None = None
 
 
-class RecordFields(NamedTuple):
-    """The per-record fields of a header; the lineage (shared by a whole stage) is left encoded."""
-
-    data_id: str
-    timestamp_ms: int
-    checksum: Checksum
-    source_checksum: Checksum
-
-
 # Module-level bindings: a global lookup is cheaper than an attribute lookup on the hot path.
 _OK = Verdict.OK
 _MISMATCH = Verdict.MISMATCH
@@ -105,35 +94,6 @@ _MALFORMED = Verdict.MALFORMED
 _KEY = HEADER_KEY
 _crc: Callable[[bytes], int] = _crc32c.crc32c
 _ALGORITHMS = tuple(ChecksumAlgorithm)
-
-
-def find_header(headers: HeadersLike) -> bytes | None:
-    """The raw provenance header among `headers`, None when absent.
-
-    Raises `MalformedHeaderError` when the header is present but empty, null or not bytes, or when
-    `headers` itself is not a list of (key, value) pairs or a mapping.
-    """
-    if not headers:
-        return None
-    try:
-        if isinstance(headers, Mapping):
-            if _KEY not in headers:
-                return None
-            raw = headers[_KEY]
-        else:
-            for key, found in headers:
-                if key == _KEY:
-                    raw = found
-                    break
-            else:
-                return None
-    except (TypeError, ValueError) as exc:
-        raise MalformedHeaderError(f"record headers are not (key, value) pairs: {exc}") from exc
-    if not raw:
-        raise MalformedHeaderError(f"header {_KEY!r} is present but empty", b"")
-    if not isinstance(raw, bytes | bytearray | memoryview):
-        raise MalformedHeaderError(f"header {_KEY!r} must be bytes, not {type(raw).__name__}")
-    return bytes(raw)
 
 
 def _verify_raw(raw: bytes, value: bytes | None) -> Verdict:
@@ -164,7 +124,7 @@ def verify_record(headers: HeadersLike, value: bytes | None) -> Verdict:
                 return _OK if _crc(value) == expected else _MISMATCH  # type: ignore[arg-type]
     except (IndexError, KeyError, TypeError, ValueError, struct.error):
         pass  # no headers, another layout, a short header or a null value: the general path says why
-    header = find_header(headers)
+    header = find_raw(headers)
     if header is None:
         return _NO_HEADER
     return _verify_raw(header, value)
@@ -206,30 +166,3 @@ def check_batch(messages: Iterable[MessageLike]) -> list[Failure]:
             if verdict is not _OK:
                 failures.append(Failure(i, verdict))
     return failures
-
-
-def _checksum_at(raw: bytes, start: int, end: int) -> Checksum:
-    return Checksum(_ALGORITHMS[raw[start] >> 1], raw[start + 2 : end])
-
-
-def record_fields(raw: bytes) -> RecordFields:
-    """DataID, timestamp, checksum and source checksum of a header, without decoding its lineage.
-
-    A current-version header is read with `header.scan` (a few slices and varints); an older one is
-    decoded in full. Raises only `HeaderError` subclasses.
-    """
-    if not isinstance(raw, bytes | bytearray | memoryview):
-        raise MalformedHeaderError(f"header value must be bytes, not {type(raw).__name__}")
-    raw = bytes(raw)
-    if raw[:_PREFIX_LEN] != PREFIX:
-        h = ProvenanceHeader.decode(raw)
-        return RecordFields(h.data_id, h.timestamp_ms, h.checksum, h.source_checksum)
-    source_start, source_end, id_start, lineage_at = scan(raw)
-    timestamp_ms, _ = avro.read_long(raw, source_end)
-    _, data_at = avro.read_long(raw, id_start)
-    return RecordFields(
-        raw[data_at:lineage_at].decode("utf-8"),
-        timestamp_ms,
-        _checksum_at(raw, _PREFIX_LEN, source_start),
-        _checksum_at(raw, source_start, source_end),
-    )
