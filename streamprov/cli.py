@@ -15,6 +15,7 @@ from streamprov import __version__
 from streamprov.config.cli import config_app
 from streamprov.errors import StreamprovError
 from streamprov.header import HEADER_KEY, ProvenanceHeader
+from streamprov.ledger.cli import ledger_app
 
 app = typer.Typer(
     name="streamprov",
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 header_app = typer.Typer(help="Work with single provenance headers.", no_args_is_help=True)
 app.add_typer(header_app, name="header")
+app.add_typer(ledger_app, name="ledger")
 app.add_typer(config_app, name="config")
 
 BootstrapOption = Annotated[
