@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import time
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -27,6 +27,12 @@ validator_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@validator_app.callback()
+def _group() -> None:
+    """The Validator service (a group, so `run` stays a subcommand however many commands there are)."""
+
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2

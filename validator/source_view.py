@@ -55,8 +55,8 @@ _CRC_TAG = b"\x00\x08"
 class SourceEntry(NamedTuple):
     """The current version of one source record, as the checks need it."""
 
-    checksum: bytes
-    """Encoded CRC32C Checksum of the value (tag + 4 digest bytes), comparable with header bytes."""
+    crc32c: int
+    """CRC32C of the value (compared as an int with the header's, on the hot path)."""
     timestamp_ms: int
     """The record's Kafka timestamp (-1 when the broker gave none)."""
     topic: str
@@ -64,12 +64,24 @@ class SourceEntry(NamedTuple):
     offset: int
 
     @property
+    def checksum(self) -> bytes:
+        """The Avro-encoded CRC32C Checksum (tag + 4 digest bytes), as a header carries it."""
+        return _CRC_TAG + self.crc32c.to_bytes(4, "big")
+
+    @property
     def coordinates(self) -> str:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
 
 class SourceLookup(Protocol):
-    """What the checks read from the view (tests pass a dict-backed fake)."""
+    """What the checks read from the view (tests pass a dict-backed fake).
+
+    `cache` is read directly on the hot path (a dict lookup instead of a method call): it may hold
+    any subset of the entries `get` returns, and never a stale one.
+    """
+
+    @property
+    def cache(self) -> dict[bytes, SourceEntry | None]: ...
 
     def get(self, data_id: bytes) -> SourceEntry | None: ...
 
@@ -102,7 +114,7 @@ def _decode_entry(raw: bytes) -> tuple[SourceEntry, bytes]:
     start = _RECORD.size
     topic = raw[start : start + topic_len].decode("utf-8")
     value = raw[start + topic_len :]
-    return SourceEntry(_CRC_TAG + crc.to_bytes(4, "big"), ts, topic, partition, offset), value
+    return SourceEntry(crc, ts, topic, partition, offset), value
 
 
 class SourceView:
@@ -349,6 +361,10 @@ class SourceView:
         if self._caught_up:
             return 0
         return sum(max(0, high - self._next.get(tp, 0)) for tp, high in self._targets.items())
+
+    @property
+    def cache(self) -> dict[bytes, SourceEntry | None]:
+        return self._cache
 
     # -- lookups ----------------------------------------------------------------------------------------
     def get(self, data_id: bytes) -> SourceEntry | None:
