@@ -16,6 +16,7 @@ from streamprov.config.cli import config_app
 from streamprov.errors import StreamprovError
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.ledger.cli import ledger_app
+from validator.cli import validator_app
 
 app = typer.Typer(
     name="streamprov",
@@ -28,6 +29,7 @@ header_app = typer.Typer(help="Work with single provenance headers.", no_args_is
 app.add_typer(header_app, name="header")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(config_app, name="config")
+app.add_typer(validator_app, name="validator")
 
 BootstrapOption = Annotated[
     str | None,
