@@ -62,6 +62,14 @@ from streamprov.header import (
     scan,
     verify_value,
 )
+from streamprov.ledger.errors import (
+    LedgerBackpressureError,
+    LedgerTimeoutError,
+    LedgerWriterError,
+)
+from streamprov.ledger.model import Context, DataRef
+from streamprov.ledger.recorder import StepRecorder
+from streamprov.ledger.writer import FlushTicket, LedgerWriter
 from streamprov.lineage import StepKind, decode_lineage
 from streamprov.reduce import LateRecordError, ReduceOutput, WindowedReducer
 from streamprov.registry import RegisteredFunction
@@ -230,6 +238,9 @@ class StepTransform:
         grace_ms: int = 0,
         verify_input: bool = True,
         key_by: Callable[[Any], str | bytes] | None = None,
+        ledger: LedgerWriter | None = None,
+        context: Context | None = None,
+        device_id: str | None = None,
     ) -> None:
         self.function = function
         self.params = dict(params or {})
@@ -241,6 +252,12 @@ class StepTransform:
         self.verify_input = verify_input
         self.is_reduce = function.kind is StepKind.REDUCE
         self._stamper = MapStamper(function, self.params, algorithm, verify_input=False)
+        self.recorder: StepRecorder | None = None
+        """Records every application in the provenance ledger when a `ledger` writer is given."""
+        if ledger is not None:
+            self.recorder = StepRecorder(
+                ledger, self._stamper.step, context=context, device_id=device_id, algorithm=algorithm
+            )
         if self.is_reduce and (window_ms is None or window_ms <= 0):
             raise StreamprovError(f"reduce function {function.function_id!r} needs window_ms > 0")
         self.window_ms = window_ms or 0
@@ -347,6 +364,8 @@ class StepTransform:
             except Exception as exc:  # the user's key function: dead-letter, as for the step itself
                 return self.dead_letter(msg, exc, DeadLetterReason.PROCESSING_ERROR)
             key = new_key.encode("utf-8") if isinstance(new_key, str) else new_key
+        if self.recorder is not None:  # a queue put; the ledger's own errors stop the batch (see Processor)
+            self.recorder.record_map(find_raw(record.headers), record.value, header)
         # The input's timestamp carries over, so a downstream windowed step sees event time.
         return Outgoing(self.output_topic, key, output, headers, _record_timestamp(msg))
 
@@ -387,12 +406,17 @@ class StepTransform:
                 f"emitted before the restart (windows before {closed_before_ms} are closed)"
             )
             return [self.dead_letter(msg, late, DeadLetterReason.LATE_RECORD)]
+        group = group_key(msg.key())
         try:
-            reducer.add(group_key(msg.key()), header, obj, ts, (topic, partition, offset))
+            reducer.add(group, header, obj, ts, (topic, partition, offset))
         except LateRecordError as exc:
             return [] if replayed else [self.dead_letter(msg, exc, DeadLetterReason.LATE_RECORD)]
         except Exception as exc:  # the user's function raised inside the reducer
             return [] if replayed else [self.dead_letter(msg, exc, DeadLetterReason.PROCESSING_ERROR)]
+        if self.recorder is not None:  # the full input list of the window, for its ledger entry
+            self.recorder.add_input(
+                (group, reducer.window_of(ts)[0]), DataRef(header.data_id, header.checksum)
+            )
         return self._close_due(reducer)
 
     def _close_due(self, reducer: WindowedReducer) -> list[Outgoing]:
@@ -418,9 +442,17 @@ class StepTransform:
                 out.append(
                     Outgoing(self.dead_letter_topic, key, repr(window.value).encode(), headers, None, True)
                 )
+                if self.recorder is not None:
+                    self.recorder.forget((window.key, window.window[0]))
                 continue
-            header = window.header(self.function, self.params, value, self.algorithm).encode()
-            out.append(Outgoing(self.output_topic, key, value, [(HEADER_KEY, header)], window.window[1] - 1))
+            stamped = window.header(self.function, self.params, value, self.algorithm)
+            if self.recorder is not None:
+                self.recorder.record_reduce((window.key, window.window[0]), stamped)
+            out.append(
+                Outgoing(
+                    self.output_topic, key, value, [(HEADER_KEY, stamped.encode())], window.window[1] - 1
+                )
+            )
         return out
 
     @property
@@ -437,6 +469,8 @@ class StepTransform:
     def reset(self, watermark_ms: int = -1) -> None:
         """Drop every open window (they are rebuilt by replay) and resume at `watermark_ms`."""
         self.reducer = self._new_reducer()
+        if self.recorder is not None:
+            self.recorder.drop_windows()
         self._closed_mark = self._mark(-1)
         if self.reducer is not None and watermark_ms >= 0:
             self.reducer.advance_watermark(watermark_ms)
@@ -477,6 +511,12 @@ class _Batch:
     dead_letters: int = 0
     in_transaction: bool = False
     failed: list[KafkaError] = field(default_factory=list)
+    ledger: FlushTicket | None = None
+    """The ledger flush of this batch's applications: waited for before the offsets commit."""
+
+    def ledger_durable(self) -> None:
+        if self.ledger is not None:
+            self.ledger.wait()
 
     def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
         if err is not None:  # a librdkafka callback: record, act after flush()
@@ -493,6 +533,14 @@ class Processor:
     restarts so a restart fences its predecessor and aborts the transaction it left open.
     `key_by` (map only) picks each output's key from the function's result, like Kafka Streams'
     selectKey, so a downstream reduce can group by it; the DataID stays in the provenance header.
+
+    `ledger` (optional) records every application in the provenance ledger with `ledger_context` and
+    `device_id` (default: STREAMPROV_DEVICE_ID, POD_NAME, HOSTNAME, else the host name). Appends are
+    queue puts; the ledger is flushed before every offset commit (exactly once: before
+    `commit_transaction`; at least once: before the offset commit), overlapped with the batch's own
+    flush, so an entry is never lost to a crash. The caller owns the writer (start and close it).
+    When the ledger cannot keep up (backpressure, a flush timeout) the batch is redone like any batch
+    that could not be shipped; when it failed for good the processor stops with `ProcessorError`.
     """
 
     def __init__(
@@ -520,6 +568,9 @@ class Processor:
         consumer_config: Mapping[str, Any] | None = None,
         producer_config: Mapping[str, Any] | None = None,
         key_by: Callable[[Any], str | bytes] | None = None,
+        ledger: LedgerWriter | None = None,
+        ledger_context: Context | None = None,
+        device_id: str | None = None,
     ) -> None:
         topics = [input_topics] if isinstance(input_topics, str) else list(input_topics)
         if not topics or not all(topics):
@@ -553,6 +604,9 @@ class Processor:
             grace_ms=grace_ms,
             verify_input=verify_input,
             key_by=key_by,
+            ledger=ledger,
+            context=ledger_context,
+            device_id=device_id,
         )
         self.stats = ProcessorStats()
         try:
@@ -903,9 +957,22 @@ class Processor:
         try:
             produce(work)
             offsets = self._offsets_to_commit()
-            if not work.sent and not offsets:
+            recorder = self.transform.recorder
+            if not work.sent and not offsets and (recorder is None or not recorder.unflushed):
                 return True
+            # The ledger flushes on its own thread while the batch is delivered / its offsets sent.
+            work.ledger = recorder.begin_flush(self.operation_timeout_s) if recorder is not None else None
             committed = self._finish(work, offsets)
+        except (LedgerBackpressureError, LedgerTimeoutError) as exc:
+            log.warning("the provenance ledger did not keep up (%s): processing the batch again", exc)
+            if work.in_transaction:
+                self._abort()
+            self._failed()
+            return False
+        except LedgerWriterError as exc:  # failed for good, or closed: nothing can be recorded
+            if work.in_transaction:
+                self._abort_quietly()
+            raise ProcessorError(f"the provenance ledger failed: {exc}") from exc
         except KafkaException as exc:
             err = _kafka_error(exc)
             if err.fatal():
@@ -958,6 +1025,7 @@ class Processor:
                     offsets, self._consumer.consumer_group_metadata(), timeout
                 ),
             )
+        work.ledger_durable()  # the entries of what this transaction commits are stored first
         self._call("commit_transaction", lambda: producer.commit_transaction(timeout))
         work.in_transaction = False
         return bool(offsets)
@@ -1035,6 +1103,7 @@ class Processor:
                 work.failed[0].str() if work.failed else "timeout",
             )
             return None
+        work.ledger_durable()  # the entries of what these offsets cover are stored first
         return self._commit_offsets(offsets) if offsets else False
 
     def _commit_offsets(self, offsets: list[TopicPartition]) -> bool:

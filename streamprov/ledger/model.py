@@ -82,8 +82,8 @@ NO_CONTEXT = Context()
 @functools.cache
 def default_device_id() -> str:
     """The host or pod applying functions: STREAMPROV_DEVICE_ID, else POD_NAME (Kubernetes downward
-    API), else the host name. Read once per process."""
-    for name in ("STREAMPROV_DEVICE_ID", "POD_NAME"):
+    API), else HOSTNAME (a pod's name in Kubernetes), else the host name. Read once per process."""
+    for name in ("STREAMPROV_DEVICE_ID", "POD_NAME", "HOSTNAME"):
         value = os.environ.get(name, "").strip()
         if value:
             return value

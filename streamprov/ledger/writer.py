@@ -74,6 +74,30 @@ class _Barrier:
     error: BaseException | None = None
 
 
+class FlushTicket:
+    """A flush in progress (`LedgerWriter.begin_flush`): `wait()` until it is durable."""
+
+    __slots__ = ("_barrier", "_deadline")
+
+    def __init__(self, barrier: _Barrier, deadline: float) -> None:
+        self._barrier = barrier
+        self._deadline = deadline
+
+    def done(self) -> bool:
+        return self._barrier.done.is_set()
+
+    def wait(self) -> None:
+        """Return when everything appended before the flush began is durable; else raise
+        `LedgerTimeoutError` (not done in time: may be retried) or `LedgerWriteFailedError`."""
+        barrier = self._barrier
+        if not barrier.done.wait(max(0.0, self._deadline - time.monotonic())):
+            raise LedgerTimeoutError(f"ledger flush did not finish within {barrier.timeout_s}s")
+        if barrier.error is not None:
+            if isinstance(barrier.error, LedgerTimeoutError):
+                raise barrier.error
+            raise LedgerWriteFailedError(f"the ledger writer failed: {barrier.error!r}") from barrier.error
+
+
 class _Stop:
     pass
 
@@ -198,17 +222,22 @@ class LedgerWriter:
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Block until everything appended before this call is durable (or raise)."""
+        self.begin_flush(timeout_s).wait()
+
+    def begin_flush(self, timeout_s: float = 30.0) -> FlushTicket:
+        """Start a flush and return at once; `FlushTicket.wait()` blocks until it is done (or raises).
+
+        Lets an agent overlap the ledger's flush with its own (the producer's delivery reports, a
+        transaction's offsets) and wait for both before committing.
+        """
+        if self._failure is not None:
+            raise LedgerWriteFailedError(f"the ledger writer failed: {self._failure!r}") from self._failure
         if self._thread is None:
             raise LedgerClosedError("start() the writer first")
         barrier = _Barrier(timeout_s)
         deadline = time.monotonic() + timeout_s
         self._put_control(barrier, deadline)
-        if not barrier.done.wait(max(0.0, deadline - time.monotonic())):
-            raise LedgerTimeoutError(f"ledger flush did not finish within {timeout_s}s")
-        if barrier.error is not None:
-            if isinstance(barrier.error, LedgerTimeoutError):
-                raise barrier.error
-            raise LedgerWriteFailedError(f"the ledger writer failed: {barrier.error!r}") from barrier.error
+        return FlushTicket(barrier, deadline)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Drain, sign a final checkpoint, flush and stop. Idempotent."""

@@ -1,0 +1,215 @@
+"""What an agent calls to record its applications in the ledger, off the data path.
+
+`StepRecorder` turns what a map or reduce step just did into an `Application` and hands it to a
+`LedgerWriter` (a bounded queue put; sealing, hashing and storing happen on the writer's thread).
+Every agent flavour shares it: the confluent-kafka `Processor` and the faust agents.
+
+- **Map**: one input node (the input's DataID and its checksum: from its header, or computed when it
+  arrives without one, exactly as the stamper names it) and one output node (same DataID, the
+  checksum of the output value as stamped). Read from the header bytes in place, no decoding.
+- **Reduce**: the full input list, in arrival order, kept per open window (`add_input`) until the
+  window is emitted (`record_reduce`) or dropped (`drop_windows`, on a rewind: replay rebuilds it).
+  Memory is bounded by what the open windows hold: one `DataRef` per input record. The header's
+  InputDigest (count + Merkle root) is over the same (DataID, checksum) leaves in the same order, so
+  `Application.check_input_digest` ties the entry to the output's header.
+
+Durability contract (at-least-once): the agent calls `begin_flush()` / `flush()` before committing
+its consumer offsets, so an entry is never lost to a crash; a replay appends the same application
+again, with the same entry_id, and the chain and the index drop it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from streamprov.checksum import Checksum, ChecksumAlgorithm, compute
+from streamprov.header import PREFIX, ProvenanceHeader, record_fields
+from streamprov.ledger.errors import LedgerError
+from streamprov.ledger.model import (
+    NO_CONTEXT,
+    Application,
+    ApplicationKind,
+    Context,
+    DataRef,
+    Origin,
+    default_device_id,
+)
+from streamprov.ledger.writer import FlushTicket, LedgerWriter
+from streamprov.lineage import Step, StepKind
+
+_PREFIX_LEN = len(PREFIX)
+_ALGORITHMS = tuple(ChecksumAlgorithm)
+
+
+def header_checksum(raw: bytes) -> Checksum:
+    """The value checksum a provenance header claims (current format read in place; older decoded)."""
+    if raw[:_PREFIX_LEN] == PREFIX:
+        try:
+            n = raw[_PREFIX_LEN + 1] >> 1
+            start = _PREFIX_LEN + 2
+            value = raw[start : start + n]
+            if len(value) == n:
+                return Checksum(_ALGORITHMS[raw[_PREFIX_LEN] >> 1], value)
+        except IndexError:
+            pass
+    return record_fields(raw).checksum
+
+
+@dataclass
+class RecorderStats:
+    appended: int = 0
+    """Applications handed to the writer."""
+    windows_open: int = 0
+    """Reduce windows whose inputs are held (at the last change)."""
+    inputs_held: int = 0
+    """Input refs held for open windows (at the last change)."""
+
+
+class StepRecorder:
+    """Records one step's applications (map or reduce) in a ledger; see the module docstring.
+
+    `context` (source, location, access rights) and `device_id` (default: `default_device_id()`, i.e.
+    STREAMPROV_DEVICE_ID, POD_NAME, HOSTNAME, else the host name) go into every entry.
+    Not thread-safe: one agent loop owns it (the writer it feeds is thread-safe).
+    """
+
+    def __init__(
+        self,
+        writer: LedgerWriter,
+        step: Step,
+        *,
+        context: Context | None = None,
+        device_id: str | None = None,
+        origin: Origin = Origin.PIPELINE,
+        task_id: str | None = None,
+        algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
+    ) -> None:
+        self.writer = writer
+        self.step = step
+        self.context = context if context is not None else NO_CONTEXT
+        self.device_id = device_id or default_device_id()
+        self.origin = origin
+        self.task_id = task_id
+        self.algorithm = algorithm
+        self.stats = RecorderStats()
+        self._kind = ApplicationKind(int(step.kind))
+        self._params = tuple(sorted(step.parameters))
+        self._windows: dict[Hashable, list[DataRef]] = {}
+        self._unflushed = 0
+
+    @property
+    def unflushed(self) -> int:
+        """Applications appended since the last flush began (0: a flush would have nothing to do)."""
+        return self._unflushed
+
+    # -- map -------------------------------------------------------------------------------------------
+    def input_ref(self, raw: bytes | None, value: bytes, data_id: str) -> DataRef:
+        """The node a step read: the header's DataID and checksum, or (no header) `data_id` and the
+        checksum of `value`, as the stamper names a record that arrives without provenance."""
+        if raw is None:
+            return DataRef(data_id, compute(self.algorithm, value))
+        if raw[:_PREFIX_LEN] == PREFIX:
+            return DataRef(data_id, header_checksum(raw))
+        fields = record_fields(raw)
+        return DataRef(fields.data_id, fields.checksum)
+
+    def record_map(self, input_raw: bytes | None, input_value: bytes, output_header: bytes) -> None:
+        """Record a map application from the input's header (None when it had none) and value, and the
+        output header the stamper made. Raises the writer's errors (backpressure, failed, closed)."""
+        out = record_fields(output_header)
+        inp = self.input_ref(input_raw, input_value, out.data_id)
+        self._append(
+            Application(
+                self._kind,
+                self.step.function_id,
+                self.step.function_version,
+                self.step.code_hash,
+                self._params,
+                (inp,),
+                DataRef(out.data_id, out.checksum),
+                out.timestamp_ms,
+                self.device_id,
+                self.context,
+                self.origin,
+                self.task_id,
+            )
+        )
+
+    # -- reduce ----------------------------------------------------------------------------------------
+    def add_input(self, window: Hashable, ref: DataRef) -> None:
+        """Remember that the open `window` (any hashable key, e.g. (group, start)) took input `ref`."""
+        refs = self._windows.get(window)
+        if refs is None:
+            refs = self._windows[window] = []
+        refs.append(ref)
+        self.stats.inputs_held += 1
+
+    def add_input_header(self, window: Hashable, header: ProvenanceHeader) -> None:
+        self.add_input(window, DataRef(header.data_id, header.checksum))
+
+    def held(self, window: Hashable) -> list[DataRef]:
+        return list(self._windows.get(window, ()))
+
+    def record_reduce(self, window: Hashable, header: ProvenanceHeader) -> None:
+        """Record the reduce application that emitted `window` with output `header`; forgets its inputs.
+
+        The header's last lineage step is the reduce step (with its InputDigest, i.e. window bounds);
+        a mismatch between the held inputs and that digest raises `LedgerError` (the entry would lie).
+        """
+        refs = self._windows.pop(window, [])
+        self.stats.inputs_held -= len(refs)
+        step = header.lineage[-1] if header.lineage else None
+        if step is None or step.kind is not StepKind.REDUCE:
+            raise LedgerError(f"the header of window {window!r} does not end with a reduce step")
+        app = Application.of_step(
+            step,
+            refs,
+            DataRef(header.data_id, header.checksum),
+            timestamp_ms=header.timestamp_ms,
+            device_id=self.device_id,
+            context=self.context,
+            origin=self.origin,
+            task_id=self.task_id,
+        )
+        if step.inputs is not None and not app.check_input_digest(step.inputs):
+            raise LedgerError(
+                f"window {window!r}: {len(refs)} held inputs do not match the header's digest of "
+                f"{step.inputs.count} inputs"
+            )
+        self._append(app)
+
+    def forget(self, window: Hashable) -> None:
+        """Drop one window's inputs (it was dead-lettered or discarded without an output)."""
+        self.stats.inputs_held -= len(self._windows.pop(window, []))
+
+    def drop_windows(self) -> None:
+        """Forget every open window (the agent dropped them; replaying the input rebuilds them)."""
+        self._windows.clear()
+        self.stats.inputs_held = 0
+
+    @property
+    def open_windows(self) -> int:
+        return len(self._windows)
+
+    # -- durability ------------------------------------------------------------------------------------
+    def _append(self, app: Application) -> None:
+        self.writer.append(app)
+        self.stats.appended += 1
+        self._unflushed += 1
+
+    def begin_flush(self, timeout_s: float = 30.0) -> FlushTicket | None:
+        """Start flushing what was appended (None when nothing was since the last flush)."""
+        if not self._unflushed:
+            return None
+        ticket = self.writer.begin_flush(timeout_s)
+        self._unflushed = 0
+        return ticket
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        ticket = self.begin_flush(timeout_s)
+        if ticket is not None:
+            ticket.wait()
+
+
+__all__ = ["RecorderStats", "StepRecorder", "header_checksum"]
