@@ -1,0 +1,293 @@
+"""The Helm chart, rendered by the real helm: what the services will read, and what helm must refuse.
+
+helm is built by scripts/helm.sh into .tools/ (CI does that before the tests). Without a helm binary
+the rendering tests are skipped, saying so; the schema and defaults tests run regardless.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from streamprov.config import StreamprovConfig, load_config, loads_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "streamprov"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+BAD_VALUES = sorted((ROOT / "helm" / "testdata").glob("bad-*.yaml"))
+CONFIG_PATH = "/etc/streamprov/streamprov.yaml"
+
+
+def find_helm() -> str | None:
+    for candidate in (os.environ.get("HELM"), str(ROOT / ".tools" / "helm"), shutil.which("helm")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+HELM = find_helm()
+needs_helm = pytest.mark.skipif(
+    HELM is None,
+    reason="helm binary not found (.tools/helm, $HELM or PATH): run scripts/helm.sh build (CI does)",
+)
+
+
+def helm_template(*values: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    assert HELM is not None
+    args = [HELM, "template", "rel", str(CHART), "--namespace", "data"]
+    for path in values:
+        args += ["-f", str(path)]
+    return subprocess.run([*args, *extra], check=False, capture_output=True, text=True, timeout=120)
+
+
+def render(values: Path) -> list[dict[str, Any]]:
+    result = helm_template(values, extra=("--api-versions", "monitoring.coreos.com/v1"))
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+def helm_merge(base: Any, override: Any) -> Any:
+    """Helm's values coalescing: maps merge key by key, a null removes the key, anything else replaces."""
+    if isinstance(base, Mapping) and isinstance(override, Mapping):
+        merged = dict(base)
+        for key, value in override.items():
+            if value is None and key in merged:
+                del merged[key]
+            else:
+                merged[key] = helm_merge(merged.get(key), value)
+        return merged
+    return override
+
+
+def expected_config(values: Path) -> dict[str, Any]:
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["config"]
+    user = yaml.safe_load(values.read_text(encoding="utf-8")).get("config", {})
+    merged: dict[str, Any] = helm_merge(defaults, user)
+    return merged
+
+
+def container_env(deployment: dict[str, Any]) -> dict[str, str]:
+    """The pod's environment; values that come from Secrets get a stand-in (they are never in values)."""
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {
+        e["name"]: str(e["value"]) if "value" in e else "<from a Secret>" for e in container.get("env", [])
+    }
+
+
+# ------------------------------------------------------------------------------- without helm
+
+
+def test_values_schema_is_generated_from_the_config_models() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "helm_values_schema.py"), "--check"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_values_yaml_config_defaults_are_the_models_defaults() -> None:
+    config = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["config"]
+    defaults = StreamprovConfig.model_validate({"kafka": {"bootstrap_servers": "k:1"}}).as_dict()
+    for block in ("streams", "validator", "recompute_manager"):
+        assert config[block] == defaults[block], block
+    assert config["kafka"]["security_protocol"] == defaults["kafka"]["security_protocol"]
+    assert "bootstrap_servers" not in config["kafka"]  # required: every release must say where Kafka is
+
+
+def test_every_ci_values_config_loads_on_its_own(tmp_path: Path) -> None:
+    assert len(CI_VALUES) >= 3
+    for values in CI_VALUES:
+        path = tmp_path / f"{values.stem}.yaml"
+        path.write_text(yaml.safe_dump(expected_config(values)), encoding="utf-8")
+        secrets = yaml.safe_load(values.read_text(encoding="utf-8")).get("kafkaSecrets", {})
+        env = {}
+        if secrets.get("sasl", {}).get("existingSecret"):  # the chart names the mounted password file
+            env["STREAMPROV__KAFKA__SASL__PASSWORD_FILE"] = "/etc/streamprov/secrets/sasl/password"
+        load_config(path, environ=env, check_secrets=False)
+
+
+# ---------------------------------------------------------------------------------- with helm
+
+
+@needs_helm
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
+def test_configmap_is_the_values_config_and_loads_like_the_file(values: Path, tmp_path: Path) -> None:
+    docs = render(values)
+    configmaps = by_kind(docs, "ConfigMap")
+    text = configmaps["rel-streamprov-config"]["data"]["streamprov.yaml"]
+    assert yaml.load(text, Loader=yaml.SafeLoader) is not None
+
+    file = tmp_path / "streamprov.yaml"
+    file.write_text(yaml.safe_dump(expected_config(values), sort_keys=False), encoding="utf-8")
+
+    deployments = by_kind(docs, "Deployment")
+    assert set(deployments) == {"rel-streamprov-validator", "rel-streamprov-recompute-manager"}
+    for deployment in deployments.values():
+        env = container_env(deployment)
+        in_pod = loads_config(text, environ=env, check_secrets=False)
+        from_file = load_config(file, environ=env, check_secrets=False)
+        assert in_pod == from_file
+        assert in_pod.as_dict() == from_file.as_dict()
+        assert sorted(in_pod.topics) == sorted(expected_config(values)["topics"])  # toYaml sorts keys
+
+
+@needs_helm
+def test_sasl_and_tls_come_from_secrets_as_files() -> None:
+    docs = render(CHART / "ci" / "sasl-tls-values.yaml")
+    configmap = by_kind(docs, "ConfigMap")["rel-streamprov-config"]
+    assert "password" not in configmap["data"]["streamprov.yaml"]
+    validator = by_kind(docs, "Deployment")["rel-streamprov-validator"]
+    pod = validator["spec"]["template"]["spec"]
+    env = container_env(validator)
+    assert env["STREAMPROV__KAFKA__SASL__PASSWORD_FILE"] == "/etc/streamprov/secrets/sasl/password"
+    assert env["STREAMPROV__KAFKA__SSL__CA_LOCATION"] == "/etc/streamprov/tls/ca.crt"
+    assert "STREAMPROV__KAFKA__SSL__CERTIFICATE_LOCATION" not in env  # certificateKey: "" (no mutual TLS)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["kafka-sasl"]["secret"]["secretName"] == "streamprov-kafka-user"
+    assert volumes["kafka-sasl"]["secret"]["items"] == [{"key": "password", "path": "password"}]
+    assert volumes["kafka-tls"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["kafka-sasl"] == {
+        "name": "kafka-sasl",
+        "mountPath": "/etc/streamprov/secrets/sasl",
+        "readOnly": True,
+    }
+
+    config = loads_config(configmap["data"]["streamprov.yaml"], environ=env, check_secrets=False)
+    assert config.kafka.sasl is not None
+    assert config.kafka.sasl.password_file == Path("/etc/streamprov/secrets/sasl/password")
+    client = config.kafka.redacted()
+    assert client["security.protocol"] == "SASL_SSL"
+    assert client["sasl.password"] == "**********"
+    assert client["ssl.ca.location"] == "/etc/streamprov/tls/ca.crt"
+    assert config.topic("fahrenheit").priority_topic_name("fahrenheit") == "fahrenheit.recomputed"
+    assert config.topic("unlisted").criticality == "low"
+    image = pod["containers"][0]["image"]
+    assert image == "registry.example.com/data/streamprov@sha256:" + "0123456789abcdef" * 4
+
+
+@needs_helm
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
+def test_deployments_are_locked_down_and_probe_the_configured_port(values: Path) -> None:
+    docs = render(values)
+    config = loads_config(
+        by_kind(docs, "ConfigMap")["rel-streamprov-config"]["data"]["streamprov.yaml"],
+        environ=container_env(by_kind(docs, "Deployment")["rel-streamprov-validator"]),
+        check_secrets=False,
+    )
+    services = {"validator": config.validator, "recompute-manager": config.recompute_manager}
+    for name, deployment in by_kind(docs, "Deployment").items():
+        command = name.removeprefix("rel-streamprov-")
+        settings = services[command]
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["args"] == [command, "run", "--config", CONFIG_PATH]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"http": settings.http_port, "metrics": settings.metrics_port}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts[CONFIG_PATH]["subPath"] == "streamprov.yaml"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts[str(settings.state_dir)]["name"]]
+        assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+        assert container["resources"]["requests"]
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert len(annotations["checksum/config"]) == 64
+    assert set(by_kind(docs, "PodDisruptionBudget")) == {
+        "rel-streamprov-validator",
+        "rel-streamprov-recompute-manager",
+    }
+    metrics = by_kind(docs, "Service")
+    assert (
+        metrics["rel-streamprov-validator-metrics"]["spec"]["ports"][0]["port"]
+        == config.validator.metrics_port
+    )
+
+
+@needs_helm
+def test_hpa_replaces_replicas_and_servicemonitor_scrapes_metrics() -> None:
+    docs = render(CHART / "ci" / "hpa-servicemonitor-values.yaml")
+    for deployment in by_kind(docs, "Deployment").values():
+        assert "replicas" not in deployment["spec"]
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    validator = hpas["rel-streamprov-validator"]["spec"]
+    assert (validator["minReplicas"], validator["maxReplicas"]) == (2, 12)
+    assert validator["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
+    manager = hpas["rel-streamprov-recompute-manager"]["spec"]
+    assert manager["metrics"][-1]["resource"]["name"] == "memory"
+    (monitor,) = by_kind(docs, "ServiceMonitor").values()
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert by_kind(docs, "PodDisruptionBudget")["rel-streamprov-validator"]["spec"]["minAvailable"] == "50%"
+    # Helm writes 1000000 as 1e+06 in the ConfigMap; it must still read as the number
+    text = by_kind(docs, "ConfigMap")["rel-streamprov-config"]["data"]["streamprov.yaml"]
+    config = loads_config(text, environ={}, check_secrets=False)
+    assert config.topic("order-totals").recompute.budget_per_hour == 1_000_000
+
+
+@needs_helm
+def test_minimal_values_render_no_optional_objects() -> None:
+    docs = render(CHART / "ci" / "minimal-values.yaml")
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "Deployment",
+        "PodDisruptionBudget",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+        "ServiceAccount",
+    ]
+    for deployment in by_kind(docs, "Deployment").values():
+        assert deployment["spec"]["replicas"] == 2
+        env = container_env(deployment)
+        assert not [name for name in env if name.startswith("STREAMPROV__")]
+
+
+@needs_helm
+@pytest.mark.parametrize("values", BAD_VALUES, ids=lambda p: p.stem)
+def test_bad_values_are_refused(values: Path) -> None:
+    expect = next(
+        line.removeprefix("# expect: ") for line in values.read_text().splitlines() if line.startswith("#")
+    )
+    result = helm_template(values)
+    assert result.returncode != 0, f"{values.name} rendered but should be refused"
+    assert expect in result.stderr, result.stderr
+
+
+@needs_helm
+def test_negative_replicas_and_unknown_criticality_fail_from_the_command_line() -> None:
+    minimal = CHART / "ci" / "minimal-values.yaml"
+    replicas = helm_template(minimal, extra=("--set", "validator.replicas=-1"))
+    assert replicas.returncode != 0 and "/validator/replicas" in replicas.stderr
+    urgent = helm_template(minimal, extra=("--set", "config.topics.fahrenheit.criticality=urgent"))
+    assert urgent.returncode != 0
+    assert "'low', 'medium', 'high', 'critical'" in urgent.stderr
+    secret = helm_template(minimal, extra=("--set", "config.kafka.client.sasl\\.password=x"))
+    assert secret.returncode != 0 and "would be stored in a ConfigMap" in secret.stderr
