@@ -16,6 +16,7 @@ Key layout: `streamprov.ledger.keys`. Queries: `streamprov.ledger.queries`.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -305,6 +306,29 @@ class LedgerIndex:
         """entry_ids of the applications of a function (any version, one version, one exact code)."""
         prefix = keys.function_prefix(function_id, version, code_hash)
         return [k[-keys.ENTRY_ID_SIZE :] for k in self._scan(prefix)]
+
+    def recorded_functions(self, function_id: str) -> list[tuple[str, bytes]]:
+        """The (version, code hash) pairs the ledger recorded applications of, one seek per pair."""
+        prefix = keys.function_prefix(function_id)
+        found: list[tuple[str, bytes]] = []
+        it = self._db.iter()
+        it.seek(prefix)
+        while it.valid():  # one turn per distinct (version, code hash): each skips past its entries
+            key: bytes = it.key()
+            if not key.startswith(prefix):
+                break
+            at = len(prefix)
+            (n,) = struct.unpack_from(">I", key, at)
+            version = key[at + 4 : at + 4 + n]
+            at += 4 + n
+            (m,) = struct.unpack_from(">I", key, at)
+            code_hash = key[at + 4 : at + 4 + m]
+            found.append((version.decode("utf-8"), code_hash))
+            it.seek(
+                keys.function_prefix(function_id, found[-1][0], code_hash)
+                + b"\xff" * (keys.ENTRY_ID_SIZE + 1)
+            )
+        return found
 
     def entry(self, entry_id: bytes) -> LedgerEntry:
         """The entry of an application (the first time its entry_id was appended)."""
