@@ -36,7 +36,7 @@ build() {
   local ldflags="-w -s -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
   ldflags+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$K8S_MINOR"
   ldflags+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$K8S_MINOR"
-  GOBIN="$tools" CGO_ENABLED=0 GOFLAGS=-buildvcs=false timeout 1800 \
+  GOBIN="$tools" CGO_ENABLED=0 timeout 1800 \
     go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   echo "built $("$helm" version --short) in $((SECONDS - start))s"
 }
