@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
@@ -64,19 +64,6 @@ whole read."""
 _CONTINUED = 0x80808080
 
 
-def _timestamp6(t4: int, t5: int, t6: int) -> int:
-    """The long of a six-byte Avro varint read as (first four bytes big-endian, fifth, sixth)."""
-    z = (
-        (t4 >> 24 & 0x7F)
-        | (t4 >> 16 & 0x7F) << 7
-        | (t4 >> 8 & 0x7F) << 14
-        | (t4 & 0x7F) << 21
-        | (t5 & 0x7F) << 28
-        | t6 << 35
-    )
-    return (z >> 1) ^ -(z & 1)
-
-
 _SOURCE_AT = len(_HEAD_OK) + 4
 _SOURCE_END = _SOURCE_AT + 6
 _ID_AT = _SOURCE_END + 6 + 1
@@ -106,7 +93,6 @@ class TopicPolicy:
 
 
 _OFF = TopicPolicy(integrity=False, source_drift=False)
-_MISS: Any = object()
 
 
 class MessageLike(Protocol):
@@ -218,148 +204,164 @@ class Checker:
         return info
 
     # -- the batch loop ------------------------------------------------------------------------------
-    def check(self, messages: Iterable[MessageLike], now_ms: int) -> BatchResult:  # noqa: PLR0915
+    def check(self, messages: Sequence[MessageLike], now_ms: int) -> BatchResult:  # noqa: PLR0915
         """Check every message; never raises for a bad record (it becomes an alert or a dead letter).
 
-        One long loop on purpose: it is the per-record path, and a call per check would cost more
-        than the check. The common case (the provenance header first, current version, CRC32C
-        checksums, a timestamp of this era, a DataID under 64 bytes) is read with one struct unpack;
-        anything else, including anything inconsistent, goes through `header.scan`, which validates
-        every byte and gives the precise error.
+        The loop is the per-record path, so it is written for the common case and hands everything
+        else to `_check_one`: a record goes the fast way when its topic checks integrity and/or
+        drift only, and its header is first, of the current version, with CRC32C checksums, a
+        timestamp of this era (a six-byte varint) and a DataID under 64 ASCII bytes. One struct
+        unpack reads all of that; the lineage is compared with the previous record's (a stage shares
+        one) before any lookup. Nothing is decided until every byte the fast way relies on has been
+        validated, so a record is never checked twice.
         """
         result = BatchResult()
         lineages = self._lineages
         view = self.view
         view_get = view.get if view is not None else None
+        cache_get = view.cache.get if view is not None else None
         suspects: list[_Suspect] = []
+        slow: list[MessageLike] = []
         unpack = _unpack_head
         head_ok = _HEAD_OK
         crc_tag = _CRC_TAG
+        continued = _CONTINUED
+        id_at = _ID_AT
+        key_ = _KEY
         crc = _crc
         last_lineage = b"\x00"
         last_len = -1
-        cache_get = view.cache.get if view is not None else None
-        miss = _MISS
-        last_info: LineageInfo | None = None
+        last_reduce = False
         last_topic: str | None = None
         pol = _OFF
-        integrity = drift = needs_source = False
-        message_max: int | None = None
-        source_max: int | None = None
-        rate = 0.0
-        checked = 0
+        fast = integrity = drift = False
+        events = 0
         for m in messages:
-            checked += 1
+            hs = m.headers()
+            try:
+                key, raw = hs[0]
+                head, crc_claimed, source_tag, source_crc, t4, t5, t6, id_len = unpack(raw)
+                value_crc = crc(m.value())  # a null value raises TypeError: the general path
+            except (TypeError, IndexError, ValueError, struct.error):
+                slow.append(m)
+                continue
+            if (
+                key != key_
+                or head != head_ok
+                or source_tag != crc_tag
+                or t4 & continued != continued
+                or t5 < 0x80
+                or t6 >= 0x80
+                or id_len >= 0x80
+                or id_len & 1
+            ):
+                slow.append(m)
+                continue
+            lineage_at = id_at + (id_len >> 1)
+            if len(raw) - last_len != lineage_at or not raw.endswith(last_lineage):
+                encoded = raw[lineage_at:]
+                info = lineages.get(encoded)
+                if info is None:
+                    try:
+                        info = self._lineage(encoded)
+                    except HeaderError:
+                        slow.append(m)
+                        continue
+                last_lineage, last_len, last_reduce = encoded, len(encoded), info.has_reduce
+            data_id = raw[id_at:lineage_at]
             topic = m.topic()
             if topic != last_topic:
                 last_topic = topic
                 pol = self.policy(topic or "")
-                integrity, drift, needs_source = pol.integrity, pol.source_drift, pol.needs_source
-                message_max, source_max, rate = (
-                    pol.message_max_age_ms,
-                    pol.source_max_age_ms,
-                    pol.rederive_rate,
+                integrity, drift = pol.integrity, pol.source_drift and view is not None
+                fast = (
+                    pol.message_max_age_ms is None
+                    and pol.source_max_age_ms is None
+                    and pol.rederive_rate <= 0
                 )
-            hs = m.headers()
-            try:  # the common case, inline
-                key, raw = hs[0]
-                head, crc_claimed, source_tag, source_crc, t4, t5, t6, id_len = unpack(raw)
-                if (
-                    key != _KEY
-                    or head != head_ok
-                    or source_tag != crc_tag
-                    or t4 & _CONTINUED != _CONTINUED
-                    or t5 < 0x80
-                    or t6 >= 0x80
-                    or id_len >= 0x80
-                    or id_len & 1
-                ):
-                    raise ValueError
-                lineage_at = _ID_AT + (id_len >> 1)
-                if len(raw) - last_len == lineage_at and raw.endswith(last_lineage):
-                    info = last_info
-                else:
-                    last_lineage = raw[lineage_at:]
-                    last_len = len(last_lineage)
-                    info = last_info = lineages.get(last_lineage) or self._lineage(last_lineage)
-                data_id = raw[_ID_AT:lineage_at]
-                if not data_id.isascii():
-                    data_id.decode("utf-8")
-                current = raw
-                source_start = _SOURCE_AT
-                source_end = _SOURCE_END
-                ts = _timestamp6(t4, t5, t6) if message_max is not None else 0
-                value = m.value()
-                if integrity and crc(value if value is not None else b"") != crc_claimed:
-                    self._checksum_mismatch(m, raw, current, source_start, value, pol, now_ms, result)
-            except (TypeError, IndexError, ValueError, HeaderError, struct.error):
-                error = m.error()
-                if error is not None:  # an event from librdkafka, not a record
-                    checked -= 1
-                    result.errors.append(error)
-                    continue
-                try:
-                    raw, current = self._general_header(hs)
-                    source_start, source_end, id_start, lineage_at = scan(current)
-                    info = self._lineage(current[lineage_at:])
-                except HeaderError as exc:
-                    self._malformed(m, raw_or_none(hs), exc, pol, now_ms, result)
-                    continue
-                data_at = id_start + 1 if current[id_start] < 0x80 else avro.read_long(current, id_start)[1]
-                data_id = current[data_at:lineage_at]
-                source_crc = (
-                    int.from_bytes(current[source_start + 2 : source_end])
-                    if current[source_start] == 0
-                    else -1
-                )
-                ts = avro.read_long(current, source_end)[0]
-                value = m.value()
-                if integrity and not verify_value(current, value if value is not None else b""):
-                    self._checksum_mismatch(m, raw, current, source_start, value, pol, now_ms, result)
-            if not needs_source and message_max is None:
+            if not fast or not data_id.isascii():
+                slow.append(m)
                 continue
-            if message_max is not None and now_ms - ts > message_max:
-                self._stale_message(m, raw, data_id, ts, pol, now_ms, result)
-            if view_get is None or not needs_source:
-                continue
-            entry = cache_get(data_id, miss)  # type: ignore[misc]
-            if entry is miss:
-                entry = view_get(data_id)
-            drifted = False
+            if integrity and value_crc != crc_claimed:
+                self._checksum_mismatch(m, raw, raw, _SOURCE_AT, m.value(), pol, now_ms, result)
             if drift:
-                if info.has_reduce:  # type: ignore[union-attr]
+                if last_reduce:
                     result.drift_skipped += 1
-                elif entry is None:
-                    drifted = True
-                    suspects.append(_Suspect(m, raw, current, source_start, source_end, data_id, pol))
-                elif source_crc >= 0:
-                    if entry[0] != source_crc:
-                        drifted = True
-                        suspects.append(_Suspect(m, raw, current, source_start, source_end, data_id, pol))
-                else:  # not CRC32C: the view computes that algorithm from the stored value
-                    algorithm = _ALGORITHMS[current[source_start] >> 1]
-                    src = view.encoded_checksum(data_id, algorithm) or b""  # type: ignore[union-attr]
-                    if source_end - source_start != len(src) or not current.startswith(src, source_start):
-                        drifted = True
-                        suspects.append(_Suspect(m, raw, current, source_start, source_end, data_id, pol))
-            if entry is None:
-                if not drift:  # no drift check to report it: still a finding
-                    self._missing_source(m, raw, data_id, pol, now_ms, result)
-                continue
-            if source_max is not None and entry[1] >= 0 and now_ms - entry[1] > source_max:
-                self._stale_source(m, raw, data_id, entry, pol, now_ms, result)
-            if (
-                rate > 0
-                and not drifted
-                and info.replayable  # type: ignore[union-attr]
-                and self.rederiver is not None
-                and sampled(topic or "", m.partition() or 0, m.offset() or 0, rate)
-            ):
-                self._rederive(m, raw, current, data_id, entry, info, pol, now_ms, result)  # type: ignore[arg-type]
-        result.checked = checked
+                    continue
+                entry = cache_get(data_id)  # type: ignore[misc]
+                if entry is None or entry[0] != source_crc:  # rare: not cached, missing or changed
+                    entry = view_get(data_id)  # type: ignore[misc]
+                    if entry is None or entry[0] != source_crc:
+                        suspects.append(_Suspect(m, raw, raw, _SOURCE_AT, _SOURCE_END, data_id, pol))
+        for m in slow:
+            if not self._check_one(m, now_ms, result, suspects):
+                events += 1
+        result.checked = len(messages) - events
         if suspects:
             self._report_drift(suspects, now_ms, result)
         return result
+
+    def _check_one(self, m: MessageLike, now_ms: int, result: BatchResult, suspects: list[_Suspect]) -> bool:
+        """Every check on one record, any header layout and any policy; False for a consumer event."""
+        topic = m.topic()
+        pol = self.policy(topic or "")
+        hs = m.headers()
+        try:
+            raw, current = self._general_header(hs)
+            source_start, source_end, id_start, lineage_at = scan(current)
+            info = self._lineage(current[lineage_at:])
+        except (HeaderError, TypeError, ValueError) as exc:
+            error = m.error()
+            if error is not None:  # an event from librdkafka, not a record
+                result.errors.append(error)
+                return False
+            if not isinstance(exc, HeaderError):
+                exc = MalformedHeaderError(f"record headers are unreadable: {exc}")
+            self._malformed(m, raw_or_none(hs), exc, pol, now_ms, result)
+            return True
+        data_at = id_start + 1 if current[id_start] < 0x80 else avro.read_long(current, id_start)[1]
+        data_id = current[data_at:lineage_at]
+        value = m.value()
+        if pol.integrity and not verify_value(current, value if value is not None else b""):
+            self._checksum_mismatch(m, raw, current, source_start, value, pol, now_ms, result)
+        message_max = pol.message_max_age_ms
+        if message_max is not None:
+            ts = avro.read_long(current, source_end)[0]
+            if now_ms - ts > message_max:
+                self._stale_message(m, raw, data_id, ts, pol, now_ms, result)
+        view = self.view
+        if view is None or not pol.needs_source:
+            return True
+        entry = view.get(data_id)
+        drifted = False
+        if pol.source_drift:
+            if info.has_reduce:
+                result.drift_skipped += 1
+            elif entry is None:
+                drifted = True
+            elif current[source_start] == 0:  # CRC32C
+                drifted = entry.crc32c != int.from_bytes(current[source_start + 2 : source_end])
+            else:  # another algorithm: the view computes it from the stored value
+                src = view.encoded_checksum(data_id, _ALGORITHMS[current[source_start] >> 1]) or b""
+                drifted = current[source_start:source_end] != src
+            if drifted:
+                suspects.append(_Suspect(m, raw, current, source_start, source_end, data_id, pol))
+        if entry is None:
+            if not pol.source_drift:  # no drift check to report it: still a finding
+                self._missing_source(m, raw, data_id, pol, now_ms, result)
+            return True
+        source_max = pol.source_max_age_ms
+        if source_max is not None and entry.timestamp_ms >= 0 and now_ms - entry.timestamp_ms > source_max:
+            self._stale_source(m, raw, data_id, entry, pol, now_ms, result)
+        if (
+            pol.rederive_rate > 0
+            and not drifted
+            and info.replayable
+            and self.rederiver is not None
+            and sampled(topic or "", m.partition() or 0, m.offset() or 0, pol.rederive_rate)
+        ):
+            self._rederive(m, raw, current, data_id, entry, info, pol, now_ms, result)
+        return True
 
     def _general_header(self, hs: Any) -> tuple[bytes, bytes]:
         """(raw, current-version bytes) of a header that is not first or not the current version."""

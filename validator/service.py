@@ -75,6 +75,11 @@ class ValidatorStats:
     commits: int = 0
     rewinds: int = 0
     alerts_by_kind: Counter[str] = field(default_factory=Counter)
+    first_batch_done: float | None = None
+    """`time.perf_counter()` when the first batch of records was checked (throughput measurement)."""
+    first_batch_size: int = 0
+    last_batch_done: float | None = None
+    """`time.perf_counter()` when the latest batch was checked."""
 
 
 class Validator:
@@ -368,13 +373,17 @@ class Validator:
         stats = self.stats
         stats.batches += 1
         stats.checked += result.checked
+        done = time.perf_counter()
+        if stats.first_batch_done is None:
+            stats.first_batch_done, stats.first_batch_size = done, result.checked
+        stats.last_batch_done = done
         m = self.metrics
         m.messages_checked.add(result.checked)
         if result.drift_skipped:
             m.drift_skipped.add(result.drift_skipped)
         if result.rederived:
             m.rederived.add(result.rederived)
-        m.latency.record(time.perf_counter() - started)
+        m.latency.record(done - started)
 
     def _send(self, result: BatchResult) -> None:
         s = self.settings

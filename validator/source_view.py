@@ -11,7 +11,9 @@ common case, compared as encoded bytes with the header's source checksum), the r
 timestamp (staleness) and its coordinates (evidence). A tombstone deletes the DataID.
 
 The per-message lookup goes through a bounded in-memory cache in front of RocksDB (hits and misses
-both cached); every write to a DataID drops its cache entry, so the cache never serves an old version.
+both cached, oldest evicted first). Writes go through it: a stored source version replaces its entry,
+so the cache never serves an old version, and recently changed sources, the ones new outputs derive
+from, are usually found without a RocksDB read.
 Not thread-safe: the Validator's loop owns it.
 """
 
@@ -166,6 +168,7 @@ class SourceView:
             "isolation.level": "read_committed",
         }
         settings.setdefault("logger", log)
+        settings.pop("group.instance.id", None)  # the view never joins a group: no static membership
         try:
             consumer = Consumer(settings)
         except KafkaException as exc:
@@ -277,6 +280,7 @@ class SourceView:
         batch = WriteBatch(raw_mode=True)
         cache = self._cache
         nexts: dict[tuple[str, int], int] = {}
+        fresh: list[tuple[bytes, SourceEntry | None]] = []
         for topic, partition, offset, key, value, headers, ts in records:
             nexts[(topic, partition)] = offset + 1
             data_id = source_key(key, headers)
@@ -286,18 +290,27 @@ class SourceView:
                     "source record %s/%s/%s has no key and no DataID: ignored", topic, partition, offset
                 )
                 continue
-            cache.pop(data_id, None)
             if value is None:
                 batch.delete(_DATA + data_id)
+                fresh.append((data_id, None))
             else:
                 topic_bytes = topic.encode("utf-8")
-                head = _RECORD.pack(ts, _crc32c.crc32c(value), partition, offset, len(topic_bytes))
+                crc = _crc32c.crc32c(value)
+                head = _RECORD.pack(ts, crc, partition, offset, len(topic_bytes))
                 batch.put(_DATA + data_id, b"".join((head, topic_bytes, value)))
+                fresh.append((data_id, SourceEntry(crc, ts, topic, partition, offset)))
             self.records_applied += 1
         for (topic, partition), next_offset in nexts.items():
             batch.put(_offset_key(topic, partition), _NEXT.pack(next_offset))
         self._db.write(batch)
         self._next.update(nexts)
+        # Write-through, once stored: recently written sources are the ones outputs ask for next.
+        limit = self.cache_size
+        for data_id, entry in fresh:
+            cache.pop(data_id, None)
+            if len(cache) >= limit:
+                del cache[next(iter(cache))]
+            cache[data_id] = entry
 
     @property
     def caught_up(self) -> bool:

@@ -108,7 +108,7 @@ def test_source_view_stores_latest_versions_tombstones_and_resumes(tmp_path: Pat
     entry = view.get(b"a")
     assert entry is not None and entry.crc32c == crc32c.crc32c(b"v1") and entry.coordinates == "src/0/0"
     assert view.get(b"zzz") is None and b"zzz" in view.cache  # misses are cached too
-    view.apply([_rec(2, b"a", b"v2", ts=9)])  # a new version drops the cached one
+    view.apply([_rec(2, b"a", b"v2", ts=9)])  # a new version replaces the cached one
     entry = view.get(b"a")
     assert entry is not None and entry.crc32c == crc32c.crc32c(b"v2") and entry.timestamp_ms == 9
     assert entry.checksum == encode_checksum(compute(ChecksumAlgorithm.CRC32C, b"v2"))
@@ -118,6 +118,7 @@ def test_source_view_stores_latest_versions_tombstones_and_resumes(tmp_path: Pat
     )
     assert len(view.cache) <= 2
     view.apply([_rec(3, b"b", None)])  # tombstone
+    assert view.cache[b"b"] is None
     assert view.get(b"b") is None and view.value(b"b") is None
     view.close()
 
