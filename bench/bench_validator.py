@@ -148,6 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=100_000, help="output records (and source records)")
     ap.add_argument("--rounds", type=int, default=6, help="rounds (each runs both variants once)")
     ap.add_argument("--profile", action="store_true", help="cProfile the validator rounds (top 25 to stderr)")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time bench_headers' 'consume + verify' (check_batch: header found, CRC32C compared) "
+        "on the same topic: the floor any header-checking consumer pays here (informational)",
+    )
     ap.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics")
     args = ap.parse_args(argv)
     if args.messages < 2 * CONSUME_BATCH or args.rounds < 1:
@@ -159,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = {k: f"{prefix}-{k}" for k in ("src", "out", "alerts", "dlq")}
     log(f"broker {bootstrap}: creating topics {prefix}-*")
     create_topics(bootstrap, list(names.values()), 1)
-    plain, checked = Variant("consume plain"), Variant("validator")
+    plain, checked, verify = Variant("consume plain"), Variant("validator"), Variant("consume + verify")
     problems = 0
     profile = cProfile.Profile() if args.profile else None
     started = time.monotonic()
@@ -169,11 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"produced {n:,} sources and {n:,} outputs in {time.monotonic() - t0:.1f} s")
         with tempfile.TemporaryDirectory(prefix="bench-validator-") as state_root:
             for r in range(args.rounds):
-                order = ["validator", "plain"] if r % 2 else ["plain", "validator"]
+                order = ["plain", "validator", *(["verify"] if args.breakdown else [])]
+                if r % 2:
+                    order.reverse()
                 for variant in order:
-                    if variant == "plain":
-                        rate, failed = run_consume("plain", bootstrap, names["out"], 1, n)
-                        plain.rates.append(rate)
+                    if variant in ("plain", "verify"):
+                        rate, failed = run_consume(variant, bootstrap, names["out"], 1, n)
+                        (plain if variant == "plain" else verify).rates.append(rate)
                     else:
                         rate, failed = run_validator(bootstrap, names, n, Path(state_root), profile)
                         checked.rates.append(rate)
@@ -188,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if profile is not None:
         buf = io.StringIO()
-        pstats.Stats(profile, stream=buf).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profile, stream=buf).sort_stats(os.environ.get("BENCH_SORT", "tottime")).print_stats(25)
         log(buf.getvalue())
     ratio = checked.median / plain.median
     paired = statistics.median(v / p for v, p in zip(checked.rates, plain.rates, strict=True))
@@ -199,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"consumer config (both variants): {CONSUMER_CONFIG}, consume({CONSUME_BATCH})")
     print("validator checks: integrity + source drift (RocksDB view, in-memory cache in front)")
     print(f"{'variant':<16} {'median records/s':>18} {'min':>10} {'max':>10} {'vs plain':>9}")
-    for var in (plain, checked):
+    for var in (plain, *([verify] if verify.rates else []), checked):
         print(
             f"{var.name:<16} {var.median:>18,.0f} {min(var.rates):>10,.0f} {max(var.rates):>10,.0f} "
             f"{var.median / plain.median:>9.3f}"

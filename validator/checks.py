@@ -219,7 +219,7 @@ class Checker:
         lineages = self._lineages
         view = self.view
         view_get = view.get if view is not None else None
-        cache_get = view.cache.get if view is not None else None
+        crc_of = view.crcs.get if view is not None else None
         suspects: list[_Suspect] = []
         slow: list[MessageLike] = []
         unpack = _unpack_head
@@ -288,10 +288,9 @@ class Checker:
                 if last_reduce:
                     result.drift_skipped += 1
                     continue
-                entry = cache_get(data_id)  # type: ignore[misc]
-                if entry is None or entry[0] != source_crc:  # rare: not cached, missing or changed
+                if crc_of(data_id) != source_crc:  # type: ignore[misc]  # rare: uncached, missing, changed
                     entry = view_get(data_id)  # type: ignore[misc]
-                    if entry is None or entry[0] != source_crc:
+                    if entry is None or entry.crc32c != source_crc:
                         suspects.append(_Suspect(m, raw, raw, _SOURCE_AT, _SOURCE_END, data_id, pol))
         for m in slow:
             if not self._check_one(m, now_ms, result, suspects):

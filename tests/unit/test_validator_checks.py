@@ -79,7 +79,7 @@ class FakeView:
 
     records: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
     refreshed: int = 0
-    cache: dict[bytes, SourceEntry | None] = field(default_factory=dict)
+    crcs: dict[bytes, int] = field(default_factory=dict)
 
     def put(self, data_id: str, value: bytes, ts: int = NOW - 1000) -> None:
         self.records[data_id.encode()] = (value, ts)

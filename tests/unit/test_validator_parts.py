@@ -116,7 +116,8 @@ def test_source_view_stores_latest_versions_tombstones_and_resumes(tmp_path: Pat
     assert view.encoded_checksum(b"a", ChecksumAlgorithm.SHA256) == encode_checksum(
         compute(ChecksumAlgorithm.SHA256, b"v2")
     )
-    assert len(view.cache) <= 2
+    assert len(view.cache) <= 2 and set(view.crcs) <= set(view.cache)
+    assert view.crcs[b"a"] == crc32c.crc32c(b"v2")
     view.apply([_rec(3, b"b", None)])  # tombstone
     assert view.cache[b"b"] is None
     assert view.get(b"b") is None and view.value(b"b") is None
