@@ -9,9 +9,9 @@ values, distinct DataIDs), written once. Each round runs the same `Processor` (m
 exactly once unless `--guarantee at_least_once`, batch size `--batch-size`) over all of it twice,
 with a fresh consumer group and output topic each time: once without a ledger and once with a
 `LedgerWriter` on a `KafkaLedgerSink` (one-partition ledger topic, Ed25519 checkpoints every 1000
-entries). Which goes first alternates per round. Throughput = records / time from the first batch to the end of `run()` (which
-ends once every batch is committed, so with the ledger on, every entry is durable by then). Each
-variant is summarised by its median over rounds.
+entries). Which goes first alternates per round. Throughput = records / time from the first batch
+to the end of `run()` (which ends once every batch is committed, so with the ledger on, every entry
+is durable by then). Each variant is summarised by its median over rounds.
 
 The last line is `ledger_overhead_ratio=<median with ledger / median without>` (throughput ratio;
 1.0 = free).

@@ -9,10 +9,11 @@ docs/ledger.md gives the layout byte by byte for independent verifiers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 
-from streamprov.ledger.model import Application, Checkpoint, DataRef, LedgerEntry
+from streamprov.ledger.model import Application, Checkpoint, Context, DataRef, LedgerEntry
 from streamprov.merkle import length_prefixed
 
 HASH_SIZE = 32
@@ -42,9 +43,18 @@ def _opt_str(value: str | None) -> bytes:
     return b"\x00" if value is None else b"\x01" + value.encode("utf-8")
 
 
+_ALG_LP = tuple(_u32(1) + bytes((a,)) for a in range(256))
+"""lp(algorithm byte), by algorithm number."""
+_DOMAIN_LP = _u32(len(ENTRY_HASH_DOMAIN)) + ENTRY_HASH_DOMAIN
+_EIGHT = _u32(8)
+
+
 def _ref(ref: DataRef) -> bytes:
     """`DataRef.leaf_data()`: DataID, algorithm byte, digest (the reduce header's Merkle leaf)."""
-    return _lp(ref.data_id.encode("utf-8"), bytes((ref.checksum.algorithm,)), ref.checksum.value)
+    data_id = ref.data_id.encode("utf-8")
+    checksum = ref.checksum
+    value = checksum.value
+    return b"".join((_u32(len(data_id)), data_id, _ALG_LP[checksum.algorithm], _u32(len(value)), value))
 
 
 def genesis_hash(ledger_id: str) -> bytes:
@@ -52,26 +62,59 @@ def genesis_hash(ledger_id: str) -> bytes:
     return hashlib.sha256(length_prefixed(GENESIS_DOMAIN, ledger_id.encode("utf-8"))).digest()
 
 
+@functools.lru_cache(maxsize=1024)
+def _identity_head(
+    kind: int, function_id: str, version: str, code_hash: bytes, parameters: tuple[tuple[str, str], ...]
+) -> bytes:
+    """The identity parts a step shares across all its applications (memoised: the per-entry path)."""
+    params = _lp(*[_lp(k.encode("utf-8"), v.encode("utf-8")) for k, v in sorted(parameters)])
+    return _lp(
+        ENTRY_ID_DOMAIN,
+        bytes([kind]),
+        function_id.encode("utf-8"),
+        version.encode("utf-8"),
+        code_hash,
+        params,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity_tail(
+    origin: int, task_id: str | None, window_start: int | None, window_end: int | None
+) -> bytes:
+    return _lp(bytes([origin]), _opt_str(task_id), _opt_int(window_start), _opt_int(window_end))
+
+
+@functools.lru_cache(maxsize=256)
+def _context_part(ctx: Context) -> bytes:
+    return _lp(
+        ctx.source.encode("utf-8"),
+        ctx.location.encode("utf-8"),
+        _lp(*[r.encode("utf-8") for r in ctx.access_rights]),
+    )
+
+
 def identity_material(app: Application) -> bytes:
     """The bytes that identify an application: what ran, on what, producing what, and why.
 
     Not the timestamp, the device or the context: the same application replayed after a crash, on
     another pod, must get the same entry_id so the ledger and its index can drop the duplicate.
+
+    `LP(domain, kind, function_id, function_version, code_hash, LP(LP(k, v)...), LP(ref(i)...),
+    ref(output), origin, opt_str(task_id), opt_int(window_start), opt_int(window_end))`, built from
+    memoised parts: what a step shares is encoded once.
     """
-    params = _lp(*[_lp(k.encode("utf-8"), v.encode("utf-8")) for k, v in sorted(app.parameters)])
-    return _lp(
-        ENTRY_ID_DOMAIN,
-        bytes([app.kind]),
-        app.function_id.encode("utf-8"),
-        app.function_version.encode("utf-8"),
-        app.code_hash,
-        params,
-        _lp(*[_ref(r) for r in app.inputs]),
-        _ref(app.output),
-        bytes([app.origin]),
-        _opt_str(app.task_id),
-        _opt_int(app.window_start),
-        _opt_int(app.window_end),
+    inputs = b"".join([_lp(_ref(r)) for r in app.inputs])
+    output = _ref(app.output)
+    return b"".join(
+        (
+            _identity_head(app.kind, app.function_id, app.function_version, app.code_hash, app.parameters),
+            _u32(len(inputs)),
+            inputs,
+            _u32(len(output)),
+            output,
+            _identity_tail(app.origin, app.task_id, app.window_start, app.window_end),
+        )
     )
 
 
@@ -84,22 +127,28 @@ def entry_hash_of(
     seq: int, prev_hash: bytes, entry_id: bytes, app: Application, material: bytes | None = None
 ) -> bytes:
     """The chain hash: covers the entry's place, its link, its identity and every other field."""
-    ctx = app.context
-    context = _lp(
-        ctx.source.encode("utf-8"),
-        ctx.location.encode("utf-8"),
-        _lp(*[r.encode("utf-8") for r in ctx.access_rights]),
-    )
+    material = identity_material(app) if material is None else material
+    device = app.device_id.encode("utf-8")
+    context = _context_part(app.context)
     return hashlib.sha256(
-        _lp(
-            ENTRY_HASH_DOMAIN,
-            _i64(seq),
-            prev_hash,
-            entry_id,
-            identity_material(app) if material is None else material,
-            _i64(app.timestamp_ms),
-            app.device_id.encode("utf-8"),
-            context,
+        b"".join(
+            (
+                _DOMAIN_LP,
+                _EIGHT,
+                _i64(seq),
+                _u32(len(prev_hash)),
+                prev_hash,
+                _u32(len(entry_id)),
+                entry_id,
+                _u32(len(material)),
+                material,
+                _EIGHT,
+                _i64(app.timestamp_ms),
+                _u32(len(device)),
+                device,
+                _u32(len(context)),
+                context,
+            )
         )
     ).digest()
 

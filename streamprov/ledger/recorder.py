@@ -13,6 +13,9 @@ Every agent flavour shares it: the confluent-kafka `Processor` and the faust age
   InputDigest (count + Merkle root) is over the same (DataID, checksum) leaves in the same order, so
   `Application.check_input_digest` ties the entry to the output's header.
 
+Applications are buffered and handed to the writer `handoff` at a time (one queue item: one lock and
+one wake-up of the writer thread for many records), and at every flush.
+
 Durability contract (at-least-once): the agent calls `begin_flush()` / `flush()` before committing
 its consumer offsets, so an entry is never lost to a crash; a replay appends the same application
 again, with the same entry_id, and the chain and the index drop it.
@@ -84,6 +87,7 @@ class StepRecorder:
         origin: Origin = Origin.PIPELINE,
         task_id: str | None = None,
         algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
+        handoff: int = 64,
     ) -> None:
         self.writer = writer
         self.step = step
@@ -95,7 +99,9 @@ class StepRecorder:
         self.stats = RecorderStats()
         self._kind = ApplicationKind(int(step.kind))
         self._params = tuple(sorted(step.parameters))
+        self.handoff = handoff
         self._windows: dict[Hashable, list[DataRef]] = {}
+        self._buffer: list[Application] = []
         self._unflushed = 0
 
     @property
@@ -186,6 +192,7 @@ class StepRecorder:
     def drop_windows(self) -> None:
         """Forget every open window (the agent dropped them; replaying the input rebuilds them)."""
         self._windows.clear()
+        self._buffer.clear()  # a rewind redoes the batch: its applications are recorded again
         self.stats.inputs_held = 0
 
     @property
@@ -194,14 +201,25 @@ class StepRecorder:
 
     # -- durability ------------------------------------------------------------------------------------
     def _append(self, app: Application) -> None:
-        self.writer.append(app)
-        self.stats.appended += 1
+        self._buffer.append(app)
         self._unflushed += 1
+        if len(self._buffer) >= self.handoff:
+            self.hand_over()
+
+    def hand_over(self) -> None:
+        """Give the buffered applications to the writer (one queue item); raises the writer's errors,
+        and then keeps nothing: the agent redoes the batch, which records them again."""
+        buffer, self._buffer = self._buffer, []
+        if buffer:
+            self.writer.append_many(buffer)
+            self.stats.appended += len(buffer)
 
     def begin_flush(self, timeout_s: float = 30.0) -> FlushTicket | None:
-        """Start flushing what was appended (None when nothing was since the last flush)."""
+        """Hand over what is buffered and start flushing what was appended (None when nothing was
+        since the last flush)."""
         if not self._unflushed:
             return None
+        self.hand_over()
         ticket = self.writer.begin_flush(timeout_s)
         self._unflushed = 0
         return ticket

@@ -19,8 +19,8 @@ Contract, for agents:
 - When storage fails the writer stops: later `append`/`flush` calls raise `LedgerWriteFailedError`.
   A new writer resumes from what storage holds.
 
-Memory is bounded by `max_queue` applications, one batch of `max_batch` records, and the chain's
-dedup window.
+Memory is bounded by `max_queue` items (an application, or a list from `append_many`), one
+batch of `max_batch` records, and the chain's dedup window.
 """
 
 from __future__ import annotations
@@ -151,9 +151,9 @@ class LedgerWriter:
         self.max_entry_bytes = max_entry_bytes
         self.checkpoint_on_close = checkpoint_on_close
         self.stats = WriterStats()
-        self._queue: queue.Queue[Application | _Barrier | _Stop] = queue.Queue(max_queue)
+        self._queue: queue.Queue[Application | list[Application] | _Barrier | _Stop] = queue.Queue(max_queue)
         self._chain: LedgerChain | None = None
-        self._batch: list[Application | _Barrier | _Stop] = []
+        self._batch: list[Application | list[Application] | _Barrier | _Stop] = []
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._closed = False
@@ -199,21 +199,43 @@ class LedgerWriter:
                 f"application of {app.function_id}@{app.function_version} with {len(app.inputs)} inputs "
                 f"needs about {size} bytes, above max_entry_bytes={self.max_entry_bytes}"
             )
+        self._put(app, timeout_s)
+        self.stats.appended += 1
+
+    def append_many(self, apps: list[Application], timeout_s: float | None = None) -> None:
+        """Queue several applications as one item (one lock, one wake-up); all or none are queued.
+
+        The list is handed over: the caller must not change it afterwards.
+        """
+        if not apps:
+            return
+        if self._failure is not None:
+            raise LedgerWriteFailedError(f"the ledger writer failed: {self._failure!r}") from self._failure
+        limit = self.max_entry_bytes
+        for app in apps:
+            size = approx_size(app)
+            if size > limit:
+                raise EntryTooLargeError(
+                    f"application of {app.function_id}@{app.function_version} with {len(app.inputs)} "
+                    f"inputs needs about {size} bytes, above max_entry_bytes={limit}"
+                )
+        self._put(apps, timeout_s)
+        self.stats.appended += len(apps)
+
+    def _put(self, item: Application | list[Application], timeout_s: float | None) -> None:
         with self._state_lock:
             if self._closed or self._thread is None:
                 raise LedgerClosedError(
                     "the ledger writer is closed" if self._closed else "start() the writer first"
                 )
             self._inflight += 1
+        timeout = self.put_timeout_s if timeout_s is None else timeout_s
         try:
-            self._queue.put(app, timeout=self.put_timeout_s if timeout_s is None else timeout_s)
+            self._queue.put(item, timeout=timeout)
         except queue.Full:
             raise LedgerBackpressureError(
-                f"ledger queue full ({self._queue.maxsize} applications) for "
-                f"{self.put_timeout_s if timeout_s is None else timeout_s}s: the ledger cannot keep up"
+                f"ledger queue full ({self._queue.maxsize} items) for {timeout}s: the ledger cannot keep up"
             ) from None
-        else:
-            self.stats.appended += 1
         finally:
             with self._state_lock:
                 self._inflight -= 1
@@ -278,7 +300,7 @@ class LedgerWriter:
             except Exception:
                 logger.exception("ledger %s: closing the sink failed", self.ledger_id)
 
-    def _take_batch(self) -> list[Application | _Barrier | _Stop] | None:
+    def _take_batch(self) -> list[Application | list[Application] | _Barrier | _Stop] | None:
         try:
             first = self._queue.get(timeout=_IDLE_POLL_S)
         except queue.Empty:
@@ -304,6 +326,9 @@ class LedgerWriter:
             for item in batch:
                 if isinstance(item, Application):
                     self._seal(chain, item, pending)
+                elif isinstance(item, list):
+                    for app in item:
+                        self._seal(chain, app, pending)
                 elif isinstance(item, _Barrier):
                     self._write(pending)
                     pending = []
@@ -380,10 +405,15 @@ class LedgerWriter:
                 return
             if isinstance(item, Application):
                 self._seal(chain, item, pending)
+            elif isinstance(item, list):
+                for app in item:
+                    self._seal(chain, app, pending)
             elif isinstance(item, _Barrier):
                 barriers.append(item)  # answered by close's own final flush
 
-    def _release(self, batch: list[Application | _Barrier | _Stop], exc: BaseException) -> bool:
+    def _release(
+        self, batch: list[Application | list[Application] | _Barrier | _Stop], exc: BaseException
+    ) -> bool:
         """Answer the flushers in the batch that failed; True when it held the stop marker."""
         stop = False
         for item in batch:
@@ -405,6 +435,8 @@ class LedgerWriter:
                 continue
             if isinstance(item, Application):
                 lost += 1
+            elif isinstance(item, list):
+                lost += len(item)
             elif isinstance(item, _Barrier):
                 item.error = exc
                 item.done.set()

@@ -106,6 +106,11 @@ def _entries(store: MemoryLedgerStore) -> list[LedgerEntry]:
     return [r.record for r in store.read() if isinstance(r.record, LedgerEntry)]
 
 
+def _flush(t: StepTransform) -> None:
+    assert t.recorder is not None
+    t.recorder.flush()
+
+
 def _writer(store: MemoryLedgerStore, **kw: Any) -> LedgerWriter:
     return LedgerWriter(store, LEDGER, None, **kw).start()
 
@@ -130,6 +135,8 @@ def test_map_records_input_and_output_nodes_and_chains() -> None:
         assert first.recorder is not None and first.recorder.unflushed == 1
         first.recorder.flush()
         assert first.recorder.unflushed == 0
+        assert second.recorder is not None
+        second.recorder.flush()  # buffered until a flush (or `handoff` of them) hands them over
 
     e1, e2 = _entries(store)
     a1, a2 = e1.application, e2.application
@@ -161,6 +168,7 @@ def test_map_of_a_record_without_header_names_it_like_the_stamper(tmp_path: Path
         [out] = t.process(Msg(_v(3), b"plain-key"))
         [keyless] = t.process(Msg(_v(3), None, t="src", p=2, o=17))
         assert not out.dead_letter and not keyless.dead_letter
+        _flush(t)
     e1, e2 = _entries(store)
     assert e1.application.inputs == (DataRef.of("plain-key", _v(3), ChecksumAlgorithm.SHA256),)
     assert e2.application.inputs[0].data_id == "src/2/17"
@@ -180,7 +188,7 @@ def test_dead_letters_and_replays_leave_no_extra_entries() -> None:
         assert bad2.dead_letter
         for _ in range(3):  # a replay after a crash: same application, same entry_id
             t.process(_source("ok", 2))
-        writer.flush()
+            _flush(t)
         assert writer.stats.duplicates == 2
     assert len(_entries(store)) == 1
 
@@ -204,6 +212,7 @@ def test_reduce_records_the_full_input_list_matching_the_header_digest(tmp_path:
         assert rec.open_windows == 1 and rec.stats.inputs_held == 3
         [out] = t.process(_source("d", 4, offset=3, ts=2_500))  # closes [0, 1000)
         assert rec.open_windows == 1 and rec.stats.inputs_held == 1  # only d's window is held
+        rec.flush()
         t.reset()  # a rewind drops the open windows; replay rebuilds them
         assert rec.open_windows == 0 and rec.stats.inputs_held == 0
     [entry] = _entries(store)
@@ -232,6 +241,7 @@ def test_flush_on_end_of_input_records_every_window() -> None:
             m.k = key
             t.process(m)
         outs = t.flush()
+        _flush(t)
     entries = _entries(store)
     assert len(outs) == 2 == len(entries)
     assert sorted(len(e.application.inputs) for e in entries) == [1, 2]
@@ -247,6 +257,8 @@ def test_backpressure_surfaces_to_the_caller() -> None:
     writer = LedgerWriter(store, LEDGER, None, max_queue=1, max_batch=1, put_timeout_s=0.01).start()
     try:
         t = StepTransform(registry.get("double"), output_topic="out", dead_letter_topic="dlq", ledger=writer)
+        assert t.recorder is not None
+        t.recorder.handoff = 1
         with pytest.raises(LedgerBackpressureError):
             for i in range(10):
                 t.process(_source(f"id-{i}", i))
