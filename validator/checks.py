@@ -92,7 +92,6 @@ class TopicPolicy:
         return self.source_drift or self.source_max_age_ms is not None or self.rederive_rate > 0
 
 
-_OFF = TopicPolicy(integrity=False, source_drift=False)
 
 
 class MessageLike(Protocol):
@@ -177,7 +176,10 @@ class Checker:
         dead_letter_topic: str,
         rederiver: Rederiver | None = None,
         refresh: Callable[[], object] | None = None,
+        topics: Sequence[str] | None = None,
     ) -> None:
+        """`topics`: the topics the messages come from, when known; with exactly one, the loop does
+        not read each record's topic."""
         self._policy_for = policy_for
         self._policies: dict[str, TopicPolicy] = {}
         self.view = view
@@ -185,12 +187,19 @@ class Checker:
         self.rederiver = rederiver
         self.refresh = refresh
         self._lineages: dict[bytes, LineageInfo] = {}
+        self._single = topics[0] if topics is not None and len(topics) == 1 else None
 
     def policy(self, topic: str) -> TopicPolicy:
         pol = self._policies.get(topic)
         if pol is None:
             pol = self._policies[topic] = self._policy_for(topic)
         return pol
+
+    def _fast_policy(self, topic: str) -> tuple[TopicPolicy, bool, bool, bool]:
+        """(policy, can the fast loop check it, integrity on, drift on) for `topic`."""
+        pol = self.policy(topic)
+        fast = pol.message_max_age_ms is None and pol.source_max_age_ms is None and pol.rederive_rate <= 0
+        return pol, fast, pol.integrity, pol.source_drift and self.view is not None
 
     def _lineage(self, encoded: bytes) -> LineageInfo:
         info = self._lineages.get(encoded)
@@ -233,8 +242,8 @@ class Checker:
         last_len = -1
         last_reduce = False
         last_topic: str | None = None
-        pol = _OFF
-        fast = integrity = drift = False
+        multi = self._single is None
+        pol, fast, integrity, drift = self._fast_policy(self._single or "")
         events = 0
         for m in messages:
             hs = m.headers()
@@ -268,30 +277,29 @@ class Checker:
                         slow.append(m)
                         continue
                 last_lineage, last_len, last_reduce = encoded, len(encoded), info.has_reduce
-            data_id = raw[id_at:lineage_at]
-            topic = m.topic()
-            if topic != last_topic:
-                last_topic = topic
-                pol = self.policy(topic or "")
-                integrity, drift = pol.integrity, pol.source_drift and view is not None
-                fast = (
-                    pol.message_max_age_ms is None
-                    and pol.source_max_age_ms is None
-                    and pol.rederive_rate <= 0
-                )
-            if not fast or not data_id.isascii():
+            if multi:
+                topic = m.topic()
+                if topic != last_topic:
+                    last_topic = topic
+                    pol, fast, integrity, drift = self._fast_policy(topic or "")
+            if not fast:
                 slow.append(m)
                 continue
+            data_id = raw[id_at:lineage_at]
+            if drift and not last_reduce:
+                # A hit also proves the DataID valid: the view's keys are UTF-8.
+                if crc_of(data_id) != source_crc:  # type: ignore[misc]
+                    entry = view_get(data_id)  # type: ignore[misc]  # rare: not cached, missing, changed
+                    if entry is None or entry.crc32c != source_crc:
+                        slow.append(m)  # the general path validates, reports, and re-checks drift
+                        continue
+            elif not data_id.isascii():
+                slow.append(m)
+                continue
+            elif drift:
+                result.drift_skipped += 1
             if integrity and value_crc != crc_claimed:
                 self._checksum_mismatch(m, raw, raw, _SOURCE_AT, m.value(), pol, now_ms, result)
-            if drift:
-                if last_reduce:
-                    result.drift_skipped += 1
-                    continue
-                if crc_of(data_id) != source_crc:  # type: ignore[misc]  # rare: uncached, missing, changed
-                    entry = view_get(data_id)  # type: ignore[misc]
-                    if entry is None or entry.crc32c != source_crc:
-                        suspects.append(_Suspect(m, raw, raw, _SOURCE_AT, _SOURCE_END, data_id, pol))
         for m in slow:
             if not self._check_one(m, now_ms, result, suspects):
                 events += 1

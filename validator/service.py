@@ -116,6 +116,7 @@ class Validator:
             dead_letter_topic=settings.dead_letter_topic,
             rederiver=Rederiver(registry, serde) if registry is not None else None,
             refresh=lambda: self.view.catch_up(settings.source_catch_up_s),
+            topics=settings.topics,
         )
         try:
             self._consumer = Consumer(self._consumer_settings())

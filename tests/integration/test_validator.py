@@ -372,6 +372,55 @@ def test_problem_stream_gives_exactly_the_expected_alerts(
         assert headers[SOURCE_HEADER] == f"{out}/0/{offset}".encode()
 
 
+# -- 2b. rebalance ------------------------------------------------------------------------------------
+def test_a_second_instance_takes_partitions_without_losing_alerts(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
+) -> None:
+    n, partitions = 2000, 4
+    src, out = new_topic(1, COMPACTED), new_topic(partitions)
+    alerts, dlq = new_topic(), new_topic()
+    group = unique_group()
+    sources = {f"s-{i:05d}": reading(i) for i in range(n)}
+    produce_sources(kafka_bootstrap, src, sources)
+    records = []
+    for i, (data_id, value) in enumerate(sources.items()):
+        v, h = derived(data_id, value)
+        records.append(Record(v + b"~" if i % 5 == 0 else v, data_id.encode(), [(HEADER_KEY, h)]))
+
+    def make(name: str) -> Validator:
+        s = settings_for(
+            kafka_bootstrap,
+            tmp_path / name,
+            topics=(out,),
+            sources=(src,),
+            alerts=alerts,
+            dlq=dlq,
+            group=group,
+        )
+        return Validator(s)
+
+    with running(make("a")) as a:
+        delivered = produce(kafka_bootstrap, out, records[: n // 2])
+        wait_until(lambda: a.stats.checked >= n // 4, 60, "the first instance at work")
+        with running(make("b")) as b:
+            wait_until(lambda: b.ready()[0], 60, "the second instance assigned")
+            delivered += produce(kafka_bootstrap, out, records[n // 2 :])
+            wait_until(
+                lambda: committed_total(kafka_bootstrap, group, out, partitions) == n,
+                90,
+                "everything committed",
+            )
+            assert b.stats.checked > 0
+    assert a.stats.checked + b.stats.checked >= n
+    bad = {
+        alert_id(m.topic(), m.partition(), m.offset(), AlertKind.CHECKSUM_MISMATCH)
+        for m in delivered
+        if int(m.key()[2:]) % 5 == 0
+    }
+    got = read_alerts(kafka_bootstrap, alerts, expected=len(bad), timeout_s=60, grace_s=1.0)
+    assert {x.alert_id for x in got} == bad and len(bad) == n // 5
+
+
 # -- 3. kill -9 ------------------------------------------------------------------------------------
 def _write_config(path: Path, bootstrap: str, **names: str) -> Path:
     path.write_text(

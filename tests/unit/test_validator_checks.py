@@ -424,3 +424,26 @@ def test_evidence_helpers() -> None:
     assert iso_ms(10**20).endswith("ms")
     assert PREFIX.startswith(b"\xc3\x01")
     assert SourceStamper  # the producer-side stamper writes what the fast path reads
+
+
+@pytest.mark.parametrize("topics", [None, ["out"], ["out", "other"]])
+def test_a_mixed_batch_gives_the_same_findings_with_or_without_a_topic_hint(topics: list[str] | None) -> None:
+    view = FakeView()
+    msgs = []
+    for i in range(6):
+        src = dumps({"f": i})
+        if i != 3:
+            view.put(f"s-{i}", src)
+        value, header = map_output(f"s-{i}", src)
+        if i == 1:
+            value += b" "
+        if i == 4:
+            header = header.replace(b"s-4", b"s-\xff")  # not UTF-8: malformed, not a missing source
+        msgs.append(Msg(value, [(HEADER_KEY, header)], k=f"s-{i}".encode(), o=i))
+    msgs.append(Msg(b"junk", None, o=6))
+    view.crcs.update({d: crc32c.crc32c(v) for d, (v, _) in view.records.items()})
+    pol = TopicPolicy()
+    result = Checker(lambda _t: pol, view, dead_letter_topic="dlq", topics=topics).check(msgs, NOW)
+    found = sorted((a.offset, a.kind.value) for a in result.alerts)
+    assert found == [(1, "checksum_mismatch"), (3, "missing_source"), (4, "malformed"), (6, "malformed")]
+    assert len(result.dead_letters) == 2 and result.checked == 7
