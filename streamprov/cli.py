@@ -14,6 +14,8 @@ import typer
 from streamprov import __version__
 from streamprov.config.cli import config_app
 from streamprov.errors import StreamprovError
+from streamprov.export.cli import impact as impact_command
+from streamprov.export.cli import lineage as lineage_command
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.ledger.cli import ledger_app
 from validator.cli import validator_app
@@ -30,6 +32,8 @@ app.add_typer(header_app, name="header")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(config_app, name="config")
 app.add_typer(validator_app, name="validator")
+app.command("lineage")(lineage_command)
+app.command("impact")(impact_command)
 
 BootstrapOption = Annotated[
     str | None,
