@@ -16,7 +16,9 @@ which goes first), each summarised by its median:
                  checksum from the view) and commits after acknowledgement. Any alert fails the run.
 
 Both clocks start once records flow (the first batch is excluded): the validator's group join and
-source-view catch-up are start-up costs, not throughput. The last line is `validator_ratio=<x.xxx>`
+source-view catch-up are start-up costs, not throughput. The process runs with the garbage-collector
+settings of the `streamprov validator run` process (`validator.cli.tune_gc`), for every variant
+alike; `--default-gc` keeps CPython's defaults instead. The last line is `validator_ratio=<x.xxx>`
 (validator / plain, ratio of medians).
 
 Usage: python bench/bench_validator.py [--bootstrap HOST:PORT] [--messages N] [--rounds R] [--profile]
@@ -64,6 +66,7 @@ from streamprov.producer import ProvenanceProducer  # noqa: E402
 from streamprov.registry import FunctionRegistry  # noqa: E402
 from streamprov.stamp import InputRecord, MapStamper  # noqa: E402
 from validator.checks import TopicPolicy  # noqa: E402
+from validator.cli import GC_THRESHOLD, tune_gc  # noqa: E402
 from validator.service import Validator  # noqa: E402
 from validator.settings import ServiceSettings  # noqa: E402
 
@@ -155,7 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "on the same topic: the floor any header-checking consumer pays here (informational)",
     )
     ap.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics")
+    ap.add_argument(
+        "--default-gc", action="store_true", help="keep CPython's GC thresholds (not the service's)"
+    )
     args = ap.parse_args(argv)
+    if not args.default_gc:
+        tune_gc()
     if args.messages < 2 * CONSUME_BATCH or args.rounds < 1:
         ap.error(f"need --messages >= {2 * CONSUME_BATCH} and --rounds >= 1")
     bootstrap = args.bootstrap or start_kafka()
@@ -206,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"consumer config (both variants): {CONSUMER_CONFIG}, consume({CONSUME_BATCH})")
     print("validator checks: integrity + source drift (RocksDB view, in-memory cache in front)")
+    gc_note = "CPython defaults" if args.default_gc else f"the service's, threshold {GC_THRESHOLD}"
+    print(f"garbage collector (all variants): {gc_note}")
     print(f"{'variant':<16} {'median records/s':>18} {'min':>10} {'max':>10} {'vs plain':>9}")
     for var in (plain, *([verify] if verify.rates else []), checked):
         print(
