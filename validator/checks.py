@@ -92,8 +92,6 @@ class TopicPolicy:
         return self.source_drift or self.source_max_age_ms is not None or self.rederive_rate > 0
 
 
-
-
 class MessageLike(Protocol):
     """The part of a consumed `confluent_kafka.Message` the checks read (tests pass plain objects)."""
 
