@@ -1,0 +1,120 @@
+"""Recompute policy decisions: triggers, error rate, dedup, fan-out, budget, rate limit; each with a cause."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from recompute_manager.policy import Action, HourlyBudget, TokenBucket, TopicPolicy
+from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
+from streamprov.checksum import ChecksumAlgorithm, compute
+from streamprov.config.models import Criticality, RecomputeSettings, RecomputeTrigger
+from validator.alerts import Alert, AlertKind, Evidence
+
+
+def alert(data_id: str = "d1", kind: AlertKind = AlertKind.CHECKSUM_MISMATCH, offset: int = 0) -> Alert:
+    return Alert.create(
+        kind,
+        data_id=data_id,
+        topic="out",
+        partition=0,
+        offset=offset,
+        header=None,
+        evidence=Evidence("aa", "bb", "payload checksum differs"),
+        criticality=Criticality.HIGH,
+        detected_at_ms=1,
+    )
+
+
+def change(data_id: str = "s1") -> ChangeEvent:
+    src = SourceChange(
+        "src", 0, 5, data_id, compute(ChecksumAlgorithm.CRC32C, b"a"), compute(ChecksumAlgorithm.CRC32C, b"b")
+    )
+    return ChangeEvent.for_source(ChangeKind.SOURCE_CHANGED, src, EMPTY_IMPACT, 1)
+
+
+def policy(**kw: object) -> TopicPolicy:
+    return TopicPolicy("out", RecomputeSettings.model_validate(kw))
+
+
+def test_recompute_with_cause_tree() -> None:
+    d = policy().on_alert(alert(), 0.0)
+    assert d.action is Action.RECOMPUTE and d.runs
+    assert d.cause.kind == "alert:checksum_mismatch"
+    assert "alert_id=" in d.cause.detail and "d1 at out/0/0" in d.cause.subject
+    assert d.cause.causes[0].kind == "error_rate"
+    assert "error_rate" in d.cause.describe()
+
+
+def test_disabled_and_trigger_not_enabled() -> None:
+    assert policy(enabled=False).on_alert(alert(), 0).action is Action.DISABLED
+    d = policy(triggers=["stale"]).on_alert(alert(), 0)
+    assert d.action is Action.DISABLED and "checksum_mismatch" in d.reason
+    assert policy().on_alert(alert(kind=AlertKind.MALFORMED), 0).action is Action.DISABLED
+
+
+def test_error_rate_below_threshold_alert_only_above_recompute() -> None:
+    p = policy(acceptable_error_rate=0.1, dedup_window=0)
+    p.messages_checked(100, 0.0)
+    for i in range(10):
+        d = p.on_alert(alert(f"d{i}", offset=i), 1.0)
+        assert d.action is Action.ALERT_ONLY, d
+    assert "<=" in d.cause.causes[0].detail
+    d = p.on_alert(alert("d10", offset=10), 1.0)  # 11 / 100 > 0.1
+    assert d.action is Action.RECOMPUTE
+    assert ">" in d.cause.causes[0].detail
+    # the window slides: old alerts and checks expire
+    p.messages_checked(1000, 400.0)
+    assert p.on_alert(alert("d11"), 400.0).action is Action.ALERT_ONLY
+
+
+def test_dedup_window_one_recompute_per_data_id() -> None:
+    p = policy(dedup_window="5m")
+    actions = [p.on_alert(alert("x", offset=i), float(i)).action for i in range(5)]
+    assert actions == [Action.RECOMPUTE] + [Action.DUPLICATE] * 4
+    assert p.on_alert(alert("x"), 301.0).action is Action.RECOMPUTE
+    assert p.on_alert(alert("y"), 2.0).action is Action.RECOMPUTE
+
+
+def test_max_fanout_needs_approval() -> None:
+    p = policy(max_fanout=3)
+    d = p.on_change(change(), 0.0, tasks=4)
+    assert d.action is Action.NEEDS_APPROVAL and "max_fanout 3" in d.reason
+    assert d.cause.kind == "change:source_changed"
+    ok = p.approve(d, 4, 0.0)
+    assert ok.action is Action.RECOMPUTE and ok.cause.causes[0] == d.cause
+    assert p.on_change(change("s2"), 0.0, tasks=3).action is Action.RECOMPUTE
+
+
+def test_rate_limit_token_bucket() -> None:
+    p = policy(rate_limit_per_s=2, dedup_window=0)
+    got = [p.on_alert(alert(f"d{i}"), 0.0).action for i in range(3)]
+    assert got == [Action.RECOMPUTE, Action.RECOMPUTE, Action.RATE_LIMITED]
+    d = p.on_alert(alert("d9"), 0.0)
+    assert d.retry_after_s == 0.5
+    assert p.on_alert(alert("d9"), 0.5).action is Action.RECOMPUTE
+
+
+def test_hourly_budget() -> None:
+    p = policy(budget_per_hour=3, rate_limit_per_s=1000, dedup_window=0)
+    assert [p.on_alert(alert(f"d{i}"), float(i)).action for i in range(4)][-1] is Action.OVER_BUDGET
+    d = p.on_alert(alert("z"), 10.0)
+    assert d.action is Action.OVER_BUDGET and d.retry_after_s == 3590.0
+    assert p.on_alert(alert("z"), 3600.0).action is Action.RECOMPUTE
+
+
+def test_change_event_triggers() -> None:
+    p = policy(triggers=[RecomputeTrigger.STALE])
+    assert p.on_change(change(), 0.0).action is Action.DISABLED
+    assert policy().on_change(change(), 0.0).data_id == "s1"
+
+
+def test_primitives() -> None:
+    b = TokenBucket(1.0)
+    assert b.wait_s(1, 0.0) == 0.0
+    b.take(5, 0.0)  # a big plan borrows
+    assert b.wait_s(1, 0.0) == 5.0
+    h = HourlyBudget(2, window_s=10)
+    h.spend(2, 0.0)
+    assert h.wait_s(1, 5.0) == 5.0 and h.wait_s(3, 5.0) is None
+    assert h.used(10.0) == 0
+    assert timedelta(0) == RecomputeSettings(dedup_window=0).dedup_window
