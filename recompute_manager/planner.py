@@ -1,0 +1,424 @@
+"""Plans: from an alert or a change event and the ledger, the affected sub-graph as recompute tasks.
+
+A plan replays exactly the affected applications, in dependency order (the ledger's own order:
+`streamprov.ledger.queries.dependency_order`):
+
+* an alert about an output record (checksum mismatch, re-derivation mismatch, stale): the lineage of
+  that output (`LedgerIndex.upstream`), replayed from the original data;
+* an alert or change event about a source record: everything derived from the old source version
+  (`LedgerIndex.downstream`), replayed on the current version;
+* a function change: every application of the old function version and everything derived from them
+  (`LedgerIndex.affected_by_function`).
+
+One task per application. A task's inputs say where each comes from: the current source record,
+another task of the plan (`depends_on`), or an unaffected intermediate value (the value store).
+Tasks are keyed by the DataID of their output, so one DataID's tasks stay ordered on one partition
+(STYLE.md item 7). Plan and task ids are deterministic: planning one cause twice gives the same ids.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fastavro
+
+from recompute_manager.policy import Cause, cause_of_alert, cause_of_change
+from streamprov import avro
+from streamprov.changes.event import ChangeEvent, ChangeKind
+from streamprov.checksum import Checksum, ChecksumAlgorithm
+from streamprov.errors import HeaderError, StreamprovError
+from streamprov.header import ProvenanceHeader, now_ms
+from streamprov.ledger.index import LedgerIndex
+from streamprov.ledger.model import ApplicationKind, DataRef
+from streamprov.ledger.queries import Applied
+from streamprov.lineage import InputDigest, Step, StepKind
+from streamprov.merkle import length_prefixed
+from validator.alerts import Alert, AlertKind
+
+__all__ = [
+    "PREFIX",
+    "SCHEMA",
+    "Coordinates",
+    "InputOrigin",
+    "InputRef",
+    "PlanError",
+    "RecomputePlan",
+    "RecomputeTask",
+    "plan_for_alert",
+    "plan_for_change",
+    "plan_from_applications",
+]
+
+SCHEMA_NAME = "recompute_task"
+SCHEMA = avro.load_schema_json(SCHEMA_NAME)
+PREFIX = avro.single_object_prefix(SCHEMA)
+_READER = avro.without_logical_types(SCHEMA)
+_PARSED = fastavro.parse_schema(_READER)
+
+
+class PlanError(StreamprovError):
+    """A cause that cannot be planned (no header to locate the output, unknown in the ledger), or
+    bytes that are not a recompute task."""
+
+
+class InputOrigin(enum.StrEnum):
+    SOURCE = "source"
+    TASK = "task"
+    STORED = "stored"
+
+
+@dataclass(frozen=True, slots=True)
+class InputRef:
+    node: DataRef
+    origin: InputOrigin
+    from_task: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Coordinates:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecomputeTask:
+    task_id: str
+    plan_id: str
+    data_id: str
+    topic: str
+    position: int
+    entry_id: bytes
+    steps: tuple[Step, ...]
+    inputs: tuple[InputRef, ...]
+    previous_output: Checksum
+    depends_on: tuple[str, ...]
+    cause: Cause
+    created_at_ms: int
+    supersedes: Coordinates | None = None
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka key: the output's DataID (one DataID's tasks stay in order)."""
+        return self.data_id.encode("utf-8")
+
+    @property
+    def previous_node(self) -> DataRef:
+        return DataRef(self.data_id, self.previous_output)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "plan_id": self.plan_id,
+            "data_id": self.data_id,
+            "topic": self.topic,
+            "position": self.position,
+            "entry_id": self.entry_id,
+            "steps": [_step_record(s) for s in self.steps],
+            "inputs": [
+                {
+                    "data_id": i.node.data_id,
+                    "algorithm": int(i.node.checksum.algorithm),
+                    "checksum": i.node.checksum.value,
+                    "origin": i.origin.value,
+                    "from_task": i.from_task,
+                }
+                for i in self.inputs
+            ],
+            "previous_output": {
+                "algorithm": int(self.previous_output.algorithm),
+                "checksum": self.previous_output.value,
+            },
+            "depends_on": list(self.depends_on),
+            "supersedes": None
+            if self.supersedes is None
+            else {
+                "topic": self.supersedes.topic,
+                "partition": self.supersedes.partition,
+                "offset": self.supersedes.offset,
+            },
+            "cause": json.dumps(self.cause.to_dict(), sort_keys=True, separators=(",", ":")),
+            "created_at": self.created_at_ms,
+        }
+
+    def encode(self) -> bytes:
+        out = io.BytesIO()
+        out.write(PREFIX)
+        fastavro.schemaless_writer(out, _PARSED, self.to_record())
+        return out.getvalue()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> RecomputeTask:
+        if not isinstance(raw, bytes) or raw[: len(PREFIX)] != PREFIX:
+            raise PlanError("not a recompute task of this schema version (marker or fingerprint differ)")
+        try:
+            r: Any = avro.schemaless_read(raw[len(PREFIX) :], _READER, _READER)
+            return cls(
+                r["task_id"],
+                r["plan_id"],
+                r["data_id"],
+                r["topic"],
+                r["position"],
+                r["entry_id"],
+                tuple(_step(s) for s in r["steps"]),
+                tuple(
+                    InputRef(
+                        DataRef(i["data_id"], Checksum(ChecksumAlgorithm(i["algorithm"]), i["checksum"])),
+                        InputOrigin(i["origin"]),
+                        i["from_task"],
+                    )
+                    for i in r["inputs"]
+                ),
+                Checksum(
+                    ChecksumAlgorithm(r["previous_output"]["algorithm"]), r["previous_output"]["checksum"]
+                ),
+                tuple(r["depends_on"]),
+                _cause(json.loads(r["cause"])),
+                r["created_at"],
+                None if r["supersedes"] is None else Coordinates(**r["supersedes"]),
+            )
+        except PlanError:
+            raise
+        except Exception as exc:  # untrusted bytes: one typed error out
+            raise PlanError(f"recompute task does not decode: {exc!r}") from exc
+
+
+def _step_record(s: Step) -> dict[str, Any]:
+    return {
+        "kind": s.kind.name,
+        "function_id": s.function_id,
+        "function_version": s.function_version,
+        "code_hash": s.code_hash,
+        "parameters": [{"name": k, "value": v} for k, v in s.parameters],
+        "window_start": s.inputs.window_start if s.inputs is not None else None,
+        "window_end": s.inputs.window_end if s.inputs is not None else None,
+    }
+
+
+def _step(r: Mapping[str, Any]) -> Step:
+    kind = StepKind[r["kind"]]
+    digest = None
+    if kind is StepKind.REDUCE and (r["window_start"] is not None or r["window_end"] is not None):
+        digest = InputDigest(0, b"", r["window_start"], r["window_end"])
+    params = tuple((p["name"], p["value"]) for p in r["parameters"])
+    return Step(kind, r["function_id"], r["function_version"], r["code_hash"], params, digest)
+
+
+def _cause(d: Mapping[str, Any]) -> Cause:
+    return Cause(d["kind"], d["subject"], d.get("detail", ""), tuple(_cause(c) for c in d.get("causes", ())))
+
+
+@dataclass(frozen=True, slots=True)
+class RecomputePlan:
+    plan_id: str
+    cause: Cause
+    tasks: tuple[RecomputeTask, ...]
+    truncated: bool
+    """The ledger query hit its limit: the plan is not the whole affected sub-graph."""
+    cyclic: bool
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def outputs(self) -> tuple[DataRef, ...]:
+        return tuple(t.previous_node for t in self.tasks)
+
+    def describe(self) -> str:
+        lines = [f"plan {self.plan_id[:16]}: {len(self.tasks)} task(s)", self.cause.describe(1)]
+        for t in self.tasks:
+            step = t.steps[0]
+            deps = f" after {', '.join(d[:8] for d in t.depends_on)}" if t.depends_on else ""
+            fn = f"{step.function_id}@{step.function_version}"
+            lines.append(f"  {t.position}. {t.task_id[:8]} {fn} -> {t.data_id}{deps}")
+        return "\n".join(lines)
+
+
+def _hex_id(*parts: bytes) -> str:
+    return hashlib.sha256(length_prefixed(*parts)).hexdigest()
+
+
+def plan_from_applications(
+    lookup: LedgerIndex,
+    applied: Iterable[Applied],
+    *,
+    cause_id: str,
+    cause: Cause,
+    topic: str = "",
+    replace: Mapping[DataRef, DataRef] | None = None,
+    supersedes: Mapping[DataRef, Coordinates] | None = None,
+    truncated: bool = False,
+    cyclic: bool = False,
+    created_at_ms: int | None = None,
+    upgrade: Mapping[str, tuple[str, bytes]] | None = None,
+) -> RecomputePlan:
+    """Tasks for `applied` (already in dependency order); SOURCE entries are skipped (nothing to run).
+
+    `replace` maps an old input version onto the one to replay with (a changed source record);
+    `upgrade` maps a function id onto the (version, code hash) to replay it with (a changed function).
+    """
+    apps = [a for a in applied if a.entry.application.kind is not ApplicationKind.SOURCE]
+    plan_id = _hex_id(cause_id.encode("utf-8"), *(a.entry.entry_id for a in apps))
+    created = now_ms() if created_at_ms is None else created_at_ms
+    replace = replace or {}
+    supersedes = supersedes or {}
+    producer: dict[DataRef, str] = {}
+    tasks: list[RecomputeTask] = []
+    for position, a in enumerate(apps):
+        app = a.entry.application
+        task_id = _hex_id(plan_id.encode("ascii"), a.entry.entry_id)
+        inputs: list[InputRef] = []
+        for ref in app.inputs:
+            if ref in producer:
+                inputs.append(InputRef(ref, InputOrigin.TASK, producer[ref]))
+            elif _is_source(lookup, ref):
+                inputs.append(InputRef(replace.get(ref, ref), InputOrigin.SOURCE))
+            else:
+                inputs.append(InputRef(ref, InputOrigin.STORED))
+        step = app.step()
+        assert step is not None  # SOURCE entries were filtered out
+        if upgrade and step.function_id in upgrade:
+            version, code = upgrade[step.function_id]
+            step = Step(step.kind, step.function_id, version, code, step.parameters, step.inputs)
+        depends = tuple(dict.fromkeys(i.from_task for i in inputs if i.from_task is not None))
+        tasks.append(
+            RecomputeTask(
+                task_id,
+                plan_id,
+                app.output.data_id,
+                topic,
+                position,
+                a.entry.entry_id,
+                (step,),
+                tuple(inputs),
+                app.output.checksum,
+                depends,
+                cause,
+                created,
+                supersedes.get(app.output),
+            )
+        )
+        producer.setdefault(app.output, task_id)
+    return RecomputePlan(plan_id, cause, tuple(tasks), truncated, cyclic)
+
+
+def _is_source(lookup: LedgerIndex, ref: DataRef) -> bool:
+    return all(lookup.entry(e).application.kind is ApplicationKind.SOURCE for e in lookup.producers(ref))
+
+
+def plan_for_alert(
+    lookup: LedgerIndex,
+    alert: Alert,
+    *,
+    cause: Cause | None = None,
+    limit: int | None = None,
+    created_at_ms: int | None = None,
+) -> RecomputePlan:
+    """The plan that fixes what `alert` found (see the module docs); `cause` defaults to the alert's."""
+    cause = cause or cause_of_alert(alert)
+    if alert.header is None:
+        raise PlanError(f"alert {alert.alert_id} carries no provenance header: the output cannot be located")
+    try:
+        header = ProvenanceHeader.decode(alert.header)
+    except HeaderError as exc:
+        raise PlanError(f"alert {alert.alert_id}: header does not decode: {exc}") from exc
+    where = Coordinates(alert.topic, alert.partition, alert.offset)
+    output = DataRef(header.data_id, header.checksum)
+    if alert.kind is AlertKind.SOURCE_CHANGED:
+        old_source = DataRef(header.data_id, header.source_checksum)
+        down = lookup.downstream(old_source, limit=limit)
+        current = _current_source(lookup, header.data_id, old_source)
+        replace = {old_source: current} if current is not None else {}
+        return plan_from_applications(
+            lookup,
+            down.applications,
+            cause_id=alert.alert_id,
+            cause=cause,
+            topic=alert.topic,
+            replace=replace,
+            supersedes={output: where},
+            truncated=down.truncated,
+            cyclic=down.cyclic,
+            created_at_ms=created_at_ms,
+        )
+    up = lookup.upstream(output, limit=limit)
+    if not up.applications:
+        raise PlanError(f"the ledger has no application producing {output.describe()}")
+    return plan_from_applications(
+        lookup,
+        up.applications,
+        cause_id=alert.alert_id,
+        cause=cause,
+        topic=alert.topic,
+        supersedes={output: where},
+        truncated=up.truncated,
+        cyclic=up.cyclic,
+        created_at_ms=created_at_ms,
+    )
+
+
+def _current_source(lookup: LedgerIndex, data_id: str, old: DataRef) -> DataRef | None:
+    """The newest other source version of `data_id` the ledger has (by its SOURCE entry's seq)."""
+    best: tuple[int, DataRef] | None = None
+    for v in lookup.versions(data_id):
+        if v == old:
+            continue
+        for eid in lookup.producers(v):
+            e = lookup.entry(eid)
+            if e.application.kind is ApplicationKind.SOURCE and (best is None or e.seq > best[0]):
+                best = (e.seq, v)
+    return None if best is None else best[1]
+
+
+def plan_for_change(
+    lookup: LedgerIndex,
+    event: ChangeEvent,
+    *,
+    topic: str = "",
+    cause: Cause | None = None,
+    limit: int | None = None,
+    created_at_ms: int | None = None,
+) -> RecomputePlan:
+    """The plan a change event calls for (see the module docs)."""
+    cause = cause or cause_of_change(event)
+    if event.source is not None:
+        old = event.source.previous_node
+        down = lookup.downstream(old, limit=limit)
+        current = event.source.current_node
+        replace = (
+            {old: current} if current is not None and event.kind is not ChangeKind.SOURCE_DELETED else {}
+        )
+        return plan_from_applications(
+            lookup,
+            down.applications,
+            cause_id=event.change_id,
+            cause=cause,
+            topic=topic,
+            replace=replace,
+            truncated=down.truncated,
+            cyclic=down.cyclic,
+            created_at_ms=created_at_ms,
+        )
+    if event.function is not None:
+        f = event.function
+        down = lookup.affected_by_function(
+            f.function_id, f.previous_version, f.previous_code_hash or None, limit=limit
+        )
+        return plan_from_applications(
+            lookup,
+            down.applications,
+            cause_id=event.change_id,
+            cause=cause,
+            topic=topic,
+            truncated=down.truncated,
+            cyclic=down.cyclic,
+            created_at_ms=created_at_ms,
+            upgrade={f.function_id: (f.current_version, f.current_code_hash)},
+        )
+    raise PlanError(f"change event {event.change_id} names neither a source nor a function")

@@ -1,0 +1,121 @@
+"""Planner: the affected sub-graph from the ledger, in dependency order, as deterministic tasks."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import fastavro
+import pytest
+from ledger_support import CTX, LEDGER, build, node, pipeline
+
+from recompute_manager.planner import (
+    SCHEMA,
+    InputOrigin,
+    PlanError,
+    RecomputeTask,
+    plan_for_alert,
+    plan_for_change,
+)
+from streamprov import avro
+from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, FunctionChange, SourceChange
+from streamprov.checksum import Checksum, ChecksumAlgorithm
+from streamprov.config.models import Criticality
+from streamprov.header import ProvenanceHeader
+from streamprov.ledger import Application, LedgerIndex
+from validator.alerts import Alert, AlertKind, Evidence
+
+
+def _index(tmp_path: Path) -> LedgerIndex:
+    apps = pipeline(2, chain_len=2, fan_in=3)
+    apps.append(Application.of_source(node("g0-s1", "v1"), timestamp_ms=2, device_id="src", context=CTX))
+    idx = LedgerIndex(tmp_path / "idx", LEDGER)
+    idx.catch_up(build(apps))
+    return idx
+
+
+def _source_change(data_id: str = "g0-s1") -> ChangeEvent:
+    sc = SourceChange("src", 0, 7, data_id, node(data_id, "v0").checksum, node(data_id, "v1").checksum)
+    return ChangeEvent.for_source(ChangeKind.SOURCE_CHANGED, sc, EMPTY_IMPACT, 5)
+
+
+def _alert(kind: AlertKind, out_id: str, out_content: str, source: Checksum) -> Alert:
+    ref = node(out_id, out_content)
+    header = ProvenanceHeader(out_id, ref.checksum, source, 1, ())
+    return Alert.create(
+        kind,
+        data_id=out_id,
+        topic="out",
+        partition=2,
+        offset=9,
+        header=header.encode(),
+        evidence=Evidence("a", "b", "r"),
+        criticality=Criticality.HIGH,
+        detected_at_ms=1,
+    )
+
+
+def test_source_change_plans_only_affected_subgraph_in_order(tmp_path: Path) -> None:
+    with _index(tmp_path) as idx:
+        plan = plan_for_change(idx, _source_change(), topic="out", created_at_ms=1)
+        again = plan_for_change(idx, _source_change(), topic="out", created_at_ms=1)
+    assert plan == again  # deterministic ids
+    names = [(t.steps[0].function_id, t.data_id) for t in plan.tasks]
+    assert names == [("map0", "g0-s1"), ("map1", "g0-s1"), ("sum", "g0"), ("publish", "g0")]
+    first, second, reduce_, publish = plan.tasks
+    assert first.inputs[0].origin is InputOrigin.SOURCE
+    assert first.inputs[0].node == node("g0-s1", "v1")  # replayed on the current version
+    assert second.depends_on == (first.task_id,) and second.inputs[0].from_task == first.task_id
+    origins = [i.origin for i in reduce_.inputs]
+    assert origins.count(InputOrigin.TASK) == 1 and origins.count(InputOrigin.STORED) == 2
+    assert reduce_.depends_on == (second.task_id,)
+    assert publish.depends_on == (reduce_.task_id,)
+    assert [t.position for t in plan.tasks] == [0, 1, 2, 3]
+    assert all(t.plan_id == plan.plan_id for t in plan.tasks)
+    assert len({t.task_id for t in plan.tasks}) == 4
+    assert "change:source_changed" in plan.describe()
+
+
+def test_alert_on_output_replays_its_lineage(tmp_path: Path) -> None:
+    with _index(tmp_path) as idx:
+        a = _alert(AlertKind.CHECKSUM_MISMATCH, "g1", "published", node("g1", "x").checksum)
+        plan = plan_for_alert(idx, a)
+        assert len(plan) == 3 * 2 + 2
+        assert plan.tasks[-1].supersedes is not None and plan.tasks[-1].supersedes.offset == 9
+        assert all(t.topic == "out" for t in plan.tasks)
+        assert all(i.origin is not InputOrigin.STORED for t in plan.tasks for i in t.inputs)
+        # a source-changed alert replays what derives from the old source on the newest version
+        sc = _alert(AlertKind.SOURCE_CHANGED, "g0-s1", "m1", node("g0-s1", "v0").checksum)
+        plan2 = plan_for_alert(idx, sc)
+        assert plan2.tasks[0].inputs[0].node == node("g0-s1", "v1")
+        assert plan2.tasks[1].supersedes is not None
+        with pytest.raises(PlanError):
+            plan_for_alert(idx, _alert(AlertKind.STALE, "zz", "nothing", node("zz", "q").checksum))
+
+
+def test_function_change_upgrades_version(tmp_path: Path) -> None:
+    with _index(tmp_path) as idx:
+        fc = FunctionChange("map1", "1", b"map1".ljust(16, b"."), "2", b"new-code")
+        plan = plan_for_change(idx, ChangeEvent.for_function(fc, EMPTY_IMPACT, 3))
+    assert [t.steps[0].function_id for t in plan.tasks].count("map1") == 6
+    assert plan.tasks[-1].steps[0].function_id == "publish"
+    assert {t.steps[0].function_version for t in plan.tasks if t.steps[0].function_id == "map1"} == {"2"}
+    assert plan.tasks[0].inputs[0].origin is InputOrigin.STORED  # map0's output is not affected
+    assert len(plan) == 6 + 2 + 2
+
+
+def test_task_round_trip_and_plain_fastavro(tmp_path: Path) -> None:
+    with _index(tmp_path) as idx:
+        plan = plan_for_change(idx, _source_change(), topic="out")
+    for task in plan.tasks:
+        raw = task.encode()
+        assert RecomputeTask.decode(raw).to_record() == task.to_record()
+        body = io.BytesIO(raw[len(avro.single_object_prefix(SCHEMA)) :])
+        plain = fastavro.schemaless_reader(body, fastavro.parse_schema(SCHEMA))
+        assert plain["task_id"] == task.task_id
+    assert task.key == b"g0"
+    with pytest.raises(PlanError):
+        RecomputeTask.decode(b"nope")
+    with pytest.raises(PlanError):
+        RecomputeTask.decode(raw[:20])
+    assert Checksum(ChecksumAlgorithm.CRC32C, b"1234") != task.previous_output
