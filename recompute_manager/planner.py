@@ -309,7 +309,10 @@ def plan_from_applications(
 
 
 def _is_source(lookup: LedgerIndex, ref: DataRef) -> bool:
-    return all(lookup.entry(e).application.kind is ApplicationKind.SOURCE for e in lookup.producers(ref))
+    """Original data: no producer, or a SOURCE entry among its producers (an identity map onto a
+    source node does not make it derived)."""
+    producers = lookup.producers(ref)
+    return not producers or any(lookup.entry(e).application.kind is ApplicationKind.SOURCE for e in producers)
 
 
 def plan_for_alert(

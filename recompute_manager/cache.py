@@ -1,0 +1,154 @@
+"""Intermediate-result cache in RocksDB: a step's output by (function id, version, params, inputs).
+
+Key: length-prefixed parts (STYLE.md item 1) `function id | version | params hash | input hash`, so
+no two different tuples share a key and every entry of one function (or one function version) sits
+under one key prefix: `invalidate` deletes them with a range scan. The params hash is SHA-256 over the
+canonical JSON parameters, sorted; the input hash is SHA-256 over the inputs' (DataID, checksum) leaves
+in order (`DataRef.leaf_data`), so a cache hit never needs the input bytes.
+
+Values are also kept by content (`put_value` / `value`, keyed by DataID and checksum): a plan's
+unaffected intermediate inputs (InputOrigin.STORED) are read from here.
+
+Early cut-off: `unchanged(previous, output)` is True when a recomputed output has the checksum the
+original output had: nothing downstream of it needs recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
+
+from streamprov.checksum import Checksum, digest
+from streamprov.ledger.model import DataRef
+from streamprov.lineage import Step
+from streamprov.merkle import length_prefixed
+
+__all__ = ["CacheKey", "ResultCache", "input_hash", "params_hash", "unchanged"]
+
+_RESULT = b"r"
+_VALUE = b"v"
+_FORCED = b"f"
+
+
+def params_hash(parameters: Iterable[tuple[str, str]]) -> bytes:
+    """SHA-256 over the sorted (name, canonical JSON value) pairs, each length-prefixed."""
+    parts = [p.encode("utf-8") for pair in sorted(parameters) for p in pair]
+    return hashlib.sha256(length_prefixed(*parts)).digest()
+
+
+def input_hash(inputs: Sequence[DataRef]) -> bytes:
+    """SHA-256 over the inputs' leaves (length-prefixed DataID, algorithm, digest), in order."""
+    return hashlib.sha256(length_prefixed(*(r.leaf_data() for r in inputs))).digest()
+
+
+class CacheKey(bytes):
+    """The RocksDB key of one (function, version, params, inputs) result."""
+
+    @classmethod
+    def of(cls, step: Step, inputs: Sequence[DataRef]) -> CacheKey:
+        return cls(
+            _RESULT
+            + length_prefixed(
+                step.function_id.encode("utf-8"),
+                step.function_version.encode("utf-8"),
+                params_hash(step.parameters),
+                input_hash(inputs),
+            )
+        )
+
+
+def _prefix(function_id: str, version: str | None) -> bytes:
+    parts = [function_id.encode("utf-8")] + ([] if version is None else [version.encode("utf-8")])
+    return _RESULT + length_prefixed(*parts)
+
+
+def unchanged(previous: Checksum, output: bytes) -> bool:
+    """Early cut-off: the recomputed output equals the original one (same checksum)."""
+    return digest(previous.algorithm, output) == previous.value
+
+
+class ResultCache:
+    """Not thread-safe: one owner per directory (each worker keeps its own, or serialises access)."""
+
+    def __init__(self, path: str | Path, *, cache_mb: int = 64) -> None:
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        table = BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        table.set_block_cache(Cache(cache_mb * 1024 * 1024))
+        opts.set_block_based_table_factory(table)
+        self.path = Path(path)
+        self._db = Rdict(str(self.path), opts)
+        self.hits = 0
+        self.misses = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultCache:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- step results ------------------------------------------------------------------------------
+    def get(self, step: Step, inputs: Sequence[DataRef], *, force: bool = False) -> bytes | None:
+        """The cached output, or None (a miss, `force`, or the function is forced to recompute)."""
+        if force or self._forced(step):
+            self.misses += 1
+            return None
+        value = self._db.get(CacheKey.of(step, inputs))
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return bytes(value)
+
+    def put(self, step: Step, inputs: Sequence[DataRef], output: bytes) -> None:
+        self._db.put(CacheKey.of(step, inputs), output)
+
+    def invalidate(self, function_id: str, version: str | None = None) -> int:
+        """Drop every cached result of a function (or one version of it); returns how many."""
+        prefix = _prefix(function_id, version)
+        batch = WriteBatch(raw_mode=True)
+        n = 0
+        it = self._db.iter()
+        it.seek(prefix)
+        while it.valid():  # bounded by the prefix's entries
+            key = bytes(it.key())
+            if not key.startswith(prefix):
+                break
+            batch.delete(key)
+            n += 1
+            it.next()
+        del it
+        if n:
+            self._db.write(batch)
+        return n
+
+    def force(self, function_id: str, version: str | None = None) -> None:
+        """Treat a function (version) as known wrong: never serve its results until `unforce`."""
+        self.invalidate(function_id, version)
+        self._db.put(_FORCED + _prefix(function_id, version)[len(_RESULT) :], b"")
+
+    def unforce(self, function_id: str, version: str | None = None) -> None:
+        self._db.delete(_FORCED + _prefix(function_id, version)[len(_RESULT) :])
+
+    def _forced(self, step: Step) -> bool:
+        fid = step.function_id.encode("utf-8")
+        ver = step.function_version.encode("utf-8")
+        return (
+            self._db.get(_FORCED + length_prefixed(fid)) is not None
+            or self._db.get(_FORCED + length_prefixed(fid, ver)) is not None
+        )
+
+    # -- values by content -------------------------------------------------------------------------
+    def put_value(self, node: DataRef, value: bytes) -> None:
+        self._db.put(_VALUE + node.leaf_data(), value)
+
+    def value(self, node: DataRef) -> bytes | None:
+        found = self._db.get(_VALUE + node.leaf_data())
+        return None if found is None else bytes(found)

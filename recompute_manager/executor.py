@@ -1,0 +1,270 @@
+"""Replay a recompute task: inputs -> registered functions -> output bytes, provenance header, supersedes.
+
+Inputs come from where the plan says (`InputOrigin`): the current original record (a `SourceView`:
+DataID -> value bytes), the output of an earlier task of the plan (`TaskOutputs`), or the value store
+(the cache's values by content). A source input gets a fresh source header (empty lineage, its own
+checksum), a task output keeps the header its task stamped, so the recomputed record's header is the
+full provenance a pipeline would have stamped: MAP steps through `MapStamper`, REDUCE through
+`ReduceState` (input digest, never the input list).
+
+The cache is consulted first (function, version, params, input hash); a recomputed output whose
+checksum equals the original output's is `unchanged` (early cut-off): tasks that depend only on
+unchanged outputs are skipped (`Executor.run_plan`).
+
+Retries: a failing task is retried with exponential backoff (`RetryPolicy`); after the last attempt
+it becomes a `DeadLetter` with the reason (never dropped, never raised out of the loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from recompute_manager.cache import ResultCache, unchanged
+from recompute_manager.planner import InputOrigin, InputRef, RecomputePlan, RecomputeTask
+from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
+from streamprov.agents.serde import JsonSerde, Serde
+from streamprov.checksum import ChecksumAlgorithm, matches
+from streamprov.errors import StreamprovError
+from streamprov.header import HEADER_KEY, ProvenanceHeader
+from streamprov.ledger.model import DataRef
+from streamprov.lineage import StepKind
+from streamprov.registry import FunctionRegistry
+from streamprov.stamp import InputRecord, MapStamper, ReduceState, SourceStamper
+
+__all__ = [
+    "SUPERSEDES_HEADER",
+    "TASK_HEADER",
+    "DeadLetter",
+    "ExecutionError",
+    "Executor",
+    "Recomputed",
+    "RetryPolicy",
+    "SourceView",
+]
+
+log = logging.getLogger(__name__)
+
+SUPERSEDES_HEADER = "streamprov.supersedes"
+"""`topic/partition/offset` of the record a recomputed record replaces."""
+TASK_HEADER = "streamprov.recompute.task"
+PLAN_HEADER = "streamprov.recompute.plan"
+
+
+class ExecutionError(StreamprovError):
+    """A task cannot run (missing input, unknown function, the function raised)."""
+
+
+class SourceView(Protocol):
+    def get(self, data_id: str) -> bytes | None:
+        """The current value of the original record with this DataID, or None."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_retries: int = 5
+    base_delay_s: float = 0.1
+    max_delay_s: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        """Backoff before attempt `attempt` (1 = the first retry): base * 2**(attempt-1), capped."""
+        return float(min(self.max_delay_s, self.base_delay_s * (2 ** max(0, attempt - 1))))
+
+
+@dataclass(frozen=True, slots=True)
+class Recomputed:
+    """One task's result: the record to publish (when it changed) and how it was made."""
+
+    task: RecomputeTask
+    value: bytes
+    header: bytes
+    unchanged: bool
+    """Early cut-off: same checksum as the original output."""
+    cached: bool
+    attempts: int
+
+    @property
+    def node(self) -> DataRef:
+        return DataRef(self.task.data_id, ProvenanceHeader.decode(self.header).checksum)
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """Provenance header first, then what the record supersedes and which task made it."""
+        out = [(HEADER_KEY, self.header)]
+        s = self.task.supersedes
+        if s is not None:
+            out.append((SUPERSEDES_HEADER, source_of(s.topic, s.partition, s.offset).encode("utf-8")))
+        out.append((TASK_HEADER, self.task.task_id.encode("ascii")))
+        out.append((PLAN_HEADER, self.task.plan_id.encode("ascii")))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    task: RecomputeTask
+    error: str
+    attempts: int
+
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        return dead_letter_headers(
+            [(TASK_HEADER, self.task.task_id.encode("ascii"))],
+            DeadLetterReason.PROCESSING_ERROR,
+            self.error,
+            f"recompute/{self.task.plan_id}/{self.task.position}",
+        )
+
+
+@dataclass
+class PlanResult:
+    recomputed: list[Recomputed] = field(default_factory=list)
+    skipped: list[RecomputeTask] = field(default_factory=list)
+    """Cut off: every task they depend on produced an unchanged output."""
+    dead: list[DeadLetter] = field(default_factory=list)
+
+    @property
+    def changed(self) -> list[Recomputed]:
+        return [r for r in self.recomputed if not r.unchanged]
+
+
+class Executor:
+    def __init__(
+        self,
+        registry: FunctionRegistry,
+        sources: SourceView | Mapping[str, bytes],
+        *,
+        cache: ResultCache | None = None,
+        serde: Serde | None = None,
+        algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.registry = registry
+        self.sources = sources
+        self.cache = cache
+        self.serde: Serde = serde if serde is not None else JsonSerde()
+        self.algorithm = algorithm
+        self.retry = retry or RetryPolicy()
+        self.sleep = sleep
+        self._source_stamper = SourceStamper(algorithm)
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def _input(self, ref: InputRef, outputs: Mapping[str, Recomputed]) -> tuple[bytes, bytes, DataRef]:
+        """(value, header, node) of one input."""
+        if ref.origin is InputOrigin.TASK:
+            done = outputs.get(ref.from_task or "")
+            if done is None:
+                raise ExecutionError(f"input {ref.node.describe()}: task {ref.from_task} has not run")
+            return done.value, done.header, done.node
+        if ref.origin is InputOrigin.SOURCE:
+            value = self.sources.get(ref.node.data_id)
+            if value is None:
+                raise ExecutionError(f"source record {ref.node.data_id!r} is missing (deleted?)")
+            node = DataRef.of(ref.node.data_id, value, self.algorithm)
+            return value, self._source_stamper.header(ref.node.data_id, value), node
+        stored = self.cache.value(ref.node) if self.cache is not None else None
+        if stored is None:
+            raise ExecutionError(f"intermediate value {ref.node.describe()} is not in the value store")
+        if not matches(ref.node.checksum, stored):
+            raise ExecutionError(f"stored value of {ref.node.describe()} does not match its checksum")
+        header = ProvenanceHeader.for_source(ref.node.data_id, stored, self.algorithm).encode()
+        return stored, header, ref.node
+
+    # -- one attempt ---------------------------------------------------------------------------------
+    def execute(
+        self, task: RecomputeTask, outputs: Mapping[str, Recomputed], attempts: int = 1
+    ) -> Recomputed:
+        """Run a task once; raises `ExecutionError` (or what the function raised)."""
+        ins = [self._input(r, outputs) for r in task.inputs]
+        value, header, node_refs = b"", b"", [n for _, _, n in ins]
+        cached = False
+        for step in task.steps:
+            fn = self.registry.get(step.function_id, step.function_version)
+            params = step.params
+            hit = self.cache.get(step, node_refs) if self.cache is not None else None
+            if fn.kind is StepKind.MAP:
+                if len(ins) != 1:
+                    raise ExecutionError(f"map {step.function_id} needs one input, the task has {len(ins)}")
+                in_value, in_header, _ = ins[0]
+                if hit is None:
+                    value = self.serde.dumps(fn.apply(self.serde.loads(in_value), params=params))
+                else:
+                    value, cached = hit, True
+                record = InputRecord(in_value, [(HEADER_KEY, in_header)], task.data_id.encode(), "", 0, 0)
+                stamper = MapStamper(fn, params, self.algorithm, verify_input=False)
+                header = stamper.stamp(record, value)
+            else:
+                assert fn.initial is not None
+                state = ReduceState(fn.initial())
+                for in_value, in_header, _ in ins:
+                    state.add(fn, params, ProvenanceHeader.decode(in_header), self.serde.loads(in_value))
+                if hit is None:
+                    value = self.serde.dumps(state.accumulator)
+                else:
+                    value, cached = hit, True
+                window = None
+                if step.inputs is not None and step.inputs.window_start is not None:
+                    window = (step.inputs.window_start, step.inputs.window_end or 0)
+                header = state.header(fn.step(params), task.data_id, value, self.algorithm, window).encode()
+            if self.cache is not None and hit is None:
+                self.cache.put(step, node_refs, value)
+            node = DataRef.of(task.data_id, value, self.algorithm)
+            ins, node_refs = [(value, header, node)], [node]
+        if self.cache is not None:
+            self.cache.put_value(DataRef.of(task.data_id, value, task.previous_output.algorithm), value)
+        same = unchanged(task.previous_output, value)
+        return Recomputed(task, value, header, same, cached, attempts)
+
+    # -- retries -------------------------------------------------------------------------------------
+    def run(
+        self, task: RecomputeTask, outputs: Mapping[str, Recomputed] | None = None
+    ) -> Recomputed | DeadLetter:
+        """Execute with retries and exponential backoff; a `DeadLetter` after the last attempt."""
+        outputs = outputs or {}
+        attempts = self.retry.max_retries + 1
+        error = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.execute(task, outputs, attempt)
+            except Exception as exc:  # the user's function may raise anything: retry, then dead-letter
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("task %s attempt %d/%d failed: %s", task.task_id[:12], attempt, attempts, error)
+                if attempt < attempts:
+                    self.sleep(self.retry.delay(attempt))
+        return DeadLetter(task, error, attempts)
+
+    def run_plan(self, plan: RecomputePlan) -> PlanResult:
+        """Every task in order; tasks whose inputs all come from unchanged (cut-off) tasks are skipped,
+        and so are the dependents of dead-lettered tasks (they go to the dead letters too)."""
+        result = PlanResult()
+        outputs: dict[str, Recomputed] = {}
+        cut: set[str] = set()
+        dead: set[str] = set()
+        for task in plan.tasks:
+            failed = [d for d in task.depends_on if d in dead]
+            if failed:
+                dead.add(task.task_id)
+                result.dead.append(DeadLetter(task, f"depends on dead-lettered task {failed[0]}", 0))
+                continue
+            direct = [i for i in task.inputs if i.origin is not InputOrigin.TASK]
+            if task.depends_on and not direct and all(d in cut for d in task.depends_on):
+                cut.add(task.task_id)
+                result.skipped.append(task)
+                continue
+            done = self.run(task, outputs)
+            if isinstance(done, DeadLetter):
+                dead.add(task.task_id)
+                result.dead.append(done)
+                continue
+            outputs[task.task_id] = done
+            result.recomputed.append(done)
+            if done.unchanged:
+                cut.add(task.task_id)
+        return result
+
+
+def values_of(result: PlanResult) -> dict[str, Any]:
+    """DataID -> recomputed value bytes of the changed outputs (for logs and tests)."""
+    return {r.task.data_id: r.value for r in result.changed}
