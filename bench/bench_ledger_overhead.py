@@ -22,6 +22,7 @@ Usage: python bench/bench_ledger_overhead.py [--bootstrap HOST:PORT] [--records 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ from streamprov.agents.processor import EXACTLY_ONCE, Processor
 from streamprov.header import HEADER_KEY
 from streamprov.ledger import CheckpointSigner, Context, LedgerWriter
 from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG, KafkaLedgerSink, create_ledger_topic
+from streamprov.ledger.process_writer import ProcessLedgerWriter
 from streamprov.registry import FunctionRegistry
 from streamprov.stamp import SourceStamper
 
@@ -108,15 +110,20 @@ def _run(
     tag = uuid.uuid4().hex[:8]
     out = _create(admin, f"{prefix}-out-{tag}", 3)
     dlq = _create(admin, f"{prefix}-dlq-{tag}", 1)
-    writer = None
+    writer: LedgerWriter | ProcessLedgerWriter | None = None
     topics = [out, dlq]
     if ledger:
         ledger_topic = f"{prefix}-ledger-{tag}"
         create_ledger_topic(bootstrap, ledger_topic)
         topics.append(ledger_topic)
-        signer = CheckpointSigner(Ed25519PrivateKey.generate())
-        sink = KafkaLedgerSink(bootstrap, ledger_topic)
-        writer = LedgerWriter(sink, ledger_topic, signer, checkpoint_every=1000).start()
+        seed = os.urandom(32)
+        if args.writer == "process":
+            sink_factory = functools.partial(KafkaLedgerSink, bootstrap, ledger_topic)
+            writer = ProcessLedgerWriter(sink_factory, ledger_topic, seed, checkpoint_every=1000).start()
+        else:
+            signer = CheckpointSigner(Ed25519PrivateKey.from_private_bytes(seed))
+            sink = KafkaLedgerSink(bootstrap, ledger_topic)
+            writer = LedgerWriter(sink, ledger_topic, signer, checkpoint_every=1000).start()
     processor = _TimedProcessor(
         {"bootstrap.servers": bootstrap, "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
         group_id=f"{prefix}-g-{tag}",
@@ -153,6 +160,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--guarantee", default=EXACTLY_ONCE, choices=["exactly_once", "at_least_once"])
+    p.add_argument(
+        "--writer",
+        default="process",
+        choices=["process", "thread"],
+        help="ProcessLedgerWriter (default: the ledger's work on another core) or LedgerWriter (a thread)",
+    )
     args = p.parse_args()
     bootstrap = _bootstrap(args.bootstrap)
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -162,7 +175,7 @@ def main() -> None:
         _fill(bootstrap, src, args.records)
         print(
             f"records={args.records} rounds={args.rounds} batch_size={args.batch_size} "
-            f"guarantee={args.guarantee} ledger_topic_config={LEDGER_TOPIC_CONFIG}"
+            f"guarantee={args.guarantee} writer={args.writer} ledger_topic_config={LEDGER_TOPIC_CONFIG}"
         )
         results: dict[bool, list[float]] = {False: [], True: []}
         for r in range(args.rounds):

@@ -67,9 +67,9 @@ from streamprov.ledger.errors import (
     LedgerTimeoutError,
     LedgerWriterError,
 )
-from streamprov.ledger.model import Context, DataRef
+from streamprov.ledger.model import Context
 from streamprov.ledger.recorder import StepRecorder
-from streamprov.ledger.writer import FlushTicket, LedgerWriter
+from streamprov.ledger.writer import FlushWaiter, LedgerAppender
 from streamprov.lineage import StepKind, decode_lineage
 from streamprov.reduce import LateRecordError, ReduceOutput, WindowedReducer
 from streamprov.registry import RegisteredFunction
@@ -238,7 +238,7 @@ class StepTransform:
         grace_ms: int = 0,
         verify_input: bool = True,
         key_by: Callable[[Any], str | bytes] | None = None,
-        ledger: LedgerWriter | None = None,
+        ledger: LedgerAppender | None = None,
         context: Context | None = None,
         device_id: str | None = None,
     ) -> None:
@@ -414,9 +414,7 @@ class StepTransform:
         except Exception as exc:  # the user's function raised inside the reducer
             return [] if replayed else [self.dead_letter(msg, exc, DeadLetterReason.PROCESSING_ERROR)]
         if self.recorder is not None:  # the full input list of the window, for its ledger entry
-            self.recorder.add_input(
-                (group, reducer.window_of(ts)[0]), DataRef(header.data_id, header.checksum)
-            )
+            self.recorder.add_input((group, reducer.window_of(ts)[0]), header.data_id, header.checksum)
         return self._close_due(reducer)
 
     def _close_due(self, reducer: WindowedReducer) -> list[Outgoing]:
@@ -511,7 +509,7 @@ class _Batch:
     dead_letters: int = 0
     in_transaction: bool = False
     failed: list[KafkaError] = field(default_factory=list)
-    ledger: FlushTicket | None = None
+    ledger: FlushWaiter | None = None
     """The ledger flush of this batch's applications: waited for before the offsets commit."""
 
     def ledger_durable(self) -> None:
@@ -568,7 +566,7 @@ class Processor:
         consumer_config: Mapping[str, Any] | None = None,
         producer_config: Mapping[str, Any] | None = None,
         key_by: Callable[[Any], str | bytes] | None = None,
-        ledger: LedgerWriter | None = None,
+        ledger: LedgerAppender | None = None,
         ledger_context: Context | None = None,
         device_id: str | None = None,
     ) -> None:

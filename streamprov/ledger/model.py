@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from streamprov.checksum import Checksum, ChecksumAlgorithm, compute
 from streamprov.header import now_ms
@@ -281,3 +281,67 @@ class StoredRecord:
 
     offset: int
     record: LedgerEntry | Checkpoint | MalformedRecord
+
+
+class AppTemplate(NamedTuple):
+    """What all applications of one step by one agent share; registered once (`LedgerWriter.template`)."""
+
+    kind: ApplicationKind
+    function_id: str
+    function_version: str
+    code_hash: bytes
+    parameters: tuple[tuple[str, str], ...]
+    device_id: str
+    context: Context
+    origin: Origin = Origin.PIPELINE
+    task_id: str | None = None
+
+    @classmethod
+    def of(cls, app: Application) -> AppTemplate:
+        return cls(
+            app.kind,
+            app.function_id,
+            app.function_version,
+            app.code_hash,
+            app.parameters,
+            app.device_id,
+            app.context,
+            app.origin,
+            app.task_id,
+        )
+
+
+RefRow = tuple[str, int, bytes]
+"""A data node as plain values: (DataID, checksum algorithm number, digest)."""
+Row = tuple[int, tuple[RefRow, ...], RefRow, int, int | None, int | None]
+"""One application as plain values: (template key, inputs, output, timestamp_ms, window_start, window_end).
+Cheap to build on the data path (no objects) and to pickle to a writer process."""
+
+
+def ref_row(ref: DataRef) -> RefRow:
+    return ref.data_id, int(ref.checksum.algorithm), ref.checksum.value
+
+
+def _ref(row: RefRow) -> DataRef:
+    return DataRef(row[0], Checksum(ChecksumAlgorithm(row[1]), row[2]))
+
+
+def application_of(template: AppTemplate, row: Row) -> Application:
+    """The Application a row describes under its template."""
+    t = template
+    return Application(
+        t.kind,
+        t.function_id,
+        t.function_version,
+        t.code_hash,
+        t.parameters,
+        tuple(_ref(r) for r in row[1]),
+        _ref(row[2]),
+        row[3],
+        t.device_id,
+        t.context,
+        t.origin,
+        t.task_id,
+        row[4],
+        row[5],
+    )

@@ -26,20 +26,24 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from streamprov import avro
 from streamprov.checksum import Checksum, ChecksumAlgorithm, compute
-from streamprov.header import PREFIX, ProvenanceHeader, record_fields
+from streamprov.header import PREFIX, ProvenanceHeader, record_fields, scan
 from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.model import (
     NO_CONTEXT,
-    Application,
     ApplicationKind,
+    AppTemplate,
     Context,
     DataRef,
     Origin,
+    RefRow,
+    Row,
     default_device_id,
 )
-from streamprov.ledger.writer import FlushTicket, LedgerWriter
+from streamprov.ledger.writer import FlushWaiter, LedgerAppender
 from streamprov.lineage import Step, StepKind
+from streamprov.merkle import length_prefixed, merkle_root
 
 _PREFIX_LEN = len(PREFIX)
 _ALGORITHMS = tuple(ChecksumAlgorithm)
@@ -47,26 +51,49 @@ _ALGORITHMS = tuple(ChecksumAlgorithm)
 
 def header_checksum(raw: bytes) -> Checksum:
     """The value checksum a provenance header claims (current format read in place; older decoded)."""
+    alg, digest = _claimed(raw)
+    return Checksum(_ALGORITHMS[alg], digest)
+
+
+def _claimed(raw: bytes) -> tuple[int, bytes]:
+    """(algorithm number, digest) of the checksum a header claims, read in place when current."""
     if raw[:_PREFIX_LEN] == PREFIX:
         try:
             n = raw[_PREFIX_LEN + 1] >> 1
             start = _PREFIX_LEN + 2
             value = raw[start : start + n]
-            if len(value) == n:
-                return Checksum(_ALGORITHMS[raw[_PREFIX_LEN] >> 1], value)
+            alg = raw[_PREFIX_LEN] >> 1
+            if len(value) == n and alg < len(_ALGORITHMS):
+                return alg, value
         except IndexError:
             pass
-    return record_fields(raw).checksum
+    c = record_fields(raw).checksum
+    return int(c.algorithm), c.value
+
+
+def output_fields(raw: bytes) -> tuple[str, int, bytes, int]:
+    """(DataID, checksum algorithm, digest, timestamp_ms) of a header a stamper just made."""
+    if raw[:_PREFIX_LEN] == PREFIX:
+        source_start, source_end, id_start, lineage_at = scan(raw)
+        timestamp, _ = avro.read_long(raw, source_end)
+        first = raw[id_start]
+        at = id_start + 1 if first < 0x80 else avro.read_long(raw, id_start)[1]
+        return (
+            raw[at:lineage_at].decode("utf-8"),
+            raw[_PREFIX_LEN] >> 1,
+            raw[_PREFIX_LEN + 2 : source_start],
+            timestamp,
+        )
+    f = record_fields(raw)
+    return f.data_id, int(f.checksum.algorithm), f.checksum.value, f.timestamp_ms
 
 
 @dataclass
 class RecorderStats:
     appended: int = 0
     """Applications handed to the writer."""
-    windows_open: int = 0
-    """Reduce windows whose inputs are held (at the last change)."""
     inputs_held: int = 0
-    """Input refs held for open windows (at the last change)."""
+    """Input refs held for open windows."""
 
 
 class StepRecorder:
@@ -79,7 +106,7 @@ class StepRecorder:
 
     def __init__(
         self,
-        writer: LedgerWriter,
+        writer: LedgerAppender,
         step: Step,
         *,
         context: Context | None = None,
@@ -93,97 +120,104 @@ class StepRecorder:
         self.step = step
         self.context = context if context is not None else NO_CONTEXT
         self.device_id = device_id or default_device_id()
-        self.origin = origin
-        self.task_id = task_id
         self.algorithm = algorithm
-        self.stats = RecorderStats()
-        self._kind = ApplicationKind(int(step.kind))
-        self._params = tuple(sorted(step.parameters))
         self.handoff = handoff
-        self._windows: dict[Hashable, list[DataRef]] = {}
-        self._buffer: list[Application] = []
+        self.stats = RecorderStats()
+        self.template = AppTemplate(
+            ApplicationKind(int(step.kind)),
+            step.function_id,
+            step.function_version,
+            step.code_hash,
+            tuple(sorted(step.parameters)),
+            self.device_id,
+            self.context,
+            origin,
+            task_id,
+        )
+        self._key = writer.template(self.template)
+        self._windows: dict[Hashable, list[RefRow]] = {}
+        self._buffer: list[Row] = []
         self._unflushed = 0
 
     @property
     def unflushed(self) -> int:
-        """Applications appended since the last flush began (0: a flush would have nothing to do)."""
+        """Applications recorded since the last flush began (0: a flush would have nothing to do)."""
         return self._unflushed
 
     # -- map -------------------------------------------------------------------------------------------
     def input_ref(self, raw: bytes | None, value: bytes, data_id: str) -> DataRef:
         """The node a step read: the header's DataID and checksum, or (no header) `data_id` and the
         checksum of `value`, as the stamper names a record that arrives without provenance."""
+        row = self._input_row(raw, value, data_id)
+        return DataRef(row[0], Checksum(_ALGORITHMS[row[1]], row[2]))
+
+    def _input_row(self, raw: bytes | None, value: bytes, data_id: str) -> RefRow:
         if raw is None:
-            return DataRef(data_id, compute(self.algorithm, value))
-        if raw[:_PREFIX_LEN] == PREFIX:
-            return DataRef(data_id, header_checksum(raw))
-        fields = record_fields(raw)
-        return DataRef(fields.data_id, fields.checksum)
+            c = compute(self.algorithm, value)
+            return data_id, int(c.algorithm), c.value
+        if raw[:_PREFIX_LEN] == PREFIX:  # a map keeps the DataID: the output's is the input's
+            alg, digest = _claimed(raw)
+            return data_id, alg, digest
+        f = record_fields(raw)
+        return f.data_id, int(f.checksum.algorithm), f.checksum.value
 
     def record_map(self, input_raw: bytes | None, input_value: bytes, output_header: bytes) -> None:
         """Record a map application from the input's header (None when it had none) and value, and the
         output header the stamper made. Raises the writer's errors (backpressure, failed, closed)."""
-        out = record_fields(output_header)
-        inp = self.input_ref(input_raw, input_value, out.data_id)
-        self._append(
-            Application(
-                self._kind,
-                self.step.function_id,
-                self.step.function_version,
-                self.step.code_hash,
-                self._params,
-                (inp,),
-                DataRef(out.data_id, out.checksum),
-                out.timestamp_ms,
-                self.device_id,
-                self.context,
-                self.origin,
-                self.task_id,
+        data_id, alg, digest, timestamp = output_fields(output_header)
+        self._add(
+            (
+                self._key,
+                (self._input_row(input_raw, input_value, data_id),),
+                (data_id, alg, digest),
+                timestamp,
+                None,
+                None,
             )
         )
 
     # -- reduce ----------------------------------------------------------------------------------------
-    def add_input(self, window: Hashable, ref: DataRef) -> None:
-        """Remember that the open `window` (any hashable key, e.g. (group, start)) took input `ref`."""
+    def add_input(self, window: Hashable, data_id: str, checksum: Checksum) -> None:
+        """Remember that the open `window` (any hashable key, e.g. (group, start)) took this input."""
         refs = self._windows.get(window)
         if refs is None:
             refs = self._windows[window] = []
-        refs.append(ref)
+        refs.append((data_id, int(checksum.algorithm), checksum.value))
         self.stats.inputs_held += 1
 
-    def add_input_header(self, window: Hashable, header: ProvenanceHeader) -> None:
-        self.add_input(window, DataRef(header.data_id, header.checksum))
-
     def held(self, window: Hashable) -> list[DataRef]:
-        return list(self._windows.get(window, ()))
+        return [DataRef(r[0], Checksum(_ALGORITHMS[r[1]], r[2])) for r in self._windows.get(window, ())]
 
     def record_reduce(self, window: Hashable, header: ProvenanceHeader) -> None:
         """Record the reduce application that emitted `window` with output `header`; forgets its inputs.
 
         The header's last lineage step is the reduce step (with its InputDigest, i.e. window bounds);
-        a mismatch between the held inputs and that digest raises `LedgerError` (the entry would lie).
+        held inputs that do not match that digest raise `LedgerError` (the entry would lie).
         """
         refs = self._windows.pop(window, [])
         self.stats.inputs_held -= len(refs)
         step = header.lineage[-1] if header.lineage else None
         if step is None or step.kind is not StepKind.REDUCE:
             raise LedgerError(f"the header of window {window!r} does not end with a reduce step")
-        app = Application.of_step(
-            step,
-            refs,
-            DataRef(header.data_id, header.checksum),
-            timestamp_ms=header.timestamp_ms,
-            device_id=self.device_id,
-            context=self.context,
-            origin=self.origin,
-            task_id=self.task_id,
-        )
-        if step.inputs is not None and not app.check_input_digest(step.inputs):
-            raise LedgerError(
-                f"window {window!r}: {len(refs)} held inputs do not match the header's digest of "
-                f"{step.inputs.count} inputs"
+        digest = step.inputs
+        if digest is not None:
+            root = merkle_root([length_prefixed(r[0].encode("utf-8"), bytes((r[1],)), r[2]) for r in refs])
+            if digest.count != len(refs) or digest.merkle_root != root:
+                raise LedgerError(
+                    f"window {window!r}: {len(refs)} held inputs do not match the header's digest of "
+                    f"{digest.count} inputs"
+                )
+        c = header.checksum
+        self._add(
+            (
+                self._key,
+                tuple(refs),
+                (header.data_id, int(c.algorithm), c.value),
+                header.timestamp_ms,
+                None if digest is None else digest.window_start,
+                None if digest is None else digest.window_end,
             )
-        self._append(app)
+        )
 
     def forget(self, window: Hashable) -> None:
         """Drop one window's inputs (it was dead-lettered or discarded without an output)."""
@@ -200,8 +234,8 @@ class StepRecorder:
         return len(self._windows)
 
     # -- durability ------------------------------------------------------------------------------------
-    def _append(self, app: Application) -> None:
-        self._buffer.append(app)
+    def _add(self, row: Row) -> None:
+        self._buffer.append(row)
         self._unflushed += 1
         if len(self._buffer) >= self.handoff:
             self.hand_over()
@@ -211,10 +245,10 @@ class StepRecorder:
         and then keeps nothing: the agent redoes the batch, which records them again."""
         buffer, self._buffer = self._buffer, []
         if buffer:
-            self.writer.append_many(buffer)
+            self.writer.append_rows(buffer)
             self.stats.appended += len(buffer)
 
-    def begin_flush(self, timeout_s: float = 30.0) -> FlushTicket | None:
+    def begin_flush(self, timeout_s: float = 30.0) -> FlushWaiter | None:
         """Hand over what is buffered and start flushing what was appended (None when nothing was
         since the last flush)."""
         if not self._unflushed:
@@ -230,4 +264,4 @@ class StepRecorder:
             ticket.wait()
 
 
-__all__ = ["RecorderStats", "StepRecorder", "header_checksum"]
+__all__ = ["RecorderStats", "StepRecorder", "header_checksum", "output_fields"]

@@ -30,8 +30,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from streamprov.checksum import Checksum, ChecksumAlgorithm
 from streamprov.ledger.chain import DEFAULT_CHECKPOINT_EVERY, DEFAULT_DEDUP_WINDOW, LedgerChain
+from streamprov.ledger.codec import encode_record, record_key
 from streamprov.ledger.errors import (
     EntryTooLargeError,
     LedgerBackpressureError,
@@ -39,7 +42,16 @@ from streamprov.ledger.errors import (
     LedgerTimeoutError,
     LedgerWriteFailedError,
 )
-from streamprov.ledger.model import Application, Checkpoint, LedgerRecord
+from streamprov.ledger.model import (
+    Application,
+    AppTemplate,
+    Checkpoint,
+    DataRef,
+    LedgerRecord,
+    Row,
+    application_of,
+)
+from streamprov.ledger.rows import RowSealer
 from streamprov.ledger.signing import CheckpointSigner
 from streamprov.ledger.store import LedgerSink
 
@@ -63,6 +75,48 @@ def approx_size(app: Application) -> int:
         + (app.task_id or "")
     )
     return 256 + refs + params + len(text) * 4 + sum(len(r) * 4 + 8 for r in ctx.access_rights)
+
+
+Pending = LedgerRecord | tuple[bytes, bytes]
+"""What a batch holds until written: records, or (key, value) already encoded by the row fast path."""
+
+
+class FlushWaiter(Protocol):
+    def done(self) -> bool: ...
+
+    def wait(self) -> None: ...
+
+
+class LedgerAppender(Protocol):
+    """What agents need of a ledger writer: `LedgerWriter` (a thread) or `ProcessLedgerWriter`."""
+
+    def template(self, template: AppTemplate) -> int: ...
+
+    def append_rows(self, rows: list[Row], timeout_s: float | None = None) -> None: ...
+
+    def append(self, app: Application, timeout_s: float | None = None) -> None: ...
+
+    def begin_flush(self, timeout_s: float = 30.0) -> FlushWaiter: ...
+
+    def flush(self, timeout_s: float = 30.0) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    rows: list[Row]
+
+
+def takes_encoded(sink: object) -> bool:
+    """Does the sink take records already encoded (`write_encoded(items)`, items = (key, value))?
+
+    Only when the most derived class that defines `write` or `write_encoded` defines the latter: a
+    subclass that changed `write` alone (to watch, delay or fail writes) expects every record there.
+    """
+    for klass in type(sink).__mro__:
+        own = vars(klass)
+        if "write" in own or "write_encoded" in own:
+            return "write_encoded" in own
+    return False
 
 
 @dataclass
@@ -151,14 +205,19 @@ class LedgerWriter:
         self.max_entry_bytes = max_entry_bytes
         self.checkpoint_on_close = checkpoint_on_close
         self.stats = WriterStats()
-        self._queue: queue.Queue[Application | list[Application] | _Barrier | _Stop] = queue.Queue(max_queue)
+        self._queue: queue.Queue[Application | list[Application] | _Rows | _Barrier | _Stop] = queue.Queue(
+            max_queue
+        )
         self._chain: LedgerChain | None = None
-        self._batch: list[Application | list[Application] | _Barrier | _Stop] = []
+        self._batch: list[Application | list[Application] | _Rows | _Barrier | _Stop] = []
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._closed = False
         self._inflight = 0
         self._state_lock = threading.Condition()
+        self._sealer: RowSealer | None = None
+        self._templates: dict[int, AppTemplate] = {}
+        self._template_keys: dict[AppTemplate, int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> LedgerWriter:
@@ -172,6 +231,8 @@ class LedgerWriter:
             dedup_window=self.dedup_window,
             state=state,
         )
+        if takes_encoded(self.sink):  # the sink stores bytes: seal rows straight into them
+            self._sealer = RowSealer(self._chain)
         logger.info("ledger %s: resuming at seq %s", self.ledger_id, state.next_seq)
         self._thread = threading.Thread(target=self._run, name=f"ledger-writer-{self.ledger_id}", daemon=True)
         self._thread.start()
@@ -222,7 +283,66 @@ class LedgerWriter:
         self._put(apps, timeout_s)
         self.stats.appended += len(apps)
 
-    def _put(self, item: Application | list[Application], timeout_s: float | None) -> None:
+    def template(self, template: AppTemplate) -> int:
+        """The key rows use for `template` (registered on first use)."""
+        key = self._template_keys.get(template)
+        if key is None:
+            key = len(self._template_keys)
+            self.register_template(key, template)
+        return key
+
+    def register_template(self, key: int, template: AppTemplate) -> None:
+        """Register `template` under a key chosen elsewhere (a `ProcessLedgerWriter` parent)."""
+        static = approx_size(
+            Application(
+                template.kind,
+                template.function_id,
+                template.function_version,
+                template.code_hash,
+                template.parameters,
+                (),
+                DataRef("", Checksum(ChecksumAlgorithm.CRC32C, b"")),
+                0,
+                template.device_id,
+                template.context,
+                template.origin,
+                template.task_id,
+            )
+        )
+        if static > self.max_entry_bytes:
+            raise EntryTooLargeError(
+                f"applications of {template.function_id}@{template.function_version} need about {static} "
+                f"bytes before any input, above max_entry_bytes={self.max_entry_bytes}"
+            )
+        self._templates[key] = template  # before the key is handed out: the writer thread reads it
+        self._template_keys[template] = key
+
+    def append_rows(self, rows: list[Row], timeout_s: float | None = None) -> None:
+        """Queue applications given as rows (see `Row`) as one item; all or none are queued.
+
+        Applications are built on the writer's thread: the data path only makes tuples. The list is
+        handed over: the caller must not change it afterwards.
+        """
+        if not rows:
+            return
+        if self._failure is not None:
+            raise LedgerWriteFailedError(f"the ledger writer failed: {self._failure!r}") from self._failure
+        budget = self.max_entry_bytes - 1024
+        for row in rows:
+            if row[0] not in self._templates:
+                raise KeyError(f"no template {row[0]} registered with this writer")
+            inputs = row[1]
+            if len(inputs) > 1 or len(row[2][0]) > 4096:
+                size = sum(len(r[0]) * 4 + len(r[2]) + 24 for r in (*inputs, row[2]))
+                if size > budget:
+                    raise EntryTooLargeError(
+                        f"application with {len(inputs)} inputs needs about {size} bytes of data nodes, "
+                        f"above max_entry_bytes={self.max_entry_bytes}"
+                    )
+        self._put(_Rows(rows), timeout_s)
+        self.stats.appended += len(rows)
+
+    def _put(self, item: Application | list[Application] | _Rows, timeout_s: float | None) -> None:
         with self._state_lock:
             if self._closed or self._thread is None:
                 raise LedgerClosedError(
@@ -300,7 +420,7 @@ class LedgerWriter:
             except Exception:
                 logger.exception("ledger %s: closing the sink failed", self.ledger_id)
 
-    def _take_batch(self) -> list[Application | list[Application] | _Barrier | _Stop] | None:
+    def _take_batch(self) -> list[Application | list[Application] | _Rows | _Barrier | _Stop] | None:
         try:
             first = self._queue.get(timeout=_IDLE_POLL_S)
         except queue.Empty:
@@ -322,13 +442,15 @@ class LedgerWriter:
                 self.sink.service()
                 continue
             self._batch = batch  # on a failure, its flushers and closer must still hear back
-            pending: list[LedgerRecord] = []
+            pending: list[Pending] = []
             for item in batch:
                 if isinstance(item, Application):
                     self._seal(chain, item, pending)
                 elif isinstance(item, list):
                     for app in item:
                         self._seal(chain, app, pending)
+                elif isinstance(item, _Rows):
+                    self._seal_rows(chain, item, pending)
                 elif isinstance(item, _Barrier):
                     self._write(pending)
                     pending = []
@@ -339,7 +461,7 @@ class LedgerWriter:
                     return
             self._write(pending)
 
-    def _seal(self, chain: LedgerChain, app: Application, pending: list[LedgerRecord]) -> None:
+    def _seal(self, chain: LedgerChain, app: Application, pending: list[Pending]) -> None:
         records = chain.append(app)
         if not records:
             self.stats.duplicates += 1
@@ -349,10 +471,33 @@ class LedgerWriter:
             self.stats.checkpoints += 1
         pending.extend(records)
 
-    def _write(self, records: list[LedgerRecord]) -> None:
-        if records:
-            self.sink.write(records)
-            self.stats.batches += 1
+    def _seal_rows(self, chain: LedgerChain, item: _Rows, pending: list[Pending]) -> None:
+        templates = self._templates
+        sealer = self._sealer
+        if sealer is None:  # a sink that only takes objects
+            for row in item.rows:
+                self._seal(chain, application_of(templates[row[0]], row), pending)
+            return
+        stats = self.stats
+        for row in item.rows:
+            before = len(pending)
+            if not sealer.seal(templates[row[0]], row, pending):
+                stats.duplicates += 1
+                continue
+            stats.entries += 1
+            if len(pending) - before > 1:
+                stats.checkpoints += 1
+
+    def _write(self, records: list[Pending]) -> None:
+        if not records:
+            return
+        if self._sealer is not None:
+            self.sink.write_encoded(  # type: ignore[attr-defined]
+                [r if isinstance(r, tuple) else (record_key(r), encode_record(r)) for r in records]
+            )
+        else:
+            self.sink.write([r for r in records if not isinstance(r, tuple)])
+        self.stats.batches += 1
 
     def _flush(self, barrier: _Barrier) -> None:
         try:
@@ -370,7 +515,7 @@ class LedgerWriter:
 
     def _finish(self, chain: LedgerChain) -> None:
         """At the stop marker: take what in-flight appends still put, then checkpoint and flush."""
-        pending: list[LedgerRecord] = []
+        pending: list[Pending] = []
         barriers: list[_Barrier] = []
         deadline = time.monotonic() + self.put_timeout_s + 1.0
         while True:  # until no append is in flight (none can start: closed), or the deadline
@@ -397,7 +542,7 @@ class LedgerWriter:
             for barrier in barriers:
                 barrier.done.set()
 
-    def _drain_into(self, chain: LedgerChain, pending: list[LedgerRecord], barriers: list[_Barrier]) -> None:
+    def _drain_into(self, chain: LedgerChain, pending: list[Pending], barriers: list[_Barrier]) -> None:
         while True:  # the queue is finite and nothing new can start
             try:
                 item = self._queue.get_nowait()
@@ -408,11 +553,13 @@ class LedgerWriter:
             elif isinstance(item, list):
                 for app in item:
                     self._seal(chain, app, pending)
+            elif isinstance(item, _Rows):
+                self._seal_rows(chain, item, pending)
             elif isinstance(item, _Barrier):
                 barriers.append(item)  # answered by close's own final flush
 
     def _release(
-        self, batch: list[Application | list[Application] | _Barrier | _Stop], exc: BaseException
+        self, batch: list[Application | list[Application] | _Rows | _Barrier | _Stop], exc: BaseException
     ) -> bool:
         """Answer the flushers in the batch that failed; True when it held the stop marker."""
         stop = False
@@ -437,6 +584,8 @@ class LedgerWriter:
                 lost += 1
             elif isinstance(item, list):
                 lost += len(item)
+            elif isinstance(item, _Rows):
+                lost += len(item.rows)
             elif isinstance(item, _Barrier):
                 item.error = exc
                 item.done.set()

@@ -253,6 +253,10 @@ def test_backpressure_surfaces_to_the_caller() -> None:
             time.sleep(0.3)
             super().write(records)
 
+        def write_encoded(self, items: Any) -> None:
+            time.sleep(0.3)
+            super().write_encoded(items)
+
     store = Stuck()
     writer = LedgerWriter(store, LEDGER, None, max_queue=1, max_batch=1, put_timeout_s=0.01).start()
     try:

@@ -1,0 +1,193 @@
+"""The ledger's per-entry fast path: seal applications given as rows straight into stored bytes.
+
+`LedgerChain.append` builds an `Application` and a `LedgerEntry` and the codec encodes them: clear,
+and what verification and the index use. A pipeline appends one entry per record, though, so the
+writer seals rows (`Row`: plain tuples under a registered `AppTemplate`) here instead: the identity
+material, entry_id, entry_hash and Avro body are joined from per-template bytes computed once and
+the few per-record parts, with no objects in between. The bytes are exactly those of the object
+path (`tests/unit/test_ledger_rows.py` checks every field against `LedgerChain.append` +
+`encode_record`), so readers, verification and the index cannot tell which path wrote an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from streamprov import avro
+from streamprov.ledger.chain import LedgerChain
+from streamprov.ledger.codec import (
+    ENTRY_PREFIX,
+    _enc_device_context,
+    _enc_function,
+    _enc_window_origin,
+    encode_record,
+    record_key,
+)
+from streamprov.ledger.hashing import _context_part, _identity_head, _identity_tail
+from streamprov.ledger.model import AppTemplate, RefRow, Row
+
+_u32 = struct.Struct(">I").pack
+_i64 = struct.Struct(">q").pack
+_enc_long = avro.encode_long
+_SMALL = tuple(bytes((z,)) for z in range(128))
+
+
+def _varint(n: int) -> bytes:
+    """Avro zig-zag varint of a non-negative long (sequence numbers, and timestamps after 1970)."""
+    if n < 0:
+        return _enc_long(n)
+    z = n << 1
+    if z < 0x80:
+        return _SMALL[z]
+    out = bytearray()
+    while z >= 0x80:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+_DOMAIN_LP = _u32(len(b"streamprov/ledger/entry/v1")) + b"streamprov/ledger/entry/v1"
+_EIGHT = _u32(8)
+_LP32 = _u32(32)
+_ENC32 = _enc_long(32)
+_ALG_LP = tuple(_u32(1) + bytes((a,)) for a in range(256))
+_ONE = _enc_long(1)
+_END = b"\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class _TemplateBytes:
+    identity_head: bytes
+    identity_tail_plain: bytes
+    """Identity tail for rows without a window (every map): origin, task, two absent window ends."""
+    device_context_hash: bytes
+    """lp(device) lp(context) as the entry hash covers them."""
+    function_avro: bytes
+    device_context_avro: bytes
+    window_origin_avro_plain: bytes
+
+
+def _template_bytes(t: AppTemplate) -> _TemplateBytes:
+    device = t.device_id.encode("utf-8")
+    context = _context_part(t.context)
+    return _TemplateBytes(
+        _identity_head(t.kind, t.function_id, t.function_version, t.code_hash, t.parameters),
+        _identity_tail(t.origin, t.task_id, None, None),
+        _u32(len(device)) + device + _u32(len(context)) + context,
+        _enc_function(t.kind, t.function_id, t.function_version, t.code_hash, t.parameters),
+        _enc_device_context(t.device_id, t.context),
+        _enc_window_origin(None, None, t.origin, t.task_id),
+    )
+
+
+def _ref_lp(ref: RefRow) -> bytes:
+    """`DataRef.leaf_data()` of a row ref: lp(DataID) lp(algorithm byte) lp(digest)."""
+    data_id = ref[0].encode("utf-8")
+    digest = ref[2]
+    return b"".join((_u32(len(data_id)), data_id, _ALG_LP[ref[1]], _u32(len(digest)), digest))
+
+
+def _ref_avro(ref: RefRow) -> bytes:
+    data_id = ref[0].encode("utf-8")
+    digest = ref[2]
+    return b"".join((_enc_long(len(data_id)), data_id, _enc_long(ref[1]), _enc_long(len(digest)), digest))
+
+
+class RowSealer:
+    """Seals rows on a `LedgerChain` (the same sequencer state) into (key, value) records to store."""
+
+    def __init__(self, chain: LedgerChain) -> None:
+        self.chain = chain
+        self._templates: dict[int, _TemplateBytes] = {}
+
+    def add_template(self, key: int, template: AppTemplate) -> None:
+        self._templates[key] = _template_bytes(template)
+
+    def seal(self, template: AppTemplate, row: Row, out: list[Any]) -> bool:
+        """Append the row's entry (and a checkpoint when one is due) to `out`; False for a duplicate."""
+        tb = self._templates.get(row[0])
+        if tb is None:
+            tb = self._templates[row[0]] = _template_bytes(template)
+        _, inputs, output, timestamp, window_start, window_end = row
+        if len(inputs) == 1:
+            ref = _ref_lp(inputs[0])
+            inputs_lp = _u32(len(ref)) + ref
+            inputs_avro = _ONE + _ref_avro(inputs[0]) + _END
+        elif inputs:
+            inputs_lp = b"".join([_u32(len(r)) + r for r in map(_ref_lp, inputs)])
+            inputs_avro = b"".join((_enc_long(len(inputs)), *map(_ref_avro, inputs), _END))
+        else:
+            inputs_lp = b""
+            inputs_avro = _END
+        out_lp = _ref_lp(output)
+        if window_start is None and window_end is None:
+            tail = tb.identity_tail_plain
+            window_origin = tb.window_origin_avro_plain
+        else:
+            tail = _identity_tail(template.origin, template.task_id, window_start, window_end)
+            window_origin = _enc_window_origin(window_start, window_end, template.origin, template.task_id)
+        material = b"".join(
+            (tb.identity_head, _u32(len(inputs_lp)), inputs_lp, _u32(len(out_lp)), out_lp, tail)
+        )
+        entry_id = hashlib.sha256(material).digest()
+        state = self.chain.state
+        if entry_id in state.recent_ids:
+            return False
+        seq = state.next_seq
+        prev = state.head_hash
+        entry_hash = hashlib.sha256(
+            b"".join(
+                (
+                    _DOMAIN_LP,
+                    _EIGHT,
+                    _i64(seq),
+                    _LP32,
+                    prev,
+                    _LP32,
+                    entry_id,
+                    _u32(len(material)),
+                    material,
+                    _EIGHT,
+                    _i64(timestamp),
+                    tb.device_context_hash,
+                )
+            )
+        ).digest()
+        out.append(
+            (
+                entry_id,
+                b"".join(
+                    (
+                        ENTRY_PREFIX,
+                        _ENC32,
+                        entry_id,
+                        _varint(seq),
+                        _ENC32,
+                        prev,
+                        tb.function_avro,
+                        inputs_avro,
+                        _ref_avro(output),
+                        window_origin,
+                        _varint(timestamp),
+                        tb.device_context_avro,
+                        _ENC32,
+                        entry_hash,
+                    )
+                ),
+            )
+        )
+        # the chain's state moves exactly as LedgerChain.append moves it
+        state.tree.add(entry_hash)
+        state.head_hash = entry_hash
+        state.next_seq = seq + 1
+        state.remember(entry_id, self.chain.dedup_window)
+        chain = self.chain
+        if chain.signer is not None and state.next_seq - state.checkpointed_size >= chain.checkpoint_every:
+            cp = chain.checkpoint()
+            if cp is not None:
+                out.append((record_key(cp), encode_record(cp)))
+        return True
