@@ -106,7 +106,7 @@ def _fill(bootstrap: str, topic: str, n: int) -> None:
 
 def _run(
     bootstrap: str, admin: AdminClient, prefix: str, src: str, n: int, args: argparse.Namespace, ledger: bool
-) -> tuple[float, dict[str, int]]:
+) -> tuple[float, dict[str, Any]]:
     tag = uuid.uuid4().hex[:8]
     out = _create(admin, f"{prefix}-out-{tag}", 3)
     dlq = _create(admin, f"{prefix}-dlq-{tag}", 1)
@@ -138,11 +138,17 @@ def _run(
     )
     try:
         with processor:
+            cpu0 = os.times()
             stats = processor.run(max_records=n, idle_timeout_s=30)
             elapsed = time.perf_counter() - processor.first_batch_at
-        extra: dict[str, int] = {"records_in": stats.records_in}
+            if writer is not None:
+                writer.close()  # a writer process is reaped here: its CPU counts as the children's
+            cpu1 = os.times()
+        used = (cpu1.user + cpu1.system + cpu1.children_user + cpu1.children_system) - (
+            cpu0.user + cpu0.system + cpu0.children_user + cpu0.children_system
+        )
+        extra: dict[str, Any] = {"records_in": stats.records_in, "cpu_us_per_record": round(used / n * 1e6)}
         if writer is not None:
-            writer.close()
             extra.update(entries=writer.stats.entries, duplicates=writer.stats.duplicates)
     finally:
         if writer is not None:
@@ -178,17 +184,23 @@ def main() -> None:
             f"guarantee={args.guarantee} writer={args.writer} ledger_topic_config={LEDGER_TOPIC_CONFIG}"
         )
         results: dict[bool, list[float]] = {False: [], True: []}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
         for r in range(args.rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
             for ledger in order:
                 rate, extra = _run(bootstrap, admin, prefix, src, args.records, args, ledger)
                 results[ledger].append(rate)
+                cpu[ledger].append(extra["cpu_us_per_record"])
                 name = "with_ledger" if ledger else "without_ledger"
                 print(f"round {r} {name}: {rate:,.0f} records/s {extra}", flush=True)
         without = statistics.median(results[False])
         with_ = statistics.median(results[True])
         print(f"median without ledger: {without:,.0f} records/s")
         print(f"median with ledger:    {with_:,.0f} records/s")
+        print(
+            "median CPU of this process and its children per record (the broker not included): "
+            f"{statistics.median(cpu[False]):.0f} us without, {statistics.median(cpu[True]):.0f} us with"
+        )
         print(f"ledger_overhead_ratio={with_ / without:.3f}")
     finally:
         admin.delete_topics([src])
