@@ -3,16 +3,18 @@ read the ledger back, and answer impact questions by brute force (a full scan, n
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from typing import Any
 
 from kafka_support import FAST_GROUP_CONFIG
-from ledger_support import LEDGER, signer
+from ledger_support import LEDGER, SEED, signer
 
 from streamprov.agents.processor import EXACTLY_ONCE, Guarantee, Processor, ProcessorStats
 from streamprov.ledger import Application, Context, DataRef, LedgerEntry, LedgerWriter
 from streamprov.ledger.kafka import KafkaLedgerReader, KafkaLedgerSink
+from streamprov.ledger.process_writer import ProcessLedgerWriter
 from streamprov.producer import ProvenanceProducer
 from streamprov.registry import RegisteredFunction
 
@@ -40,6 +42,12 @@ def ledger_writer(bootstrap: str, topic: str, *, every: int = 100) -> LedgerWrit
     return LedgerWriter(sink, LEDGER, signer(), checkpoint_every=every, put_timeout_s=5.0)
 
 
+def process_ledger_writer(bootstrap: str, topic: str, *, every: int = 100) -> ProcessLedgerWriter:
+    """The same writer in a child process (the sink is built there)."""
+    sink = functools.partial(KafkaLedgerSink, bootstrap, topic, timeout_s=20.0)
+    return ProcessLedgerWriter(sink, LEDGER, SEED, checkpoint_every=every, put_timeout_s=5.0)
+
+
 def run_step(
     bootstrap: str,
     function: RegisteredFunction,
@@ -47,7 +55,7 @@ def run_step(
     out: str,
     dlq: str,
     group: str,
-    writer: LedgerWriter | None,
+    writer: LedgerWriter | ProcessLedgerWriter | None,
     *,
     records: int,
     guarantee: Guarantee = EXACTLY_ONCE,

@@ -34,6 +34,7 @@ from ledger_pipeline import (  # noqa: E402
     brute_force_downstream,
     ledger_entries,
     ledger_writer,
+    process_ledger_writer,
     produce_sources,
     run_step,
     value,
@@ -61,15 +62,17 @@ def _nodes(bootstrap: str, topic: str, expected: int) -> dict[DataRef, Provenanc
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("writer_kind", ["thread", "process"])
 def test_map_then_reduce_record_every_output(
-    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path, writer_kind: str
 ) -> None:
     n, groups = 200, 5
     src, mid, out, dlq = new_topic(2), new_topic(2), new_topic(), new_topic()
     ledger_topic = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
     sources = produce_sources(kafka_bootstrap, src, ((f"id-{i:04d}", value(i)) for i in range(n)))
 
-    with ledger_writer(kafka_bootstrap, ledger_topic) as writer:
+    make = ledger_writer if writer_kind == "thread" else process_ledger_writer
+    with make(kafka_bootstrap, ledger_topic) as writer:
         stats = run_step(
             kafka_bootstrap,
             processor_fns.enrich,
