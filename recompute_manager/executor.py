@@ -140,8 +140,13 @@ class Executor:
         algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        headers: Mapping[DataRef, bytes] | None = None,
     ) -> None:
+        """`headers`: the original provenance headers of stored intermediates (an `OutputIndex`'s),
+        so a reduce over them keeps their lineage and sources; without one a stored input counts as
+        an original record."""
         self.registry = registry
+        self.headers: Mapping[DataRef, bytes] = headers if headers is not None else {}
         self.sources = sources
         self.cache = cache
         self.serde: Serde = serde if serde is not None else JsonSerde()
@@ -169,7 +174,9 @@ class Executor:
             raise ExecutionError(f"intermediate value {ref.node.describe()} is not in the value store")
         if not matches(ref.node.checksum, stored):
             raise ExecutionError(f"stored value of {ref.node.describe()} does not match its checksum")
-        header = ProvenanceHeader.for_source(ref.node.data_id, stored, self.algorithm).encode()
+        header = self.headers.get(ref.node)
+        if header is None:
+            header = ProvenanceHeader.for_source(ref.node.data_id, stored, self.algorithm).encode()
         return stored, header, ref.node
 
     # -- one attempt ---------------------------------------------------------------------------------

@@ -262,6 +262,8 @@ def plan_from_applications(
 
     `replace` maps an old input version onto the one to replay with (a changed source record);
     `upgrade` maps a function id onto the (version, code hash) to replay it with (a changed function).
+    `supersedes` maps an output onto where the original record sits; such a task's topic is that
+    record's topic (a plan can span the topics of a multi-step pipeline), the others get `topic`.
     """
     apps = [a for a in applied if a.entry.application.kind is not ApplicationKind.SOURCE]
     plan_id = _hex_id(cause_id.encode("utf-8"), *(a.entry.entry_id for a in apps))
@@ -292,7 +294,7 @@ def plan_from_applications(
                 task_id,
                 plan_id,
                 app.output.data_id,
-                topic,
+                supersedes[app.output].topic if app.output in supersedes else topic,
                 position,
                 a.entry.entry_id,
                 (step,),
@@ -387,8 +389,10 @@ def plan_for_change(
     cause: Cause | None = None,
     limit: int | None = None,
     created_at_ms: int | None = None,
+    supersedes: Mapping[DataRef, Coordinates] | None = None,
 ) -> RecomputePlan:
-    """The plan a change event calls for (see the module docs)."""
+    """The plan a change event calls for (see the module docs); `supersedes` locates the original
+    output records (the ledger does not record Kafka coordinates: see `recompute_manager.outputs`)."""
     cause = cause or cause_of_change(event)
     if event.source is not None:
         old = event.source.previous_node
@@ -404,6 +408,7 @@ def plan_for_change(
             cause=cause,
             topic=topic,
             replace=replace,
+            supersedes=supersedes,
             truncated=down.truncated,
             cyclic=down.cyclic,
             created_at_ms=created_at_ms,
@@ -422,6 +427,7 @@ def plan_for_change(
             truncated=down.truncated,
             cyclic=down.cyclic,
             created_at_ms=created_at_ms,
+            supersedes=supersedes,
             upgrade={f.function_id: (f.current_version, f.current_code_hash)},
         )
     raise PlanError(f"change event {event.change_id} names neither a source nor a function")

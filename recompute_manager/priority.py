@@ -163,12 +163,23 @@ class PriorityPublisher:
 
         Aborts and raises `ProcessorError` when anything fails; nothing of the batch is visible then.
         """
-        batch = list(records)
-        partitions = self.partitions(topic)
+        return self.publish_all(((topic, r) for r in records), consumer=consumer, offsets=offsets)
+
+    def publish_all(
+        self,
+        items: Iterable[tuple[str, PriorityRecord]],
+        *,
+        consumer: Consumer | None = None,
+        offsets: Sequence[TopicPartition] | None = None,
+    ) -> int:
+        """`publish` for records bound to several priority topics: (topic, record) pairs, one
+        transaction (a plan over a multi-step pipeline corrects records of several topics)."""
+        batch = list(items)
+        partitions = {topic: self.partitions(topic) for topic in dict.fromkeys(t for t, _ in batch)}
         self._errors.clear()
         self._call(self._producer.begin_transaction)
         try:
-            for r in batch:
+            for topic, r in batch:
                 headers: list[tuple[str, str | bytes | None]] = [
                     *r.headers,
                     (PRIORITY_HEADER, r.priority.text().encode("ascii")),
@@ -177,7 +188,7 @@ class PriorityPublisher:
                     topic,
                     r.value,
                     r.key,
-                    partition=r.priority.partition(partitions, self.buckets),
+                    partition=r.priority.partition(partitions[topic], self.buckets),
                     headers=headers,
                     on_delivery=self._on_delivery,
                 )
