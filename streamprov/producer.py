@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from time import time_ns as _time_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crc32c as _crc32c
 from confluent_kafka import Producer
@@ -22,7 +22,11 @@ from confluent_kafka import Producer
 from streamprov.checksum import ChecksumAlgorithm
 from streamprov.errors import StreamprovError
 from streamprov.header import HEADER_KEY
+from streamprov.signing import Signer, signed_headers
 from streamprov.stamp import _CRC_HEAD, _CRC_TAG, _EMPTY_LINEAGE, _SHORT_LEN, SourceStamper
+
+if TYPE_CHECKING:
+    from streamprov.telemetry.tracing import StepTracing
 
 _crc: Callable[[bytes], int] = _crc32c.crc32c
 _Headers = list[tuple[str, str | bytes | None]]
@@ -40,12 +44,18 @@ class ProvenanceProducer:
         config: Mapping[str, Any],
         algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
         producer: Producer | None = None,
+        signer: Signer | None = None,
+        tracing: StepTracing | None = None,
     ) -> None:
+        """`signer`: sign every provenance header (`streamprov.signing`, header `streamprov.sig`);
+        `tracing`: a PRODUCER span per record, its context in `traceparent` (`streamprov.telemetry`)."""
         self._producer = producer if producer is not None else Producer(dict(config))
         self._produce = self._producer.produce
         self._stamper = SourceStamper(algorithm)
         self._clock = self._stamper._clock
-        self._inline = algorithm is ChecksumAlgorithm.CRC32C
+        self._signer = signer
+        self._tracing = tracing
+        self._inline = algorithm is ChecksumAlgorithm.CRC32C and signer is None and tracing is None
 
     @property
     def producer(self) -> Producer:
@@ -114,9 +124,10 @@ class ProvenanceProducer:
         if not ident:
             raise StreamprovError("a source record needs a DataID: pass key= or data_id=")
         value = bytes(value)
-        stamped: _Headers = [(HEADER_KEY, self._stamper.header(ident, value))]
-        if headers:
-            stamped.extend(h for h in headers if h[0] != HEADER_KEY)
+        header = self._stamper.header(ident, value)
+        stamped: _Headers = list(signed_headers(header, self._signer, headers or ()))
+        if self._tracing is not None:
+            self._tracing.on_produce(topic, ident, stamped)
         self._produce(
             topic,
             value,

@@ -25,6 +25,16 @@ SCHEMA_NAME = "alert"
 SCHEMA = avro.load_schema_json(SCHEMA_NAME)
 PREFIX = avro.single_object_prefix(SCHEMA)
 _READER = avro.without_logical_types(SCHEMA)
+_V1_PREFIX = avro.single_object_prefix(
+    {
+        **SCHEMA,
+        "fields": [
+            {**f, "type": {**f["type"], "symbols": f["type"]["symbols"][:-1]}} if f["name"] == "kind" else f
+            for f in SCHEMA["fields"]
+        ],
+    }
+)
+"""Alerts written before `bad_signature` was appended: same body (enum indexes are unchanged)."""
 
 
 class AlertKind(enum.StrEnum):
@@ -44,6 +54,9 @@ class AlertKind(enum.StrEnum):
     """No provenance header, or one that does not decode; the record also goes to the dead-letter topic."""
     MISSING_FUNCTION = "missing_function"
     """Re-derivation needs a function the registry does not have."""
+    BAD_SIGNATURE = "bad_signature"
+    """The topic requires signed provenance and the `streamprov.sig` signature is missing or does not
+    verify: a header re-computed without the pipeline's key (a forgery), or a tampered signature."""
 
 
 _KINDS = tuple(AlertKind)
@@ -139,7 +152,7 @@ class Alert:
     @classmethod
     def decode(cls, raw: bytes) -> Alert:
         """Decode an alert; raises `AlertError` for anything that is not one of this schema."""
-        if not isinstance(raw, bytes) or raw[: len(PREFIX)] != PREFIX:
+        if not isinstance(raw, bytes) or raw[: len(PREFIX)] not in (PREFIX, _V1_PREFIX):
             raise AlertError("not an alert of this schema version (marker or fingerprint differ)")
         try:
             r: Any = avro.schemaless_read(raw[len(PREFIX) :], _READER, _READER)

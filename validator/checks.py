@@ -44,6 +44,7 @@ from streamprov.checksum import ChecksumAlgorithm, digest
 from streamprov.errors import HeaderError, MalformedHeaderError
 from streamprov.header import HEADER_KEY, PREFIX, ProvenanceHeader, find_raw, scan, verify_value
 from streamprov.lineage import Lineage, StepKind, decode_lineage
+from streamprov.signing import Verifier
 from streamprov.stamp import source_data_id
 from validator.alerts import Alert, AlertKind, Criticality, Evidence
 from validator.rederive import Rederiver, describe_chain, sampled
@@ -86,6 +87,8 @@ class TopicPolicy:
     message_max_age_ms: int | None = None
     """Stale when the header timestamp is older than this (None = off)."""
     criticality: Criticality = Criticality.MEDIUM
+    verifier: Verifier | None = None
+    """Verify the provenance header's signature (`streamprov.signing`); a bad one: `bad_signature`."""
 
     @property
     def needs_source(self) -> bool:
@@ -197,6 +200,7 @@ class Checker:
         """(policy, can the fast loop check it, integrity on, drift on) for `topic`."""
         pol = self.policy(topic)
         fast = pol.message_max_age_ms is None and pol.source_max_age_ms is None and pol.rederive_rate <= 0
+        fast = fast and pol.verifier is None
         return pol, fast, pol.integrity, pol.source_drift and self.view is not None
 
     def _lineage(self, encoded: bytes) -> LineageInfo:
@@ -306,7 +310,9 @@ class Checker:
             self._report_drift(suspects, now_ms, result)
         return result
 
-    def _check_one(self, m: MessageLike, now_ms: int, result: BatchResult, suspects: list[_Suspect]) -> bool:
+    def _check_one(  # noqa: PLR0915
+        self, m: MessageLike, now_ms: int, result: BatchResult, suspects: list[_Suspect]
+    ) -> bool:
         """Every check on one record, any header layout and any policy; False for a consumer event."""
         topic = m.topic()
         pol = self.policy(topic or "")
@@ -329,6 +335,8 @@ class Checker:
         value = m.value()
         if pol.integrity and not verify_value(current, value if value is not None else b""):
             self._checksum_mismatch(m, raw, current, source_start, value, pol, now_ms, result)
+        if pol.verifier is not None:
+            self._signature(pol.verifier, m, hs, raw, data_id, pol, now_ms, result)
         message_max = pol.message_max_age_ms
         if message_max is not None:
             ts = avro.read_long(current, source_end)[0]
@@ -426,6 +434,22 @@ class Checker:
             f"{reason}: {exc}; the record went to the dead-letter topic {self.dead_letter_topic}"[:1000],
         )
         result.alerts.append(self._alert(AlertKind.MALFORMED, m, raw, data_id, evidence, pol, now_ms))
+
+    def _signature(
+        self,
+        verifier: Verifier,
+        m: MessageLike,
+        hs: Any,
+        raw: bytes,
+        data_id: bytes,
+        pol: TopicPolicy,
+        now_ms: int,
+        result: BatchResult,
+    ) -> None:
+        problem = verifier.problem(hs, m.value())
+        if problem is not None:
+            evidence = Evidence(problem.expected, problem.actual, problem.reason)
+            result.alerts.append(self._alert(AlertKind.BAD_SIGNATURE, m, raw, data_id, evidence, pol, now_ms))
 
     def _checksum_mismatch(
         self,

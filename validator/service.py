@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -48,6 +48,9 @@ from validator.metrics import ValidatorMetrics
 from validator.rederive import Rederiver
 from validator.settings import ServiceSettings
 from validator.source_view import SourceView
+
+if TYPE_CHECKING:
+    from streamprov.telemetry.tracing import StepTracing
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,10 @@ class Validator:
         serde: Serde | None = None,
         metrics: ValidatorMetrics | None = None,
         max_consecutive_failures: int = 10,
+        tracing: StepTracing | None = None,
     ) -> None:
+        self.tracing = tracing
+        """A span per validated record of a sampled trace, joining it (`streamprov.telemetry`)."""
         if settings.needs_registry and registry is None:
             raise ValidatorConfigError(
                 f"re-derivation is enabled for {', '.join(settings.needs_registry)} but no function "
@@ -363,6 +369,8 @@ class Validator:
     def _process(self, messages: list[Any]) -> None:
         started = time.perf_counter()
         result = self.checker.check(messages, now_ms())
+        if self.tracing is not None:
+            self.tracing.on_validated(messages, result.alerts)
         for err in result.errors:
             if err.fatal():
                 raise FatalValidatorError(f"consume: {err.str()}", err)

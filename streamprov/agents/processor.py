@@ -30,7 +30,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from time import time_ns as _time_ns
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -54,11 +55,9 @@ from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm, matches
 from streamprov.errors import HeaderError, SerdeError, StreamprovError
 from streamprov.header import (
-    HEADER_KEY,
     PREFIX,
     ProvenanceHeader,
     find_raw,
-    headers_without,
     scan,
     verify_value,
 )
@@ -73,7 +72,11 @@ from streamprov.ledger.writer import FlushWaiter, LedgerAppender
 from streamprov.lineage import StepKind, decode_lineage
 from streamprov.reduce import LateRecordError, ReduceOutput, WindowedReducer
 from streamprov.registry import RegisteredFunction
+from streamprov.signing import Signer, signed_headers
 from streamprov.stamp import ChecksumMismatchError, InputRecord, MapStamper, source_data_id
+
+if TYPE_CHECKING:
+    from streamprov.telemetry.tracing import StepTracing
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +244,14 @@ class StepTransform:
         ledger: LedgerAppender | None = None,
         context: Context | None = None,
         device_id: str | None = None,
+        signer: Signer | None = None,
+        tracing: StepTracing | None = None,
     ) -> None:
         self.function = function
+        self.signer = signer
+        """Signs every output header (`streamprov.sig`, see `streamprov.signing`)."""
+        self.tracing = tracing
+        """OpenTelemetry spans per record, trace context in the headers (`streamprov.telemetry`)."""
         self.params = dict(params or {})
         self.key_by = key_by
         self.serde: Serde = serde if serde is not None else JsonSerde()
@@ -334,6 +343,7 @@ class StepTransform:
 
     # -- map ---------------------------------------------------------------------------------------
     def _map(self, msg: MessageLike) -> Outgoing:
+        started_ns = _time_ns() if self.tracing is not None else 0
         topic, partition, offset = _coordinates(msg)
         value = msg.value()
         record = InputRecord(value or b"", msg.headers(), msg.key(), topic, partition, offset)
@@ -356,7 +366,9 @@ class StepTransform:
             return self.dead_letter(msg, exc, DeadLetterReason.SERIALIZATION_ERROR)
         except HeaderError as exc:
             return self.dead_letter(msg, exc)
-        headers: Headers = [(HEADER_KEY, header), *headers_without(msg.headers())]
+        headers = signed_headers(header, self.signer, msg.headers() or ())
+        if self.tracing is not None:
+            self.tracing.on_map(msg, headers, started_ns, self.function)
         key = msg.key()
         if self.key_by is not None:  # re-key (e.g. for a downstream reduce); the DataID stays in the header
             try:
@@ -413,6 +425,9 @@ class StepTransform:
             return [] if replayed else [self.dead_letter(msg, exc, DeadLetterReason.LATE_RECORD)]
         except Exception as exc:  # the user's function raised inside the reducer
             return [] if replayed else [self.dead_letter(msg, exc, DeadLetterReason.PROCESSING_ERROR)]
+        if self.tracing is not None:
+            window = (group, reducer.window_of(ts)[0])
+            self.tracing.on_reduce_input(msg, window, header.data_id, self.function)
         if self.recorder is not None:  # the full input list of the window, for its ledger entry
             self.recorder.add_input((group, reducer.window_of(ts)[0]), header.data_id, header.checksum)
         return self._close_due(reducer)
@@ -446,11 +461,10 @@ class StepTransform:
             stamped = window.header(self.function, self.params, value, self.algorithm)
             if self.recorder is not None:
                 self.recorder.record_reduce((window.key, window.window[0]), stamped)
-            out.append(
-                Outgoing(
-                    self.output_topic, key, value, [(HEADER_KEY, stamped.encode())], window.window[1] - 1
-                )
-            )
+            out_headers = signed_headers(stamped.encode(), self.signer)
+            if self.tracing is not None:
+                self.tracing.on_reduce_output((window.key, window.window[0]), out_headers, self.function)
+            out.append(Outgoing(self.output_topic, key, value, out_headers, window.window[1] - 1))
         return out
 
     @property
@@ -569,6 +583,8 @@ class Processor:
         ledger: LedgerAppender | None = None,
         ledger_context: Context | None = None,
         device_id: str | None = None,
+        signer: Signer | None = None,
+        tracing: StepTracing | None = None,
     ) -> None:
         topics = [input_topics] if isinstance(input_topics, str) else list(input_topics)
         if not topics or not all(topics):
@@ -605,6 +621,8 @@ class Processor:
             ledger=ledger,
             context=ledger_context,
             device_id=device_id,
+            signer=signer,
+            tracing=tracing,
         )
         self.stats = ProcessorStats()
         try:
