@@ -21,11 +21,27 @@ from time import time_ns
 from typing import Any, Protocol
 
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind, TracerProvider
+from opentelemetry.context import Context
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    TracerProvider,
+)
 
 from streamprov.errors import HeaderError
 from streamprov.header import find_raw, record_fields
-from streamprov.telemetry.propagation import TRACEPARENT, KafkaHeaders, extract, inject, span_context
+from streamprov.telemetry.propagation import (
+    TRACEPARENT,
+    TRACESTATE,
+    KafkaHeaders,
+    extract,
+    inject,
+    span_context,
+)
 
 INSTRUMENTATION = "streamprov"
 SYSTEM = {"messaging.system": "kafka"}
@@ -67,6 +83,39 @@ def sampled(tp: bytes) -> bool:
         return bool(int(tp[53:55], 16) & 1) if len(tp) >= 55 else False
     except ValueError:
         return False
+
+
+def _parent(tp: bytes, headers: KafkaHeaders) -> Context:
+    """The remote parent context of a record: its `traceparent` parsed directly (the common case), or
+    through the propagator when the header is unusual or a `tracestate` comes with it."""
+    if len(tp) == 55 and tp[:3] == b"00-" and tp[35:36] == b"-" and tp[52:53] == b"-":
+        try:
+            trace_id, span_id, flags = int(tp[3:35], 16), int(tp[36:52], 16), int(tp[53:55], 16)
+        except ValueError:
+            return extract(headers)
+        if trace_id and span_id and not _has(headers, TRACESTATE):
+            ctx = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
+            return trace.set_span_in_context(NonRecordingSpan(ctx))
+    return extract(headers)
+
+
+def _has(headers: KafkaHeaders, key: str) -> bool:
+    if not headers:
+        return False
+    if isinstance(headers, Mapping):
+        return key in headers
+    return any(h[0] == key for h in headers)
+
+
+def _inject(headers: list[tuple[str, Any]], span: Span) -> None:
+    """`inject` for a span we just made: format its `traceparent` directly (no propagator pass)."""
+    ctx = span.get_span_context()
+    if ctx.trace_state:
+        inject(headers, trace.set_span_in_context(span))
+        return
+    headers[:] = [h for h in headers if h[0] != TRACEPARENT and h[0] != TRACESTATE]
+    if ctx.is_valid:
+        headers.append((TRACEPARENT, b"00-%032x-%016x-%02x" % (ctx.trace_id, ctx.span_id, ctx.trace_flags)))
 
 
 def _data_id(headers: Any) -> str | None:
@@ -115,6 +164,14 @@ class StepTracing:
         self.max_links = max_links
         self.max_open_windows = max_open_windows
         self._links: dict[Any, list[trace.SpanContext]] = {}
+        self._functions: dict[int, dict[str, Any]] = {}
+
+    def _function_attrs(self, function: _Function | None) -> dict[str, Any]:
+        key = id(function)
+        found = self._functions.get(key)
+        if found is None:
+            found = self._functions[key] = _function_attrs(function)
+        return found
 
     # -- source producer ---------------------------------------------------------------------------
     def on_produce(self, topic: str, data_id: str | bytes | None, headers: list[tuple[str, Any]]) -> None:
@@ -150,14 +207,16 @@ class StepTracing:
             return
         span = self.tracer.start_span(
             f"{function.function_id if function else 'map'} process",
-            context=extract(hs) if tp is not None else None,
+            context=_parent(tp, hs) if tp is not None else None,
             kind=SpanKind.CONSUMER,
             start_time=start_ns,
         )
         if span.is_recording():
-            span.set_attributes(_consumed(msg, self.consumer_group) | _function_attrs(function))
-            span.set_attribute("streamprov.data_id", _data_id(out_headers) or "")
-        inject(out_headers, trace.set_span_in_context(span))
+            attrs = _consumed(msg, self.consumer_group)
+            attrs.update(self._function_attrs(function))
+            attrs["streamprov.data_id"] = _data_id(out_headers) or ""
+            span.set_attributes(attrs)
+        _inject(out_headers, span)
         span.end()
 
     # -- reduce --------------------------------------------------------------------------------------
@@ -171,7 +230,7 @@ class StepTracing:
             return
         span = self.tracer.start_span(
             f"{function.function_id if function else 'reduce'} receive",
-            context=extract(hs),
+            context=_parent(tp, hs),
             kind=SpanKind.CONSUMER,
         )
         if not span.is_recording():
@@ -253,7 +312,7 @@ class StepTracing:
             if tp is None or not sampled(tp):
                 continue
             span = self.tracer.start_span(
-                f"{m.topic()} validate", context=extract(hs), kind=SpanKind.CONSUMER, start_time=now
+                f"{m.topic()} validate", context=_parent(tp, hs), kind=SpanKind.CONSUMER, start_time=now
             )
             if span.is_recording():
                 span.set_attributes(_consumed(m, self.consumer_group))
