@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_AGE_BUCKETS_MS",
     "PRIORITY_HEADER",
     "Confidence",
+    "PlainRecord",
     "PriorityConsumer",
     "PriorityKey",
     "PriorityPublisher",
@@ -106,6 +107,16 @@ class PriorityRecord:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PlainRecord:
+    """A record to publish in a priority transaction to a topic of its own (default partitioner)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
 class PriorityPublisher:
     """Transactional producer to priority topics. One per worker (its own `transactional_id`)."""
 
@@ -171,10 +182,13 @@ class PriorityPublisher:
         *,
         consumer: Consumer | None = None,
         offsets: Sequence[TopicPartition] | None = None,
+        plain: Iterable[PlainRecord] = (),
     ) -> int:
         """`publish` for records bound to several priority topics: (topic, record) pairs, one
-        transaction (a plan over a multi-step pipeline corrects records of several topics)."""
+        transaction (a plan over a multi-step pipeline corrects records of several topics). `plain`
+        records (progress reports, dead letters) join the transaction, partitioned by key."""
         batch = list(items)
+        extra = list(plain)
         partitions = {topic: self.partitions(topic) for topic in dict.fromkeys(t for t, _ in batch)}
         self._errors.clear()
         self._call(self._producer.begin_transaction)
@@ -191,6 +205,11 @@ class PriorityPublisher:
                     partition=r.priority.partition(partitions[topic], self.buckets),
                     headers=headers,
                     on_delivery=self._on_delivery,
+                )
+                self._producer.poll(0)
+            for p in extra:
+                self._producer.produce(
+                    p.topic, p.value, p.key, headers=list(p.headers), on_delivery=self._on_delivery
                 )
                 self._producer.poll(0)
             if consumer is not None and offsets:

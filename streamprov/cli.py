@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from recompute_manager.cli import recompute_app, recompute_manager_app
 from streamprov import __version__
 from streamprov.config.cli import config_app
 from streamprov.errors import StreamprovError
@@ -32,6 +33,8 @@ app.add_typer(header_app, name="header")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(config_app, name="config")
 app.add_typer(validator_app, name="validator")
+app.add_typer(recompute_manager_app, name="recompute-manager")
+app.add_typer(recompute_app, name="recompute")
 app.command("lineage")(lineage_command)
 app.command("impact")(impact_command)
 

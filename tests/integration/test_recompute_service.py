@@ -1,0 +1,132 @@
+"""The Recompute Manager service on Apache Kafka: a change event in, the affected outputs out on their
+priority topics, a progress report, and the consumed offset, all in one transaction; a restart of the
+same group finds nothing left to do. `streamprov recompute status` reads the progress back, and
+`streamprov recompute-manager run` stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import processor_fns
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from kafka_support import FAST_GROUP_CONFIG, consume_all, create_topic
+from ledger_support import LEDGER
+from test_recompute_e2e import build_pipeline, change_source, priority_topics  # noqa: F401 - fixture
+from typer.testing import CliRunner
+
+from recompute_manager.executor import SUPERSEDES_HEADER
+from recompute_manager.service import ManagerSettings, Progress, RecomputeManager
+from streamprov.checksum import matches
+from streamprov.cli import app
+from streamprov.header import ProvenanceHeader
+
+pytestmark = pytest.mark.kafka
+
+HERE = Path(__file__).resolve().parent
+STREAMPROV = Path(sys.executable).parent / "streamprov"
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        [tp] = probe.committed([TopicPartition(topic, 0)], timeout=10)
+        return int(tp.offset)
+    finally:
+        probe.close()
+
+
+def test_service_recomputes_a_change_exactly_once(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    unique_group: Any,
+    tmp_path: Path,
+    priority_topics: list[str],  # noqa: F811
+) -> None:
+    bootstrap = kafka_bootstrap
+    detector_group = unique_group()
+    p = build_pipeline(bootstrap, new_topic, unique_group, tmp_path, detector_group)
+    for t in p.outputs:
+        priority_topics.append(create_topic(bootstrap, p.priority(t), partitions=2))
+    alerts, progress, dead = new_topic(prefix="alerts"), new_topic(prefix="progress"), new_topic()
+    change_source(bootstrap, p, detector_group, tmp_path, "id-011", b'{"n":2011}')
+
+    settings = ManagerSettings(
+        kafka={"bootstrap.servers": bootstrap},
+        group_id=unique_group("rm"),
+        alerts_topic=alerts,
+        changes_topic=p.changes,
+        progress_topic=progress,
+        dead_letter_topic=dead,
+        ledger_topic=p.ledger,
+        ledger_id=LEDGER,
+        sources=(p.src,),
+        outputs=tuple(p.outputs),
+        state_dir=tmp_path / "rm",
+        http_port=0,
+        consumer_config=FAST_GROUP_CONFIG,
+    )
+    with RecomputeManager(settings, processor_fns.registry) as manager:
+        stats = manager.run(max_causes=1, idle_timeout_s=60)
+        assert manager.http_port  # health endpoints were served
+    assert (stats.causes, stats.plans_run, stats.tasks_recomputed, stats.published) == (1, 1, 3, 3)
+    assert stats.transactions == 1 and stats.dead_letters == 0
+
+    for t in p.outputs:
+        [msg] = consume_all(bootstrap, p.priority(t), expected=1, timeout_s=30, grace_s=0.5)
+        header = ProvenanceHeader.from_headers(msg.headers() or [])
+        assert header is not None and matches(header.checksum, msg.value())
+        assert dict(msg.headers() or [])[SUPERSEDES_HEADER].startswith(f"{t}/".encode())
+    [report] = consume_all(bootstrap, progress, expected=1, timeout_s=30, grace_s=0.5)
+    got = Progress.decode(report.value())
+    assert (got.state, got.done, got.total, got.recomputed) == ("done", 3, 3, 3)
+    assert _committed(bootstrap, settings.group_id, p.changes) == 1  # committed with the transaction
+
+    # a restart of the same group has nothing left to do
+    with RecomputeManager(settings, processor_fns.registry) as again:
+        stats = again.run(idle_timeout_s=4)
+    assert stats.causes == 0
+    for t in p.outputs:
+        assert len(consume_all(bootstrap, p.priority(t), expected=2, timeout_s=2)) == 1
+
+    # the status command reads the progress topic
+    config = tmp_path / "streamprov.yaml"
+    config.write_text(
+        f"kafka:\n  bootstrap_servers: {bootstrap}\nstreams:\n  recompute_progress: {progress}\n"
+    )
+    out = CliRunner().invoke(app, ["recompute", "status", got.plan_id[:12], "--config", str(config)])
+    assert out.exit_code == 0, out.output
+    assert "done" in out.output and "3/3 tasks" in out.output
+
+
+def test_cli_run_stops_on_sigterm(kafka_bootstrap: str, new_topic: Any, tmp_path: Path) -> None:
+    streams = {k: new_topic(prefix=k) for k in ("alerts", "changes", "progress", "dl", "ledger")}
+    config = tmp_path / "streamprov.yaml"
+    config.write_text(
+        f"kafka:\n  bootstrap_servers: {kafka_bootstrap}\n"
+        "streams:\n"
+        f"  alerts: {streams['alerts']}\n  changes: {streams['changes']}\n"
+        f"  recompute_progress: {streams['progress']}\n  dead_letters: {streams['dl']}\n"
+        f"  ledger: {streams['ledger']}\n"
+        f"recompute_manager:\n  state_dir: {tmp_path / 'state'}\n  http_port: 18931\n  metrics_port: 18932\n"
+    )
+    cmd = [str(STREAMPROV), "recompute-manager", "run", "--config", str(config)]
+    cmd += ["--functions", "processor_fns:registry", "--http-port", "0"]
+    env = {**os.environ, "PYTHONPATH": f"{HERE}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        time.sleep(6)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopping after the current batch" in err and "stopped:" in err
