@@ -119,7 +119,9 @@ def _run(
         seed = os.urandom(32)
         if args.writer == "process":
             sink_factory = functools.partial(KafkaLedgerSink, bootstrap, ledger_topic)
-            writer = ProcessLedgerWriter(sink_factory, ledger_topic, seed, checkpoint_every=1000).start()
+            writer = ProcessLedgerWriter(
+                sink_factory, ledger_topic, seed, checkpoint_every=1000, nice=args.nice
+            ).start()
         else:
             signer = CheckpointSigner(Ed25519PrivateKey.from_private_bytes(seed))
             sink = KafkaLedgerSink(bootstrap, ledger_topic)
@@ -172,6 +174,7 @@ def main() -> None:
         choices=["process", "thread"],
         help="ProcessLedgerWriter (default: the ledger's work on another core) or LedgerWriter (a thread)",
     )
+    p.add_argument("--nice", type=int, default=0, help="niceness of the writer process (process writer)")
     args = p.parse_args()
     bootstrap = _bootstrap(args.bootstrap)
     admin = AdminClient({"bootstrap.servers": bootstrap})

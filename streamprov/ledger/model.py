@@ -316,6 +316,11 @@ RefRow = tuple[str, int, bytes]
 Row = tuple[int, tuple[RefRow, ...], RefRow, int, int | None, int | None]
 """One application as plain values: (template key, inputs, output, timestamp_ms, window_start, window_end).
 Cheap to build on the data path (no objects) and to pickle to a writer process."""
+MapRow = tuple[int, bytes | None, tuple[int, bytes] | None, bytes]
+"""A map application as the data path has it: (template key, the input's header bytes or None,
+(algorithm, digest) of the input value when it had no header, the output's header bytes). The writer
+reads the DataID, checksums and timestamp out of the headers (`streamprov.ledger.rows.expand`)."""
+AnyRow = Row | MapRow
 
 
 def ref_row(ref: DataRef) -> RefRow:

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
+import queue
 import socket
 import subprocess
 import sys
@@ -48,7 +50,7 @@ from streamprov.ledger.errors import (
     LedgerTimeoutError,
     LedgerWriteFailedError,
 )
-from streamprov.ledger.model import Application, AppTemplate, Row, ref_row
+from streamprov.ledger.model import AnyRow, Application, AppTemplate, ref_row
 from streamprov.ledger.signing import CheckpointSigner
 from streamprov.ledger.store import LedgerSink
 from streamprov.ledger.writer import LedgerWriter, WriterStats
@@ -75,8 +77,10 @@ def _kind(exc: BaseException) -> str:
 
 
 # -- the child ------------------------------------------------------------------------------------------
-def _child_entry(fd: int) -> None:
+def _child_entry(fd: int, nice: int = 0) -> None:
     """Entry point of the child (`python -c`): no parent module is re-imported, unlike `spawn`."""
+    if nice:
+        os.nice(nice)  # the data path first: the writer catches up in the gaps, before each flush
     conn = Connection(fd)
     try:
         sys.path[:] = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own parent
@@ -105,7 +109,7 @@ def _child_main(
     signer_seed: bytes | None,
     options: dict[str, Any],
 ) -> None:
-    """The child's loop: apply what the parent sends, answer flushes when they are done."""
+    """The child: start the writer, then apply what the parent sends until it says close."""
     try:
         signer = None
         if signer_seed is not None:
@@ -114,51 +118,79 @@ def _child_main(
     except BaseException as exc:  # reported to the parent's start()
         conn.send_bytes(pickle.dumps(("E", _kind(exc), repr(exc)), _PICKLE))
         return
-    conn.send_bytes(pickle.dumps(("R", writer.next_seq), _PICKLE))
-    pending_error: BaseException | None = None
-    flushes: list[tuple[int, Any]] = []
-    while True:  # until the parent says close, or the pipe breaks
-        for fid, ticket in [f for f in flushes if f[1].done()]:
-            flushes.remove((fid, ticket))
+    _Child(conn, writer).run()
+
+
+class _Child:
+    """The child's loop. Flushes are answered the moment they complete, by a thread of their own (in
+    order: the writer completes them in order), so the loop only ever blocks reading the pipe."""
+
+    def __init__(self, conn: Connection, writer: LedgerWriter) -> None:
+        self.conn = conn
+        self.writer = writer
+        self.send_lock = threading.Lock()
+        self.replies: queue.Queue[tuple[int, Any] | None] = queue.Queue()
+        self.pending_error: BaseException | None = None
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        data = pickle.dumps(msg, _PICKLE)
+        with self.send_lock:
+            self.conn.send_bytes(data)
+
+    def answer(self, fid: int, exc: BaseException | None) -> None:
+        if exc is None:
+            self.send(("F", fid, None, "", _stats(self.writer)))
+        else:
+            self.send(("F", fid, _kind(exc), repr(exc), _stats(self.writer)))
+
+    def replier(self) -> None:
+        while (item := self.replies.get()) is not None:  # until run() says stop
+            fid, ticket = item
             try:
                 ticket.wait()
             except BaseException as exc:
-                conn.send_bytes(pickle.dumps(("F", fid, _kind(exc), repr(exc), _stats(writer)), _PICKLE))
+                self.answer(fid, exc)
             else:
-                conn.send_bytes(pickle.dumps(("F", fid, None, "", _stats(writer)), _PICKLE))
-        if not conn.poll(0.005 if flushes else 0.5):
-            continue
-        try:
-            msg = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own parent, over our own pipe
-        except (EOFError, OSError):
-            logger.warning("ledger writer process: the parent went away; closing")
-            _close(writer)
-            return
+                self.answer(fid, None)
+
+    def run(self) -> None:
+        thread = threading.Thread(target=self.replier, name="ledger-flush-replies", daemon=True)
+        thread.start()
+        self.send(("R", self.writer.next_seq))
+        while True:  # until the parent says close, or the pipe breaks
+            try:
+                msg = pickle.loads(self.conn.recv_bytes())  # noqa: S301 - our own parent
+            except (EOFError, OSError):
+                logger.warning("ledger writer process: the parent went away; closing")
+                self.replies.put(None)
+                _close(self.writer)
+                return
+            if msg[0] == "C":
+                self.replies.put(None)
+                thread.join(msg[1])
+                error = _close(self.writer, msg[1])
+                self.send(("C", error, _stats(self.writer)))
+                return
+            self.apply(msg)
+
+    def apply(self, msg: tuple[Any, ...]) -> None:
         tag = msg[0]
-        if tag == "A":
-            try:
-                writer.append_rows(msg[1])
-            except BaseException as exc:  # the next flush fails: the agent redoes its batch
-                pending_error = exc
-        elif tag == "S":
-            try:
-                writer.register_template(msg[1], msg[2])
-            except BaseException as exc:  # rows of this template will fail too: report at the flush
-                pending_error = exc
-        elif tag == "F":
-            fid = msg[1]
-            if pending_error is not None:
-                err, pending_error = pending_error, None
-                conn.send_bytes(pickle.dumps(("F", fid, _kind(err), repr(err), _stats(writer)), _PICKLE))
-                continue
-            try:
-                flushes.append((fid, writer.begin_flush(msg[2])))
-            except BaseException as exc:
-                conn.send_bytes(pickle.dumps(("F", fid, _kind(exc), repr(exc), _stats(writer)), _PICKLE))
-        elif tag == "C":
-            error = _close(writer, msg[1])
-            conn.send_bytes(pickle.dumps(("C", error, _stats(writer)), _PICKLE))
-            return
+        try:
+            if tag == "A":
+                self.writer.append_rows(msg[1])
+            elif tag == "S":
+                self.writer.register_template(msg[1], msg[2])
+            elif tag == "F":
+                if self.pending_error is not None:
+                    err, self.pending_error = self.pending_error, None
+                    self.answer(msg[1], err)
+                    return
+                try:
+                    self.replies.put((msg[1], self.writer.begin_flush(msg[2])))
+                except BaseException as exc:
+                    self.answer(msg[1], exc)
+        except BaseException as exc:  # an append or a template: the next flush fails, the batch is redone
+            self.pending_error = exc
 
 
 def _close(writer: LedgerWriter, timeout_s: float = 30.0) -> str | None:
@@ -214,12 +246,14 @@ class ProcessLedgerWriter:
         signer_seed: bytes | None,
         *,
         start_timeout_s: float = 60.0,
+        nice: int = 0,
         **writer_options: Any,
     ) -> None:
         self.sink_factory = sink_factory
         self.ledger_id = ledger_id
         self.signer_seed = signer_seed
         self.start_timeout_s = start_timeout_s
+        self.nice = nice
         self.writer_options = writer_options
         self.stats = WriterStats()
         self._templates: dict[AppTemplate, int] = {}
@@ -240,7 +274,9 @@ class ProcessLedgerWriter:
             return self
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
-        code = f"from streamprov.ledger.process_writer import _child_entry; _child_entry({fd})"
+        code = (
+            f"from streamprov.ledger.process_writer import _child_entry; _child_entry({fd}, {int(self.nice)})"
+        )
         process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,), close_fds=True)
         child_sock.close()
         parent = Connection(parent_sock.detach())
@@ -306,7 +342,7 @@ class ProcessLedgerWriter:
             self._templates[template] = key
         return key
 
-    def append_rows(self, rows: list[Row], timeout_s: float | None = None) -> None:
+    def append_rows(self, rows: list[AnyRow], timeout_s: float | None = None) -> None:
         if rows:
             self._send(("A", rows))
             self.stats.appended += len(rows)

@@ -26,66 +26,27 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from streamprov import avro
 from streamprov.checksum import Checksum, ChecksumAlgorithm, compute
-from streamprov.header import PREFIX, ProvenanceHeader, record_fields, scan
+from streamprov.header import PREFIX, ProvenanceHeader
 from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.model import (
     NO_CONTEXT,
+    AnyRow,
     ApplicationKind,
     AppTemplate,
     Context,
     DataRef,
     Origin,
     RefRow,
-    Row,
     default_device_id,
 )
+from streamprov.ledger.rows import header_checksum, input_ref_row, output_fields
 from streamprov.ledger.writer import FlushWaiter, LedgerAppender
 from streamprov.lineage import Step, StepKind
 from streamprov.merkle import length_prefixed, merkle_root
 
 _PREFIX_LEN = len(PREFIX)
 _ALGORITHMS = tuple(ChecksumAlgorithm)
-
-
-def header_checksum(raw: bytes) -> Checksum:
-    """The value checksum a provenance header claims (current format read in place; older decoded)."""
-    alg, digest = _claimed(raw)
-    return Checksum(_ALGORITHMS[alg], digest)
-
-
-def _claimed(raw: bytes) -> tuple[int, bytes]:
-    """(algorithm number, digest) of the checksum a header claims, read in place when current."""
-    if raw[:_PREFIX_LEN] == PREFIX:
-        try:
-            n = raw[_PREFIX_LEN + 1] >> 1
-            start = _PREFIX_LEN + 2
-            value = raw[start : start + n]
-            alg = raw[_PREFIX_LEN] >> 1
-            if len(value) == n and alg < len(_ALGORITHMS):
-                return alg, value
-        except IndexError:
-            pass
-    c = record_fields(raw).checksum
-    return int(c.algorithm), c.value
-
-
-def output_fields(raw: bytes) -> tuple[str, int, bytes, int]:
-    """(DataID, checksum algorithm, digest, timestamp_ms) of a header a stamper just made."""
-    if raw[:_PREFIX_LEN] == PREFIX:
-        source_start, source_end, id_start, lineage_at = scan(raw)
-        timestamp, _ = avro.read_long(raw, source_end)
-        first = raw[id_start]
-        at = id_start + 1 if first < 0x80 else avro.read_long(raw, id_start)[1]
-        return (
-            raw[at:lineage_at].decode("utf-8"),
-            raw[_PREFIX_LEN] >> 1,
-            raw[_PREFIX_LEN + 2 : source_start],
-            timestamp,
-        )
-    f = record_fields(raw)
-    return f.data_id, int(f.checksum.algorithm), f.checksum.value, f.timestamp_ms
 
 
 @dataclass
@@ -136,7 +97,7 @@ class StepRecorder:
         )
         self._key = writer.template(self.template)
         self._windows: dict[Hashable, list[RefRow]] = {}
-        self._buffer: list[Row] = []
+        self._buffer: list[AnyRow] = []
         self._unflushed = 0
 
     @property
@@ -155,26 +116,20 @@ class StepRecorder:
         if raw is None:
             c = compute(self.algorithm, value)
             return data_id, int(c.algorithm), c.value
-        if raw[:_PREFIX_LEN] == PREFIX:  # a map keeps the DataID: the output's is the input's
-            alg, digest = _claimed(raw)
-            return data_id, alg, digest
-        f = record_fields(raw)
-        return f.data_id, int(f.checksum.algorithm), f.checksum.value
+        return input_ref_row(raw, data_id)
 
     def record_map(self, input_raw: bytes | None, input_value: bytes, output_header: bytes) -> None:
         """Record a map application from the input's header (None when it had none) and value, and the
-        output header the stamper made. Raises the writer's errors (backpressure, failed, closed)."""
-        data_id, alg, digest, timestamp = output_fields(output_header)
-        self._add(
-            (
-                self._key,
-                (self._input_row(input_raw, input_value, data_id),),
-                (data_id, alg, digest),
-                timestamp,
-                None,
-                None,
-            )
-        )
+        output header the stamper made. Raises the writer's errors (backpressure, failed, closed).
+
+        The data path keeps the header bytes as they are (a `MapRow`); the writer reads the DataID,
+        checksums and timestamp out of them on its own thread or process.
+        """
+        if input_raw is None:  # no header: the node is named by the value's checksum
+            c = compute(self.algorithm, input_value)
+            self._add((self._key, None, (int(c.algorithm), c.value), output_header))
+        else:
+            self._add((self._key, input_raw, None, output_header))
 
     # -- reduce ----------------------------------------------------------------------------------------
     def add_input(self, window: Hashable, data_id: str, checksum: Checksum) -> None:
@@ -234,7 +189,7 @@ class StepRecorder:
         return len(self._windows)
 
     # -- durability ------------------------------------------------------------------------------------
-    def _add(self, row: Row) -> None:
+    def _add(self, row: AnyRow) -> None:
         self._buffer.append(row)
         self._unflushed += 1
         if len(self._buffer) >= self.handoff:

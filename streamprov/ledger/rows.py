@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamprov import avro
+from streamprov.checksum import Checksum, ChecksumAlgorithm
+from streamprov.header import PREFIX, record_fields, scan
 from streamprov.ledger.chain import LedgerChain
 from streamprov.ledger.codec import (
     ENTRY_PREFIX,
@@ -27,8 +29,9 @@ from streamprov.ledger.codec import (
     record_key,
 )
 from streamprov.ledger.hashing import _context_part, _identity_head, _identity_tail
-from streamprov.ledger.model import AppTemplate, RefRow, Row
+from streamprov.ledger.model import AnyRow, AppTemplate, RefRow, Row
 
+_PREFIX_LEN = len(PREFIX)
 _u32 = struct.Struct(">I").pack
 _i64 = struct.Struct(">q").pack
 _enc_long = avro.encode_long
@@ -97,6 +100,69 @@ def _ref_avro(ref: RefRow) -> bytes:
     return b"".join((_enc_long(len(data_id)), data_id, _enc_long(ref[1]), _enc_long(len(digest)), digest))
 
 
+def header_checksum(raw: bytes) -> Checksum:
+    """The value checksum a provenance header claims (current format read in place; older decoded)."""
+    alg, digest = _claimed(raw)
+    return Checksum(ChecksumAlgorithm(alg), digest)
+
+
+def input_ref_row(raw: bytes, data_id: str) -> RefRow:
+    """The node a map read, from its header: a map keeps the DataID, so `data_id` (the output's) is
+    the input's when the header is current; an older header is decoded for its own."""
+    if raw[:_PREFIX_LEN] == PREFIX:
+        alg, digest = _claimed(raw)
+        return data_id, alg, digest
+    f = record_fields(raw)
+    return f.data_id, int(f.checksum.algorithm), f.checksum.value
+
+
+def expand(row: AnyRow) -> Row:
+    """A `MapRow` (header bytes as the data path had them) as a `Row`; a `Row` as it is."""
+    if len(row) == 6:
+        return row
+    key, input_raw, input_checksum, output_header = row
+    data_id, alg, digest, timestamp = output_fields(output_header)
+    if input_raw is None:
+        assert input_checksum is not None
+        inp: RefRow = (data_id, input_checksum[0], input_checksum[1])
+    else:
+        inp = input_ref_row(input_raw, data_id)
+    return key, (inp,), (data_id, alg, digest), timestamp, None, None
+
+
+def _claimed(raw: bytes) -> tuple[int, bytes]:
+    """(algorithm number, digest) of the checksum a header claims, read in place when current."""
+    if raw[:_PREFIX_LEN] == PREFIX:
+        try:
+            n = raw[_PREFIX_LEN + 1] >> 1
+            start = _PREFIX_LEN + 2
+            value = raw[start : start + n]
+            alg = raw[_PREFIX_LEN] >> 1
+            if len(value) == n and alg < len(ChecksumAlgorithm):
+                return alg, value
+        except IndexError:
+            pass
+    c = record_fields(raw).checksum
+    return int(c.algorithm), c.value
+
+
+def output_fields(raw: bytes) -> tuple[str, int, bytes, int]:
+    """(DataID, checksum algorithm, digest, timestamp_ms) of a header a stamper just made."""
+    if raw[:_PREFIX_LEN] == PREFIX:
+        source_start, source_end, id_start, lineage_at = scan(raw)
+        timestamp, _ = avro.read_long(raw, source_end)
+        first = raw[id_start]
+        at = id_start + 1 if first < 0x80 else avro.read_long(raw, id_start)[1]
+        return (
+            raw[at:lineage_at].decode("utf-8"),
+            raw[_PREFIX_LEN] >> 1,
+            raw[_PREFIX_LEN + 2 : source_start],
+            timestamp,
+        )
+    f = record_fields(raw)
+    return f.data_id, int(f.checksum.algorithm), f.checksum.value, f.timestamp_ms
+
+
 class RowSealer:
     """Seals rows on a `LedgerChain` (the same sequencer state) into (key, value) records to store."""
 
@@ -107,8 +173,10 @@ class RowSealer:
     def add_template(self, key: int, template: AppTemplate) -> None:
         self._templates[key] = _template_bytes(template)
 
-    def seal(self, template: AppTemplate, row: Row, out: list[Any]) -> bool:
+    def seal(self, template: AppTemplate, row: AnyRow, out: list[Any]) -> bool:
         """Append the row's entry (and a checkpoint when one is due) to `out`; False for a duplicate."""
+        if len(row) != 6:
+            row = expand(row)
         tb = self._templates.get(row[0])
         if tb is None:
             tb = self._templates[row[0]] = _template_bytes(template)

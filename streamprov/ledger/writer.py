@@ -43,15 +43,15 @@ from streamprov.ledger.errors import (
     LedgerWriteFailedError,
 )
 from streamprov.ledger.model import (
+    AnyRow,
     Application,
     AppTemplate,
     Checkpoint,
     DataRef,
     LedgerRecord,
-    Row,
     application_of,
 )
-from streamprov.ledger.rows import RowSealer
+from streamprov.ledger.rows import RowSealer, expand
 from streamprov.ledger.signing import CheckpointSigner
 from streamprov.ledger.store import LedgerSink
 
@@ -92,7 +92,7 @@ class LedgerAppender(Protocol):
 
     def template(self, template: AppTemplate) -> int: ...
 
-    def append_rows(self, rows: list[Row], timeout_s: float | None = None) -> None: ...
+    def append_rows(self, rows: list[AnyRow], timeout_s: float | None = None) -> None: ...
 
     def append(self, app: Application, timeout_s: float | None = None) -> None: ...
 
@@ -103,7 +103,7 @@ class LedgerAppender(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Rows:
-    rows: list[Row]
+    rows: list[AnyRow]
 
 
 def takes_encoded(sink: object) -> bool:
@@ -317,7 +317,7 @@ class LedgerWriter:
         self._templates[key] = template  # before the key is handed out: the writer thread reads it
         self._template_keys[template] = key
 
-    def append_rows(self, rows: list[Row], timeout_s: float | None = None) -> None:
+    def append_rows(self, rows: list[AnyRow], timeout_s: float | None = None) -> None:
         """Queue applications given as rows (see `Row`) as one item; all or none are queued.
 
         Applications are built on the writer's thread: the data path only makes tuples. The list is
@@ -331,6 +331,8 @@ class LedgerWriter:
         for row in rows:
             if row[0] not in self._templates:
                 raise KeyError(f"no template {row[0]} registered with this writer")
+            if len(row) != 6:  # a MapRow: one input, both nodes from headers of bounded size
+                continue
             inputs = row[1]
             if len(inputs) > 1 or len(row[2][0]) > 4096:
                 size = sum(len(r[0]) * 4 + len(r[2]) + 24 for r in (*inputs, row[2]))
@@ -476,7 +478,7 @@ class LedgerWriter:
         sealer = self._sealer
         if sealer is None:  # a sink that only takes objects
             for row in item.rows:
-                self._seal(chain, application_of(templates[row[0]], row), pending)
+                self._seal(chain, application_of(templates[row[0]], expand(row)), pending)
             return
         stats = self.stats
         for row in item.rows:

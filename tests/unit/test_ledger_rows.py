@@ -202,3 +202,19 @@ def test_process_writer_fails_flushes_when_the_child_dies(tmp_path: Path) -> Non
         with pytest.raises(LedgerWriteFailedError):
             w.close(5)
     assert ChecksumAlgorithm(1) is ChecksumAlgorithm.SHA256
+
+
+def test_process_writer_fails_the_flush_after_a_refused_append(tmp_path: Path) -> None:
+    w = ProcessLedgerWriter(
+        functools.partial(_memory_sink, str(tmp_path / "y")), LEDGER, None, max_entry_bytes=2000, nice=5
+    )
+    with w:
+        huge = TEMPLATES[0]._replace(parameters=(("blob", "x" * 5000),))
+        key = w.template(huge)  # refused in the child: too large for max_entry_bytes
+        w.append_rows([_row(1, key)])
+        with pytest.raises(LedgerWriteFailedError):
+            w.flush(10)
+        ok = w.template(TEMPLATES[0])
+        w.append_rows([_row(2, ok)])
+        w.flush(10)  # the error was reported once; the writer goes on
+        assert w.stats.entries == 1
