@@ -13,6 +13,7 @@ from streamprov.telemetry.propagation import (
     inject,
     span_context,
 )
+from streamprov.telemetry.sampling import LinkAwareParentBased
 from streamprov.telemetry.tracing import StepTracing, sampled, traceparent
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "TRACESTATE",
     "KafkaHeadersGetter",
     "KafkaHeadersSetter",
+    "LinkAwareParentBased",
     "StepTracing",
     "extract",
     "inject",

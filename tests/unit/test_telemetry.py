@@ -16,7 +16,15 @@ from streamprov.agents.processor import StepTransform
 from streamprov.header import HEADER_KEY
 from streamprov.registry import FunctionRegistry
 from streamprov.stamp import SourceStamper
-from streamprov.telemetry import StepTracing, extract, inject, sampled, span_context, traceparent
+from streamprov.telemetry import (
+    LinkAwareParentBased,
+    StepTracing,
+    extract,
+    inject,
+    sampled,
+    span_context,
+    traceparent,
+)
 
 registry = FunctionRegistry()
 
@@ -170,3 +178,22 @@ def test_linked_step_for_the_recompute_manager() -> None:
     tracing.linked_step("recompute", [*inputs, []], out, {"streamprov.task": "t1"})
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "recompute"]
     assert len(span.links) == 2 and span_context(out) is not None
+
+
+def test_link_aware_sampler_keeps_a_reduce_output_whose_input_was_sampled() -> None:
+    sampled_inputs, _ = _provider()
+    tracing_in = StepTracing(sampled_inputs)
+    provider, exporter = _provider(LinkAwareParentBased(TraceIdRatioBased(0.0)))
+    tracing = StepTracing(provider)
+    step = StepTransform(total, output_topic="o", dead_letter_topic="d", window_ms=10_000, tracing=tracing)
+    for i in range(2):
+        src = _source(f"d-{i}", i, tracing_in)  # a sampled upstream trace
+        src.o, src.k = i, b"g"
+        step.process(src)
+    (out,) = step.flush()
+    (emit,) = [s for s in exporter.get_finished_spans() if s.name == "total emit"]
+    assert len(emit.links) == 2 and span_context(out.headers) is not None
+    # Without sampled links a root follows the ratio (0 here); with a parent, the parent decides.
+    unsampled = provider.get_tracer("t").start_span("root")
+    assert not unsampled.is_recording()
+    assert "LinkAwareParentBased" in LinkAwareParentBased(ALWAYS_OFF).get_description()
