@@ -9,6 +9,11 @@ in order (`DataRef.leaf_data`), so a cache hit never needs the input bytes.
 Values are also kept by content (`put_value` / `value`, keyed by DataID and checksum): a plan's
 unaffected intermediate inputs (InputOrigin.STORED) are read from here.
 
+Superseded versions (`supersede` / `latest`): when a recompute replaces an output, the old node points
+at the new one (and the new one's header is kept), so a later plan that reads the old node as an
+unaffected intermediate (its ledger entry still names the original) reads the corrected value:
+two changes under one reduce, planned apart, both count.
+
 Early cut-off: `unchanged(previous, output)` is True when a recomputed output has the checksum the
 original output had: nothing downstream of it needs recomputing.
 """
@@ -21,7 +26,7 @@ from pathlib import Path
 
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
-from streamprov.checksum import Checksum, digest
+from streamprov.checksum import Checksum, ChecksumAlgorithm, digest
 from streamprov.ledger.model import DataRef
 from streamprov.lineage import Step
 from streamprov.merkle import length_prefixed
@@ -31,6 +36,9 @@ __all__ = ["CacheKey", "ResultCache", "input_hash", "params_hash", "unchanged"]
 _RESULT = b"r"
 _VALUE = b"v"
 _FORCED = b"f"
+_LATEST = b"l"
+_HEADER = b"h"
+MAX_SUPERSEDE_HOPS = 64
 
 
 def params_hash(parameters: Iterable[tuple[str, str]]) -> bytes:
@@ -66,7 +74,12 @@ def _prefix(function_id: str, version: str | None) -> bytes:
 
 
 def unchanged(previous: Checksum, output: bytes) -> bool:
-    """Early cut-off: the recomputed output equals the original one (same checksum)."""
+    """Superseded versions (`supersede` / `latest`): when a recompute replaces an output, the old node points
+    at the new one (and the new one's header is kept), so a later plan that reads the old node as an
+    unaffected intermediate (its ledger entry still names the original) reads the corrected value:
+    two changes under one reduce, planned apart, both count.
+
+    Early cut-off: the recomputed output equals the original one (same checksum)."""
     return digest(previous.algorithm, output) == previous.value
 
 
@@ -151,4 +164,34 @@ class ResultCache:
 
     def value(self, node: DataRef) -> bytes | None:
         found = self._db.get(_VALUE + node.leaf_data())
+        return None if found is None else bytes(found)
+
+    # -- superseded versions -----------------------------------------------------------------------
+    def supersede(self, old: DataRef, new: DataRef, header: bytes) -> None:
+        """`old` (same DataID) was replaced by `new`, whose provenance header is `header`."""
+        if old == new:
+            return
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_LATEST + old.leaf_data(), bytes([int(new.checksum.algorithm)]) + new.checksum.value)
+        batch.put(_HEADER + new.leaf_data(), header)
+        self._db.write(batch)
+
+    def latest(self, node: DataRef) -> DataRef:
+        """The newest version `node` was superseded by (itself when never superseded)."""
+        seen = {node}
+        for _ in range(MAX_SUPERSEDE_HOPS):  # bounded; a cycle (A->B->A) stops where it closes
+            raw = self._db.get(_LATEST + node.leaf_data())
+            if raw is None:
+                break
+            raw = bytes(raw)
+            nxt = DataRef(node.data_id, Checksum(ChecksumAlgorithm(raw[0]), raw[1:]))
+            if nxt in seen:
+                break
+            seen.add(nxt)
+            node = nxt
+        return node
+
+    def header(self, node: DataRef) -> bytes | None:
+        """The header a recompute stamped on `node` (see `supersede`)."""
+        found = self._db.get(_HEADER + node.leaf_data())
         return None if found is None else bytes(found)

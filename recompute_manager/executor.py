@@ -169,15 +169,18 @@ class Executor:
                 raise ExecutionError(f"source record {ref.node.data_id!r} is missing (deleted?)")
             node = DataRef.of(ref.node.data_id, value, self.algorithm)
             return value, self._source_stamper.header(ref.node.data_id, value), node
-        stored = self.cache.value(ref.node) if self.cache is not None else None
+        if self.cache is None:
+            raise ExecutionError(f"intermediate value {ref.node.describe()}: no value store")
+        node = self.cache.latest(ref.node)  # a recompute may have replaced it since it was recorded
+        stored = self.cache.value(node)
         if stored is None:
-            raise ExecutionError(f"intermediate value {ref.node.describe()} is not in the value store")
-        if not matches(ref.node.checksum, stored):
-            raise ExecutionError(f"stored value of {ref.node.describe()} does not match its checksum")
-        header = self.headers.get(ref.node)
+            raise ExecutionError(f"intermediate value {node.describe()} is not in the value store")
+        if not matches(node.checksum, stored):
+            raise ExecutionError(f"stored value of {node.describe()} does not match its checksum")
+        header = self.headers.get(node) or self.cache.header(node)
         if header is None:
-            header = ProvenanceHeader.for_source(ref.node.data_id, stored, self.algorithm).encode()
-        return stored, header, ref.node
+            header = ProvenanceHeader.for_source(node.data_id, stored, self.algorithm).encode()
+        return stored, header, node
 
     # -- one attempt ---------------------------------------------------------------------------------
     def execute(
@@ -219,9 +222,12 @@ class Executor:
                 self.cache.put(step, node_refs, value)
             node = DataRef.of(task.data_id, value, self.algorithm)
             ins, node_refs = [(value, header, node)], [node]
-        if self.cache is not None:
-            self.cache.put_value(DataRef.of(task.data_id, value, task.previous_output.algorithm), value)
         same = unchanged(task.previous_output, value)
+        if self.cache is not None:
+            new_node = DataRef.of(task.data_id, value, task.previous_output.algorithm)
+            self.cache.put_value(new_node, value)
+            if not same:
+                self.cache.supersede(task.previous_node, new_node, header)
         return Recomputed(task, value, header, same, cached, attempts)
 
     # -- retries -------------------------------------------------------------------------------------
