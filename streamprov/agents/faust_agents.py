@@ -64,6 +64,7 @@ faust-streaming notes (0.15.3, aiokafka 0.14, Apache Kafka 4.4)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ from typing import Any, Literal
 
 from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
 from streamprov.agents.serde import JsonSerde, Serde
-from streamprov.checksum import ChecksumAlgorithm, matches
+from streamprov.checksum import Checksum, ChecksumAlgorithm, matches
 from streamprov.errors import ProcessingError, SerdeError, StreamprovError
 from streamprov.header import (
     HEADER_KEY,
@@ -82,7 +83,10 @@ from streamprov.header import (
     scan,
     verify_value,
 )
-from streamprov.lineage import StepKind, decode_lineage, encode_lineage
+from streamprov.ledger.model import Context
+from streamprov.ledger.recorder import StepRecorder
+from streamprov.ledger.writer import LedgerAppender
+from streamprov.lineage import Step, StepKind, decode_lineage, encode_lineage
 from streamprov.merkle import MerkleAccumulator, length_prefixed
 from streamprov.reduce import LateRecordError, ReduceOutput, WindowedReducer
 from streamprov.registry import FunctionRegistry, RegisteredFunction
@@ -169,6 +173,7 @@ class MapHandler:
         serde: Serde | None = None,
         algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
         verify_input: bool = True,
+        recorder: StepRecorder | None = None,
     ) -> None:
         if function.kind is not StepKind.MAP:
             raise StreamprovError(f"{function.function_id} is not a map function")
@@ -179,6 +184,8 @@ class MapHandler:
         self.verify_input = verify_input
         # The input is checked once up front (check_input); the stamper need not verify again.
         self.stamper = MapStamper(function, None, algorithm, verify_input=False)
+        self.recorder = recorder
+        """Records every output in the provenance ledger (see `ProvenanceAgents`)."""
 
     def handle(self, record: InputRecord, timestamp_ms: int | None = None) -> Outgoing:
         """The output record, or the input as a dead-letter record; never raises for a bad record."""
@@ -210,6 +217,8 @@ class MapHandler:
                 exc,
             )
             return dead_letter(self.dead_letter_topic, record, reason, exc, timestamp_ms=timestamp_ms)
+        if self.recorder is not None:  # outside the try: a ledger failure is not the record's fault
+            self.recorder.record_map(find_raw(record.headers), record.value, header)
         headers: OutHeaders = [(HEADER_KEY, header), *headers_without(record.headers)]
         return Outgoing(self.sink, record.key, out, headers, timestamp_ms)
 
@@ -253,6 +262,30 @@ def window_key(topic: str, partition: int, key: str, start: int) -> bytes:
 def progress_key(topic: str, partition: int) -> bytes:
     """Store key of a partition's progress: watermark and the last offset folded into any window."""
     return b"p" + length_prefixed(topic.encode(), partition.to_bytes(4, "big"))
+
+
+def input_key(topic: str, partition: int, key: str, start: int, offset: int) -> bytes:
+    """Store key of one input of an open window (ledger on): the window's key parts and the offset."""
+    return b"r" + length_prefixed(
+        topic.encode(), partition.to_bytes(4, "big"), key.encode(), _i64(start), _i64(offset)
+    )
+
+
+def parse_input_key(raw: bytes) -> tuple[str, int, str, int, int] | None:
+    """(topic, partition, key, window start, offset) of an input key; None for any other store key."""
+    if raw[:1] != b"r":
+        return None
+    topic, partition, key, start, offset = split_prefixed(raw[1:])
+    return topic.decode(), int.from_bytes(partition, "big"), key.decode(), _from_i64(start), _from_i64(offset)
+
+
+def encode_input(data_id: str, checksum: Checksum) -> bytes:
+    return length_prefixed(data_id.encode("utf-8"), bytes((checksum.algorithm,)), checksum.value)
+
+
+def decode_input(raw: bytes) -> tuple[str, Checksum]:
+    data_id, alg, digest = split_prefixed(raw)
+    return data_id.decode("utf-8"), Checksum(ChecksumAlgorithm(alg[0]), digest)
 
 
 def parse_window_key(raw: bytes) -> tuple[str, int, str, int] | None:
@@ -311,6 +344,8 @@ class _Partition:
     last_offset: int = -1
     window_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     replays_skipped: int = 0
+    input_keys: dict[tuple[str, int], list[bytes]] = field(default_factory=dict)
+    """Ledger on: store keys of each open window's inputs (deleted with the window's state)."""
 
 
 @dataclass
@@ -345,6 +380,7 @@ class ReduceHandler:
         serde: Serde | None = None,
         algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
         verify_input: bool = True,
+        recorder: StepRecorder | None = None,
     ) -> None:
         if function.kind is not StepKind.REDUCE:
             raise StreamprovError(f"{function.function_id} is not a reduce function")
@@ -358,6 +394,10 @@ class ReduceHandler:
         self.serde: Serde = serde if serde is not None else JsonSerde()
         self.algorithm = algorithm
         self.verify_input = verify_input
+        self.recorder = recorder
+        """Ledger on: records each emitted window with its full input list. The inputs of open
+        windows are kept in the store too (one entry per input, `input_key`), so a restart or a
+        rebalance rebuilds them with the windows."""
         self._partitions: dict[tuple[str, int], _Partition] = {}
 
     # -- partitions --------------------------------------------------------------------------
@@ -369,7 +409,13 @@ class ReduceHandler:
             return part, []
         part = _Partition(WindowedReducer(self.function, self.window_ms, self.grace_ms))
         restored = 0
+        inputs: list[tuple[tuple[str, int, str, int], int, bytes, bytes]] = []
         for raw_key, raw_value in list(self.store.items()):
+            if self.recorder is not None and raw_key[:1] == b"r":
+                ref = parse_input_key(raw_key)
+                if ref is not None and ref[0] == topic and ref[1] == partition:
+                    inputs.append(((topic, partition, ref[2], ref[3]), ref[4], raw_key, raw_value))
+                continue
             parsed = parse_window_key(raw_key)
             if parsed is None or parsed[0] != topic or parsed[1] != partition:
                 continue
@@ -390,6 +436,14 @@ class ReduceHandler:
             part.reducer.restore(key, start, state)
             part.window_offsets[(key, start)] = last
             restored += 1
+        for window, _, raw_key, raw_value in sorted(inputs, key=lambda i: (i[0], i[1])):  # arrival order
+            assert self.recorder is not None
+            if (window[2], window[3]) not in part.window_offsets:  # its window was emitted: stale
+                self.store.pop(raw_key, None)
+                continue
+            data_id, checksum = decode_input(raw_value)
+            self.recorder.add_input(window, data_id, checksum)
+            part.input_keys.setdefault((window[2], window[3]), []).append(raw_key)
         progress = self.store.get(progress_key(topic, partition))
         if progress is not None:
             watermark, part.last_offset = decode_progress(progress)
@@ -410,7 +464,10 @@ class ReduceHandler:
     def forget(self, partitions: Iterable[tuple[str, int]]) -> None:
         """Drop in-memory reducers of revoked partitions; their state stays in the store."""
         for tp in partitions:
-            self._partitions.pop(tp, None)
+            part = self._partitions.pop(tp, None)
+            if part is not None and self.recorder is not None:
+                for key, start in part.input_keys:
+                    self.recorder.forget((tp[0], tp[1], key, start))
 
     # -- records -----------------------------------------------------------------------------
     def group_key(self, record: InputRecord, header: ProvenanceHeader) -> str:
@@ -468,6 +525,13 @@ class ReduceHandler:
         assert state is not None
         part.window_offsets[(key, start)] = record.offset
         part.last_offset = record.offset
+        if self.recorder is not None:  # the input list of the window, for its ledger entry
+            ref_key = input_key(record.topic, record.partition, key, start, record.offset)
+            self.store[ref_key] = encode_input(header.data_id, header.checksum)
+            part.input_keys.setdefault((key, start), []).append(ref_key)
+            self.recorder.add_input(
+                (record.topic, record.partition, key, start), header.data_id, header.checksum
+            )
         # State before progress: a crash between the two leaves the window's own offset to dedup on.
         self.store[window_key(record.topic, record.partition, key, start)] = encode_state(
             state, record.offset, self.serde
@@ -494,9 +558,12 @@ class ReduceHandler:
         part = self._partitions[(topic, partition)]
         for output in outputs:
             part.window_offsets.pop((output.key, output.window[0]), None)
+            result.closed.extend(part.input_keys.pop((output.key, output.window[0]), ()))
             if output.state.count == 0:
                 # WindowedReducer opens a window before folding into it: a first record whose
                 # function call raised (and went to the dead-letter topic) leaves it empty.
+                if self.recorder is not None:
+                    self.recorder.forget((topic, partition, output.key, output.window[0]))
                 continue
             result.records.append(self.output_record(output, topic, partition))
             result.closed.append(window_key(topic, partition, output.key, output.window[0]))
@@ -515,6 +582,8 @@ class ReduceHandler:
                 output.key,
                 exc,
             )
+            if self.recorder is not None:  # no output node: no entry
+                self.recorder.forget((topic, partition, output.key, output.window[0]))
             return dead_letter(
                 self.dead_letter_topic,
                 None,
@@ -526,6 +595,8 @@ class ReduceHandler:
                 timestamp_ms=ts,
             )
         header = output.header(self.function, None, value, self.algorithm)
+        if self.recorder is not None:
+            self.recorder.record_reduce((topic, partition, output.key, output.window[0]), header)
         return Outgoing(self.sink, key, value, [(HEADER_KEY, header.encode())], ts)
 
     def release(self, result: ReduceResult) -> None:
@@ -565,6 +636,14 @@ class ProvenanceAgents:
 
     `app` is a `faust.App` (typed as Any: faust's own annotations of topics, sends and agents do not
     match what they return at runtime, e.g. `await topic.send()` gives a future to await again).
+
+    `ledger` (optional) records every application in the provenance ledger, with `ledger_context`
+    and `device_id`. The ledger is flushed before faust may commit the offsets of the records it
+    covers: a map agent then takes its events in batches (`stream.take_events(ledger_batch,
+    ledger_within_s)`, which acks a batch only after the loop body ran) and flushes once per batch; a
+    reduce agent keeps one event at a time (its table writes need the event's context) and flushes
+    after an event that emitted a window, before the window's state is deleted. A ledger failure
+    stops the agent; the unacknowledged records are processed again after a restart.
     """
 
     def __init__(
@@ -577,8 +656,20 @@ class ProvenanceAgents:
         serde: Serde | None = None,
         verify_input: bool = True,
         state: Literal["table", "memory"] = "table",
+        ledger: LedgerAppender | None = None,
+        ledger_context: Context | None = None,
+        device_id: str | None = None,
+        ledger_batch: int = 200,
+        ledger_within_s: float = 0.2,
+        ledger_timeout_s: float = 30.0,
     ) -> None:
         self.app = app
+        self.ledger = ledger
+        self.ledger_context = ledger_context
+        self.device_id = device_id
+        self.ledger_batch = ledger_batch
+        self.ledger_within_s = ledger_within_s
+        self.ledger_timeout_s = ledger_timeout_s
         self.registry = registry
         self.dead_letter_topic = dead_letter_topic
         self.algorithm = algorithm
@@ -628,17 +719,27 @@ class ProvenanceAgents:
                 serde=serde or self.serde,
                 algorithm=self.algorithm,
                 verify_input=self.verify_input,
+                recorder=self._recorder(registered.step(None)),  # the step MapStamper stamps
             )
 
+            async def one(event: Any) -> None:
+                message = event.message
+                ts = _event_ms(message.timestamp)
+                if message.value is None:
+                    out = self._tombstone(message, ts)
+                else:
+                    out = handler.handle(input_record(message), ts)
+                await self.send(out)
+
             async def run(stream: Any) -> None:
-                async for event in stream.events():
-                    message = event.message
-                    ts = _event_ms(message.timestamp)
-                    if message.value is None:
-                        out = self._tombstone(message, ts)
-                    else:
-                        out = handler.handle(input_record(message), ts)
-                    await self.send(out)
+                if handler.recorder is None:
+                    async for event in stream.events():
+                        await one(event)
+                    return
+                async for events in stream.take_events(self.ledger_batch, self.ledger_within_s):
+                    for event in events:
+                        await one(event)
+                    await self._flush_ledger(handler.recorder)  # before the batch is acknowledged
 
             self._agent(function_id, "map", source, run, handler)
             return registered
@@ -691,6 +792,7 @@ class ProvenanceAgents:
                 serde=serde or self.serde,
                 algorithm=self.algorithm,
                 verify_input=self.verify_input,
+                recorder=self._recorder(registered.step(None)),
             )
             self._reducers.append(handler)
 
@@ -703,6 +805,7 @@ class ProvenanceAgents:
                         continue
                     result = handler.handle(input_record(message), ts)
                     await self.deliver(result)
+                    await self._flush_ledger(handler.recorder)  # entries before the state goes
                     handler.release(result)
 
             self._agent(function_id, "reduce", source, run, handler, partitions)
@@ -711,6 +814,19 @@ class ProvenanceAgents:
         return decorate
 
     # -- plumbing ------------------------------------------------------------------------------
+    def _recorder(self, step: Step) -> StepRecorder | None:
+        if self.ledger is None:
+            return None
+        return StepRecorder(
+            self.ledger, step, context=self.ledger_context, device_id=self.device_id, algorithm=self.algorithm
+        )
+
+    async def _flush_ledger(self, recorder: StepRecorder | None) -> None:
+        """Make what `recorder` appended durable, off the event loop (a no-op when nothing was)."""
+        if recorder is None or not recorder.unflushed:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, recorder.flush, self.ledger_timeout_s)
+
     def _agent(
         self,
         function_id: str,
