@@ -3,13 +3,16 @@
 Sensor readings (°C) are produced as source records; a map step converts them to °F and re-keys them
 by sensor; a windowed reduce keeps each sensor's maximum. One reading is sent with a tampered
 checksum to show the dead-letter path. Then the records are read back and their headers decoded,
-and the lineage of one reduce output is re-derived from the records it digests.
+and the lineage of one reduce output is re-derived from the records it digests. Both steps record
+every application in a provenance ledger (its own topic); the ledger is verified and the lineage of
+the same output is shown again, this time from the ledger, back to the source readings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +29,8 @@ from streamprov.agents.processor import AT_LEAST_ONCE, EXACTLY_ONCE, Processor
 from streamprov.errors import StreamprovError
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.inspect import as_text, message_headers, read_topic
+from streamprov.ledger.model import Context, DataRef
+from streamprov.ledger.writer import LedgerWriter
 from streamprov.merkle import merkle_root
 from streamprov.producer import ProvenanceProducer
 from streamprov.registry import FunctionRegistry
@@ -67,6 +72,10 @@ class DemoTopics:
     def all(self) -> list[str]:
         return [self.readings, self.fahrenheit, self.maxima, self.dead_letters]
 
+    @property
+    def ledger(self) -> str:
+        return self.readings.rsplit(".", 1)[0] + ".ledger"
+
 
 def run_demo(bootstrap_servers: str | None, records: int, *, echo: Echo) -> None:
     """Run the pipeline; starts (and stops) an embedded broker when no bootstrap servers are given."""
@@ -87,17 +96,26 @@ def run_demo(bootstrap_servers: str | None, records: int, *, echo: Echo) -> None
         guarantee = AT_LEAST_ONCE if embedded else EXACTLY_ONCE
         sources = _produce_sources(bootstrap_servers, topics, records)
         echo(f"\n1. Produced {records} source readings, plus 1 with a tampered checksum.")
-        mapped = _run_step(bootstrap_servers, topics, run_id, "map", guarantee, records + 1)
-        echo(
-            f"2. map to_fahrenheit@1 ({guarantee.replace('_', '-')}): {mapped['records_out']} out, "
-            f"{mapped['dead_lettered']} dead-lettered."
-        )
-        reduced = _run_step(bootstrap_servers, topics, run_id, "reduce", guarantee, records)
-        echo(
-            f"3. reduce max_fahrenheit@1 per sensor, {WINDOW_MS // 1000} s windows: "
-            f"{reduced['records_out']} out."
-        )
-        _show(bootstrap_servers, topics, sources, records, echo)
+        ledger = _start_ledger(bootstrap_servers, topics, echo)
+        writer, public_key = ledger if ledger is not None else (None, b"")
+        try:
+            mapped = _run_step(bootstrap_servers, topics, run_id, "map", guarantee, records + 1, writer)
+            echo(
+                f"2. map to_fahrenheit@1 ({guarantee.replace('_', '-')}): {mapped['records_out']} out, "
+                f"{mapped['dead_lettered']} dead-lettered."
+            )
+            reduced = _run_step(bootstrap_servers, topics, run_id, "reduce", guarantee, records, writer)
+            echo(
+                f"3. reduce max_fahrenheit@1 per sensor, {WINDOW_MS // 1000} s windows: "
+                f"{reduced['records_out']} out."
+            )
+        finally:
+            if writer is not None:
+                writer.close()
+        ledger = writer = None  # its Kafka producer goes now, not at exit (after an embedded broker)
+        maxima = _show(bootstrap_servers, topics, sources, records, echo)
+        if public_key and maxima:
+            _show_ledger(bootstrap_servers, topics, public_key, maxima[0], echo)
         if embedded:
             echo("\nStopping the embedded broker (its topics go with it).")
         else:
@@ -153,9 +171,40 @@ def _source_header(data_id: str, value: bytes) -> bytes:
     return ProvenanceHeader.for_source(data_id, value).encode()
 
 
+def _start_ledger(bootstrap: str, topics: DemoTopics, echo: Echo) -> tuple[LedgerWriter, bytes] | None:
+    """A ledger topic and its writer (signed with a throw-away key); None when the broker cannot
+    host one (the demo then runs without it)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
+    from streamprov.ledger.kafka import KafkaLedgerSink, create_ledger_topic  # noqa: PLC0415
+    from streamprov.ledger.signing import CheckpointSigner  # noqa: PLC0415
+
+    seed = Ed25519PrivateKey.generate()
+    try:
+        create_ledger_topic(bootstrap, topics.ledger)
+        writer = LedgerWriter(
+            KafkaLedgerSink(bootstrap, topics.ledger, timeout_s=15.0),
+            topics.ledger,
+            CheckpointSigner(seed),
+            checkpoint_every=100,
+        ).start()
+    except (StreamprovError, KafkaException) as exc:
+        echo(f"   (provenance ledger not available on this broker: {exc}; going on without it)")
+        return None
+    public = seed.public_key().public_bytes_raw()
+    return writer, public
+
+
 def _run_step(
-    bootstrap: str, topics: DemoTopics, run_id: str, step: str, guarantee: Any, expected: int
+    bootstrap: str,
+    topics: DemoTopics,
+    run_id: str,
+    step: str,
+    guarantee: Any,
+    expected: int,
+    ledger: LedgerWriter | None = None,
 ) -> dict[str, int]:
+    where = Context("sensors", "streamprov-demo", ())
     if step == "map":
         processor = Processor(
             {"bootstrap.servers": bootstrap},
@@ -167,6 +216,8 @@ def _run_step(
             key_by=lambda out: out["sensor"],
             guarantee=guarantee,
             consumer_config=FAST_GROUPS,
+            ledger=ledger,
+            ledger_context=where,
         )
     else:
         processor = Processor(
@@ -180,6 +231,8 @@ def _run_step(
             flush_windows_on_stop=True,
             guarantee=guarantee,
             consumer_config=FAST_GROUPS,
+            ledger=ledger,
+            ledger_context=where,
         )
     try:
         return processor.run(max_records=expected, idle_timeout_s=15.0).as_dict()
@@ -191,7 +244,9 @@ def _read(bootstrap: str, topic: str, limit: int) -> list[Message]:
     return list(read_topic(bootstrap, topic, limit=limit, idle_timeout_s=3.0))
 
 
-def _show(bootstrap: str, topics: DemoTopics, sources: dict[str, bytes], records: int, echo: Echo) -> None:
+def _show(
+    bootstrap: str, topics: DemoTopics, sources: dict[str, bytes], records: int, echo: Echo
+) -> list[Message]:
     source_msgs = _read(bootstrap, topics.readings, records + 1)
     mapped = _read(bootstrap, topics.fahrenheit, records)
     maxima = _read(bootstrap, topics.maxima, len(SENSORS))
@@ -212,6 +267,38 @@ def _show(bootstrap: str, topics: DemoTopics, sources: dict[str, bytes], records
             f"{as_text(msg.key())} (from {as_text(why.get(SOURCE_HEADER))}): "
             f"{as_text(why.get(REASON_HEADER))} - {as_text(why.get(ERROR_HEADER))}"
         )
+    return maxima
+
+
+def _show_ledger(bootstrap: str, topics: DemoTopics, public_key: bytes, output: Message, echo: Echo) -> None:
+    """Verify the ledger, index it, and print the output's lineage as the ledger records it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: PLC0415
+
+    from streamprov.export.lineage import LineageGraph, to_tree  # noqa: PLC0415
+    from streamprov.ledger.index import LedgerIndex  # noqa: PLC0415
+    from streamprov.ledger.kafka import KafkaLedgerReader  # noqa: PLC0415
+    from streamprov.ledger.signing import CheckpointVerifier  # noqa: PLC0415
+    from streamprov.ledger.verify import verify_ledger  # noqa: PLC0415
+
+    reader = KafkaLedgerReader(bootstrap, topics.ledger, idle_timeout_s=15.0)
+    verifier = CheckpointVerifier([Ed25519PublicKey.from_public_bytes(public_key)])
+    report = verify_ledger(reader.read(), topics.ledger, verifier, require_signed=True)
+    echo(f"\n--- provenance ledger ({topics.ledger}) ---")
+    echo(
+        f"{report.entries} entries, {report.checkpoints} signed checkpoints: "
+        + ("verified (hash chain, Merkle roots, signatures)" if report.ok else report.describe())
+    )
+    header = ProvenanceHeader.from_headers(message_headers(output))
+    if header is None:
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="streamprov-demo-index-") as path,
+        LedgerIndex(path, topics.ledger, verifier=verifier) as index,
+    ):
+        index.catch_up(reader)
+        lineage = index.upstream(DataRef(header.data_id, header.checksum))
+    echo(f"lineage of {as_text(output.key())} from the ledger (streamprov lineage prints the same):")
+    echo(to_tree(LineageGraph.of_upstream([lineage])))
 
 
 def _print_record(msg: Message, echo: Echo) -> None:
