@@ -55,7 +55,7 @@ from streamprov.ledger.hashing import entry_id_of
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.model import Application, Context, DataRef
 from streamprov.ledger.store import LedgerSource
-from streamprov.ledger.writer import LedgerWriter
+from streamprov.ledger.writer import LedgerAppender
 from streamprov.registry import FunctionRegistry, RegisteredFunction
 from streamprov.stamp import source_data_id
 
@@ -168,7 +168,7 @@ class ChangeDetector:
         index: LedgerIndex,
         ledger: LedgerSource,
         state_dir: str | Path,
-        writer: LedgerWriter | None = None,
+        writer: LedgerAppender | None = None,
         context: Context | None = None,
         device_id: str | None = None,
         algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
