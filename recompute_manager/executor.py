@@ -177,7 +177,9 @@ class Executor:
             raise ExecutionError(f"intermediate value {node.describe()} is not in the value store")
         if not matches(node.checksum, stored):
             raise ExecutionError(f"stored value of {node.describe()} does not match its checksum")
-        header = self.headers.get(node) or self.cache.header(node)
+        header = self.headers.get(node)
+        if header is None and node != ref.node:  # a recomputed version: the header its task stamped
+            header = self.cache.header(node)
         if header is None:
             header = ProvenanceHeader.for_source(node.data_id, stored, self.algorithm).encode()
         return stored, header, node

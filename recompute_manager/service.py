@@ -34,11 +34,11 @@ from recompute_manager.cache import ResultCache
 from recompute_manager.executor import Executor, PlanResult, RetryPolicy
 from recompute_manager.outputs import OutputIndex, SourceIndex, where
 from recompute_manager.planner import RecomputePlan, plan_for_alert, plan_for_change
-from recompute_manager.policy import Action, Decision, TopicPolicy
+from recompute_manager.policy import Action, Decision, TopicPolicy, trigger_of_alert, trigger_of_change
 from recompute_manager.priority import PlainRecord, PriorityPublisher, PriorityRecord
 from streamprov.agents.kafka_io import kafka_error
 from streamprov.changes.event import ChangeEvent
-from streamprov.config.models import RecomputeSettings, StreamprovConfig, TopicSettings
+from streamprov.config.models import RecomputeSettings, RecomputeTrigger, StreamprovConfig, TopicSettings
 from streamprov.errors import StreamprovError
 from streamprov.header import now_ms
 from streamprov.ledger.index import LedgerIndex
@@ -287,31 +287,37 @@ class RecomputeManager:
     ) -> tuple[RecomputePlan, Decision, PlanResult | None] | None:
         raw = msg.value() or b""
         now = time.monotonic()
+        trigger: RecomputeTrigger | None
         try:
             if is_alert:
                 alert = Alert.decode(raw)
                 plan = plan_for_alert(self.index, alert)
                 policy = self.policy(alert.topic)
-
-                def decide(n: float) -> Decision:
-                    return policy.on_alert(alert, n, tasks=len(plan))
+                decision = policy.on_alert(alert, now, tasks=len(plan))
+                trigger = trigger_of_alert(alert)
             else:
                 event = ChangeEvent.decode(raw)
                 plan = plan_for_change(self.index, event, supersedes=self.outputs.locations)
                 topic = event.source.topic if event.source is not None else ""
                 policy = self.policy(topic)
-
-                def decide(n: float) -> Decision:
-                    return policy.on_change(event, n, tasks=len(plan))
+                decision = policy.on_change(event, now, tasks=len(plan))
+                trigger = trigger_of_change(event)
         except (StreamprovError, ValueError) as exc:
             log.warning("skipping %s: %s", "alert" if is_alert else "change event", exc)
             return None
-        decision = decide(now)
         waits = 0
-        while decision.action is Action.RATE_LIMITED and waits < MAX_RATE_WAITS and not self._stop.is_set():
+        while (
+            decision.action is Action.RATE_LIMITED
+            and trigger is not None
+            and waits < MAX_RATE_WAITS
+            and not self._stop.is_set()
+        ):
             self._stop.wait(min(decision.retry_after_s, 5.0))
             waits += 1
-            decision = decide(time.monotonic())
+            # the trigger passed already: decide again without counting the alert a second time
+            decision = policy.decide(
+                trigger, decision.data_id, decision.cause, time.monotonic(), tasks=len(plan)
+            )
         if not decision.runs or not plan.tasks:
             log.info("plan %s not run: %s", plan.plan_id[:12], decision.reason)
             return plan, decision, None
