@@ -223,6 +223,7 @@ class RecomputeManager:
             self._http = HttpEndpoints(s.http_host, s.http_port, routes).start()
         self._consumer.subscribe([s.alerts_topic, s.changes_topic])
         self._ready = True
+        log.info("recompute manager consuming %s, %s (group %s)", s.alerts_topic, s.changes_topic, s.group_id)
         last = time.monotonic()
         start = self.stats.causes
         try:

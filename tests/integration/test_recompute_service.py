@@ -119,14 +119,22 @@ def test_cli_run_stops_on_sigterm(kafka_bootstrap: str, new_topic: Any, tmp_path
     cmd = [str(STREAMPROV), "recompute-manager", "run", "--config", str(config)]
     cmd += ["--functions", "processor_fns:registry", "--http-port", "0"]
     env = {**os.environ, "PYTHONPATH": f"{HERE}:{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    log_path = tmp_path / "manager.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stderr=log, env=env)
     try:
-        time.sleep(6)
-        assert proc.poll() is None
+        deadline = time.monotonic() + 90  # started = its signal handlers are installed
+        while "recompute manager consuming" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-2000:]
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert proc.poll() is None, log_path.read_text()[-2000:]
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=10)
+    err = log_path.read_text()
     assert proc.returncode == 0, err[-2000:]
     assert "stopping after the current batch" in err and "stopped:" in err
