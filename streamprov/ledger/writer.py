@@ -41,6 +41,7 @@ from streamprov.ledger.errors import (
     LedgerClosedError,
     LedgerTimeoutError,
     LedgerWriteFailedError,
+    LedgerWriterError,
 )
 from streamprov.ledger.model import (
     AnyRow,
@@ -330,7 +331,7 @@ class LedgerWriter:
         budget = self.max_entry_bytes - 1024
         for row in rows:
             if row[0] not in self._templates:
-                raise KeyError(f"no template {row[0]} registered with this writer")
+                raise LedgerWriterError(f"no template {row[0]} registered with this writer")
             if len(row) != 6:  # a MapRow: one input, both nodes from headers of bounded size
                 continue
             inputs = row[1]
