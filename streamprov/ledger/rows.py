@@ -175,32 +175,16 @@ class RowSealer:
 
     def seal(self, template: AppTemplate, row: AnyRow, out: list[Any]) -> bool:
         """Append the row's entry (and a checkpoint when one is due) to `out`; False for a duplicate."""
-        if len(row) != 6:
-            row = expand(row)
         tb = self._templates.get(row[0])
         if tb is None:
             tb = self._templates[row[0]] = _template_bytes(template)
-        _, inputs, output, timestamp, window_start, window_end = row
-        if len(inputs) == 1:
-            ref = _ref_lp(inputs[0])
-            inputs_lp = _u32(len(ref)) + ref
-            inputs_avro = _ONE + _ref_avro(inputs[0]) + _END
-        elif inputs:
-            inputs_lp = b"".join([_u32(len(r)) + r for r in map(_ref_lp, inputs)])
-            inputs_avro = b"".join((_enc_long(len(inputs)), *map(_ref_avro, inputs), _END))
-        else:
-            inputs_lp = b""
-            inputs_avro = _END
-        out_lp = _ref_lp(output)
-        if window_start is None and window_end is None:
-            tail = tb.identity_tail_plain
-            window_origin = tb.window_origin_avro_plain
-        else:
-            tail = _identity_tail(template.origin, template.task_id, window_start, window_end)
-            window_origin = _enc_window_origin(window_start, window_end, template.origin, template.task_id)
-        material = b"".join(
-            (tb.identity_head, _u32(len(inputs_lp)), inputs_lp, _u32(len(out_lp)), out_lp, tail)
-        )
+        parts = _map_parts(tb, row) if len(row) == 4 else None
+        if parts is None:
+            parts = _row_parts(tb, template, expand(row))
+        return self._finish(tb, parts, out)
+
+    def _finish(self, tb: _TemplateBytes, parts: _Parts, out: list[Any]) -> bool:
+        material, inputs_avro, output_avro, window_origin, timestamp, timestamp_avro = parts
         entry_id = hashlib.sha256(material).digest()
         state = self.chain.state
         if entry_id in state.recent_ids:
@@ -238,9 +222,9 @@ class RowSealer:
                         prev,
                         tb.function_avro,
                         inputs_avro,
-                        _ref_avro(output),
+                        output_avro,
                         window_origin,
-                        _varint(timestamp),
+                        timestamp_avro,
                         tb.device_context_avro,
                         _ENC32,
                         entry_hash,
@@ -259,3 +243,82 @@ class RowSealer:
             if cp is not None:
                 out.append((record_key(cp), encode_record(cp)))
         return True
+
+
+_Parts = tuple[bytes, bytes, bytes, bytes, int, bytes]
+"""(identity material, Avro inputs, Avro output, Avro window+origin+task, timestamp, Avro timestamp)."""
+
+
+def _row_parts(tb: _TemplateBytes, template: AppTemplate, row: Row) -> _Parts:
+    _, inputs, output, timestamp, window_start, window_end = row
+    if len(inputs) == 1:
+        ref = _ref_lp(inputs[0])
+        inputs_lp = _u32(len(ref)) + ref
+        inputs_avro = _ONE + _ref_avro(inputs[0]) + _END
+    elif inputs:
+        inputs_lp = b"".join([_u32(len(r)) + r for r in map(_ref_lp, inputs)])
+        inputs_avro = b"".join((_enc_long(len(inputs)), *map(_ref_avro, inputs), _END))
+    else:
+        inputs_lp = b""
+        inputs_avro = _END
+    out_lp = _ref_lp(output)
+    if window_start is None and window_end is None:
+        tail = tb.identity_tail_plain
+        window_origin = tb.window_origin_avro_plain
+    else:
+        tail = _identity_tail(template.origin, template.task_id, window_start, window_end)
+        window_origin = _enc_window_origin(window_start, window_end, template.origin, template.task_id)
+    material = b"".join((tb.identity_head, _u32(len(inputs_lp)), inputs_lp, _u32(len(out_lp)), out_lp, tail))
+    return material, inputs_avro, _ref_avro(output), window_origin, timestamp, _varint(timestamp)
+
+
+def _map_parts(tb: _TemplateBytes, row: AnyRow) -> _Parts | None:
+    """The parts of a `MapRow` cut straight out of the two headers (current format, short DataID,
+    non-negative timestamp); None for anything else, which `expand` then handles."""
+    _, in_raw, in_checksum, out_h = row  # type: ignore[misc]
+    p = _PREFIX_LEN
+    try:
+        if out_h[:p] != PREFIX:
+            return None
+        alg, n = out_h[p], out_h[p + 1]
+        s0 = p + 2 + (n >> 1)
+        m = out_h[s0 + 1]
+        at = s0 + 2 + (m >> 1)
+        if alg > 2 or alg & 1 or n >= 0x80 or n & 1 or m >= 0x80 or m & 1 or out_h[at] & 1:
+            return None  # not what our stamper writes: the general path
+        end = at
+        while out_h[end] & 0x80:  # at most 10 bytes: the header was scanned when it was made
+            end += 1
+        timestamp_avro = out_h[at : end + 1]
+        timestamp, _ = avro.read_long(out_h, at)
+        first = out_h[end + 1]
+        if first >= 0x80 or first & 1:
+            return None
+        id_avro = out_h[end + 1 : end + 2 + (first >> 1)]
+        digest = out_h[p + 2 : s0]
+        if in_raw is None:
+            if in_checksum is None:
+                return None
+            in_alg, in_digest = in_checksum
+        else:
+            if in_raw[:p] != PREFIX:
+                return None
+            a, k = in_raw[p], in_raw[p + 1]
+            if a > 2 or a & 1 or k >= 0x80 or k & 1:
+                return None
+            in_alg, in_digest = a >> 1, in_raw[p + 2 : p + 2 + (k >> 1)]
+            if len(in_digest) != k >> 1:
+                return None
+    except IndexError:
+        return None
+    did = id_avro[1:]
+    lp_id = _u32(len(did)) + did
+    ref_in = b"".join((lp_id, _ALG_LP[in_alg], _u32(len(in_digest)), in_digest))
+    ref_out = b"".join((lp_id, _ALG_LP[alg >> 1], _u32(len(digest)), digest))
+    material = b"".join(
+        (tb.identity_head, _u32(len(ref_in) + 4), _u32(len(ref_in)), ref_in, _u32(len(ref_out)), ref_out)
+    )
+    material += tb.identity_tail_plain
+    inputs_avro = b"".join((_ONE, id_avro, _varint(in_alg), _varint(len(in_digest)), in_digest, _END))
+    output_avro = b"".join((id_avro, _SMALL[alg], _SMALL[n], digest))
+    return material, inputs_avro, output_avro, tb.window_origin_avro_plain, timestamp, timestamp_avro

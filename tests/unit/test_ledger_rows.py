@@ -218,3 +218,35 @@ def test_process_writer_fails_the_flush_after_a_refused_append(tmp_path: Path) -
         w.append_rows([_row(2, ok)])
         w.flush(10)  # the error was reported once; the writer goes on
         assert w.stats.entries == 1
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.text(min_size=0, max_size=90),
+    st.sampled_from(list(ChecksumAlgorithm)),
+    st.sampled_from(list(ChecksumAlgorithm)),
+    st.binary(max_size=40),
+    st.booleans(),
+)
+def test_map_rows_cut_from_headers_seal_like_expanded_rows(
+    data_id: str, in_alg: ChecksumAlgorithm, out_alg: ChecksumAlgorithm, value: bytes, with_header: bool
+) -> None:
+    from streamprov.checksum import compute  # noqa: PLC0415
+    from streamprov.header import HEADER_KEY  # noqa: PLC0415
+    from streamprov.ledger.rows import expand  # noqa: PLC0415
+    from streamprov.lineage import StepKind  # noqa: PLC0415
+    from streamprov.registry import FunctionRegistry  # noqa: PLC0415
+    from streamprov.stamp import InputRecord, MapStamper, SourceStamper  # noqa: PLC0415
+
+    fn = FunctionRegistry().add(lambda v: v, "id", "1", kind=StepKind.MAP)
+    source = SourceStamper(in_alg).header(data_id, value) if with_header else None
+    record = InputRecord(value, [(HEADER_KEY, source)] if source else [], data_id.encode() or b"k", "t", 0, 7)
+    out_header = MapStamper(fn, None, out_alg).stamp(record, value + b"!")
+    c = compute(out_alg, value)
+    row = (0, source, None if source else (int(c.algorithm), c.value), out_header)
+    template = TEMPLATES[0]
+    fast: list[tuple[bytes, bytes]] = []
+    general: list[tuple[bytes, bytes]] = []
+    RowSealer(LedgerChain(LEDGER, None)).seal(template, row, fast)  # type: ignore[arg-type]
+    RowSealer(LedgerChain(LEDGER, None)).seal(template, expand(row), general)  # type: ignore[arg-type]
+    assert fast == general
