@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME
+from fake_messages import Msg
 from ledger_support import LEDGER
 
 from streamprov.agents.processor import Outgoing, StepTransform
@@ -54,38 +54,6 @@ def inc(value: dict[str, Any], by: int = 1) -> dict[str, Any]:
 @registry.reduce("total", "1", initial=int)
 def total(acc: int, value: dict[str, Any]) -> int:
     return acc + int(value["n"])
-
-
-@dataclass
-class Msg:
-    v: bytes | None
-    k: bytes | None = b"k"
-    h: list[tuple[str, bytes | None]] | None = None
-    t: str = "in"
-    p: int = 0
-    o: int = 0
-    ts: tuple[int, int] = field(default_factory=lambda: (TIMESTAMP_CREATE_TIME, 1_000))
-
-    def value(self) -> bytes | None:
-        return self.v
-
-    def key(self) -> bytes | None:
-        return self.k
-
-    def headers(self) -> list[tuple[str, bytes | None]] | None:
-        return self.h
-
-    def topic(self) -> str:
-        return self.t
-
-    def partition(self) -> int:
-        return self.p
-
-    def offset(self) -> int:
-        return self.o
-
-    def timestamp(self) -> tuple[int, int]:
-        return self.ts
 
 
 def _v(n: int) -> bytes:

@@ -4,11 +4,11 @@ decisions), the reduce checkpoint, and the module entry's argument handling."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE
+from fake_messages import Msg
 
 from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HEADER, DeadLetterReason
 from streamprov.agents.processor import (
@@ -54,40 +54,6 @@ def total(acc: int, value: dict[str, Any]) -> int:
 
 def module_level_factory() -> RegisteredFunction:
     return double
-
-
-@dataclass
-class Msg:
-    """Stands in for confluent_kafka.Message (which tests cannot construct)."""
-
-    v: bytes | None
-    k: bytes | None = b"k"
-    h: list[tuple[str, bytes | None]] | None = None
-    t: str = "in"
-    p: int = 0
-    o: int = 0
-    ts: tuple[int, int] = field(default_factory=lambda: (TIMESTAMP_CREATE_TIME, 1_000))
-
-    def value(self) -> bytes | None:
-        return self.v
-
-    def key(self) -> bytes | None:
-        return self.k
-
-    def headers(self) -> list[tuple[str, bytes | None]] | None:
-        return self.h
-
-    def topic(self) -> str:
-        return self.t
-
-    def partition(self) -> int:
-        return self.p
-
-    def offset(self) -> int:
-        return self.o
-
-    def timestamp(self) -> tuple[int, int]:
-        return self.ts
 
 
 def js(n: int) -> bytes:
