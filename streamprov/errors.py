@@ -23,6 +23,11 @@ class MalformedHeaderError(HeaderError):
     """The header bytes are not a valid streamprov provenance header."""
 
 
+class MissingHeaderError(MalformedHeaderError):
+    """The record carries no provenance header at all (a subclass of `MalformedHeaderError`, so code
+    that treats every unusable header alike keeps working; dead letters tell it apart)."""
+
+
 class UnknownSchemaError(HeaderError):
     """The header names a schema fingerprint this version of streamprov does not know."""
 

@@ -15,8 +15,10 @@ Each check is switched per topic (`TopicPolicy`):
 * staleness: the source record's Kafka timestamp against `source_max_age`, the header timestamp
   against `message_max_age`.
 
-A record without a provenance header, or with one that does not decode (malformed, unknown schema
-version, bad lineage), is dead-lettered with the reason and also raises a `malformed` alert.
+A record without a provenance header (`missing_header`), with one that does not decode
+(`malformed_header`: empty, truncated, bad field or lineage) or of an unknown schema version
+(`unknown_schema`) is dead-lettered with that reason and also raises a `malformed` alert whose
+evidence starts with the same code.
 
 Before a changed or missing source is reported, the view is brought up to the source topics' ends
 once per batch (`refresh`) and the suspects are checked again: a record derived from a source
@@ -41,7 +43,7 @@ import crc32c as _crc32c
 from streamprov import avro
 from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
 from streamprov.checksum import ChecksumAlgorithm, digest
-from streamprov.errors import HeaderError, MalformedHeaderError
+from streamprov.errors import HeaderError, MalformedHeaderError, MissingHeaderError
 from streamprov.header import HEADER_KEY, PREFIX, ProvenanceHeader, find_raw, scan, verify_value
 from streamprov.lineage import Lineage, StepKind, decode_lineage
 from streamprov.signing import Verifier
@@ -380,7 +382,7 @@ class Checker:
         """(raw, current-version bytes) of a header that is not first or not the current version."""
         raw = find_raw(hs)
         if raw is None:
-            raise MalformedHeaderError(f"record has no provenance header {_KEY!r}")
+            raise MissingHeaderError(f"record has no provenance header {_KEY!r}")
         try:
             scan(raw)
             return raw, raw
@@ -424,13 +426,21 @@ class Checker:
         result: BatchResult,
     ) -> None:
         topic, partition, offset = m.topic() or "", m.partition() or 0, m.offset() or 0
-        reason = classify(exc) if raw is not None else DeadLetterReason.MALFORMED_HEADER
+        reason = classify(exc)  # missing_header, malformed_header or unknown_schema
         headers = dead_letter_headers(m.headers(), reason, exc, source_of(topic, partition, offset))
         result.dead_letters.append(DeadLetterRecord(m.key(), m.value(), headers))
         data_id = source_data_id(m.key(), topic, partition, offset)
+        if reason is DeadLetterReason.MISSING_HEADER:
+            actual = "no header"
+        elif raw is None:
+            actual = f"no readable header: {exc}"[:500]
+        elif not raw:
+            actual = f"an empty header: {exc}"[:500]
+        else:
+            actual = f"{len(raw)} header bytes: {exc}"[:500]
         evidence = Evidence(
             f"a provenance header {_KEY!r} of a known schema version",
-            "no header" if raw is None else f"{len(raw)} header bytes: {exc}"[:500],
+            actual,
             f"{reason}: {exc}; the record went to the dead-letter topic {self.dead_letter_topic}"[:1000],
         )
         result.alerts.append(self._alert(AlertKind.MALFORMED, m, raw, data_id, evidence, pol, now_ms))
@@ -599,5 +609,5 @@ def raw_or_none(hs: Any) -> bytes | None:
     try:
         raw = find_raw(hs)
     except HeaderError as exc:
-        return exc.raw or None
+        return exc.raw  # b"" for an empty header: present, unlike None
     return raw

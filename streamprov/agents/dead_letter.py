@@ -11,7 +11,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-from streamprov.errors import HeaderError, ProcessingError, SerdeError, UnknownSchemaError
+from streamprov.errors import (
+    HeaderError,
+    MissingHeaderError,
+    ProcessingError,
+    SerdeError,
+    UnknownSchemaError,
+)
 from streamprov.reduce import LateRecordError
 from streamprov.stamp import ChecksumMismatchError
 
@@ -28,12 +34,16 @@ class DeadLetterReason(enum.StrEnum):
     """Why a record was dead-lettered; the value is what goes into the reason header."""
 
     MALFORMED_HEADER = "malformed_header"
+    """A provenance header that does not decode (empty, truncated, bad marker, bad field or lineage)."""
     UNKNOWN_SCHEMA = "unknown_schema"
+    """A well-framed header whose schema fingerprint this version does not know."""
     CHECKSUM_MISMATCH = "checksum_mismatch"
     DESERIALIZATION_ERROR = "deserialization_error"
     SERIALIZATION_ERROR = "serialization_error"
     PROCESSING_ERROR = "processing_error"
     LATE_RECORD = "late_record"
+    MISSING_HEADER = "missing_header"
+    """No provenance header at all."""
 
 
 def classify(exc: BaseException, *, serialising: bool = False) -> DeadLetterReason:
@@ -46,6 +56,8 @@ def classify(exc: BaseException, *, serialising: bool = False) -> DeadLetterReas
         return DeadLetterReason.CHECKSUM_MISMATCH
     if isinstance(exc, UnknownSchemaError):
         return DeadLetterReason.UNKNOWN_SCHEMA
+    if isinstance(exc, MissingHeaderError):
+        return DeadLetterReason.MISSING_HEADER
     if isinstance(exc, HeaderError):
         return DeadLetterReason.MALFORMED_HEADER
     if isinstance(exc, SerdeError):

@@ -285,6 +285,9 @@ def test_problem_stream_gives_exactly_the_expected_alerts(
     expected[16] = (AlertKind.MALFORMED, "")
     rows.append(Record(b"\x00\xffgarbage", b"g-2", [(HEADER_KEY, b"\xc3\x01not a header")]))
     expected[17] = (AlertKind.MALFORMED, "")
+    _, h = derived("s-clean-5", clean["s-clean-5"])
+    rows.append(Record(b"\x00\xffgarbage", b"g-3", [(HEADER_KEY, h[:20])]))  # current schema, cut short
+    expected[18] = (AlertKind.MALFORMED, "")
     produce(kafka_bootstrap, out, rows)
     # The source changes after its output was made: a new version of the same DataID.
     produce_sources(kafka_bootstrap, src, {"s-changed": reading(101)})
@@ -357,16 +360,23 @@ def test_problem_stream_gives_exactly_the_expected_alerts(
     assert alerts_at[15].data_id == "s-missing"
     assert alerts_at[16].header is None and alerts_at[16].data_id == "g-1"
     assert alerts_at[17].header == b"\xc3\x01not a header"
+    assert alerts_at[18].header == rows[18].headers[0][1]
+    malformed = [alerts_at[o].evidence for o in (16, 17, 18)]
+    codes = [e.reason.split(":")[0] for e in malformed]
+    assert codes == ["missing_header", "unknown_schema", "malformed_header"]
+    assert malformed[0].actual == "no header" and malformed[2].actual.startswith("20 header bytes")
     assert rest[0].evidence.expected == compute(ChecksumAlgorithm.CRC32C, wrong).hex()
     assert rest[0].evidence.actual == compute(ChecksumAlgorithm.CRC32C, rows2[0].value or b"").hex()
     assert rest[1].evidence.expected == "ghost@1 in the function registry"
 
-    dead = consume_all(kafka_bootstrap, dlq, expected=2, timeout_s=20, grace_s=1.0)
+    dead = consume_all(kafka_bootstrap, dlq, expected=3, timeout_s=20, grace_s=1.0)
     assert [(m.key(), m.value()) for m in dead] == [
         (b"g-1", b"\x00\xffgarbage"),
         (b"g-2", b"\x00\xffgarbage"),
+        (b"g-3", b"\x00\xffgarbage"),
     ]
-    for m, offset, reason in zip(dead, (16, 17), (b"malformed_header", b"unknown_schema"), strict=True):
+    reasons = (b"missing_header", b"unknown_schema", b"malformed_header")
+    for m, offset, reason in zip(dead, (16, 17, 18), reasons, strict=True):
         headers = dict(m.headers() or [])
         assert headers[REASON_HEADER] == reason
         assert headers[SOURCE_HEADER] == f"{out}/0/{offset}".encode()

@@ -248,11 +248,13 @@ def test_staleness_limits_are_exclusive_and_switchable() -> None:
 @pytest.mark.parametrize(
     ("headers", "reason", "actual"),
     [
-        (None, "malformed_header", "no header"),
-        ([("other", b"x")], "malformed_header", "no header"),
+        (None, "missing_header", "no header"),
+        ([("other", b"x")], "missing_header", "no header"),
         ([(HEADER_KEY, b"\x00garbage")], "malformed_header", "8 header bytes"),
         ([(HEADER_KEY, b"\xc3\x01" + b"\x11" * 8 + b"\x00\x08abcd")], "unknown_schema", "16 header bytes"),
-        ([(HEADER_KEY, b"")], "malformed_header", "no header"),
+        ([(HEADER_KEY, b"")], "malformed_header", "an empty header"),
+        ([(HEADER_KEY, None)], "malformed_header", "an empty header"),
+        ([(HEADER_KEY, 7)], "malformed_header", "no readable header"),
     ],
 )
 def test_malformed_records_are_dead_lettered_and_alerted(
@@ -268,7 +270,7 @@ def test_malformed_records_are_dead_lettered_and_alerted(
     (alert,) = result.alerts
     assert alert.kind is AlertKind.MALFORMED and alert.data_id == "key-1"
     assert alert.evidence.actual.startswith(actual)
-    assert reason in alert.evidence.reason and "dlq" in alert.evidence.reason
+    assert alert.evidence.reason.startswith(f"{reason}: ") and "dlq" in alert.evidence.reason
 
 
 def test_a_bad_lineage_is_malformed() -> None:
