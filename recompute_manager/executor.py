@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from recompute_manager.cache import ResultCache, unchanged
 from recompute_manager.planner import InputOrigin, InputRef, RecomputePlan, RecomputeTask
@@ -34,6 +34,10 @@ from streamprov.ledger.model import DataRef
 from streamprov.lineage import StepKind
 from streamprov.registry import FunctionRegistry
 from streamprov.stamp import InputRecord, MapStamper, ReduceState, SourceStamper
+
+if TYPE_CHECKING:
+    from recompute_manager.tracing import RecomputeTracing
+    from streamprov.telemetry.propagation import KafkaHeaders
 
 __all__ = [
     "SUPERSEDES_HEADER",
@@ -86,6 +90,8 @@ class Recomputed:
     """Early cut-off: same checksum as the original output."""
     cached: bool
     attempts: int
+    trace: tuple[tuple[str, bytes], ...] = ()
+    """`traceparent`/`tracestate` of the task's span (`RecomputeTracing`); published with the record."""
 
     @property
     def node(self) -> DataRef:
@@ -99,6 +105,7 @@ class Recomputed:
             out.append((SUPERSEDES_HEADER, source_of(s.topic, s.partition, s.offset).encode("utf-8")))
         out.append((TASK_HEADER, self.task.task_id.encode("ascii")))
         out.append((PLAN_HEADER, self.task.plan_id.encode("ascii")))
+        out.extend(self.trace)
         return out
 
 
@@ -107,10 +114,11 @@ class DeadLetter:
     task: RecomputeTask
     error: str
     attempts: int
+    trace: tuple[tuple[str, bytes], ...] = ()
 
     def headers(self) -> list[tuple[str, bytes | None]]:
         return dead_letter_headers(
-            [(TASK_HEADER, self.task.task_id.encode("ascii"))],
+            [(TASK_HEADER, self.task.task_id.encode("ascii")), *self.trace],
             DeadLetterReason.PROCESSING_ERROR,
             self.error,
             f"recompute/{self.task.plan_id}/{self.task.position}",
@@ -141,11 +149,13 @@ class Executor:
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         headers: Mapping[DataRef, bytes] | None = None,
+        tracing: RecomputeTracing | None = None,
     ) -> None:
         """`headers`: the original provenance headers of stored intermediates (an `OutputIndex`'s),
         so a reduce over them keeps their lineage and sources; without one a stored input counts as
-        an original record."""
+        an original record. `tracing`: a span per task continuing the superseded record's trace."""
         self.registry = registry
+        self.tracing = tracing
         self.headers: Mapping[DataRef, bytes] = headers if headers is not None else {}
         self.sources = sources
         self.cache = cache
@@ -234,10 +244,24 @@ class Executor:
 
     # -- retries -------------------------------------------------------------------------------------
     def run(
-        self, task: RecomputeTask, outputs: Mapping[str, Recomputed] | None = None
+        self,
+        task: RecomputeTask,
+        outputs: Mapping[str, Recomputed] | None = None,
+        *,
+        causes: Sequence[KafkaHeaders] = (),
     ) -> Recomputed | DeadLetter:
-        """Execute with retries and exponential backoff; a `DeadLetter` after the last attempt."""
+        """Execute with retries and exponential backoff; a `DeadLetter` after the last attempt.
+
+        `causes`: headers of the records that caused the task (the alert or change event, or the
+        task record that carries their trace context); with `tracing`, the task's span links them.
+        """
         outputs = outputs or {}
+        if self.tracing is not None:
+            done_outputs = outputs
+            return self.tracing.traced(task, outputs, causes, lambda: self._attempts(task, done_outputs))
+        return self._attempts(task, outputs)
+
+    def _attempts(self, task: RecomputeTask, outputs: Mapping[str, Recomputed]) -> Recomputed | DeadLetter:
         attempts = self.retry.max_retries + 1
         error = ""
         for attempt in range(1, attempts + 1):
@@ -250,9 +274,10 @@ class Executor:
                     self.sleep(self.retry.delay(attempt))
         return DeadLetter(task, error, attempts)
 
-    def run_plan(self, plan: RecomputePlan) -> PlanResult:
+    def run_plan(self, plan: RecomputePlan, *, causes: Sequence[KafkaHeaders] = ()) -> PlanResult:
         """Every task in order; tasks whose inputs all come from unchanged (cut-off) tasks are skipped,
-        and so are the dependents of dead-lettered tasks (they go to the dead letters too)."""
+        and so are the dependents of dead-lettered tasks (they go to the dead letters too). `causes`:
+        see `run`."""
         result = PlanResult()
         outputs: dict[str, Recomputed] = {}
         cut: set[str] = set()
@@ -268,7 +293,7 @@ class Executor:
                 cut.add(task.task_id)
                 result.skipped.append(task)
                 continue
-            done = self.run(task, outputs)
+            done = self.run(task, outputs, causes=causes)
             if isinstance(done, DeadLetter):
                 dead.add(task.task_id)
                 result.dead.append(done)

@@ -22,6 +22,7 @@ from recompute_manager.planner import Coordinates
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger.model import DataRef
+from streamprov.telemetry.propagation import trace_headers
 
 __all__ = ["OutputIndex", "SourceIndex", "TopicReader", "where"]
 
@@ -110,6 +111,8 @@ class OutputIndex:
         self.locations: dict[DataRef, Coordinates] = {}
         self.headers: dict[DataRef, bytes] = {}
         """The original provenance header of each output (for `Executor(headers=)`)."""
+        self.trace_headers: dict[DataRef, tuple[tuple[str, bytes], ...]] = {}
+        """The `traceparent`/`tracestate` of each output that has one (for `RecomputeTracing`)."""
 
     def catch_up(self, *, max_wait_s: float = 30.0) -> int:
         msgs = self._reader.catch_up(max_wait_s=max_wait_s)
@@ -119,8 +122,9 @@ class OutputIndex:
 
     def add(self, msg: Message) -> None:
         value = msg.value()
+        kafka_headers = msg.headers() or []
         try:
-            header = ProvenanceHeader.from_headers(msg.headers() or [])
+            header = ProvenanceHeader.from_headers(kafka_headers)
         except HeaderError:
             return
         if header is None or value is None:
@@ -128,6 +132,9 @@ class OutputIndex:
         node = DataRef(header.data_id, header.checksum)
         self.locations[node] = where(msg)
         self.headers[node] = header.encode()
+        trace = trace_headers(kafka_headers)
+        if trace:
+            self.trace_headers[node] = trace
         if self.cache is not None:
             self.cache.put_value(node, value)
 

@@ -12,6 +12,7 @@ from streamprov.telemetry.propagation import (
     extract,
     inject,
     span_context,
+    trace_headers,
 )
 from streamprov.telemetry.sampling import LinkAwareParentBased
 from streamprov.telemetry.tracing import StepTracing, sampled, traceparent
@@ -27,5 +28,6 @@ __all__ = [
     "inject",
     "sampled",
     "span_context",
+    "trace_headers",
     "traceparent",
 ]

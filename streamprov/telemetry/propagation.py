@@ -82,3 +82,16 @@ def span_context(headers: KafkaHeaders) -> trace.SpanContext | None:
 
 def without_trace(headers: Iterable[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
     return [h for h in headers or () if h[0] not in TRACE_HEADERS]
+
+
+def trace_headers(headers: KafkaHeaders) -> tuple[tuple[str, bytes], ...]:
+    """The record's `traceparent`/`tracestate` headers as (key, bytes) pairs (empty when none): small
+    enough to keep per record, e.g. to continue a record's trace when it is superseded later."""
+    if not headers:
+        return ()
+    pairs: Iterable[tuple[str, Any]] = headers.items() if isinstance(headers, Mapping) else headers
+    out: list[tuple[str, bytes]] = []
+    for key, value in pairs:
+        if key in TRACE_HEADERS and value is not None:
+            out.append((key, value.encode("ascii") if isinstance(value, str) else bytes(value)))
+    return tuple(out)
