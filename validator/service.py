@@ -115,6 +115,7 @@ class Validator:
             settings.sources,
             cache_size=settings.source_cache_size,
             operation_timeout_s=settings.operation_timeout_s,
+            refresh_interval_s=settings.source_refresh_s,
         )
         self.checker = Checker(
             settings.policy,

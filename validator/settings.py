@@ -70,6 +70,9 @@ class ServiceSettings:
     source_catch_up_s: float = 10.0
     """How long a batch with drift findings waits for the source view to reach the topics' ends."""
     source_cache_size: int = 100_000
+    source_refresh_s: float = 10.0
+    """How often the source view looks for new source partitions and topics (also before every
+    drift report)."""
     consumer_config: Mapping[str, Any] = field(default_factory=dict)
     producer_config: Mapping[str, Any] = field(default_factory=dict)
 
@@ -81,6 +84,8 @@ class ServiceSettings:
             problems.append("the alerts and dead-letter topics must be named")
         if self.batch_size <= 0 or self.poll_timeout_s <= 0 or self.operation_timeout_s <= 0:
             problems.append("batch_size, poll_timeout_s and operation_timeout_s must be positive")
+        if self.source_refresh_s <= 0:
+            problems.append("source_refresh_s must be positive")
         if self.commit_interval_s < 0 or self.flush_timeout_s <= 0:
             problems.append("commit_interval_s must be >= 0 and flush_timeout_s positive")
         overlap = set(self.topics) & ({self.alerts_topic, self.dead_letter_topic} | set(self.sources))

@@ -6,6 +6,10 @@ assigns every partition of every source topic (no consumer group: every Validato
 and resumes from the offsets stored next to the data, written in the same atomic batch, so a
 restart neither re-reads the whole topic nor skips anything.
 
+The partitions to read are looked up again every `refresh_interval_s` and before every drift
+report, so partitions added to a source topic and source topics created after the start are read
+without a restart (from their beginning).
+
 Per record it stores the value (for re-derivation), the CRC32C of the value (the drift check's
 common case, compared as encoded bytes with the header's source checksum), the record's Kafka
 timestamp (staleness) and its coordinates (evidence). A tombstone deletes the DataID.
@@ -131,13 +135,18 @@ class SourceView:
         *,
         cache_size: int = 100_000,
         operation_timeout_s: float = 30.0,
+        refresh_interval_s: float = 10.0,
     ) -> None:
+        """`refresh_interval_s`: how often `poll` looks for new source partitions and topics."""
         if cache_size <= 0:
             raise SourceViewError("cache_size must be positive")
+        if refresh_interval_s <= 0:
+            raise SourceViewError("refresh_interval_s must be positive")
         self.path = Path(path)
         self.topics = list(topics)
         self.cache_size = cache_size
         self.operation_timeout_s = operation_timeout_s
+        self.refresh_interval_s = refresh_interval_s
         self._kafka_config = dict(kafka_config)
         self.path.mkdir(parents=True, exist_ok=True)
         opts = Options(raw_mode=True)
@@ -150,6 +159,10 @@ class SourceView:
         self._crcs: dict[bytes, int] = {}
         self._next: dict[tuple[str, int], int] = {}
         self._targets: dict[tuple[str, int], int] = {}
+        self._assigned: set[tuple[str, int]] = set()
+        self._next_refresh = 0.0
+        self.partitions_added = 0
+        """Partitions assigned after the start (new partitions, new topics)."""
         self._caught_up = not self.topics
         self._consumer: Consumer | None = None
         self.records_applied = 0
@@ -157,7 +170,11 @@ class SourceView:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
-        """Assign every partition of the source topics from the stored offsets (else the beginning)."""
+        """Assign every partition of the source topics from the stored offsets (else the beginning).
+
+        Source topics that do not exist yet, and partitions added later, are picked up while the
+        view runs (`refresh_partitions`), from their beginning.
+        """
         if self._consumer is not None or not self.topics:
             return
         settings = {
@@ -176,15 +193,12 @@ class SourceView:
         except KafkaException as exc:
             raise SourceViewError(f"bad consumer configuration: {exc}", kafka_error(exc)) from exc
         self._consumer = consumer
-        assignment = []
-        for topic, partition in self._partitions(consumer):
-            stored = self._db.get(_offset_key(topic, partition))
-            start = _NEXT.unpack(stored)[0] if stored is not None else OFFSET_BEGINNING
-            if stored is not None:
-                self._next[(topic, partition)] = start
-            assignment.append(TopicPartition(topic, partition, start))
+        found, missing = self._partitions(consumer)
+        assignment = self._start_positions(found)
         consumer.assign(assignment)
-        self._targets = self._high_watermarks([(tp.topic, tp.partition) for tp in assignment])
+        self._assigned = set(found)
+        self._next_refresh = time.monotonic() + self.refresh_interval_s
+        self._targets = self._high_watermarks(found)
         log.info(
             "source view %s: %d partition(s) of %s, resuming at %s",
             self.path,
@@ -192,27 +206,82 @@ class SourceView:
             ",".join(self.topics),
             {f"{t}/{p}": n for (t, p), n in sorted(self._next.items())} or "the beginning",
         )
+        if missing:
+            log.warning(
+                "source topic(s) %s do not exist yet: read once they appear (checked every %.0f s)",
+                ", ".join(missing),
+                self.refresh_interval_s,
+            )
 
-    def _partitions(self, consumer: Consumer) -> list[tuple[str, int]]:
+    def _start_positions(self, tps: Iterable[tuple[str, int]]) -> list[TopicPartition]:
+        """Where to read each partition from: the offset stored with the data, else the beginning."""
+        assignment = []
+        for topic, partition in tps:
+            stored = self._db.get(_offset_key(topic, partition))
+            start = _NEXT.unpack(stored)[0] if stored is not None else OFFSET_BEGINNING
+            if stored is not None:
+                self._next[(topic, partition)] = start
+            assignment.append(TopicPartition(topic, partition, start))
+        return assignment
+
+    def _metadata(self, consumer: Consumer, timeout_s: float) -> tuple[list[tuple[str, int]], list[str]]:
+        """(partitions of the source topics that exist, source topics that do not); one metadata
+        request. Raises `KafkaException` when the broker does not answer."""
+        md = consumer.list_topics(timeout=timeout_s)
+        found: list[tuple[str, int]] = []
+        missing: list[str] = []
+        for topic in self.topics:
+            meta = md.topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                missing.append(topic)
+            else:
+                found.extend((topic, p) for p in sorted(meta.partitions))
+        return found, missing
+
+    def _partitions(self, consumer: Consumer) -> tuple[list[tuple[str, int]], list[str]]:
+        """The metadata at start, retried while the broker does not answer (`operation_timeout_s`)."""
         deadline = time.monotonic() + self.operation_timeout_s
         while True:
-            missing: list[str] = []
-            found: list[tuple[str, int]] = []
             try:
-                md = consumer.list_topics(timeout=min(5.0, self.operation_timeout_s))
-                for topic in self.topics:
-                    meta = md.topics.get(topic)
-                    if meta is None or meta.error is not None or not meta.partitions:
-                        missing.append(topic)
-                    else:
-                        found.extend((topic, p) for p in sorted(meta.partitions))
+                return self._metadata(consumer, min(5.0, self.operation_timeout_s))
             except KafkaException as exc:
-                missing = [f"({kafka_error(exc).str()})"]
-            if not missing:
-                return found
-            if time.monotonic() >= deadline:
-                raise SourceViewError(f"source topic(s) not found: {', '.join(missing)}")
+                if time.monotonic() >= deadline:
+                    raise SourceViewError(
+                        f"cannot read the metadata of the source topics: {kafka_error(exc).str()}",
+                        kafka_error(exc),
+                    ) from exc
             time.sleep(0.5)
+
+    def refresh_partitions(self, timeout_s: float | None = None) -> int:
+        """Assign source partitions that appeared since the last look (new partitions of a source
+        topic, a source topic created after the start), from their beginning; returns how many.
+
+        One metadata request; a broker that does not answer within `timeout_s` (default: 2 s) is
+        not an error, the next refresh tries again. Called every `refresh_interval_s` from `poll`
+        and before every drift report (`catch_up`), so a source record on a brand-new partition is
+        read before an output derived from it is flagged.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return 0
+        self._next_refresh = time.monotonic() + self.refresh_interval_s
+        try:
+            found, _missing = self._metadata(consumer, 2.0 if timeout_s is None else timeout_s)
+        except KafkaException as exc:
+            log.debug("source topic metadata: %s", kafka_error(exc).str())
+            return 0
+        new = [tp for tp in found if tp not in self._assigned]
+        if not new:
+            return 0
+        try:
+            consumer.incremental_assign(self._start_positions(new))
+        except KafkaException as exc:
+            log.warning("cannot assign new source partitions %s: %s", new, kafka_error(exc).str())
+            return 0
+        self._assigned.update(new)
+        self.partitions_added += len(new)
+        log.info("source view: new source partition(s) %s, read from the beginning", sorted(new))
+        return len(new)
 
     def _high_watermarks(self, tps: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
         assert self._consumer is not None
@@ -243,6 +312,8 @@ class SourceView:
         consumer = self._consumer
         if consumer is None:
             return 0
+        if time.monotonic() >= self._next_refresh:
+            self.refresh_partitions()
         try:
             messages = consumer.consume(max_messages, timeout_s)
         except KafkaException as exc:
@@ -340,6 +411,7 @@ class SourceView:
         consumer = self._consumer
         if consumer is None:
             return True
+        self.refresh_partitions(min(2.0, timeout_s))
         targets = self._high_watermarks(self._next_or_all())
         deadline = time.monotonic() + timeout_s
         while True:
@@ -366,7 +438,7 @@ class SourceView:
             assigned: list[TopicPartition] = self._consumer.assignment()
             return [(tp.topic, tp.partition) for tp in assigned]
         except KafkaException:
-            return list(self._targets)
+            return sorted(self._assigned)
 
     def lag(self) -> int:
         """Records between the view and the ends seen at start (0 once caught up)."""

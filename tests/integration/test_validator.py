@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewPartitions
 from kafka_support import (
     FAST_GROUP_CONFIG,
     KAFKA_SCRIPT,
@@ -35,6 +36,7 @@ from kafka_support import (
     Record,
     consume_all,
     create_topic,
+    delete_topics,
     produce,
     unique_name,
     wait_for_broker,
@@ -429,6 +431,91 @@ def test_a_second_instance_takes_partitions_without_losing_alerts(
     }
     got = read_alerts(kafka_bootstrap, alerts, expected=len(bad), timeout_s=60, grace_s=1.0)
     assert {x.alert_id for x in got} == bad and len(bad) == n // 5
+
+
+# -- 2c. source partitions and topics that appear mid-run -----------------------------------------
+def source_record(data_id: str, value: bytes, partition: int) -> Record:
+    """A source record on an explicit partition, stamped as ProvenanceProducer stamps it."""
+    return Record(value, data_id.encode(), [(HEADER_KEY, SourceStamper().header(data_id, value))], partition)
+
+
+def wait_for_partitions(bootstrap: str, topic: str, count: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+
+    def ready() -> bool:
+        md = admin.list_topics(topic=topic, timeout=5.0).topics.get(topic)
+        return (
+            md is not None
+            and len(md.partitions) == count
+            and all(p.leader >= 0 for p in md.partitions.values())
+        )
+
+    wait_until(ready, 30, f"{count} partitions of {topic}")
+
+
+def test_new_source_partitions_and_topics_are_read_without_a_restart(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
+) -> None:
+    src = new_topic(1, COMPACTED)
+    later = unique_name("src-later")  # a configured source topic created while the validator runs
+    out, alerts, dlq = new_topic(), new_topic(), new_topic()
+    produce_sources(kafka_bootstrap, src, {"s-0": reading(0)})
+    # No periodic refresh during the test: only the drift check's own refresh can find them.
+    s = settings_for(
+        kafka_bootstrap,
+        tmp_path,
+        topics=(out,),
+        sources=(src, later),
+        alerts=alerts,
+        dlq=dlq,
+        group=unique_group(),
+        source_refresh_s=3600.0,
+    )
+    try:
+        with running(Validator(s)) as v:
+            wait_until(lambda: v.ready()[0], 60, "the validator to be ready")
+            value, header = derived("s-0", reading(0))
+            produce(kafka_bootstrap, out, [Record(value, b"s-0", [(HEADER_KEY, header)])])
+            wait_until(lambda: v.stats.checked >= 1, 60, "the first record checked")
+            assert v.view.partitions_added == 0
+
+            admin = AdminClient({"bootstrap.servers": kafka_bootstrap})  # kept until the result
+            admin.create_partitions([NewPartitions(src, 3)], operation_timeout=30)[src].result(timeout=30)
+            wait_for_partitions(kafka_bootstrap, src, 3)
+            create_topic(kafka_bootstrap, later, partitions=2, config=COMPACTED)
+            produce(
+                kafka_bootstrap,
+                src,
+                [
+                    source_record("s-p1", reading(1), 1),
+                    source_record("s-p2", reading(2), 2),
+                    source_record("s-p2", reading(3), 2),  # s-p2 changes on its new partition
+                ],
+            )
+            produce(
+                kafka_bootstrap,
+                later,
+                [source_record("s-new", reading(4), 0), source_record("s-new2", reading(5), 1)],
+            )
+            rows = []
+            for data_id, source in (
+                ("s-p1", reading(1)),
+                ("s-p2", reading(2)),  # derived from the version before the change
+                ("s-new", reading(4)),
+                ("s-new2", reading(5)),
+            ):
+                value, header = derived(data_id, source)
+                rows.append(Record(value, data_id.encode(), [(HEADER_KEY, header)]))
+            produce(kafka_bootstrap, out, rows)
+            wait_until(lambda: v.stats.checked >= 5, 60, "every record checked")
+            assert v.view.partitions_added == 4  # src/1, src/2, later/0, later/1
+    finally:
+        delete_topics(kafka_bootstrap, [later])
+    # Unread, they would be missing_source alerts; read, exactly the changed one is flagged.
+    got = read_alerts(kafka_bootstrap, alerts, expected=1, timeout_s=30, grace_s=1.5)
+    assert [(a.kind, a.data_id, a.offset) for a in got] == [(AlertKind.SOURCE_CHANGED, "s-p2", 2)]
+    assert got[0].evidence.actual == compute(ChecksumAlgorithm.CRC32C, reading(3)).hex()
+    assert f"{src}/2/1" in got[0].evidence.reason
 
 
 # -- 3. kill -9 ------------------------------------------------------------------------------------

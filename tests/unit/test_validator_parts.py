@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import crc32c
 import fastavro
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from fastavro.schema import load_schema
 from typer.testing import CliRunner
 
@@ -152,6 +154,75 @@ def test_source_view_refuses_a_locked_directory(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="cannot open the source view"):
         SourceView(tmp_path / "v", {}, ["src"])
     first.close()
+
+
+class _Meta:
+    """What `Consumer.list_topics` returns, as far as the source view reads it."""
+
+    def __init__(self, partitions: dict[str, int]) -> None:
+        self.topics = {t: _TopicMeta(n) for t, n in partitions.items()}
+
+
+class _TopicMeta:
+    def __init__(self, n: int) -> None:
+        self.error = None
+        self.partitions = dict.fromkeys(range(n))
+
+
+class _MetadataConsumer:
+    """A stand-in consumer whose topics grow while the view runs (no broker)."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[str, int] = {"src": 1}
+        self.assigned: list[tuple[str, int, int]] = []
+        self.requests = 0
+        self.fail = False
+
+    def list_topics(self, timeout: float) -> _Meta:
+        self.requests += 1
+        if self.fail:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "down"))
+        return _Meta(self.partitions)
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.assigned += [(tp.topic, tp.partition, tp.offset) for tp in tps]
+
+    incremental_assign = assign
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        return 0, 0
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_source_view_picks_up_new_partitions_and_topics_periodically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _MetadataConsumer()
+    monkeypatch.setattr("validator.source_view.Consumer", lambda _settings: fake)
+    view = SourceView(tmp_path / "v", {}, ["src", "later"], refresh_interval_s=0.05)
+    view.apply([("src", 0, 6, b"a", b"v", None, 1)])  # src/0 resumes at offset 7 after a restart
+    view.start()  # "later" does not exist yet: not an error
+    assert fake.assigned == [("src", 0, 7)] and view.caught_up
+    view.poll()  # within the interval: no metadata request
+    assert fake.requests == 1
+    fake.partitions = {"src": 3, "later": 1}
+    time.sleep(0.06)
+    fake.fail = True
+    view.poll()  # the broker does not answer: tried again at the next interval
+    assert view.partitions_added == 0
+    fake.fail = False
+    time.sleep(0.06)
+    view.poll()
+    begin = OFFSET_BEGINNING
+    assert fake.assigned[1:] == [("src", 1, begin), ("src", 2, begin), ("later", 0, begin)]
+    assert view.partitions_added == 3 and fake.requests == 3
+    assert view.refresh_partitions() == 0  # nothing new: nothing assigned twice
+    view.close()
 
 
 # -- settings ----------------------------------------------------------------------------------------------
