@@ -318,3 +318,90 @@ def keygen(
     pub = out.with_name(out.name + ".pub")
     pub.write_bytes(public_key_pem(key.public_key()))
     typer.echo(f"private key: {out}\npublic key:  {pub}")
+
+
+@ledger_app.command()
+def sequencer(
+    bootstrap: Bootstrap = None,
+    topic: Topic = None,
+    requests_topic: Annotated[
+        str | None,
+        typer.Option(
+            "--requests-topic",
+            envvar="STREAMPROV_LEDGER_REQUESTS_TOPIC",
+            help="Topic the clients send applications to (one partition). Default: <ledger topic>.requests.",
+        ),
+    ] = None,
+    ledger_id: LedgerId = None,
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--signing-key",
+            help="Ed25519 private key PEM for checkpoints (default: $STREAMPROV_LEDGER_SIGNING_KEY_FILE "
+            "or $STREAMPROV_LEDGER_SIGNING_KEY).",
+        ),
+    ] = None,
+    unsigned: Annotated[
+        bool,
+        typer.Option("--unsigned", help="No signing key: no checkpoints (the chain alone is not proof)."),
+    ] = False,
+    dead_letter_topic: Annotated[
+        str, typer.Option("--dead-letter-topic", help="Where undecodable or misaddressed requests go.")
+    ] = "streamprov.dead-letters",
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Sign a checkpoint every N entries.")] = 1000,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Requests per transaction (at most; fewer when idle).")
+    ] = 500,
+    idle_exit: Annotated[
+        float | None, typer.Option("--idle-exit", help="Stop after this many seconds without requests.")
+    ] = None,
+) -> None:
+    """Run the shared ledger sequencer: chain applications from many processes into one ledger.
+
+    Agents and recompute workers on several machines send applications (KafkaLedgerClient) to the
+    requests topic; this service seals them into the ledger topic exactly once, one transaction per
+    batch. Run two for a hot standby: only the one owning the requests partition seals. SIGTERM stops
+    it after the current batch and signs a final checkpoint.
+    """
+    import logging  # noqa: PLC0415 - keep --help fast
+    import signal  # noqa: PLC0415
+
+    from confluent_kafka import KafkaException  # noqa: PLC0415
+
+    from streamprov.ledger.sequencer import LedgerSequencer  # noqa: PLC0415
+    from streamprov.ledger.signing import CheckpointSigner  # noqa: PLC0415
+
+    if not topic or not bootstrap:
+        _fail("name the ledger: --topic and --bootstrap-servers")
+    lid = _ledger_id(ledger_id, topic)
+    signer: CheckpointSigner | None = None
+    if not unsigned:
+        try:
+            signer = CheckpointSigner.from_env(signing_key)
+        except LedgerError as exc:
+            _fail(f"{exc} (or pass --unsigned to run without checkpoints)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        seq = LedgerSequencer(
+            bootstrap,
+            requests_topic=requests_topic or f"{topic}.requests",
+            ledger_topic=topic,
+            ledger_id=lid,
+            signer=signer,
+            dead_letter_topic=dead_letter_topic,
+            checkpoint_every=checkpoint_every,
+            batch_size=batch_size,
+        )
+    except KafkaException as exc:  # bad librdkafka settings: say so, exit 2
+        _fail(f"cannot start the sequencer: {exc}")
+    signal.signal(signal.SIGTERM, lambda *_: seq.stop())
+    signal.signal(signal.SIGINT, lambda *_: seq.stop())
+    with seq:
+        try:
+            stats = seq.run(idle_timeout_s=idle_exit)
+        except LedgerError as exc:
+            _fail(str(exc))
+    typer.echo(
+        f"sealed {stats.entries} entries and {stats.checkpoints} checkpoints from {stats.requests} "
+        f"requests ({stats.duplicates} duplicates, {stats.dead_letters} dead letters)"
+    )

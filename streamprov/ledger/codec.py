@@ -54,12 +54,9 @@ def _ref_to_avro(ref: DataRef) -> dict[str, Any]:
     }
 
 
-def _entry_to_avro(entry: LedgerEntry) -> dict[str, Any]:
-    app = entry.application
+def application_to_avro(app: Application) -> dict[str, Any]:
+    """The Avro datum of an application's fields (shared by ledger entries and sequencer requests)."""
     return {
-        "entry_id": entry.entry_id,
-        "seq": entry.seq,
-        "prev_hash": entry.prev_hash,
         "kind": app.kind.name,
         "function_id": app.function_id,
         "function_version": app.function_version,
@@ -78,6 +75,15 @@ def _entry_to_avro(entry: LedgerEntry) -> dict[str, Any]:
             "location": app.context.location,
             "access_rights": list(app.context.access_rights),
         },
+    }
+
+
+def _entry_to_avro(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "entry_id": entry.entry_id,
+        "seq": entry.seq,
+        "prev_hash": entry.prev_hash,
+        **application_to_avro(entry.application),
         "entry_hash": entry.entry_hash,
     }
 
@@ -240,9 +246,10 @@ def _ref_from_avro(r: dict[str, Any]) -> DataRef:
     return DataRef(r["data_id"], Checksum(algorithm, value))
 
 
-def _entry_from_avro(r: dict[str, Any]) -> LedgerEntry:
+def application_from_avro(r: dict[str, Any]) -> Application:
+    """The application in a decoded Avro datum (raises `MalformedRecordError` on bad checksums)."""
     ctx = r["context"]
-    app = Application(
+    return Application(
         ApplicationKind[r["kind"]],
         r["function_id"],
         r["function_version"],
@@ -258,6 +265,10 @@ def _entry_from_avro(r: dict[str, Any]) -> LedgerEntry:
         r["window_start"],
         r["window_end"],
     )
+
+
+def _entry_from_avro(r: dict[str, Any]) -> LedgerEntry:
+    app = application_from_avro(r)
     if r["seq"] < 0:
         raise MalformedRecordError(f"negative seq {r['seq']}")
     return LedgerEntry(

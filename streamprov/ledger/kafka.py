@@ -32,7 +32,13 @@ from confluent_kafka.cimpl import NewTopic
 
 from streamprov.ledger.chain import ChainState, resume_state
 from streamprov.ledger.codec import encode_record, record_key, stored
-from streamprov.ledger.errors import ChainError, LedgerError, LedgerTimeoutError, LedgerWriteFailedError
+from streamprov.ledger.errors import (
+    ChainError,
+    LedgerError,
+    LedgerTimeoutError,
+    LedgerWriteFailedError,
+    LedgerWriterError,
+)
 from streamprov.ledger.model import LedgerRecord, StoredRecord
 
 logger = logging.getLogger(__name__)
@@ -45,6 +51,8 @@ LEDGER_TOPIC_CONFIG: dict[str, str] = {
 KafkaConfig = Mapping[str, Any] | str
 """librdkafka settings, or just the bootstrap servers."""
 Isolation = Literal["read_committed", "read_uncommitted"]
+ExtraRecord = tuple[str, bytes | None, bytes, list[tuple[str, str | bytes | None]]]
+"""(topic, key, value, headers): a record produced in a ledger transaction besides the entries."""
 
 _TAIL_WINDOW = 4096
 _BUFFER_FULL_WAIT_S = 0.05
@@ -73,15 +81,20 @@ def create_ledger_topic(
         raise LedgerError(f"cannot create ledger topic {topic}: {exc}") from exc
 
 
-def _check_single_partition(config: dict[str, Any], topic: str, timeout_s: float) -> None:
+def check_single_partition(
+    config: dict[str, Any],
+    topic: str,
+    timeout_s: float,
+    *,
+    what: str = "ledger topic",
+    why: str = "a hash-chained ledger needs exactly one (one total order, one sequencer)",
+) -> None:
+    """Raise `LedgerError` unless `topic` exists with exactly one partition."""
     md = AdminClient(config).list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
     if md is None or md.error is not None:
-        raise LedgerError(f"ledger topic {topic} is not available: {md.error if md else 'unknown topic'}")
+        raise LedgerError(f"{what} {topic} is not available: {md.error if md else 'unknown topic'}")
     if len(md.partitions) != 1:
-        raise LedgerError(
-            f"ledger topic {topic} has {len(md.partitions)} partitions; a hash-chained ledger needs "
-            "exactly one (one total order, one sequencer)"
-        )
+        raise LedgerError(f"{what} {topic} has {len(md.partitions)} partitions; {why}")
 
 
 class KafkaLedgerReader:
@@ -208,7 +221,7 @@ class KafkaLedgerSink:
             )
 
     def load_state(self, ledger_id: str, *, dedup_window: int) -> ChainState:
-        _check_single_partition(self.config, self.topic, self.timeout_s)
+        check_single_partition(self.config, self.topic, self.timeout_s)
         if self.transactional_id is not None:
             try:  # fences any older writer with the same id and aborts its open transaction
                 self._producer.init_transactions(self.timeout_s)
@@ -242,26 +255,33 @@ class KafkaLedgerSink:
             window *= 8
 
     def write(self, records: Sequence[LedgerRecord]) -> None:
-        self._raise_errors()
-        transactional = self.transactional_id is not None
-        try:
-            if transactional:
-                self._producer.begin_transaction()
-            for record in records:
-                self._produce(encode_record(record), record_key(record))
-            if transactional:
-                self._producer.commit_transaction(self.timeout_s)
-        except KafkaException as exc:
-            if transactional:
-                try:
-                    self._producer.abort_transaction(self.timeout_s)
-                except KafkaException:
-                    logger.exception("ledger: aborting the failed transaction failed too")
-            raise LedgerWriteFailedError(f"ledger batch not stored in {self.topic}: {exc}") from exc
-        self._raise_errors()
+        self.write_encoded([(record_key(r), encode_record(r)) for r in records])
 
     def write_encoded(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         """`write` for records already encoded as (key, value): the writer's per-entry fast path."""
+        self._store(items, ())
+
+    def write_consumed(
+        self,
+        items: Sequence[tuple[bytes, bytes]],
+        extra: Sequence[ExtraRecord],
+        consumer: Consumer,
+        offsets: Sequence[TopicPartition],
+    ) -> None:
+        """Store `items`, produce `extra` (topic, key, value, headers: e.g. dead letters) and commit
+        `consumer`'s `offsets`, all in ONE transaction: what a sequencer consumed is then sealed
+        into the ledger exactly once. Needs a `transactional_id`."""
+        if self.transactional_id is None:
+            raise LedgerWriterError("write_consumed needs a transactional sink (give it a transactional_id)")
+        self._store(items, extra, consumer, offsets)
+
+    def _store(
+        self,
+        items: Sequence[tuple[bytes, bytes]],
+        extra: Sequence[ExtraRecord],
+        consumer: Consumer | None = None,
+        offsets: Sequence[TopicPartition] = (),
+    ) -> None:
         self._raise_errors()
         transactional = self.transactional_id is not None
         try:
@@ -269,6 +289,14 @@ class KafkaLedgerSink:
                 self._producer.begin_transaction()
             for key, value in items:
                 self._produce(value, key)
+            for topic, extra_key, extra_value, headers in extra:
+                self._producer.produce(
+                    topic, extra_value, extra_key, headers=headers, on_delivery=self._on_delivery
+                )
+            if consumer is not None and offsets:
+                self._producer.send_offsets_to_transaction(
+                    list(offsets), consumer.consumer_group_metadata(), self.timeout_s
+                )
             if transactional:
                 self._producer.commit_transaction(self.timeout_s)
         except KafkaException as exc:

@@ -1,0 +1,255 @@
+"""Applications sent to a shared ledger sequencer: the request codec and the client agents use.
+
+A hash-chained ledger has one sequencer. With one process per ledger the agent's `LedgerWriter`
+is that sequencer. With several processes (agent replicas, recompute workers on many machines)
+each sends its applications, unsealed, to a requests topic with `KafkaLedgerClient`, and one
+`LedgerSequencer` (`streamprov ledger sequencer`) chains them into the ledger topic.
+
+Wire format: `schemas/ledger_request.avsc` (a ledger id and a list of applications: the fields of a
+LedgerEntry without the four the sequencer derives), Avro single-object encoded, keyed by ledger id.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fastavro
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from fastavro.schema import parse_schema
+
+from streamprov import avro
+from streamprov.ledger.codec import application_from_avro, application_to_avro
+from streamprov.ledger.errors import (
+    EntryTooLargeError,
+    LedgerBackpressureError,
+    LedgerClosedError,
+    LedgerTimeoutError,
+    LedgerWriteFailedError,
+    MalformedRecordError,
+)
+from streamprov.ledger.model import AnyRow, Application, AppTemplate, application_of
+from streamprov.ledger.rows import expand
+from streamprov.ledger.writer import DEFAULT_MAX_ENTRY_BYTES, approx_size
+
+__all__ = ["KafkaLedgerClient", "LedgerRequest", "decode_request", "encode_request"]
+
+logger = logging.getLogger(__name__)
+
+REQUEST_SCHEMA_JSON = avro.load_schema_json("ledger_request")
+REQUEST_PREFIX = avro.single_object_prefix(REQUEST_SCHEMA_JSON)
+_REQUEST_SCHEMA = parse_schema(avro.without_logical_types(REQUEST_SCHEMA_JSON))
+
+
+class LedgerRequest:
+    """A decoded request: the ledger it is for and its applications, in the sender's order."""
+
+    __slots__ = ("applications", "ledger_id")
+
+    def __init__(self, ledger_id: str, applications: tuple[Application, ...]) -> None:
+        self.ledger_id = ledger_id
+        self.applications = applications
+
+
+def encode_request(ledger_id: str, applications: Sequence[Application]) -> bytes:
+    datum = {"ledger_id": ledger_id, "applications": [application_to_avro(a) for a in applications]}
+    buf = io.BytesIO()
+    buf.write(REQUEST_PREFIX)
+    fastavro.schemaless_writer(buf, _REQUEST_SCHEMA, datum)
+    return buf.getvalue()
+
+
+def decode_request(raw: bytes | None) -> LedgerRequest:
+    """Raises `MalformedRecordError` (with the reason) for anything that is not a valid request."""
+    if not raw:
+        raise MalformedRecordError("empty ledger request")
+    if raw[: len(REQUEST_PREFIX)] != REQUEST_PREFIX:
+        raise MalformedRecordError(
+            "not a ledger request (bad marker or unknown schema fingerprint "
+            f"{raw[2 : len(REQUEST_PREFIX)].hex() or '-'}); "
+            "was something else written to the requests topic?",
+            raw,
+        )
+    try:
+        r = avro.schemaless_read(raw[len(REQUEST_PREFIX) :], _REQUEST_SCHEMA)
+        apps = tuple(application_from_avro(a) for a in r["applications"])
+    except MalformedRecordError as exc:
+        raise MalformedRecordError(str(exc), raw) from exc
+    except Exception as exc:  # untrusted bytes through fastavro: one typed error out
+        raise MalformedRecordError(f"ledger request does not decode: {exc!r}", raw) from exc
+    return LedgerRequest(r["ledger_id"], apps)
+
+
+class _Flush:
+    """`begin_flush`'s ticket: everything sent before it is acknowledged once `wait()` returns."""
+
+    def __init__(self, client: KafkaLedgerClient, timeout_s: float) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+
+    def done(self) -> bool:
+        return len(self._client._producer) == 0
+
+    def wait(self) -> None:
+        self._client._await(self._timeout_s)
+
+
+class KafkaLedgerClient:
+    """A `LedgerAppender` that sends applications to a sequencer's requests topic.
+
+    Same contract as `LedgerWriter` for agents: `append*` queue and return (batches of `max_batch`
+    applications per request record); `flush()` returns once everything appended is stored on the
+    requests topic (acks=all, idempotent producer: retries neither duplicate nor reorder), so an
+    agent flushes before committing its offsets and a crash can only replay applications, which the
+    sequencer drops as duplicates (same entry_id). Unlike the writer, nothing is sealed here.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | str,
+        requests_topic: str,
+        ledger_id: str,
+        *,
+        max_batch: int = 500,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        producer_config: Mapping[str, Any] | None = None,
+        put_timeout_s: float = 1.0,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        base = {"bootstrap.servers": config} if isinstance(config, str) else dict(config)
+        self.topic = requests_topic
+        self.ledger_id = ledger_id
+        self.max_batch = max_batch
+        self.max_entry_bytes = max_entry_bytes
+        self.put_timeout_s = put_timeout_s
+        self._producer = Producer(
+            {
+                **base,
+                "linger.ms": 20,
+                "compression.type": "lz4",
+                **(producer_config or {}),
+                "enable.idempotence": True,
+                "acks": "all",
+                "message.max.bytes": max(1_000_000, max_entry_bytes + 100_000),
+            }
+        )
+        self._lock = threading.Lock()
+        self._pending: list[Application] = []
+        self._pending_bytes = 0
+        self._templates: dict[int, AppTemplate] = {}
+        self._template_keys: dict[AppTemplate, int] = {}
+        self._errors: list[KafkaError] = []
+        self._closed = False
+        self.sent = 0
+
+    # -- LedgerAppender -----------------------------------------------------------------------------
+    def template(self, template: AppTemplate) -> int:
+        key = self._template_keys.get(template)
+        if key is None:
+            key = len(self._template_keys)
+            self._templates[key] = template
+            self._template_keys[template] = key
+        return key
+
+    def append(self, app: Application, timeout_s: float | None = None) -> None:
+        self.append_many([app], timeout_s)
+
+    def append_rows(self, rows: list[AnyRow], timeout_s: float | None = None) -> None:
+        apps = []
+        for row in rows:
+            full = expand(row)
+            apps.append(application_of(self._templates[full[0]], full))
+        self.append_many(apps, timeout_s)
+
+    def append_many(self, apps: Sequence[Application], timeout_s: float | None = None) -> None:
+        self._check()
+        sizes = [approx_size(a) for a in apps]
+        for app, size in zip(apps, sizes, strict=True):
+            if size > self.max_entry_bytes:
+                raise EntryTooLargeError(
+                    f"application of {app.function_id}@{app.function_version} with {len(app.inputs)} "
+                    f"inputs needs about {size} bytes, above max_entry_bytes={self.max_entry_bytes}"
+                )
+        with self._lock:
+            for app, size in zip(apps, sizes, strict=True):
+                if self._pending and (
+                    len(self._pending) >= self.max_batch or self._pending_bytes + size > self.max_entry_bytes
+                ):
+                    self._send(timeout_s)
+                self._pending.append(app)
+                self._pending_bytes += size
+            if len(self._pending) >= self.max_batch:
+                self._send(timeout_s)
+
+    def begin_flush(self, timeout_s: float = 30.0) -> _Flush:
+        self._check()
+        with self._lock:
+            if self._pending:
+                self._send(timeout_s)
+        return _Flush(self, timeout_s)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        self.begin_flush(timeout_s).wait()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Send and await what is pending; later appends raise `LedgerClosedError`."""
+        if self._closed:
+            return
+        try:
+            self.flush(timeout_s)
+        finally:
+            self._closed = True
+
+    def __enter__(self) -> KafkaLedgerClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise LedgerClosedError("the ledger client is closed")
+        if self._errors:
+            raise LedgerWriteFailedError(
+                f"{len(self._errors)} ledger requests were not stored in {self.topic}: {self._errors[0]}"
+            )
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:  # record only; raised on the caller's thread (confluent-kafka-python #457)
+            self._errors.append(err)
+
+    def _send(self, timeout_s: float | None) -> None:
+        """Produce the pending applications as one request record (the caller holds the lock)."""
+        value = encode_request(self.ledger_id, self._pending)
+        deadline = time.monotonic() + (self.put_timeout_s if timeout_s is None else timeout_s)
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic, value, self.ledger_id.encode(), on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:
+                if time.monotonic() > deadline:
+                    raise LedgerBackpressureError(
+                        f"the requests producer's queue stayed full; {len(self._pending)} applications "
+                        "not sent (retry, slow down, or check the broker)"
+                    ) from None
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                raise LedgerWriteFailedError(f"cannot send a ledger request to {self.topic}: {exc}") from exc
+        self.sent += len(self._pending)
+        self._pending = []
+        self._pending_bytes = 0
+        self._producer.poll(0)
+
+    def _await(self, timeout_s: float) -> None:
+        remaining = self._producer.flush(timeout_s)
+        self._check()
+        if remaining:
+            raise LedgerTimeoutError(f"{remaining} ledger requests still unacknowledged after {timeout_s}s")

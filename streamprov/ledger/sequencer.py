@@ -1,0 +1,314 @@
+"""The shared ledger sequencer: many processes send applications, one service chains them.
+
+A hash chain has one order, so one ledger has one sequencer. `KafkaLedgerClient` (any number of
+agent replicas or recompute workers) sends unsealed applications to a requests topic with ONE
+partition; `LedgerSequencer` consumes it as a consumer group and, per batch, in ONE Kafka
+transaction: seals the applications into chained entries (and signed checkpoints) on the ledger
+topic, dead-letters what it cannot seal (undecodable request, request for another ledger) with the
+reason, and commits the consumed offsets. So every request is sealed exactly once; a client replay
+(same entry_id) is dropped as a duplicate by the chain.
+
+Standby replicas: every replica joins the same group and only the member assigned the partition
+seals; it starts its transactional producer (transactional.id per ledger) when assigned, which
+fences a previous owner and aborts its open transaction, then resumes the chain from the ledger
+topic's committed tail. A failed transaction is aborted, the chain reloaded and the consumer sent
+back to its committed offset: nothing is lost or sealed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from streamprov.agents.dead_letter import dead_letter_headers, source_of
+from streamprov.agents.kafka_io import RebalanceEvents, kafka_error
+from streamprov.ledger.chain import DEFAULT_CHECKPOINT_EVERY, DEFAULT_DEDUP_WINDOW, LedgerChain
+from streamprov.ledger.codec import encode_record, record_key
+from streamprov.ledger.errors import LedgerError, LedgerWriterError, MalformedRecordError
+from streamprov.ledger.kafka import ExtraRecord, KafkaLedgerSink, check_single_partition
+from streamprov.ledger.model import Checkpoint
+from streamprov.ledger.requests import decode_request
+from streamprov.ledger.signing import CheckpointSigner
+
+__all__ = ["LedgerSequencer", "SequencerStats"]
+
+log = logging.getLogger(__name__)
+
+MALFORMED_REQUEST = "malformed_request"
+WRONG_LEDGER = "wrong_ledger"
+UNASSIGNED_GRACE_S = 20.0
+"""An idle timeout waits at least this long for the requests partition (joining the group, a
+crashed predecessor's session timing out) before it counts as idle."""
+
+
+@dataclass
+class SequencerStats:
+    requests: int = 0
+    applications: int = 0
+    entries: int = 0
+    duplicates: int = 0
+    checkpoints: int = 0
+    dead_letters: int = 0
+    transactions: int = 0
+    recoveries: int = 0
+
+
+class LedgerSequencer:
+    """Use as a context manager; `run()` until `stop()` (safe from signal handlers)."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | str,
+        *,
+        requests_topic: str,
+        ledger_topic: str,
+        ledger_id: str,
+        signer: CheckpointSigner | None,
+        dead_letter_topic: str,
+        group_id: str | None = None,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        dedup_window: int = DEFAULT_DEDUP_WINDOW,
+        batch_size: int = 500,
+        poll_timeout_s: float = 0.5,
+        timeout_s: float = 30.0,
+        consumer_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config: dict[str, Any] = (
+            {"bootstrap.servers": config} if isinstance(config, str) else dict(config)
+        )
+        self.requests_topic = requests_topic
+        self.ledger_topic = ledger_topic
+        self.ledger_id = ledger_id
+        self.signer = signer
+        self.dead_letter_topic = dead_letter_topic
+        self.group_id = group_id or f"streamprov-ledger-sequencer.{ledger_id}"
+        self.checkpoint_every = checkpoint_every
+        self.dedup_window = dedup_window
+        self.batch_size = batch_size
+        self.poll_timeout_s = poll_timeout_s
+        self.timeout_s = timeout_s
+        self.stats = SequencerStats()
+        self._stop = threading.Event()
+        self._events = RebalanceEvents()
+        self._assigned: set[tuple[str, int]] = set()
+        self._sink: KafkaLedgerSink | None = None
+        self._chain: LedgerChain | None = None
+        self._consumer = Consumer(
+            {
+                **self.config,
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                # a replacement (restart after a crash, or a standby) takes over after this long
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 2_000,
+                **(consumer_config or {}),
+            }
+        )
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def active(self) -> bool:
+        """Does this replica own the requests partition (and so seal)?"""
+        return self._chain is not None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._final_checkpoint()
+        self._deactivate()
+        try:
+            self._consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("closing the sequencer's consumer: %s", exc)
+
+    def __enter__(self) -> LedgerSequencer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def check_topics(self) -> None:
+        """Refuse a requests topic with several partitions: two members would each seal a part."""
+        check_single_partition(
+            self.config,
+            self.requests_topic,
+            self.timeout_s,
+            what="requests topic",
+            why="a ledger sequencer needs exactly one (one order in, one chain out)",
+        )
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self, *, idle_timeout_s: float | None = None, max_requests: int | None = None) -> SequencerStats:
+        """Seal requests until `stop()`, or until nothing arrived for `idle_timeout_s` (counted from
+        start and from each assignment; at least `UNASSIGNED_GRACE_S` before the partition is ours)
+        or after `max_requests` requests (for tests and batch use)."""
+        self.check_topics()
+        ev = self._events
+        self._consumer.subscribe(
+            [self.requests_topic], on_assign=ev.on_assign, on_revoke=ev.on_revoke, on_lost=ev.on_lost
+        )
+        log.info("ledger sequencer for %s: %s -> %s", self.ledger_id, self.requests_topic, self.ledger_topic)
+        last = time.monotonic()
+        start = self.stats.requests
+        while not self._stop.is_set():
+            if max_requests is not None and self.stats.requests - start >= max_requests:
+                break
+            if idle_timeout_s is not None:
+                limit = idle_timeout_s if self._assigned else max(idle_timeout_s, UNASSIGNED_GRACE_S)
+                if time.monotonic() - last >= limit:
+                    break
+            try:
+                msgs: list[Message] = self._consumer.consume(self.batch_size, self.poll_timeout_s)
+            except KafkaException as exc:
+                log.warning("consume: %s", kafka_error(exc).str())
+                continue
+            if self._rebalance():
+                last = time.monotonic()  # idleness counts from when the requests became ours
+            good = [m for m in msgs if _usable(m)]
+            if not good:
+                continue
+            last = time.monotonic()
+            if self._chain is None:
+                self._activate()
+            try:
+                self._seal(good)
+            except LedgerWriterError as exc:
+                log.warning("ledger batch not sealed (%s); reloading the chain and replaying", exc)
+                self._recover()
+        return self.stats
+
+    def _rebalance(self) -> bool:
+        """Apply rebalance events; True when partitions were assigned."""
+        assigned = False
+        for kind, partitions in self._events.drain():
+            if kind == "assign":
+                assigned = assigned or bool(partitions)
+                self._assigned.update(partitions)
+            else:
+                self._assigned.difference_update(partitions)
+                self._deactivate()  # another member may seal next: our chain state goes stale
+        return assigned
+
+    def _activate(self) -> None:
+        """Own the ledger: fence earlier owners, resume the chain from the committed tail."""
+        sink = KafkaLedgerSink(
+            self.config,
+            self.ledger_topic,
+            transactional_id=f"streamprov-ledger-sequencer.{self.ledger_id}",
+            timeout_s=self.timeout_s,
+        )
+        state = sink.load_state(self.ledger_id, dedup_window=self.dedup_window)
+        self._sink = sink
+        self._chain = LedgerChain(
+            self.ledger_id,
+            self.signer,
+            checkpoint_every=self.checkpoint_every,
+            dedup_window=self.dedup_window,
+            state=state,
+        )
+        log.info("ledger %s: sequencing from seq %d", self.ledger_id, state.next_seq)
+
+    def _deactivate(self) -> None:
+        sink, self._sink, self._chain = self._sink, None, None
+        if sink is not None:
+            try:
+                sink.close()
+            except (KafkaException, LedgerError) as exc:
+                log.warning("closing the ledger sink: %s", exc)
+
+    def _final_checkpoint(self) -> None:
+        """Sign what is not covered yet, so a cleanly stopped ledger is covered to its last entry."""
+        chain, sink = self._chain, self._sink
+        if chain is None or sink is None:
+            return
+        cp = chain.checkpoint()
+        if cp is None:
+            return
+        try:
+            sink.write_consumed([(record_key(cp), encode_record(cp))], [], self._consumer, [])
+            self.stats.checkpoints += 1
+        except LedgerWriterError as exc:
+            log.warning("final checkpoint not stored (the next owner signs one later): %s", exc)
+
+    def _recover(self) -> None:
+        """After a failed transaction: drop the chain state, rewind to the committed offsets."""
+        self.stats.recoveries += 1
+        self._deactivate()
+        assigned = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        if not assigned:
+            return
+        for tp in self._consumer.committed(assigned, timeout=self.timeout_s):
+            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+
+    def _seal(self, msgs: list[Message]) -> None:
+        chain, sink = self._chain, self._sink
+        assert chain is not None and sink is not None
+        items: list[tuple[bytes, bytes]] = []
+        extra: list[ExtraRecord] = []
+        offsets: dict[tuple[str, int], int] = {}
+        stats = SequencerStats()
+        for msg in msgs:
+            topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+            offsets[(topic, partition)] = offset + 1
+            stats.requests += 1
+            try:
+                request = decode_request(msg.value())
+            except MalformedRecordError as exc:
+                extra.append(self._dead_letter(msg, MALFORMED_REQUEST, exc))
+                continue
+            if request.ledger_id != self.ledger_id:
+                problem = f"request for ledger {request.ledger_id!r}; this sequencer seals {self.ledger_id!r}"
+                extra.append(self._dead_letter(msg, WRONG_LEDGER, problem))
+                continue
+            for app in request.applications:
+                stats.applications += 1
+                records = chain.append(app)
+                if not records:
+                    stats.duplicates += 1
+                for record in records:
+                    if isinstance(record, Checkpoint):
+                        stats.checkpoints += 1
+                    else:
+                        stats.entries += 1
+                    items.append((record_key(record), encode_record(record)))
+        stats.dead_letters = len(extra)
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        sink.write_consumed(items, extra, self._consumer, tps)
+        stats.transactions = 1
+        for name in vars(stats):
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+
+    def _dead_letter(self, msg: Message, reason: str, error: BaseException | str) -> ExtraRecord:
+        log.warning("dead-lettering a ledger request (%s): %s", reason, error)
+        where = source_of(msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
+        headers = dead_letter_headers(_byte_headers(msg), reason, error, where)
+        return (self.dead_letter_topic, msg.key(), msg.value() or b"", list(headers))
+
+
+def _usable(msg: Message) -> bool:
+    err = msg.error()
+    if err is None:
+        return True
+    if err.code() != KafkaError._PARTITION_EOF:
+        log.warning("consume: %s", err.str())
+    return False
+
+
+def _byte_headers(msg: Message) -> list[tuple[str, bytes | None]]:
+    raw = msg.headers() or []
+    pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    return [(k, v if v is None or isinstance(v, bytes) else str(v).encode()) for k, v in pairs]

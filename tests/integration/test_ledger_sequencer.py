@@ -1,0 +1,168 @@
+"""The shared ledger sequencer on a real Kafka broker: many clients, one chain, exactly once.
+
+Clients (`KafkaLedgerClient`) send unsealed applications to a one-partition requests topic; the
+sequencer seals them into the ledger topic in transactions that also commit its offsets. Checked:
+two clients give one verifying ledger with every application once (client replays dropped); bad
+requests are dead-lettered with their reason; a second sequencer takes over where the first stopped;
+a sequencer killed with SIGKILL mid-stream and restarted leaves each application sealed exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kafka_support import consume_all, produce
+from ledger_support import LEDGER, SEED, chain_apps, pipeline, signer, verifier
+
+from streamprov.agents.dead_letter import REASON_HEADER, SOURCE_HEADER
+from streamprov.ledger import LedgerEntry, entry_id_of, verify_ledger
+from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG, KafkaLedgerReader
+from streamprov.ledger.requests import KafkaLedgerClient, encode_request
+from streamprov.ledger.sequencer import LedgerSequencer
+
+pytestmark = pytest.mark.kafka
+
+
+def _sequencer(bootstrap: str, requests: str, ledger: str, dlq: str, **kw: object) -> LedgerSequencer:
+    return LedgerSequencer(
+        bootstrap,
+        requests_topic=requests,
+        ledger_topic=ledger,
+        ledger_id=LEDGER,
+        signer=signer(),
+        dead_letter_topic=dlq,
+        checkpoint_every=40,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _entries(bootstrap: str, ledger: str) -> list[LedgerEntry]:
+    reader = KafkaLedgerReader(bootstrap, ledger, idle_timeout_s=20.0)
+    report = verify_ledger(reader.read(), LEDGER, verifier(), require_signed=True)
+    assert report.ok, report.describe()
+    return [r.record for r in reader.read() if isinstance(r.record, LedgerEntry)]
+
+
+def test_two_clients_one_ledger_each_application_once_and_bad_requests_dead_lettered(
+    kafka_bootstrap: str, new_topic: ...
+) -> None:
+    ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
+    apps = pipeline(15, chain_len=2, fan_in=3)  # 165 applications
+    half = len(apps) // 2
+
+    def send(part: list[object], batch: int) -> None:
+        with KafkaLedgerClient(kafka_bootstrap, requests, LEDGER, max_batch=batch) as client:
+            for app in part:
+                client.append(app)  # type: ignore[arg-type]
+
+    # two senders at once, the second replaying five of the first's applications (a crash replay)
+    threads = [
+        threading.Thread(target=send, args=(apps[:half], 7)),
+        threading.Thread(target=send, args=(apps[half:] + apps[:5], 11)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    produce(kafka_bootstrap, requests, [b"garbage bytes", encode_request("another-ledger", apps[:2])])
+
+    with _sequencer(kafka_bootstrap, requests, ledger, dlq) as seq:
+        stats = seq.run(idle_timeout_s=3.0)
+    assert stats.dead_letters == 2 and stats.duplicates == 5, stats
+
+    entries = _entries(kafka_bootstrap, ledger)
+    assert len(entries) == len(apps)
+    assert {e.entry_id for e in entries} == {entry_id_of(a) for a in apps}
+    # each sender's own order survives: the first sender's applications are sealed in its order
+    first = {entry_id_of(a): i for i, a in enumerate(apps[:half])}
+    seen = [first[e.entry_id] for e in entries if e.entry_id in first]
+    assert seen == sorted(seen)
+
+    dead = consume_all(kafka_bootstrap, dlq, expected=2, timeout_s=20.0)
+    reasons = sorted(dict(m.headers() or [])[REASON_HEADER] for m in dead)
+    assert reasons == [b"malformed_request", b"wrong_ledger"]
+    assert all(dict(m.headers() or [])[SOURCE_HEADER].startswith(requests.encode()) for m in dead)
+    assert {m.value() for m in dead} >= {b"garbage bytes"}  # the original bytes, kept for replay
+
+
+def test_a_second_sequencer_takes_over_where_the_first_stopped(kafka_bootstrap: str, new_topic: ...) -> None:
+    ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
+    apps = chain_apps(200)
+    with KafkaLedgerClient(kafka_bootstrap, requests, LEDGER, max_batch=10) as client:
+        client.append_many(apps)
+
+    with _sequencer(kafka_bootstrap, requests, ledger, dlq, batch_size=5) as first:
+        first.run(max_requests=8, idle_timeout_s=10.0)
+    assert 0 < first.stats.entries < len(apps)
+    with _sequencer(kafka_bootstrap, requests, ledger, dlq, batch_size=5) as second:
+        second.run(idle_timeout_s=3.0)
+    assert first.stats.entries + second.stats.entries == len(apps)
+    assert second.stats.duplicates == 0
+
+    entries = _entries(kafka_bootstrap, ledger)
+    assert [e.entry_id for e in entries] == [entry_id_of(a) for a in apps]
+    assert [e.seq for e in entries] == list(range(len(apps)))
+
+
+def test_sequencer_killed_mid_stream_seals_each_application_exactly_once(
+    kafka_bootstrap: str, new_topic: ..., tmp_path: Path
+) -> None:
+    ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
+    apps = chain_apps(3000)
+    with KafkaLedgerClient(kafka_bootstrap, requests, LEDGER, max_batch=10) as client:
+        client.append_many(apps)  # 300 requests
+
+    cmd = [
+        str(Path(sys.executable).with_name("streamprov")),
+        "ledger",
+        "sequencer",
+        "-b",
+        kafka_bootstrap,
+        "--topic",
+        ledger,
+        "--requests-topic",
+        requests,
+        "--ledger-id",
+        LEDGER,
+        "--dead-letter-topic",
+        dlq,
+        "--checkpoint-every",
+        "100",
+        "--batch-size",
+        "2",
+    ]
+    env = {**os.environ, "STREAMPROV_LEDGER_SIGNING_KEY": SEED.hex()}
+    reader = KafkaLedgerReader(kafka_bootstrap, ledger, isolation="read_uncommitted")
+    log = (tmp_path / "seq1.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while reader.watermarks()[1] < 300 and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "seq1.log").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    sealed_before = reader.watermarks()[1]
+    assert 300 <= sealed_before < len(apps), "the kill did not land mid-stream"
+
+    done = subprocess.run(
+        [*cmd, "--idle-exit", "4"], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    entries = _entries(kafka_bootstrap, ledger)
+    assert [e.entry_id for e in entries] == [entry_id_of(a) for a in apps]
+    assert "0 dead letters" in done.stdout
