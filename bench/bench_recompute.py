@@ -3,29 +3,39 @@
 Pipeline (real registered functions, real values and checksums): source s_i -> map `enrich` -> map
 `tag`, and the `enrich` outputs reduced by `sum_n` in groups of --group sources. Its applications go
 through the real LedgerChain into a LedgerIndex (RocksDB), as the ledger writer records them; the
-`enrich` outputs are in the value store (what `OutputIndex` fills from the output topics).
+`enrich` outputs are in the value store and their original provenance headers are given to the
+executor (what `OutputIndex` fills from the output topics and the service passes as `headers=`).
 
 Then 1% of the sources get a new value, and in the same run:
 
-  selective  one plan for the batch of change events: `plan_from_applications` over the union of
-             `LedgerIndex.downstream` of each changed source's old version (ledger order), run by
-             `Executor.run_plan` with the RocksDB `ResultCache`: each changed source's enrich and
-             tag, and the sum of every group that has a changed source (once per group; the sum
-             re-reads all its inputs: the un-changed ones from the value store);
-  full       every application of the pipeline replayed from the current sources (one plan, no
-             cache, no early cut-off): what recomputing without provenance would have to do;
-  replay     the selective plans again (a redelivery after a crash): the cache answers.
+  selective  one plan for the batch of change events (`plan_for_changes`: one ledger traversal for
+             all changed sources' old versions), run by `Executor.run_plan` with the RocksDB
+             `ResultCache`: each changed source's enrich and tag, and the sum of every group that has
+             a changed source (once per group; the sum re-folds all its inputs: the unchanged ones
+             read from the value store in one batch);
+  full       every application of the pipeline replayed from the current sources (one plan over
+             every ledger entry, no cache, no early cut-off): what recomputing without provenance
+             would have to do;
+  replay     the selective plan again (a redelivery after a crash): the cache answers.
+
+Both wall times include planning. Every output the selective pass recomputed is checked against the
+full replay's output of the same application: same value bytes and same provenance header apart from
+its timestamp (the run fails otherwise).
 
 Printed: tasks and wall time of each, the cache hit rate of the selective pass and of the replay,
-and last `recompute_time_ratio=<selective wall / full wall>` (target <= 0.05).
+and last `recompute_time_ratio=<selective wall / full wall>` (target <= 0.05). `--profile` adds a
+cProfile of the selective pass (planning and execution).
 
-Usage: python bench/bench_recompute.py [--n N] [--changed-pct P] [--group G]
+Usage: python bench/bench_recompute.py [--n N] [--changed-pct P] [--group G] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import shutil
 import sys
 import tempfile
@@ -37,8 +47,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from recompute_manager.cache import ResultCache
 from recompute_manager.executor import DeadLetter, Executor, PlanResult, Recomputed
-from recompute_manager.planner import RecomputePlan, plan_from_applications
+from recompute_manager.planner import RecomputePlan, plan_for_changes, plan_from_applications
 from recompute_manager.policy import Cause
+from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
+from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.ledger import (
     Application,
     CheckpointSigner,
@@ -51,6 +63,7 @@ from streamprov.ledger import (
 )
 from streamprov.ledger.queries import Applied
 from streamprov.registry import FunctionRegistry
+from streamprov.stamp import InputRecord, MapStamper, SourceStamper
 
 LEDGER = "bench-recompute"
 CTX = Context("bench-source", "bench-site", ("internal",))
@@ -82,12 +95,12 @@ def source_value(i: int, version: int = 0) -> bytes:
     return dumps({"n": i + 1_000_000 * version})
 
 
-Built = tuple[LedgerIndex, ResultCache, dict[str, bytes], list[LedgerEntry], float]
+Built = tuple[LedgerIndex, ResultCache, dict[str, bytes], dict[DataRef, bytes], list[LedgerEntry], float]
 
 
 def build(root: Path, n: int, group: int) -> Built:
     """The ledger index and value store of the pipeline over n sources: (index, cache, sources,
-    entries in pipeline order, seconds)."""
+    original headers of the enrich outputs, entries in pipeline order, seconds)."""
     started = time.perf_counter()
     cache = ResultCache(root / "cache")
     signer = CheckpointSigner(Ed25519PrivateKey.from_private_bytes(bytes(32)))
@@ -95,6 +108,8 @@ def build(root: Path, n: int, group: int) -> Built:
     index = LedgerIndex(root / "index", LEDGER)
     e_step, t_step = enrich.step(), tag.step()
     sources: dict[str, bytes] = {}
+    headers: dict[DataRef, bytes] = {}
+    source_stamper, enrich_stamper = SourceStamper(), MapStamper(enrich, verify_input=False)
     batch: list[StoredRecord] = []
     entries: list[LedgerEntry] = []
     offset = 0
@@ -119,6 +134,9 @@ def build(root: Path, n: int, group: int) -> Built:
             mid_value = dumps(enrich.apply(json.loads(raw)))
             mid = DataRef.of(data_id, mid_value)
             cache.put_value(mid, mid_value)
+            src_header = source_stamper.header(data_id, raw)
+            record = InputRecord(raw, [(HEADER_KEY, src_header)], data_id.encode(), "", 0, 0)
+            headers[mid] = enrich_stamper.stamp(record, mid_value)
             add(Application.of_step(e_step, [src], mid, timestamp_ms=TS, device_id="bench", context=CTX))
             tagged = DataRef.of(f"{data_id}-t", dumps(tag.apply(json.loads(mid_value))))
             add(Application.of_step(t_step, [mid], tagged, timestamp_ms=TS, device_id="bench", context=CTX))
@@ -136,7 +154,7 @@ def build(root: Path, n: int, group: int) -> Built:
         batch.append(StoredRecord(offset, final))
     index.apply(batch, batch_size=20_000)
     index.compact()
-    return index, cache, sources, entries, time.perf_counter() - started
+    return index, cache, sources, headers, entries, time.perf_counter() - started
 
 
 def run(executor: Executor, plans: list[RecomputePlan]) -> tuple[list[PlanResult], float]:
@@ -160,6 +178,31 @@ def run_all(executor: Executor, plan: RecomputePlan) -> tuple[list[PlanResult], 
     return [result], time.perf_counter() - started
 
 
+def mismatches(selective: list[PlanResult], full: list[PlanResult]) -> tuple[int, list[str]]:
+    """Every selective output against the full replay's output of the same ledger entry: same value,
+    same header but its timestamp. Returns (outputs compared, problems)."""
+    by_entry = {r.task.entry_id: r for res in full for r in res.recomputed}
+    problems: list[str] = []
+    compared = 0
+    for r in (r for res in selective for r in res.recomputed):
+        other = by_entry.get(r.task.entry_id)
+        compared += 1
+        if other is None:
+            problems.append(f"{r.task.data_id}: not in the full replay")
+            continue
+        mine, theirs = ProvenanceHeader.decode(r.header), ProvenanceHeader.decode(other.header)
+        if r.value != other.value:
+            problems.append(f"{r.task.data_id}: value {r.value!r} != {other.value!r}")
+        elif (mine.data_id, mine.checksum, mine.source_checksum, mine.lineage) != (
+            theirs.data_id,
+            theirs.checksum,
+            theirs.source_checksum,
+            theirs.lineage,
+        ):
+            problems.append(f"{r.task.data_id}: header {mine} != {theirs}")
+    return compared, problems
+
+
 def summary(results: list[PlanResult]) -> tuple[int, int, int, int]:
     """(tasks run, cache hits, unchanged, dead)."""
     done = [r for res in results for r in res.recomputed]
@@ -176,34 +219,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=100_000, help="source records")
     ap.add_argument("--changed-pct", type=float, default=1.0, help="percent of sources changed")
     ap.add_argument("--group", type=int, default=100, help="sources per reduce group (0: no reduce)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the selective pass (slower)")
     a = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench-recompute-"))
     try:
-        index, cache, sources, entries, build_s = build(root, a.n, a.group)
+        index, cache, sources, headers, entries, build_s = build(root, a.n, a.group)
         print(f"built: {a.n} sources, {index.size} ledger entries in {build_s:.1f} s")
         step = max(1, round(100 / a.changed_pct))
         changed = [f"s{i:07d}" for i in range(0, a.n, step)]
         old = {d: DataRef.of(d, sources[d]) for d in changed}
         for d in changed:
             sources[d] = source_value(int(d[1:]), 1)
-
-        started = time.perf_counter()
-        affected: dict[bytes, Applied] = {}
-        for d in changed:  # the change events of one batch: their downstream sets, merged
-            for applied in index.downstream(old[d]).applications:
-                affected.setdefault(applied.entry.entry_id, applied)
-        plans = [
-            plan_from_applications(
-                index,
-                sorted(affected.values(), key=lambda x: x.entry.seq),  # ledger order: inputs first
-                cause_id="changes",
-                cause=Cause("source_changed", f"{len(changed)} sources"),
-                replace={old[d]: DataRef.of(d, sources[d]) for d in changed},
-                created_at_ms=TS,
+        events = [  # the change events of one consumed batch, as the change detector writes them
+            ChangeEvent.for_source(
+                ChangeKind.SOURCE_CHANGED,
+                SourceChange("bench-sources", 0, i, d, old[d].checksum, DataRef.of(d, sources[d]).checksum),
+                EMPTY_IMPACT,
+                TS,
             )
+            for i, d in enumerate(changed)
         ]
+
+        profile = cProfile.Profile() if a.profile else None
+        if profile is not None:
+            profile.enable()
+        started = time.perf_counter()
+        plans = [plan_for_changes(index, events, created_at_ms=TS)]
         plan_s = time.perf_counter() - started
-        selective, sel_run_s = run(Executor(registry, sources, cache=cache), plans)
+        selective, sel_run_s = run(Executor(registry, sources, cache=cache, headers=headers), plans)
+        if profile is not None:
+            profile.disable()
         sel_s = plan_s + sel_run_s
         sel_tasks, sel_hits, _, sel_dead = summary(selective)
 
@@ -218,14 +263,20 @@ def main(argv: list[str] | None = None) -> int:
             created_at_ms=TS,
         )
         full_plan_s = time.perf_counter() - started
-        full, full_run_s = run_all(Executor(registry, sources), full_plan)
+        full, full_run_s = run_all(Executor(registry, sources, headers=headers), full_plan)
         full_s = full_plan_s + full_run_s
         full_tasks, _, full_unchanged, full_dead = summary(full)
 
-        replay, replay_s = run(Executor(registry, sources, cache=cache), plans)
+        replay, replay_s = run(Executor(registry, sources, cache=cache, headers=headers), plans)
         rep_tasks, rep_hits, _, _ = summary(replay)
+        compared, problems = mismatches(selective, full)
         index.close()
         cache.close()
+
+        if profile is not None:
+            out = io.StringIO()
+            pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(30)
+            print(out.getvalue())
 
         print(f"changed sources: {len(changed)} of {a.n} ({a.changed_pct:g}%)")
         print(
@@ -238,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             f"unchanged {full_unchanged}, dead {full_dead}"
         )
         print(f"work ratio (tasks): {sel_tasks / max(1, full_tasks):.4f}")
+        print(f"selective outputs equal to the full replay's: {compared - len(problems)} of {compared}")
+        for problem in problems[:5]:
+            print(f"  MISMATCH {problem}")
         print(
             f"cache hit rate: selective {sel_hits / max(1, sel_tasks):.3f}, "
             f"replay {rep_hits / max(1, rep_tasks):.3f} ({rep_tasks} tasks, {replay_s:.3f} s)"
@@ -245,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recompute_time_ratio={sel_s / full_s:.4f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return 1 if problems or sel_dead else 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ original output had: nothing downstream of it needs recomputing.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -39,6 +40,10 @@ _FORCED = b"f"
 _LATEST = b"l"
 _HEADER = b"h"
 MAX_SUPERSEDE_HOPS = 64
+MULTI_GET = 4096
+"""Keys per RocksDB multi-get (`values`, `latest_many`)."""
+_LEAF_HEAD = struct.Struct(">II")
+_LEAF_ALG = struct.Struct(">IBI")
 
 
 def params_hash(parameters: Iterable[tuple[str, str]]) -> bytes:
@@ -48,8 +53,19 @@ def params_hash(parameters: Iterable[tuple[str, str]]) -> bytes:
 
 
 def input_hash(inputs: Sequence[DataRef]) -> bytes:
-    """SHA-256 over the inputs' leaves (length-prefixed DataID, algorithm, digest), in order."""
-    return hashlib.sha256(length_prefixed(*(r.leaf_data() for r in inputs))).digest()
+    """SHA-256 over the inputs' leaves (length-prefixed DataID, algorithm, digest), in order:
+    `SHA-256(length_prefixed(*(r.leaf_data() for r in inputs)))`, built in one pass (a reduce's key
+    covers every input)."""
+    parts: list[bytes] = []
+    for r in inputs:
+        data_id = r.data_id.encode("utf-8")
+        value = r.checksum.value
+        # lp(lp(data_id) lp(alg byte) lp(digest)): outer length = 4 + n + 4 + 1 + 4 + m
+        parts.append(_LEAF_HEAD.pack(len(data_id) + len(value) + 13, len(data_id)))
+        parts.append(data_id)
+        parts.append(_LEAF_ALG.pack(1, r.checksum.algorithm, len(value)))
+        parts.append(value)
+    return hashlib.sha256(b"".join(parts)).digest()
 
 
 class CacheKey(bytes):
@@ -108,20 +124,25 @@ class ResultCache:
         self.close()
 
     # -- step results ------------------------------------------------------------------------------
-    def get(self, step: Step, inputs: Sequence[DataRef], *, force: bool = False) -> bytes | None:
-        """The cached output, or None (a miss, `force`, or the function is forced to recompute)."""
+    def get(
+        self, step: Step, inputs: Sequence[DataRef], *, force: bool = False, key: CacheKey | None = None
+    ) -> bytes | None:
+        """The cached output, or None (a miss, `force`, or the function is forced to recompute).
+        `key`: `CacheKey.of(step, inputs)` when the caller has it already (it hashes every input)."""
         if force or self._forced(step):
             self.misses += 1
             return None
-        value = self._db.get(CacheKey.of(step, inputs))
+        value = self._db.get(key if key is not None else CacheKey.of(step, inputs))
         if value is None:
             self.misses += 1
             return None
         self.hits += 1
         return bytes(value)
 
-    def put(self, step: Step, inputs: Sequence[DataRef], output: bytes) -> None:
-        self._db.put(CacheKey.of(step, inputs), output)
+    def put(
+        self, step: Step, inputs: Sequence[DataRef], output: bytes, *, key: CacheKey | None = None
+    ) -> None:
+        self._db.put(key if key is not None else CacheKey.of(step, inputs), output)
 
     def invalidate(self, function_id: str, version: str | None = None) -> int:
         """Drop every cached result of a function (or one version of it); returns how many."""
@@ -166,6 +187,19 @@ class ResultCache:
         found = self._db.get(_VALUE + node.leaf_data())
         return None if found is None else bytes(found)
 
+    def values(self, nodes: Sequence[DataRef]) -> list[bytes | None]:
+        """`value` of each node, in order, by RocksDB multi-gets (a reduce's stored inputs)."""
+        return [
+            None if v is None else bytes(v) for v in self._get_many([_VALUE + n.leaf_data() for n in nodes])
+        ]
+
+    def _get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        found: list[bytes | None] = []
+        for at in range(0, len(keys), MULTI_GET):  # bounded multi-gets
+            chunk: list[str | int | float | bytes | bool] = list(keys[at : at + MULTI_GET])
+            found += self._db.get(chunk) or []
+        return found
+
     # -- superseded versions -----------------------------------------------------------------------
     def supersede(self, old: DataRef, new: DataRef, header: bytes) -> None:
         """`old` (same DataID) was replaced by `new`, whose provenance header is `header`."""
@@ -190,6 +224,11 @@ class ResultCache:
             seen.add(nxt)
             node = nxt
         return node
+
+    def latest_many(self, nodes: Sequence[DataRef]) -> list[DataRef]:
+        """`latest` of each node: one multi-get; only superseded nodes follow their chain."""
+        links = self._get_many([_LATEST + n.leaf_data() for n in nodes])
+        return [n if link is None else self.latest(n) for n, link in zip(nodes, links, strict=True)]
 
     def header(self, node: DataRef) -> bytes | None:
         """The header a recompute stamped on `node` (see `supersede`)."""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from recompute_manager.cache import ResultCache, unchanged
+from recompute_manager.cache import CacheKey, ResultCache, unchanged
 from recompute_manager.planner import InputOrigin, InputRef, RecomputePlan, RecomputeTask
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
 from streamprov.agents.serde import JsonSerde, Serde
@@ -56,6 +56,10 @@ SUPERSEDES_HEADER = "streamprov.supersedes"
 """`topic/partition/offset` of the record a recomputed record replaces."""
 TASK_HEADER = "streamprov.recompute.task"
 PLAN_HEADER = "streamprov.recompute.plan"
+
+
+_In = tuple[bytes, "bytes | ProvenanceHeader", DataRef]
+"""An input: value, provenance header (encoded, or decoded when it was built here), node."""
 
 
 class ExecutionError(StreamprovError):
@@ -166,7 +170,16 @@ class Executor:
         self._source_stamper = SourceStamper(algorithm)
 
     # -- inputs --------------------------------------------------------------------------------------
-    def _input(self, ref: InputRef, outputs: Mapping[str, Recomputed]) -> tuple[bytes, bytes, DataRef]:
+    def _inputs(self, refs: tuple[InputRef, ...], outputs: Mapping[str, Recomputed]) -> list[_In]:
+        """(value, header, node) of each input; the stored ones are read in one batch (a reduce's
+        unaffected inputs: one multi-get for their versions, one for their values)."""
+        stored = [r.node for r in refs if r.origin is InputOrigin.STORED]
+        if len(stored) < 2:
+            return [self._input(r, outputs) for r in refs]
+        read = iter(self._stored(stored))
+        return [next(read) if r.origin is InputOrigin.STORED else self._input(r, outputs) for r in refs]
+
+    def _input(self, ref: InputRef, outputs: Mapping[str, Recomputed]) -> _In:
         """(value, header, node) of one input."""
         if ref.origin is InputOrigin.TASK:
             done = outputs.get(ref.from_task or "")
@@ -179,33 +192,41 @@ class Executor:
                 raise ExecutionError(f"source record {ref.node.data_id!r} is missing (deleted?)")
             node = DataRef.of(ref.node.data_id, value, self.algorithm)
             return value, self._source_stamper.header(ref.node.data_id, value), node
+        return self._stored([ref.node])[0]
+
+    def _stored(self, refs: list[DataRef]) -> list[_In]:
+        """Unaffected intermediates from the value store, each at its latest version (a recompute
+        may have replaced it since it was recorded), checked against its checksum."""
         if self.cache is None:
-            raise ExecutionError(f"intermediate value {ref.node.describe()}: no value store")
-        node = self.cache.latest(ref.node)  # a recompute may have replaced it since it was recorded
-        stored = self.cache.value(node)
-        if stored is None:
-            raise ExecutionError(f"intermediate value {node.describe()} is not in the value store")
-        if not matches(node.checksum, stored):
-            raise ExecutionError(f"stored value of {node.describe()} does not match its checksum")
-        header = self.headers.get(node)
-        if header is None and node != ref.node:  # a recomputed version: the header its task stamped
-            header = self.cache.header(node)
-        if header is None:
-            header = ProvenanceHeader.for_source(node.data_id, stored, self.algorithm).encode()
-        return stored, header, node
+            raise ExecutionError(f"intermediate value {refs[0].describe()}: no value store")
+        nodes = self.cache.latest_many(refs)
+        found: list[_In] = []
+        for ref, node, stored in zip(refs, nodes, self.cache.values(nodes), strict=True):
+            if stored is None:
+                raise ExecutionError(f"intermediate value {node.describe()} is not in the value store")
+            if not matches(node.checksum, stored):
+                raise ExecutionError(f"stored value of {node.describe()} does not match its checksum")
+            header: bytes | ProvenanceHeader | None = self.headers.get(node)
+            if header is None and node != ref:  # a recomputed version: the header its task stamped
+                header = self.cache.header(node)
+            if header is None:  # counts as an original record (decoded form: a reduce needs no bytes)
+                header = ProvenanceHeader.for_source(node.data_id, stored, self.algorithm)
+            found.append((stored, header, node))
+        return found
 
     # -- one attempt ---------------------------------------------------------------------------------
     def execute(
         self, task: RecomputeTask, outputs: Mapping[str, Recomputed], attempts: int = 1
     ) -> Recomputed:
         """Run a task once; raises `ExecutionError` (or what the function raised)."""
-        ins = [self._input(r, outputs) for r in task.inputs]
+        ins = self._inputs(task.inputs, outputs)
         value, header, node_refs = b"", b"", [n for _, _, n in ins]
         cached = False
         for step in task.steps:
             fn = self.registry.get(step.function_id, step.function_version)
             params = step.params
-            hit = self.cache.get(step, node_refs) if self.cache is not None else None
+            key = CacheKey.of(step, node_refs) if self.cache is not None else None
+            hit = self.cache.get(step, node_refs, key=key) if self.cache is not None else None
             if fn.kind is StepKind.MAP:
                 if len(ins) != 1:
                     raise ExecutionError(f"map {step.function_id} needs one input, the task has {len(ins)}")
@@ -214,14 +235,20 @@ class Executor:
                     value = self.serde.dumps(fn.apply(self.serde.loads(in_value), params=params))
                 else:
                     value, cached = hit, True
-                record = InputRecord(in_value, [(HEADER_KEY, in_header)], task.data_id.encode(), "", 0, 0)
+                raw_header = in_header if isinstance(in_header, bytes) else in_header.encode()
+                record = InputRecord(in_value, [(HEADER_KEY, raw_header)], task.data_id.encode(), "", 0, 0)
                 stamper = MapStamper(fn, params, self.algorithm, verify_input=False)
                 header = stamper.stamp(record, value)
             else:
                 assert fn.initial is not None
                 state = ReduceState(fn.initial())
                 for in_value, in_header, _ in ins:
-                    state.add(fn, params, ProvenanceHeader.decode(in_header), self.serde.loads(in_value))
+                    decoded = (
+                        in_header
+                        if isinstance(in_header, ProvenanceHeader)
+                        else ProvenanceHeader.decode(in_header)
+                    )
+                    state.add(fn, params, decoded, self.serde.loads(in_value))
                 if hit is None:
                     value = self.serde.dumps(state.accumulator)
                 else:
@@ -231,7 +258,7 @@ class Executor:
                     window = (step.inputs.window_start, step.inputs.window_end or 0)
                 header = state.header(fn.step(params), task.data_id, value, self.algorithm, window).encode()
             if self.cache is not None and hit is None:
-                self.cache.put(step, node_refs, value)
+                self.cache.put(step, node_refs, value, key=key)
             node = DataRef.of(task.data_id, value, self.algorithm)
             ins, node_refs = [(value, header, node)], [node]
         same = unchanged(task.previous_output, value)

@@ -22,7 +22,7 @@ import enum
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +35,8 @@ from streamprov.checksum import Checksum, ChecksumAlgorithm
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import ProvenanceHeader, now_ms
 from streamprov.ledger.index import LedgerIndex
-from streamprov.ledger.model import ApplicationKind, DataRef
-from streamprov.ledger.queries import Applied
+from streamprov.ledger.model import Application, ApplicationKind, DataRef
+from streamprov.ledger.queries import Applied, dependency_order, downstream, downstream_of_applications
 from streamprov.lineage import InputDigest, Step, StepKind
 from streamprov.merkle import length_prefixed
 from validator.alerts import Alert, AlertKind
@@ -52,6 +52,7 @@ __all__ = [
     "RecomputeTask",
     "plan_for_alert",
     "plan_for_change",
+    "plan_for_changes",
     "plan_from_applications",
 ]
 
@@ -264,12 +265,19 @@ def plan_from_applications(
     `upgrade` maps a function id onto the (version, code hash) to replay it with (a changed function).
     `supersedes` maps an output onto where the original record sits; such a task's topic is that
     record's topic (a plan can span the topics of a multi-step pipeline), the others get `topic`.
+
+    Whether an input is original data (`InputOrigin.SOURCE`) or an unaffected intermediate (`STORED`)
+    comes from the index's node kinds, asked once for all the plan's inputs (`sources_among`): no
+    ledger entry is decoded to plan.
     """
     apps = [a for a in applied if a.entry.application.kind is not ApplicationKind.SOURCE]
     plan_id = _hex_id(cause_id.encode("utf-8"), *(a.entry.entry_id for a in apps))
     created = now_ms() if created_at_ms is None else created_at_ms
     replace = replace or {}
     supersedes = supersedes or {}
+    outputs = {a.entry.application.output for a in apps}
+    outside = list(dict.fromkeys(r for a in apps for r in a.entry.application.inputs if r not in outputs))
+    is_source = dict(zip(outside, lookup.sources_among(outside), strict=True))
     producer: dict[DataRef, str] = {}
     tasks: list[RecomputeTask] = []
     for position, a in enumerate(apps):
@@ -279,12 +287,15 @@ def plan_from_applications(
         for ref in app.inputs:
             if ref in producer:
                 inputs.append(InputRef(ref, InputOrigin.TASK, producer[ref]))
-            elif _is_source(lookup, ref):
+                continue
+            source = is_source.get(ref)
+            if source is None:  # produced by a later task of the plan (a cycle): asked on its own
+                source = is_source[ref] = lookup.is_source(ref)
+            if source:
                 inputs.append(InputRef(replace.get(ref, ref), InputOrigin.SOURCE))
             else:
                 inputs.append(InputRef(ref, InputOrigin.STORED))
-        step = app.step()
-        assert step is not None  # SOURCE entries were filtered out
+        step = _task_step(app)
         if upgrade and step.function_id in upgrade:
             version, code = upgrade[step.function_id]
             step = Step(step.kind, step.function_id, version, code, step.parameters, step.inputs)
@@ -310,11 +321,14 @@ def plan_from_applications(
     return RecomputePlan(plan_id, cause, tuple(tasks), truncated, cyclic)
 
 
-def _is_source(lookup: LedgerIndex, ref: DataRef) -> bool:
-    """Original data: no producer, or a SOURCE entry among its producers (an identity map onto a
-    source node does not make it derived)."""
-    producers = lookup.producers(ref)
-    return not producers or any(lookup.entry(e).application.kind is ApplicationKind.SOURCE for e in producers)
+def _task_step(app: Application) -> Step:
+    """The step a task replays: as the task record carries it (a reduce keeps its window; the input
+    digest is re-derived when the task runs, so the Merkle root over the inputs is not computed)."""
+    digest = None
+    if app.kind is ApplicationKind.REDUCE and (app.window_start is not None or app.window_end is not None):
+        digest = InputDigest(0, b"", app.window_start, app.window_end)
+    params = tuple(sorted(app.parameters))
+    return Step(StepKind(int(app.kind)), app.function_id, app.function_version, app.code_hash, params, digest)
 
 
 def plan_for_alert(
@@ -392,42 +406,98 @@ def plan_for_change(
     supersedes: Mapping[DataRef, Coordinates] | None = None,
 ) -> RecomputePlan:
     """The plan a change event calls for (see the module docs); `supersedes` locates the original
-    output records (the ledger does not record Kafka coordinates: see `recompute_manager.outputs`)."""
-    cause = cause or cause_of_change(event)
-    if event.source is not None:
-        old = event.source.previous_node
-        down = lookup.downstream(old, limit=limit)
-        current = event.source.current_node
-        replace = (
-            {old: current} if current is not None and event.kind is not ChangeKind.SOURCE_DELETED else {}
-        )
-        return plan_from_applications(
-            lookup,
-            down.applications,
-            cause_id=event.change_id,
-            cause=cause,
-            topic=topic,
-            replace=replace,
-            supersedes=supersedes,
-            truncated=down.truncated,
-            cyclic=down.cyclic,
-            created_at_ms=created_at_ms,
-        )
-    if event.function is not None:
-        f = event.function
-        down = lookup.affected_by_function(
-            f.function_id, f.previous_version, f.previous_code_hash or None, limit=limit
-        )
-        return plan_from_applications(
-            lookup,
-            down.applications,
-            cause_id=event.change_id,
-            cause=cause,
-            topic=topic,
-            truncated=down.truncated,
-            cyclic=down.cyclic,
-            created_at_ms=created_at_ms,
-            supersedes=supersedes,
-            upgrade={f.function_id: (f.current_version, f.current_code_hash)},
-        )
-    raise PlanError(f"change event {event.change_id} names neither a source nor a function")
+    output records (the ledger does not record Kafka coordinates: see `recompute_manager.outputs`).
+    The same plan (same ids) as `plan_for_changes` of this one event."""
+    return plan_for_changes(
+        lookup,
+        [event],
+        topic=topic,
+        cause=cause,
+        limit=limit,
+        created_at_ms=created_at_ms,
+        supersedes=supersedes,
+    )
+
+
+def plan_for_changes(
+    lookup: LedgerIndex,
+    events: Sequence[ChangeEvent],
+    *,
+    topic: str = "",
+    cause: Cause | None = None,
+    limit: int | None = None,
+    created_at_ms: int | None = None,
+    supersedes: Mapping[DataRef, Coordinates] | None = None,
+) -> RecomputePlan:
+    """ONE plan for a batch of change events (in the order they were consumed): the union of what
+    each one affects, every application once, in dependency order.
+
+    Sources: everything derived from each changed source's old version, replayed on the newest
+    version the batch names for that DataID (the last event about it wins; after a deletion there is
+    none and the replay of that source dead-letters, as for a single event). Functions: every
+    application of each old version and what derives from them, replayed with the version the last
+    event about that function names. Where two changed sources meet under one reduce, the reduce runs
+    once with both corrections (planned apart, each plan would run it).
+
+    One traversal of the ledger for all source versions and one for all function applications;
+    `limit` bounds each. The plan id covers the events' change ids in order, so a redelivered batch
+    plans the same ids; a batch of one event is `plan_for_change` of it. `cause` defaults to the
+    event's cause, or for several a `changes` cause with one sub-cause per event.
+    """
+    if not events:
+        raise PlanError("no change events to plan")
+    roots: dict[DataRef, None] = {}
+    latest: dict[str, DataRef | None] = {}
+    upgrade: dict[str, tuple[str, bytes]] = {}
+    functions: dict[bytes, None] = {}
+    for event in events:
+        if event.source is not None:
+            s = event.source
+            roots.setdefault(s.previous_node, None)
+            deleted = event.kind is ChangeKind.SOURCE_DELETED or s.current is None
+            latest[s.data_id] = None if deleted else s.current_node
+        elif event.function is not None:
+            f = event.function
+            for eid in lookup.applications_of(
+                f.function_id, f.previous_version, f.previous_code_hash or None
+            ):
+                functions.setdefault(eid, None)
+            upgrade[f.function_id] = (f.current_version, f.current_code_hash)
+        else:
+            raise PlanError(f"change event {event.change_id} names neither a source nor a function")
+    replace: dict[DataRef, DataRef] = {}
+    for old in roots:
+        current = latest.get(old.data_id)
+        if current is not None:
+            replace[old] = current
+    results = []
+    if roots:
+        results.append(downstream(lookup, roots, limit=limit))
+    if functions:
+        results.append(downstream_of_applications(lookup, functions, limit=limit))
+    if len(results) == 1:
+        applications, cyclic = results[0].applications, results[0].cyclic
+    else:
+        found: dict[bytes, Applied] = {}
+        for r in results:
+            for a in r.applications:
+                found.setdefault(a.entry.entry_id, a)
+        applications, cyclic = dependency_order(found.values())
+        cyclic = cyclic or any(r.cyclic for r in results)
+    ids = list(dict.fromkeys(e.change_id for e in events))
+    if cause is None:
+        causes = tuple(cause_of_change(e) for e in events)
+        cause = causes[0] if len(causes) == 1 else Cause("changes", f"{len(ids)} change events", "", causes)
+    return plan_from_applications(
+        lookup,
+        applications,
+        cause_id="\n".join(ids),
+        cause=cause,
+        topic=topic,
+        replace=replace,
+        supersedes=supersedes,
+        truncated=any(r.truncated for r in results),
+        cyclic=cyclic,
+        created_at_ms=created_at_ms,
+        upgrade=upgrade or None,
+    )

@@ -10,14 +10,18 @@ Replays are idempotent: records before the resume position are skipped, an entry
 at its seq is skipped, and an entry whose entry_id is already in the graph (a replayed application
 appended again) advances the chain and the Merkle tree but adds nothing to the graph.
 
-Key layout: `streamprov.ledger.keys`. Queries: `streamprov.ledger.queries`.
+Key layout: `streamprov.ledger.keys`, plus the node kinds kept here (`N node kind`, kind `s` when a
+SOURCE entry produced the node, `d` when a map or reduce did), so "is this input original data?" is
+two point reads instead of decoding its producers' entries (`is_source`, `sources_among`). An index
+made before node kinds existed gets them once when it is opened (`upgrade_node_kinds`, logged).
+Queries: `streamprov.ledger.queries`.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -58,6 +62,19 @@ _M_OFFSET = keys.META + b"next_offset"
 _M_TREE = keys.META + b"tree"
 _M_HEAD = keys.META + b"head"
 _M_CHECKPOINT = keys.META + b"next_checkpoint"
+_M_KINDS = keys.META + b"kinds_to"
+"""The storage offset up to which node kinds are indexed: written with every batch, so an index made
+(or extended) by a version that did not keep node kinds is found out and upgraded on open."""
+
+NODE_KIND = b"N"
+"""`N node kind(1)` -> '': kind `s` = a SOURCE entry produced the node, `d` = a map/reduce did."""
+_SOURCE_KIND = b"s"
+_DERIVED_KIND = b"d"
+_MULTI_GET = 4096
+
+
+def _kind_key(node: DataRef, kind: ApplicationKind) -> bytes:
+    return NODE_KIND + keys.node(node) + (_SOURCE_KIND if kind is ApplicationKind.SOURCE else _DERIVED_KIND)
 
 
 def _options(cache_mb: int) -> Options:
@@ -98,6 +115,43 @@ class LedgerIndex:
             )
         self._load_meta()
         self._batch: WriteBatch | None = None
+        kinds_to = self._get(_M_KINDS)
+        if kinds_to is None or keys.read_u64(kinds_to) != self._next_offset:
+            self.upgrade_node_kinds()
+
+    def upgrade_node_kinds(self) -> int:
+        """Index the node kinds of the entries already indexed (an index made before they were kept);
+        returns how many entries were read. Idempotent; the marker is written last, so an interrupted
+        upgrade runs again on the next open."""
+        if self._next_offset == 0 and self.size == 0:
+            self._db.put(_M_KINDS, keys.u64(0))
+            return 0
+        logger.warning(
+            "ledger index %s holds entries without node kinds (made or extended by a version that did "
+            "not index them): indexing the node kinds of its %d entries once",
+            self.path,
+            self.size,
+        )
+        n = 0
+        batch = WriteBatch(raw_mode=True)
+        it = self._db.iter()
+        it.seek(keys.ENTRY)
+        while it.valid():  # every indexed application once
+            key: bytes = it.key()
+            if not key.startswith(keys.ENTRY):
+                break
+            app = decode_entry_body(it.value()).application
+            batch.put(_kind_key(app.output, app.kind), b"")
+            n += 1
+            if n % DEFAULT_BATCH == 0:
+                self._db.write(batch)
+                batch = WriteBatch(raw_mode=True)
+            it.next()
+        del it
+        batch.put(_M_KINDS, keys.u64(self._next_offset))
+        self._db.write(batch)
+        logger.warning("ledger index %s: node kinds of %d entries indexed", self.path, n)
+        return n
 
     def _load_meta(self) -> None:
         offset = self._get(_M_OFFSET)
@@ -208,6 +262,7 @@ class LedgerIndex:
         batch.put(_M_TREE, self._tree.to_bytes())
         batch.put(_M_HEAD, self._head)
         batch.put(_M_CHECKPOINT, keys.u64(self._next_checkpoint))
+        batch.put(_M_KINDS, keys.u64(self._next_offset))
         self._db.write(batch)
         self._batch = WriteBatch(raw_mode=True)
 
@@ -243,6 +298,7 @@ class LedgerIndex:
         app = rec.application
         out = keys.node(app.output)
         batch.put(keys.PRODUCED + out + eid, b"")
+        batch.put(_kind_key(app.output, app.kind), b"")
         batch.put(keys.VERSIONS + out, b"")
         for ref in app.inputs:
             n = keys.node(ref)
@@ -295,6 +351,27 @@ class LedgerIndex:
 
     def consumers(self, node: DataRef) -> list[bytes]:
         return [k[-keys.ENTRY_ID_SIZE :] for k in self._scan(keys.CONSUMED + keys.node(node))]
+
+    def is_source(self, node: DataRef) -> bool:
+        """Original data: no producer, or a SOURCE entry among its producers (an identity map onto a
+        source node does not make it derived). Two point reads; no entry is decoded."""
+        return self.sources_among([node])[0]
+
+    def sources_among(self, nodes: Sequence[DataRef]) -> list[bool]:
+        """`is_source` of each node, batched (RocksDB multi-get, two keys per node)."""
+        found: list[bool] = []
+        for at in range(0, len(nodes), _MULTI_GET):  # bounded multi-gets
+            prefixes = [NODE_KIND + keys.node(n) for n in nodes[at : at + _MULTI_GET]]
+            wanted: list[str | int | float | bytes | bool] = [p + _SOURCE_KIND for p in prefixes]
+            wanted += [p + _DERIVED_KIND for p in prefixes]
+            got: list[bytes | None] = self._db.get(wanted) or []
+            half = len(prefixes)
+            found += [got[i] is not None or got[half + i] is None for i in range(half)]
+        return found
+
+    def derived(self, node: DataRef) -> bool:
+        """Some map or reduce produced `node` (it may also be a source: see `is_source`)."""
+        return self._get(NODE_KIND + keys.node(node) + _DERIVED_KIND) is not None
 
     def versions(self, data_id: str) -> list[DataRef]:
         """Every node of `data_id` seen as an input or output (in key order, not time order)."""
@@ -368,11 +445,7 @@ class LedgerIndex:
         the source versions gives the true depths (the answer is the same set either way).
         """
         versions = self.versions(data_id)
-        sources = [
-            v
-            for v in versions
-            if all(self.entry(e).application.kind is ApplicationKind.SOURCE for e in self.producers(v))
-        ]
+        sources = [v for v in versions if not self.derived(v)]
         return sources or versions
 
     def affected_by_function(

@@ -4,13 +4,17 @@ graph queries (upstream, downstream, function impact, in dependency order) and p
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ledger_support import LEDGER, build, chain_apps, map_app, node, pipeline, signer, store_of, verifier
+from rocksdict import Options, Rdict
 
 from streamprov.ledger import (
+    Application,
+    ApplicationKind,
     Applied,
     ChainError,
     Checkpoint,
@@ -26,7 +30,9 @@ from streamprov.ledger import (
     entry_id_of,
     entry_proven,
 )
+from streamprov.ledger import index as index_module
 from streamprov.ledger import queries as q
+from streamprov.ledger.index import NODE_KIND
 
 GROUPS = 4
 APPS = pipeline(GROUPS, chain_len=2, fan_in=3)  # per group: 3 sources, 6 maps, 1 reduce, 1 publish
@@ -249,6 +255,93 @@ def test_cycles_from_content_addressing_terminate(tmp_path: Path) -> None:
         down = idx.downstream(a)
         assert not down.cyclic and len(down.applications) == 2
         assert not idx.upstream(b).cyclic
+
+
+def old_is_source(idx: LedgerIndex, ref: DataRef) -> bool:
+    """The definition before node kinds: no producer, or a SOURCE entry among the producers."""
+    producers = idx.producers(ref)
+    return not producers or any(idx.entry(e).application.kind is ApplicationKind.SOURCE for e in producers)
+
+
+def all_nodes(apps: list[Application]) -> list[DataRef]:
+    return list(dict.fromkeys([r for a in apps for r in (*a.inputs, a.output)]))
+
+
+def test_node_kinds_answer_is_source_without_decoding_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, mid = node("k", "v0"), node("k", "m")
+    raw = node("r", "no-source-entry")  # an input the ledger never saw a SOURCE entry for
+    apps = [
+        *APPS,
+        Application.of_source(src, timestamp_ms=1, device_id="src"),
+        map_app("ident", src, src),  # an identity map onto a source node: still a source
+        map_app("f", src, mid),
+        map_app("g", raw, node("r", "out")),
+    ]
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx:
+        idx.catch_up(build(apps, checkpoint_every=10))
+        nodes = [*all_nodes(apps), node("never", "seen")]
+        expected = [old_is_source(idx, n) for n in nodes]
+        assert idx.sources_among(nodes) == expected
+        assert [idx.is_source(n) for n in nodes] == expected
+        assert idx.is_source(src) and idx.is_source(raw) and not idx.is_source(mid)
+        assert idx.sources_among([]) == []
+
+        def no_decoding(body: bytes) -> LedgerEntry:
+            raise AssertionError("an entry was decoded")
+
+        monkeypatch.setattr(index_module, "decode_entry_body", no_decoding)
+        assert idx.sources_among(nodes) == expected  # answered from the node kinds alone
+
+
+def _strip_node_kinds(path: Path, *, kinds_to: int | None) -> None:
+    """Make `path` look like an index written by a version without node kinds (kinds_to=None), or
+    one such a version extended after offset `kinds_to`."""
+    db = Rdict(str(path), Options(raw_mode=True))
+    try:
+        doomed = [k for k in db.keys(from_key=NODE_KIND) if isinstance(k, bytes) and k.startswith(NODE_KIND)]
+        for k in doomed:
+            db.delete(k)
+        if kinds_to is None:
+            db.delete(b"Mkinds_to")
+        else:
+            db.put(b"Mkinds_to", kinds_to.to_bytes(8, "big"))
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("kinds_to", [None, 3])
+def test_an_index_without_node_kinds_is_upgraded_on_open(
+    tmp_path: Path, kinds_to: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "idx"
+    with LedgerIndex(path, LEDGER) as idx:
+        idx.catch_up(STORE)
+        nodes = all_nodes(APPS)
+        expected = idx.sources_among(nodes)
+        assert expected == [old_is_source(idx, n) for n in nodes] and any(expected) and not all(expected)
+    _strip_node_kinds(path, kinds_to=kinds_to)
+    with caplog.at_level(logging.WARNING, logger="streamprov.ledger.index"), LedgerIndex(path, LEDGER) as idx:
+        assert idx.sources_among(nodes) == expected
+        assert describe(idx.downstream("g0-s1").applications)[0] == "map:map0:g0-s1"
+        assert idx.catch_up(STORE) == 0  # still resumes where it stopped
+    assert "without node kinds" in caplog.text and f"{len(APPS)} entries" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streamprov.ledger.index"):
+        LedgerIndex(path, LEDGER).close()  # upgraded once: no second time
+    assert caplog.text == ""
+
+
+def test_node_kinds_follow_a_resumed_catch_up(tmp_path: Path) -> None:
+    records = list(STORE.read())
+    half = len(records) // 2
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx:
+        idx.apply(records[:half])
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx:  # no upgrade needed: kinds cover the offset
+        idx.apply(records[half:])
+        nodes = all_nodes(APPS)
+        assert idx.sources_among(nodes) == [old_is_source(idx, n) for n in nodes]
 
 
 # -- proofs ------------------------------------------------------------------------------------------

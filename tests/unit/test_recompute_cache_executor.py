@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from ledger_support import LEDGER, build
 
-from recompute_manager.cache import CacheKey, ResultCache, unchanged
+from recompute_manager.cache import CacheKey, ResultCache, input_hash, unchanged
 from recompute_manager.executor import (
     SUPERSEDES_HEADER,
     DeadLetter,
@@ -16,12 +17,14 @@ from recompute_manager.executor import (
     RetryPolicy,
 )
 from recompute_manager.planner import Coordinates, plan_for_change, plan_from_applications
+from recompute_manager.policy import Cause
 from streamprov.agents.dead_letter import REASON_HEADER
 from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
 from streamprov.checksum import ChecksumAlgorithm, compute
 from streamprov.header import HEADER_KEY, ProvenanceHeader
-from streamprov.ledger import Application, ApplicationKind, DataRef, LedgerIndex
+from streamprov.ledger import Application, ApplicationKind, Applied, DataRef, LedgerIndex
 from streamprov.lineage import Step, StepKind
+from streamprov.merkle import length_prefixed
 from streamprov.registry import FunctionRegistry
 
 
@@ -212,3 +215,81 @@ def test_missing_source_dead_letters(tmp_path: Path) -> None:
         result = Executor(reg, {}, retry=RetryPolicy(0)).run_plan(plan)
     assert len(result.dead) == 2 and "missing" in result.dead[0].error
     assert "dead-lettered" in result.dead[1].error
+
+
+def _header_fields(raw: bytes) -> tuple[object, ...]:
+    h = ProvenanceHeader.decode(raw)
+    return h.data_id, h.checksum, h.source_checksum, h.lineage
+
+
+def _replay_all(idx: LedgerIndex, reg: FunctionRegistry, sources: dict[str, bytes]) -> dict[str, Recomputed]:
+    """Every application from scratch (no cache, no cut-off): output DataID -> result."""
+    every = [Applied(idx.entry_at(seq), 0) for seq in range(idx.size)]
+    plan = plan_from_applications(idx, every, cause_id="full", cause=Cause("full", "all"), created_at_ms=1)
+    ex, done = Executor(reg, sources), {}
+    for task in plan.tasks:
+        r = ex.run(task, done)
+        assert isinstance(r, Recomputed)
+        done[task.task_id] = r
+    return {r.task.data_id: r for r in done.values()}
+
+
+def test_reduce_reads_its_stored_inputs_in_one_batch_and_equals_a_replay_from_scratch(tmp_path: Path) -> None:
+    reg = registry()
+    xs = [ref(f"x{i}", i + 1) for i in range(4)]
+    ds = [ref(f"d{i}", 2 * (i + 1)) for i in range(4)]
+    apps = [Application.of_source(x, timestamp_ms=1) for x in xs]
+    apps += [app(reg, "double", [x], d) for x, d in zip(xs, ds, strict=True)]
+    apps.append(app(reg, "total", ds, ref("t", 20)))
+    sources = {x.data_id: str(i + 1).encode() for i, x in enumerate(xs)}
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx, ResultCache(tmp_path / "cache") as cache:
+        idx.catch_up(build(apps))
+        original = _replay_all(idx, reg, sources)  # what the pipeline wrote: the OutputIndex's view
+        headers = {d: original[d.data_id].header for d in ds}
+        for d in ds:
+            cache.put_value(d, str(int(original[d.data_id].value)).encode())
+        reads: list[int] = []
+        values = cache.values
+        cache.values = lambda nodes: reads.append(len(nodes)) or values(nodes)  # type: ignore[method-assign,func-returns-value]
+
+        sources["x3"] = b"50"  # an earlier plan corrected d3 (8 -> 100)
+        first = Executor(reg, sources, cache=cache, headers=headers).run_plan(
+            plan_for_change(idx, change("x3", 4, 50))
+        )
+        assert [r.value for r in first.changed] == [b"100", b"112"]
+        assert reads == [3]  # d0, d1, d2: one batch
+        sources["x0"] = b"10"
+        second = Executor(reg, sources, cache=cache, headers=headers).run_plan(
+            plan_for_change(idx, change("x0", 1, 10))
+        )
+        assert [r.value for r in second.changed] == [b"20", b"130"]  # 20 + 4 + 6 + 100 (d3 as corrected)
+        assert reads == [3, 3]
+        scratch = _replay_all(idx, reg, sources)
+        for r in second.changed:
+            assert r.value == scratch[r.task.data_id].value
+            assert _header_fields(r.header) == _header_fields(scratch[r.task.data_id].header)
+
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx, ResultCache(tmp_path / "empty") as empty:
+        cache_less = Executor(reg, sources, cache=empty, retry=RetryPolicy(0)).run_plan(
+            plan_for_change(idx, change("x0", 1, 10))
+        )
+    (dead,) = cache_less.dead
+    assert dead.task.data_id == "t" and "not in the value store" in dead.error
+
+
+def test_cache_batch_reads_and_the_input_hash_definition(tmp_path: Path) -> None:
+    refs = [ref("x", 1), DataRef.of("ü", b"2", ChecksumAlgorithm.SHA256), DataRef.of("", b"")]
+    for k in range(len(refs) + 1):  # the one-pass build equals its definition
+        leaves = length_prefixed(*(r.leaf_data() for r in refs[:k]))
+        assert input_hash(refs[:k]) == hashlib.sha256(leaves).digest()
+    with ResultCache(tmp_path / "c") as cache:
+        a, b, new_b = ref("a", 1), ref("b", 2), ref("b", 3)
+        cache.put_value(a, b"1")
+        cache.put_value(new_b, b"3")
+        cache.supersede(b, new_b, b"hdr")
+        assert cache.values([a, b, new_b]) == [b"1", None, b"3"]
+        assert cache.latest_many([a, b, new_b]) == [a, new_b, new_b]
+        assert cache.values([]) == [] and cache.latest_many([]) == []
+        step = Step.create(StepKind.REDUCE, "total", "1", b"c", {})
+        cache.put(step, [a, b], b"out", key=CacheKey.of(step, [a, b]))
+        assert cache.get(step, [a, b]) == b"out" == cache.get(step, [], key=CacheKey.of(step, [a, b]))

@@ -12,10 +12,13 @@ from ledger_support import CTX, LEDGER, build, node, pipeline
 from recompute_manager.planner import (
     SCHEMA,
     InputOrigin,
+    InputRef,
     PlanError,
+    RecomputePlan,
     RecomputeTask,
     plan_for_alert,
     plan_for_change,
+    plan_for_changes,
 )
 from streamprov import avro
 from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, FunctionChange, SourceChange
@@ -119,3 +122,94 @@ def test_task_round_trip_and_plain_fastavro(tmp_path: Path) -> None:
     with pytest.raises(PlanError):
         RecomputeTask.decode(raw[:20])
     assert Checksum(ChecksumAlgorithm.CRC32C, b"1234") != task.previous_output
+
+
+def _change(data_id: str, old: str, new: str | None, offset: int = 7) -> ChangeEvent:
+    current = None if new is None else node(data_id, new).checksum
+    kind = ChangeKind.SOURCE_CHANGED if new is not None else ChangeKind.SOURCE_DELETED
+    sc = SourceChange("src", 0, offset, data_id, node(data_id, old).checksum, current)
+    return ChangeEvent.for_source(kind, sc, EMPTY_IMPACT, 5)
+
+
+def _assert_dependency_order(plan: RecomputePlan) -> None:
+    seen: set[str] = set()
+    for t in plan.tasks:
+        assert set(t.depends_on) <= seen, f"{t.data_id} before a task it depends on"
+        seen.add(t.task_id)
+
+
+def test_a_batch_of_one_is_the_single_event_plan(tmp_path: Path) -> None:
+    fc = FunctionChange("map1", "1", b"map1".ljust(16, b"."), "2", b"new-code")
+    with _index(tmp_path) as idx:
+        for event in (_source_change(), ChangeEvent.for_function(fc, EMPTY_IMPACT, 3)):
+            assert plan_for_changes(idx, [event], created_at_ms=1) == plan_for_change(
+                idx, event, created_at_ms=1
+            )
+        with pytest.raises(PlanError):
+            plan_for_changes(idx, [])
+
+
+def test_a_batch_plans_a_shared_reduce_once_with_every_change(tmp_path: Path) -> None:
+    with _index(tmp_path) as idx:
+        events = [_change("g0-s0", "v0", "v9"), _change("g0-s2", "v0", "v8", 8)]
+        plan = plan_for_changes(idx, events, topic="out", created_at_ms=1)
+        apart = [plan_for_change(idx, e, topic="out", created_at_ms=1) for e in events]
+        assert plan == plan_for_changes(idx, events, topic="out", created_at_ms=1)  # deterministic
+        assert plan.plan_id != plan_for_changes(idx, events[::-1], topic="out", created_at_ms=1).plan_id
+    names = [(t.steps[0].function_id, t.data_id) for t in plan.tasks]
+    assert sorted(names) == sorted(
+        [
+            ("map0", "g0-s0"),
+            ("map1", "g0-s0"),
+            ("map0", "g0-s2"),
+            ("map1", "g0-s2"),
+            ("sum", "g0"),
+            ("publish", "g0"),
+        ]
+    )
+    assert sum(len(p) for p in apart) == 8  # apart, the reduce and publish run twice
+    _assert_dependency_order(plan)
+    (reduce_,) = [t for t in plan.tasks if t.steps[0].function_id == "sum"]
+    origins = [i.origin for i in reduce_.inputs]
+    assert origins == [InputOrigin.TASK, InputOrigin.STORED, InputOrigin.TASK]  # both changes, g0-s1 stored
+    firsts = [t for t in plan.tasks if t.steps[0].function_id == "map0"]
+    assert {t.inputs[0].node for t in firsts} == {node("g0-s0", "v9"), node("g0-s2", "v8")}
+    assert all(i.origin is InputOrigin.SOURCE for t in firsts for i in t.inputs)
+    assert plan.cause.kind == "changes" and len(plan.cause.causes) == 2
+    assert all(t.cause == plan.cause for t in plan.tasks)
+
+
+def test_a_batch_replays_on_the_newest_version_of_a_source(tmp_path: Path) -> None:
+    with _index(tmp_path) as idx:  # the ledger has g0-s1 v0 and v1
+        twice = plan_for_changes(idx, [_change("g0-s1", "v0", "v1"), _change("g0-s1", "v1", "v2", 8)])
+        assert twice.tasks[0].inputs[0].node == node("g0-s1", "v2")
+        assert len(twice) == 4  # nothing derives from v1 yet
+        gone = plan_for_changes(idx, [_change("g0-s1", "v0", "v1"), _change("g0-s1", "v1", None, 8)])
+        assert gone.tasks[0].inputs[0].node == node("g0-s1", "v0")  # deleted: nothing to replace it with
+        back = plan_for_changes(idx, [_change("g0-s1", "v1", "v0"), _change("g0-s1", "v0", "v1", 8)])
+        assert back.tasks[0].inputs[0].node == node("g0-s1", "v1")
+
+
+def test_a_batch_mixes_source_and_function_changes(tmp_path: Path) -> None:
+    fc = FunctionChange("map1", "1", b"map1".ljust(16, b"."), "2", b"new-code")
+    with _index(tmp_path) as idx:
+        events = [_change("g0-s0", "v0", "v9"), ChangeEvent.for_function(fc, EMPTY_IMPACT, 3)]
+        plan = plan_for_changes(idx, events, created_at_ms=1)
+        fn_only = plan_for_change(idx, events[1], created_at_ms=1)
+    assert len({t.entry_id for t in plan.tasks}) == len(plan) == len(fn_only) + 1  # + map0 of g0-s0
+    _assert_dependency_order(plan)
+    assert {t.steps[0].function_version for t in plan.tasks if t.steps[0].function_id == "map1"} == {"2"}
+    (map0,) = [t for t in plan.tasks if t.steps[0].function_id == "map0"]
+    assert map0.inputs[0] == InputRef(node("g0-s0", "v9"), InputOrigin.SOURCE)
+    (map1,) = [t for t in plan.tasks if t.data_id == "g0-s0" and t.steps[0].function_id == "map1"]
+    assert map1.inputs[0].origin is InputOrigin.TASK and map1.depends_on == (map0.task_id,)
+
+
+def test_planned_tasks_are_what_their_records_decode_to(tmp_path: Path) -> None:
+    with _index(tmp_path) as idx:
+        plan = plan_for_changes(idx, [_change("g0-s0", "v0", "v9"), _change("g1-s1", "v0", "v7", 9)])
+    for task in plan.tasks:
+        assert RecomputeTask.decode(task.encode()) == task
+    (reduce_, *_) = [t for t in plan.tasks if t.steps[0].function_id == "sum"]
+    digest = reduce_.steps[0].inputs
+    assert digest is not None and (digest.window_start, digest.window_end) == (0, 60_000)
