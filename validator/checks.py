@@ -42,14 +42,30 @@ import crc32c as _crc32c
 
 from streamprov import avro
 from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
-from streamprov.checksum import ChecksumAlgorithm, digest
+from streamprov.checksum import Checksum, ChecksumAlgorithm, digest
 from streamprov.errors import HeaderError, MalformedHeaderError, MissingHeaderError
-from streamprov.header import HEADER_KEY, PREFIX, ProvenanceHeader, find_raw, scan, verify_value
+from streamprov.header import (
+    HEADER_KEY,
+    PREFIX,
+    ProvenanceHeader,
+    encode_checksum,
+    find_raw,
+    scan,
+    verify_value,
+)
+from streamprov.ledger.model import DataRef
 from streamprov.lineage import Lineage, StepKind, decode_lineage
 from streamprov.signing import Verifier
 from streamprov.stamp import source_data_id
 from validator.alerts import Alert, AlertKind, Criticality, Evidence
 from validator.rederive import Rederiver, describe_chain, sampled
+from validator.reduce_drift import (
+    Derivation,
+    LedgerSources,
+    Unexplained,
+    source_checksum,
+    source_versions,
+)
 from validator.source_view import SourceEntry, SourceLookup
 
 log = logging.getLogger(__name__)
@@ -127,6 +143,8 @@ class LineageInfo(NamedTuple):
     lineage: Lineage
     has_reduce: bool
     replayable: bool
+    digests: frozenset[bytes] = frozenset()
+    """Merkle roots of the lineage's InputDigests (they pick a reduce entry in the ledger)."""
 
 
 @dataclass
@@ -137,10 +155,38 @@ class BatchResult:
     dead_letters: list[DeadLetterRecord] = field(default_factory=list)
     checked: int = 0
     drift_skipped: int = 0
-    """Records whose lineage has a REDUCE step: no drift check (see the module doc)."""
+    """Records whose lineage has a REDUCE step and that the ledger does not explain (or no ledger is
+    configured): no drift check (see `validator.reduce_drift`)."""
+    reduce_checked: int = 0
+    """Records whose lineage has a REDUCE step whose sources were checked through the ledger."""
     rederived: int = 0
     errors: list[Any] = field(default_factory=list)
     """Consumer errors (`KafkaError`) delivered as messages in the batch; not records, not checked."""
+
+
+class _ReduceSuspect(NamedTuple):
+    """A reduce-derived record whose sources (per the ledger) differ from the view's; held back like
+    `_Suspect` until the view has caught up."""
+
+    msg: MessageLike
+    raw: bytes
+    data_id: bytes
+    derivation: Derivation
+    claimed: Checksum
+    policy: TopicPolicy
+
+
+class _ReduceLookup(NamedTuple):
+    """A reduce-derived record not in the ledger index yet: looked up again after a catch-up."""
+
+    msg: MessageLike
+    raw: bytes
+    current: bytes
+    source_start: int
+    source_end: int
+    data_id: bytes
+    info: LineageInfo
+    policy: TopicPolicy
 
 
 class _Suspect(NamedTuple):
@@ -180,15 +226,20 @@ class Checker:
         rederiver: Rederiver | None = None,
         refresh: Callable[[], object] | None = None,
         topics: Sequence[str] | None = None,
+        ledger: LedgerSources | None = None,
     ) -> None:
         """`topics`: the topics the messages come from, when known; with exactly one, the loop does
-        not read each record's topic."""
+        not read each record's topic. `ledger`: explains records derived through a reduce, so their
+        sources get the drift check too (without it they are skipped and counted)."""
         self._policy_for = policy_for
         self._policies: dict[str, TopicPolicy] = {}
         self.view = view
         self.dead_letter_topic = dead_letter_topic
         self.rederiver = rederiver
         self.refresh = refresh
+        self.ledger = ledger
+        self._reduce_suspects: list[_ReduceSuspect] = []
+        self._reduce_lookups: list[_ReduceLookup] = []
         self._lineages: dict[bytes, LineageInfo] = {}
         self._single = topics[0] if topics is not None and len(topics) == 1 else None
 
@@ -210,7 +261,8 @@ class Checker:
         if info is None:
             lineage = decode_lineage(encoded)  # raises MalformedHeaderError
             has_reduce = any(s.kind is StepKind.REDUCE for s in lineage)
-            info = LineageInfo(lineage, has_reduce, bool(lineage) and not has_reduce)
+            digests = frozenset(s.inputs.merkle_root for s in lineage if s.inputs is not None)
+            info = LineageInfo(lineage, has_reduce, bool(lineage) and not has_reduce, digests)
             if len(self._lineages) >= _LINEAGE_MEMO_SIZE:
                 self._lineages.clear()
             self._lineages[encoded] = info
@@ -247,6 +299,8 @@ class Checker:
         last_reduce = False
         last_topic: str | None = None
         multi = self._single is None
+        reduce_check = self.ledger is not None
+        self._reduce_suspects, self._reduce_lookups = [], []
         pol, fast, integrity, drift = self._fast_policy(self._single or "")
         events = 0
         for m in messages:
@@ -301,6 +355,9 @@ class Checker:
                 slow.append(m)
                 continue
             elif drift:
+                if reduce_check:  # its sources are behind the ledger: the general path asks it
+                    slow.append(m)
+                    continue
                 result.drift_skipped += 1
             if integrity and value_crc != crc_claimed:
                 self._checksum_mismatch(m, raw, raw, _SOURCE_AT, m.value(), pol, now_ms, result)
@@ -308,7 +365,9 @@ class Checker:
             if not self._check_one(m, now_ms, result, suspects):
                 events += 1
         result.checked = len(messages) - events
-        if suspects:
+        if self._reduce_lookups:
+            self._look_up_again(result)
+        if suspects or self._reduce_suspects:
             self._report_drift(suspects, now_ms, result)
         return result
 
@@ -347,12 +406,15 @@ class Checker:
         view = self.view
         if view is None or not pol.needs_source:
             return True
+        if info.has_reduce:  # the DataID is a group key, not a source: the sources are in the ledger
+            if pol.source_drift:
+                lookup = _ReduceLookup(m, raw, current, source_start, source_end, data_id, info, pol)
+                self._reduce_drift(lookup, result, retry=True)
+            return True
         entry = view.get(data_id)
         drifted = False
         if pol.source_drift:
-            if info.has_reduce:
-                result.drift_skipped += 1
-            elif entry is None:
+            if entry is None:
                 drifted = True
             elif current[source_start] == 0:  # CRC32C
                 drifted = entry.crc32c != int.from_bytes(current[source_start + 2 : source_end])
@@ -427,7 +489,11 @@ class Checker:
     ) -> None:
         topic, partition, offset = m.topic() or "", m.partition() or 0, m.offset() or 0
         reason = classify(exc)  # missing_header, malformed_header or unknown_schema
-        headers = dead_letter_headers(m.headers(), reason, exc, source_of(topic, partition, offset))
+        where = source_of(topic, partition, offset)
+        try:
+            headers = dead_letter_headers(m.headers(), reason, exc, where)
+        except (TypeError, ValueError):  # headers that are not (key, value) pairs cannot be kept
+            headers = dead_letter_headers(None, reason, exc, where)
         result.dead_letters.append(DeadLetterRecord(m.key(), m.value(), headers))
         data_id = source_data_id(m.key(), topic, partition, offset)
         if reason is DeadLetterReason.MISSING_HEADER:
@@ -538,12 +604,106 @@ class Checker:
         )
         result.alerts.append(self._alert(AlertKind.MISSING_SOURCE, m, raw, data_id, evidence, pol, now_ms))
 
+    # -- reduce outputs: their sources through the ledger (`validator.reduce_drift`) ------------------
+    def _reduce_drift(self, r: _ReduceLookup, result: BatchResult, *, retry: bool) -> None:
+        """Explain a reduce-derived record from the ledger and compare its sources with the view."""
+        ledger, view = self.ledger, self.view
+        try:
+            data_id = r.data_id.decode("utf-8")
+        except UnicodeDecodeError:
+            data_id = ""
+        if ledger is None or view is None or not data_id:
+            result.drift_skipped += 1
+            return
+        checksum = _checksum_at(r.current, _PREFIX_LEN, r.source_start)
+        claimed = _checksum_at(r.current, r.source_start, r.source_end)
+        found = ledger.explain(data_id, checksum, claimed, r.info.digests)
+        if isinstance(found, Unexplained):
+            if found.not_found and retry:
+                self._reduce_lookups.append(r)  # once more after the index caught up
+                return
+            result.drift_skipped += 1
+            m = r.msg
+            log.debug("no drift check for %s/%s/%s: %s", m.topic(), m.partition(), m.offset(), found.reason)
+            return
+        result.reduce_checked += 1
+        changed, missing = self._reduce_differences(found)
+        if changed or missing:
+            self._reduce_suspects.append(_ReduceSuspect(r.msg, r.raw, r.data_id, found, claimed, r.policy))
+
+    def _look_up_again(self, result: BatchResult) -> None:
+        """Records not in the ledger index: catch it up (at most every `refresh_s`), ask once more."""
+        lookups, self._reduce_lookups = self._reduce_lookups, []
+        assert self.ledger is not None
+        self.ledger.refresh()
+        for r in lookups:
+            self._reduce_drift(r, result, retry=False)
+
+    def _current(self, ref: DataRef) -> Checksum | None:
+        """The view's current checksum of source `ref.data_id`, in `ref`'s algorithm."""
+        assert self.view is not None
+        encoded = self.view.encoded_checksum(ref.data_id.encode("utf-8"), ref.checksum.algorithm)
+        return None if encoded is None else Checksum(ref.checksum.algorithm, encoded[2:])
+
+    def _reduce_differences(self, derivation: Derivation) -> tuple[list[DataRef], list[DataRef]]:
+        """(changed, missing) source versions of a derivation, against the view."""
+        assert self.view is not None
+        changed: list[DataRef] = []
+        missing: list[DataRef] = []
+        for ref in source_versions(derivation):
+            now = self.view.encoded_checksum(ref.data_id.encode("utf-8"), ref.checksum.algorithm)
+            if now is None:
+                missing.append(ref)
+            elif now != encode_checksum(ref.checksum):
+                changed.append(ref)
+        return changed, missing
+
+    def _report_reduce(self, s: _ReduceSuspect, now_ms: int, result: BatchResult) -> None:
+        changed, missing = self._reduce_differences(s.derivation)
+        if not changed and not missing:
+            return
+        total = len(source_versions(s.derivation))
+        if changed:
+            current = source_checksum(s.derivation, self._current)
+            evidence = Evidence(
+                s.claimed.hex(),
+                current.hex() if current is not None else f"unknown ({len(missing)} source(s) missing)",
+                f"{len(changed)} of the {total} source record(s) this output derives from through a reduce "
+                f"(inputs from the ledger) changed since it was derived: {self._name_sources(changed)}",
+            )
+            result.alerts.append(
+                self._alert(AlertKind.SOURCE_CHANGED, s.msg, s.raw, s.data_id, evidence, s.policy, now_ms)
+            )
+        if missing:
+            evidence = Evidence(
+                f"the {total} source record(s) this output derives from through a reduce (per the ledger)",
+                f"{len(missing)} not in the source view: {self._name_sources(missing)}",
+                "source records this output derives from were deleted (a tombstone) or never produced "
+                "to a source topic",
+            )
+            result.alerts.append(
+                self._alert(AlertKind.MISSING_SOURCE, s.msg, s.raw, s.data_id, evidence, s.policy, now_ms)
+            )
+
+    def _name_sources(self, refs: list[DataRef], limit: int = 5) -> str:
+        assert self.view is not None
+        named = []
+        for ref in refs[:limit]:
+            entry = self.view.get(ref.data_id.encode("utf-8"))
+            where = f"now {entry.coordinates}" if entry is not None else "gone"
+            named.append(f"{ref.data_id!r} (was {ref.checksum.hex()}, {where})")
+        more = f" and {len(refs) - limit} more" if len(refs) > limit else ""
+        return "; ".join(named)[:800] + more
+
     def _report_drift(self, suspects: list[_Suspect], now_ms: int, result: BatchResult) -> None:
         """Bring the view up to date once, then report the suspects that still differ."""
         view = self.view
         assert view is not None
         if self.refresh is not None:
             self.refresh()
+        reduce_suspects, self._reduce_suspects = self._reduce_suspects, []
+        for r in reduce_suspects:
+            self._report_reduce(r, now_ms, result)
         for s in suspects:
             entry = view.get(s.data_id)
             if entry is None:
@@ -592,6 +752,11 @@ class Checker:
         )
         result.alerts.append(self._alert(outcome.kind, m, raw, data_id, evidence, pol, now_ms))
         log.debug("re-derivation of %s: %s", describe_chain(info.lineage), outcome.kind)
+
+
+def _checksum_at(current: bytes, start: int, end: int) -> Checksum:
+    """The Avro-encoded Checksum at current[start:end] (algorithm byte, length byte, digest)."""
+    return Checksum(_ALGORITHMS[current[start] >> 1], current[start + 2 : end])
 
 
 def _checksum_end(current: bytes) -> int:

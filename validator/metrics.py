@@ -55,7 +55,13 @@ class ValidatorMetrics:
         self.drift_skipped = meter.create_counter(
             PREFIX + "drift_skipped",
             unit="1",
-            description="Records without a drift check because their lineage has a reduce step.",
+            description="Records derived through a reduce that got no drift check: the ledger does not "
+            "explain them (not indexed yet, ambiguous) or no ledger is configured.",
+        )
+        self.reduce_checked = meter.create_counter(
+            PREFIX + "reduce_drift_checked",
+            unit="1",
+            description="Records derived through a reduce whose sources were drift-checked via the ledger.",
         )
         self.rederived = meter.create_counter(
             PREFIX + "rederived", unit="1", description="Records re-derived (sampled)."

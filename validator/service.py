@@ -40,12 +40,16 @@ from streamprov.agents.kafka_io import (
 )
 from streamprov.agents.serde import Serde
 from streamprov.header import now_ms
+from streamprov.ledger.errors import LedgerError
+from streamprov.ledger.index import LedgerIndex
+from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.registry import FunctionRegistry
 from validator.checks import BatchResult, Checker
 from validator.errors import FatalValidatorError, ValidatorConfigError, ValidatorError
 from validator.health import HttpEndpoints, metrics_route, probe_route
 from validator.metrics import ValidatorMetrics
 from validator.rederive import Rederiver
+from validator.reduce_drift import LedgerSources
 from validator.settings import ServiceSettings
 from validator.source_view import SourceView
 
@@ -117,6 +121,8 @@ class Validator:
             operation_timeout_s=settings.operation_timeout_s,
             refresh_interval_s=settings.source_refresh_s,
         )
+        self.ledger = self._open_ledger()
+        """Explains reduce outputs from the ledger, so their sources get the drift check too."""
         self.checker = Checker(
             settings.policy,
             self.view,
@@ -124,17 +130,18 @@ class Validator:
             rederiver=Rederiver(registry, serde) if registry is not None else None,
             refresh=lambda: self.view.catch_up(settings.source_catch_up_s),
             topics=settings.topics,
+            ledger=self.ledger,
         )
         try:
             self._consumer = Consumer(self._consumer_settings())
         except KafkaException as exc:
-            self.view.close()
+            self._close_state()
             raise ValidatorConfigError(f"bad consumer configuration: {exc}", kafka_error(exc)) from exc
         try:
             self._producer = Producer(self._producer_settings())
         except KafkaException as exc:
             self._consumer.close()
-            self.view.close()
+            self._close_state()
             raise ValidatorConfigError(f"bad producer configuration: {exc}", kafka_error(exc)) from exc
         self._rebalance = RebalanceEvents()
         self._stop = threading.Event()
@@ -148,6 +155,7 @@ class Validator:
         self._heartbeat = time.monotonic()
         self._ready = False
         self._view_ready = False
+        self._ledger_ready = self.ledger is None
         self._started = False
         self._closed = False
         self._http: list[HttpEndpoints] = []
@@ -203,6 +211,8 @@ class Validator:
         """Readiness: partitions are assigned and the source view has caught up."""
         if not self._view_ready:
             return False, "the source view is catching up"
+        if not self._ledger_ready:
+            return False, "the ledger index is catching up"
         if not self._ready:
             return False, "no partitions assigned"
         return True, "assigned and caught up"
@@ -246,10 +256,30 @@ class Validator:
                 log.warning("%d alert(s)/dead letter(s) undelivered at close: re-checked on restart", left)
         except (KafkaException, RuntimeError) as exc:
             log.warning("flushing the producer: %s", exc)
-        self.view.close()
+        self._close_state()
         for endpoint in self._http:
             endpoint.close()
         self.metrics.shutdown()
+
+    def _open_ledger(self) -> LedgerSources | None:
+        s = self.settings
+        if not s.ledger_topic:
+            return None
+        try:
+            index = LedgerIndex(s.state_dir / "ledger-index", s.ledger_id or s.ledger_topic)
+        except LedgerError as exc:
+            self.view.close()
+            raise ValidatorConfigError(f"the ledger index: {exc}") from exc
+        except Exception as exc:  # rocksdict raises plain Exceptions (a held lock, a corrupt dir)
+            self.view.close()
+            raise ValidatorError(f"cannot open the ledger index: {exc}") from exc
+        reader = KafkaLedgerReader(dict(s.kafka), s.ledger_topic, idle_timeout_s=s.operation_timeout_s)
+        return LedgerSources(index, reader, refresh_s=s.ledger_refresh_s)
+
+    def _close_state(self) -> None:
+        self.view.close()
+        if self.ledger is not None:
+            self.ledger.close()
 
     def __enter__(self) -> Validator:
         return self
@@ -274,6 +304,11 @@ class Validator:
             self._heartbeat = time.monotonic()
             self.view.poll(1000, 0.2)
         self._view_ready = True
+        if self.ledger is not None:  # a long catch-up (a first start on a big ledger) keeps beating
+            self.ledger.catch_up(beat=self._beat)
+            if self._stop.is_set():
+                return
+            self._ledger_ready = True
         r = self._rebalance
         self._consumer.subscribe(
             list(self.settings.topics), on_assign=r.on_assign, on_revoke=r.on_revoke, on_lost=r.on_lost
@@ -286,6 +321,11 @@ class Validator:
             self.settings.dead_letter_topic,
             ",".join(self.settings.sources) or "none",
         )
+
+    def _beat(self) -> bool:
+        """Liveness during a long start-up step; False once asked to stop."""
+        self._heartbeat = time.monotonic()
+        return not self._stop.is_set()
 
     def _check_topics(self) -> None:
         s = self.settings
@@ -391,6 +431,8 @@ class Validator:
         m.messages_checked.add(result.checked)
         if result.drift_skipped:
             m.drift_skipped.add(result.drift_skipped)
+        if result.reduce_checked:
+            m.reduce_checked.add(result.reduce_checked)
         if result.rederived:
             m.rederived.add(result.rederived)
         m.latency.record(done - started)

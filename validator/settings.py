@@ -75,6 +75,13 @@ class ServiceSettings:
     drift report)."""
     consumer_config: Mapping[str, Any] = field(default_factory=dict)
     producer_config: Mapping[str, Any] = field(default_factory=dict)
+    ledger_topic: str | None = None
+    """The provenance ledger topic: reduce outputs' sources are checked through it (None: they are
+    not drift-checked). A ledger topic that does not exist is a warning, not an error."""
+    ledger_id: str | None = None
+    """The ledger's id (default: the ledger topic's name, as `streamprov ledger` assumes)."""
+    ledger_refresh_s: float = 1.0
+    """At most this often a record missing from the ledger index makes it catch up with the topic."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -84,14 +91,17 @@ class ServiceSettings:
             problems.append("the alerts and dead-letter topics must be named")
         if self.batch_size <= 0 or self.poll_timeout_s <= 0 or self.operation_timeout_s <= 0:
             problems.append("batch_size, poll_timeout_s and operation_timeout_s must be positive")
-        if self.source_refresh_s <= 0:
-            problems.append("source_refresh_s must be positive")
+        if self.source_refresh_s <= 0 or self.ledger_refresh_s < 0:
+            problems.append("source_refresh_s must be positive and ledger_refresh_s >= 0")
         if self.commit_interval_s < 0 or self.flush_timeout_s <= 0:
             problems.append("commit_interval_s must be >= 0 and flush_timeout_s positive")
-        overlap = set(self.topics) & ({self.alerts_topic, self.dead_letter_topic} | set(self.sources))
+        others = {self.alerts_topic, self.dead_letter_topic, *self.sources}
+        if self.ledger_topic:
+            others.add(self.ledger_topic)
+        overlap = set(self.topics) & others
         if overlap:
             problems.append(
-                f"topic(s) {sorted(overlap)} are both validated and an alert/dead-letter/source topic"
+                f"topic(s) {sorted(overlap)} are both validated and an alert/dead-letter/source/ledger topic"
             )
         if problems:
             raise ValidatorConfigError("; ".join(problems))
@@ -131,5 +141,5 @@ class ServiceSettings:
             http_port=v.http_port,
             metrics_port=v.metrics_port,
             batch_size=v.batch_size,
-            **overrides,
+            **{"ledger_topic": config.streams.ledger, **overrides},
         )
