@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -36,6 +36,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import HEADER_KEY, HeadersLike, find_raw, verify_value
 from streamprov.merkle import length_prefixed
+
+if TYPE_CHECKING:
+    from streamprov.config.models import SigningKey, SigningSettings, TopicSettings
 
 SIG_HEADER = "streamprov.sig"
 """Kafka record header key carrying the signature of the record's provenance header."""
@@ -288,3 +291,135 @@ def signed_headers(
         out.append((SIG_HEADER, signer.sign(header)))
     out.extend(h for h in rest if h[0] != HEADER_KEY and h[0] != SIG_HEADER)
     return out
+
+
+# -- from streamprov.yaml (`signing.keys`) -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedKey:
+    """One configured key, read: its signer (None for a verify-only Ed25519 public key), and what a
+    verifier needs (the HMAC secret or the Ed25519 public key)."""
+
+    key_id: str
+    signer: HmacSigner | Ed25519Signer | None
+    hmac_secret: bytes | None = None
+    public_key: Ed25519PublicKey | None = None
+
+    def __repr__(self) -> str:  # never the secret
+        return f"LoadedKey(key_id={self.key_id!r}, signs={self.signer is not None})"
+
+
+def _read(field: str, file: Path | None, env: str | None, environ: Mapping[str, str]) -> bytes | None:
+    """A secret from its file or variable; SigningError("<field>: why") that never holds the secret."""
+    if file is not None:
+        try:
+            return Path(file).read_bytes()
+        except OSError as exc:
+            raise SigningError(
+                f"{field}_file: cannot read {str(file)!r} ({exc.strerror or type(exc).__name__})"
+            ) from None
+    if env is not None:
+        if env not in environ:
+            raise SigningError(f"{field}_env: environment variable {env} is not set")
+        return environ[env].encode("utf-8")
+    return None
+
+
+def load_key(key_id: str, key: SigningKey, environ: Mapping[str, str] | None = None) -> LoadedKey:
+    """Read a configured key (`signing.keys.<key_id>`) from its file or environment variable.
+
+    Raises `SigningError` whose message starts with the setting at fault (`secret_file: ...`) and
+    never contains key material.
+    """
+    from streamprov.config.models import SigningAlgorithm  # noqa: PLC0415 - pydantic on demand
+
+    env = os.environ if environ is None else environ
+    if key.algorithm is SigningAlgorithm.HMAC:
+        field = "secret_file" if key.secret_file is not None else "secret_env"
+        raw = _read("secret", key.secret_file, key.secret_env, env)
+        secret = (raw or b"").strip()
+        if len(secret) < 16:
+            raise SigningError(f"{field}: the HMAC secret has {len(secret)} bytes; it needs at least 16")
+        signer = HmacSigner(key_id, secret)
+        return LoadedKey(key_id, signer, hmac_secret=secret)
+    private_pem = _read("private_key", key.private_key_file, key.private_key_env, env)
+    signer_ed: Ed25519Signer | None = None
+    if private_pem is not None:
+        field = "private_key_file" if key.private_key_file is not None else "private_key_env"
+        try:
+            signer_ed = Ed25519Signer.from_pem(key_id, private_pem)
+        except (ValueError, TypeError, SigningError):
+            raise SigningError(
+                f"{field}: not an unencrypted PEM Ed25519 private key (write it with "
+                "`openssl genpkey -algorithm ed25519`)"
+            ) from None
+    public: Ed25519PublicKey | None = None
+    public_pem = key.public_key.encode("utf-8") if key.public_key is not None else None
+    if public_pem is None and key.public_key_file is not None:
+        public_pem = _read("public_key", key.public_key_file, None, env)
+    if public_pem is not None:
+        field = "public_key" if key.public_key is not None else "public_key_file"
+        try:
+            loaded = serialization.load_pem_public_key(public_pem)
+        except (ValueError, TypeError):
+            loaded = None
+        if not isinstance(loaded, Ed25519PublicKey):
+            raise SigningError(
+                f"{field}: not a PEM Ed25519 public key (write it with `openssl pkey -pubout`)"
+            )
+        public = loaded
+        if signer_ed is not None and public.public_bytes_raw() != signer_ed.public_key().public_bytes_raw():
+            raise SigningError(f"{field}: is not the public half of the private key")
+    if public is None and signer_ed is not None:
+        public = signer_ed.public_key()
+    return LoadedKey(key_id, signer_ed, public_key=public)
+
+
+class KeyRing:
+    """The configured keys, each read once on first use: signers and verifiers by key id."""
+
+    def __init__(self, settings: SigningSettings, environ: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self._environ = environ
+        self._loaded: dict[str, LoadedKey] = {}
+
+    def key(self, key_id: str) -> LoadedKey:
+        found = self._loaded.get(key_id)
+        if found is None:
+            config = self.settings.keys.get(key_id)
+            if config is None:
+                raise SigningError(f"no key {key_id!r} under signing.keys")
+            try:
+                found = self._loaded[key_id] = load_key(key_id, config, self._environ)
+            except SigningError as exc:
+                raise SigningError(f"signing.keys.{key_id}.{exc}") from None
+        return found
+
+    def signer(self, key_id: str) -> HmacSigner | Ed25519Signer:
+        signer = self.key(key_id).signer
+        if signer is None:
+            raise SigningError(f"signing.keys.{key_id} has no private key to sign with")
+        return signer
+
+    def verifier(self, key_ids: Iterable[str] | None = None) -> Verifier:
+        """A verifier for these keys (None: every configured key)."""
+        hm: dict[str, bytes] = {}
+        ed: dict[str, Ed25519PublicKey] = {}
+        for key_id in self.settings.keys if key_ids is None else key_ids:
+            loaded = self.key(key_id)
+            if loaded.hmac_secret is not None:
+                hm[key_id] = loaded.hmac_secret
+            if loaded.public_key is not None:
+                ed[key_id] = loaded.public_key
+        return Verifier(hm, ed)
+
+    def signer_for(self, topic_settings: TopicSettings) -> HmacSigner | Ed25519Signer | None:
+        """The signer of records written to a topic (`topics.<t>.signing.key`), or None: unsigned."""
+        key_id = topic_settings.signing.key
+        return None if key_id is None else self.signer(key_id)
+
+    def verifier_for(self, topic_settings: TopicSettings) -> Verifier | None:
+        """The Validator's verifier for a topic (`signing.verify`), or None: signatures not checked."""
+        signing = topic_settings.signing
+        return self.verifier(signing.accept) if signing.verify else None

@@ -60,6 +60,20 @@ def summary(config: StreamprovConfig, overrides: list[str]) -> list[str]:
         f"http :{config.recompute_manager.http_port}, metrics :{config.recompute_manager.metrics_port}, "
         f"{config.recompute_manager.workers} workers"
     )
+    tracing, metrics, otlp = config.telemetry.tracing, config.telemetry.metrics, config.telemetry.otlp
+    traced = f"tracing {tracing.sampling_ratio:g} -> {tracing.exporter}" if tracing.enabled else "tracing off"
+    pushed = ", ".join(n for n, on in (("prometheus", metrics.prometheus), ("otlp", metrics.otlp)) if on)
+    target = f"; otlp {otlp.protocol} {otlp.endpoint}" if otlp.endpoint else ""
+    lines.append(f"  telemetry: {traced}; metrics {pushed or 'off'}{target}")
+    if config.signing.keys:
+        keys = ", ".join(f"{k} ({v.algorithm})" for k, v in config.signing.keys.items())
+        blocks = [("defaults", config.defaults), *config.topics.items()]
+        signed = [f"{n} by {t.signing.key}" for n, t in blocks if t.signing.key]
+        verified = [n for n, t in blocks if t.signing.verify]
+        lines.append(
+            f"  signing: keys {keys}; signs {', '.join(signed) or 'nothing'}; "
+            f"verifies {', '.join(verified) or 'nothing'}"
+        )
     if overrides:
         lines.append(f"  environment overrides: {', '.join(overrides)}")
     return lines

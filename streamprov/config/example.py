@@ -60,6 +60,7 @@ topics:
       budget_per_hour: 10000             # recompute tasks per hour, at most
       dedup_window: 5m                   # the same DataID is recomputed once per window
       max_fanout: 1000                   # at most this many outputs recomputed for one change
+    signing: {key: null, verify: false}  # key: the key id stampers sign with; verify: require a signature
     priority_topic: null                 # corrected records go here; null: "fahrenheit.priority"
 
 validator:
@@ -76,4 +77,34 @@ recompute_manager:
   metrics_port: 9465
   workers: 4
   max_retries: 5
+
+# Traces and metrics (docs/telemetry.md). Tracing is off unless enabled.
+telemetry:
+  service_name: null                     # OpenTelemetry service.name; null: streamprov-validator, ...
+  tracing:
+    enabled: false
+    sampling_ratio: 0.01                 # 0..1: share of new traces sampled; later stages follow
+    exporter: none                       # none (context propagated only) | otlp | console
+    max_queue_size: 2048                 # spans waiting for export; past it spans are dropped
+  metrics:
+    prometheus: true                     # /metrics on <service>.metrics_port
+    otlp: false                          # also push metrics to otlp.endpoint
+    export_interval: 60s
+  otlp:
+    endpoint: null                       # e.g. http://otel-collector:4318 (http/protobuf), :4317 (grpc)
+    protocol: http/protobuf              # http/protobuf | grpc
+    headers_env: {}                      # header -> variable holding its value: {authorization: OTLP_AUTH}
+    timeout: 10s
+
+# Signed provenance (docs/telemetry.md): keys by id, named by topics under signing:. Key material
+# comes from files (mounted Secrets) or environment variables, never from this file.
+signing:
+  keys: {}
+  # keys:
+  #   pipeline-2026:
+  #     algorithm: hmac                   # hmac | ed25519
+  #     secret_file: /etc/streamprov/secrets/signing/pipeline-2026/secret   # or secret_env: SIGNING_KEY
+  #   partner-2025:
+  #     algorithm: ed25519                # stampers: private_key_file; validators: public_key_file
+  #     public_key_file: /etc/streamprov/secrets/signing/partner-2025/public.pem
 """

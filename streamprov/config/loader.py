@@ -29,6 +29,9 @@ ENV_SEPARATOR: Final = "__"
 _SECRET_GROUPS: Final = (
     ("password", "password_file", "password_env"),
     ("key_password", "key_password_file", "key_password_env"),
+    ("secret_file", "secret_env"),
+    ("private_key_file", "private_key_env"),
+    ("public_key", "public_key_file"),
 )
 
 
@@ -386,12 +389,27 @@ def _secret_problems(
     if config.kafka.ssl is not None:
         ssl = config.kafka.ssl
         checks.append((("kafka", "ssl"), lambda: ssl.resolve_key_password(environ)))
+    otlp = config.telemetry.otlp
+    if otlp.headers_env:
+        checks.append((("telemetry", "otlp"), lambda: otlp.resolve_headers(environ)))
+    if config.signing.keys:
+        from streamprov.signing import SigningError, load_key  # noqa: PLC0415 - cryptography on demand
+
+        for key_id, key in config.signing.keys.items():
+
+            def check(key_id: str = key_id, key: Any = key) -> None:
+                try:
+                    load_key(key_id, key, environ)
+                except SigningError as exc:
+                    raise ValueError(str(exc)) from None
+
+            checks.append((("signing", "keys", key_id), check))
     for loc, resolve in checks:
         try:
             resolve()
         except ValueError as exc:
             field, _, message = str(exc).partition(": ")
-            full = (*loc, field)
+            full = (*loc, *field.split("."))
             problems.append(
                 ConfigProblem(
                     _render_loc(full),

@@ -43,6 +43,9 @@ __all__ = [
     "Criticality",
     "Duration",
     "KafkaSettings",
+    "MetricsSettings",
+    "OtlpProtocol",
+    "OtlpSettings",
     "RecomputeManagerSettings",
     "RecomputeSettings",
     "RecomputeTrigger",
@@ -50,11 +53,18 @@ __all__ = [
     "SaslMechanism",
     "SaslSettings",
     "SecurityProtocol",
+    "SigningAlgorithm",
+    "SigningKey",
+    "SigningSettings",
     "SslSettings",
     "StalenessCheck",
     "StreamSettings",
     "StreamprovConfig",
+    "TelemetrySettings",
     "TopicSettings",
+    "TopicSigning",
+    "TracingExporter",
+    "TracingSettings",
     "ValidatorSettings",
     "format_duration",
     "parse_duration",
@@ -572,6 +582,253 @@ class KafkaSettings(_Settings):
         return self.librdkafka(redact=True)
 
 
+# ------------------------------------------------------------------------------------ telemetry
+
+
+class TracingExporter(enum.StrEnum):
+    """Where finished spans go: nowhere (context is still propagated), an OTLP collector, stdout."""
+
+    NONE = "none"
+    OTLP = "otlp"
+    CONSOLE = "console"
+
+
+class OtlpProtocol(enum.StrEnum):
+    HTTP_PROTOBUF = "http/protobuf"
+    GRPC = "grpc"
+
+
+_URL = re.compile(r"https?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::\d{1,5})?(?:/\S*)?")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def _check_url(value: str) -> str:
+    if not _URL.fullmatch(value):
+        raise _custom(
+            "url",
+            f"{value!r} is not an http(s) URL",
+            "write the collector's base URL, e.g. http://otel-collector:4318 (http/protobuf) or "
+            "http://otel-collector:4317 (grpc)",
+        )
+    return value
+
+
+def _check_header_name(name: str) -> str:
+    if not _HEADER_NAME.fullmatch(name):
+        raise _custom("header_name", f"{name!r} is not an HTTP header name", "e.g. authorization, x-api-key")
+    return name.lower()
+
+
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+
+
+class OtlpSettings(_Settings):
+    """The OTLP collector traces and metrics are exported to (`tracing.exporter: otlp`, `metrics.otlp`).
+
+    Header values are often credentials: name an environment variable holding each one
+    (`headers_env`); `headers` is for values that are not secret, and is masked anyway.
+    """
+
+    endpoint: Annotated[str, AfterValidator(_check_url)] | None = None
+    protocol: OtlpProtocol = OtlpProtocol.HTTP_PROTOBUF
+    headers: dict[HeaderName, SecretStr] = Field(default_factory=dict)
+    headers_env: dict[HeaderName, EnvName] = Field(default_factory=dict)
+    timeout: Duration = timedelta(seconds=10)
+
+    @model_validator(mode="after")
+    def _headers_once(self) -> OtlpSettings:
+        both = sorted(set(self.headers) & set(self.headers_env))
+        if both:
+            raise _problems(
+                [(("headers_env", both[0]), f"header {both[0]!r} is also under headers", "keep one of them")]
+            )
+        return self
+
+    def resolve_headers(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Every header with its value (read now from the variables); ValueError names a missing one."""
+        env = os.environ if environ is None else environ
+        out = {name: value.get_secret_value() for name, value in self.headers.items()}
+        for name, variable in self.headers_env.items():
+            if variable not in env:
+                raise ValueError(f"headers_env.{name}: environment variable {variable} is not set")
+            out[name] = env[variable]
+        return out
+
+
+class TracingSettings(_Settings):
+    """OpenTelemetry tracing of the data path (docs/telemetry.md)."""
+
+    enabled: bool = False
+    sampling_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    """Share of new traces sampled at their root; downstream stages follow the root's decision."""
+    exporter: TracingExporter = TracingExporter.NONE
+    max_queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
+    """Finished spans waiting for export; past it spans are dropped, never the data path blocked."""
+
+
+class MetricsSettings(_Settings):
+    """Service metrics: Prometheus `/metrics` on `<service>.metrics_port`, optionally pushed over OTLP."""
+
+    prometheus: bool = True
+    otlp: bool = False
+    export_interval: Duration = timedelta(seconds=60)
+
+    @field_validator("export_interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 1:
+            raise _custom("export_interval", "must be at least 1s", "e.g. 15s or 60s")
+        return value
+
+
+class TelemetrySettings(_Settings):
+    """Traces and metrics of the services and agents (`streamprov.telemetry.setup` builds them)."""
+
+    service_name: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    """OpenTelemetry `service.name`; null: the component's own (`streamprov-validator`, ...)."""
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    otlp: OtlpSettings = Field(default_factory=OtlpSettings)
+
+    @model_validator(mode="after")
+    def _otlp_endpoint(self) -> TelemetrySettings:
+        users = []
+        if self.tracing.enabled and self.tracing.exporter is TracingExporter.OTLP:
+            users.append("tracing.exporter: otlp")
+        if self.metrics.otlp:
+            users.append("metrics.otlp: true")
+        if users and self.otlp.endpoint is None:
+            raise _problems(
+                [
+                    (
+                        ("otlp", "endpoint"),
+                        f"{' and '.join(users)} need an OTLP endpoint",
+                        "set otlp.endpoint, e.g. http://otel-collector:4318",
+                    )
+                ]
+            )
+        return self
+
+
+# -------------------------------------------------------------------------------------- signing
+
+
+class SigningAlgorithm(enum.StrEnum):
+    HMAC = "hmac"
+    """HMAC-SHA256: one shared secret, held by stampers and validators."""
+    ED25519 = "ed25519"
+    """Ed25519: stampers hold the private key, validators only the public key."""
+
+
+_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+KEY_ID_PATTERN: Final = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+def _check_key_id(value: str) -> str:
+    if not _KEY_ID.fullmatch(value):
+        raise _custom(
+            "key_id",
+            f"{value!r} is not a key id",
+            "use 1-64 characters from a-z A-Z 0-9 . _ - (e.g. pipeline-2026)",
+        )
+    return value
+
+
+KeyId = Annotated[
+    str, AfterValidator(_check_key_id), WithJsonSchema({"type": "string", "pattern": KEY_ID_PATTERN})
+]
+
+
+class SigningKey(_Settings):
+    """One key, by id. Secrets come from a file (a mounted Secret) or an environment variable only.
+
+    hmac: `secret_file` or `secret_env` (at least 16 bytes). ed25519: the PEM private key
+    (`private_key_file` / `private_key_env`) where records are signed, the PEM public key
+    (`public_key`, `public_key_file`) where they are verified; a private key verifies too.
+    """
+
+    algorithm: SigningAlgorithm
+    secret_file: Path | None = None
+    secret_env: EnvName | None = None
+    private_key_file: Path | None = None
+    private_key_env: EnvName | None = None
+    public_key: str | None = None
+    public_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _material(self) -> SigningKey:
+        problems: list[Problem] = []
+        given = {n for n in type(self).model_fields if n != "algorithm" and getattr(self, n) is not None}
+        hmac_fields = {"secret_file", "secret_env"}
+        ed_fields = given - hmac_fields
+        if self.algorithm is SigningAlgorithm.HMAC:
+            for name in sorted(ed_fields):
+                problems.append(
+                    ((name,), "is for ed25519 keys", "an hmac key takes secret_file or secret_env")
+                )
+            if not given & hmac_fields:
+                problems.append(
+                    (
+                        ("secret_file",),
+                        "an hmac key needs its secret",
+                        "set secret_file (a mounted Secret) or secret_env (a variable holding it)",
+                    )
+                )
+            elif len(given & hmac_fields) > 1:
+                problems.append(
+                    (("secret_env",), "the secret is given twice", "keep secret_file or secret_env")
+                )
+        else:
+            for name in sorted(given & hmac_fields):
+                problems.append(
+                    ((name,), "is for hmac keys", "an ed25519 key takes private_key_* and/or public_key*")
+                )
+            private = [n for n in ("private_key_file", "private_key_env") if n in given]
+            public = [n for n in ("public_key", "public_key_file") if n in given]
+            if len(private) > 1:
+                problems.append(((private[1],), "the private key is given twice", "keep one of them"))
+            if len(public) > 1:
+                problems.append(((public[1],), "the public key is given twice", "keep one of them"))
+            if not private and not public:
+                problems.append(
+                    (
+                        ("public_key_file",),
+                        "an ed25519 key needs a private key (to sign) or a public key (to verify)",
+                        "set private_key_file where records are signed, public_key_file where verified",
+                    )
+                )
+        if problems:
+            raise _problems(problems)
+        return self
+
+    @property
+    def can_sign(self) -> bool:
+        if self.algorithm is SigningAlgorithm.HMAC:
+            return True
+        return self.private_key_file is not None or self.private_key_env is not None
+
+    @property
+    def can_verify(self) -> bool:
+        return True  # hmac: the secret; ed25519: a public key or the private key's public half
+
+
+class TopicSigning(_Settings):
+    """Signed provenance on one output topic (or, under `defaults:`, on every topic)."""
+
+    key: KeyId | None = None
+    """The key id stampers writing this topic sign with (from `signing.keys`); null: unsigned."""
+    verify: bool = False
+    """The Validator requires a valid signature (`bad_signature` alert otherwise)."""
+    accept: tuple[KeyId, ...] | None = None
+    """Key ids the Validator accepts here; null: every key of `signing.keys`."""
+
+
+class SigningSettings(_Settings):
+    """The keys, by id; topics name them under `topics.<topic>.signing` (docs/telemetry.md)."""
+
+    keys: dict[KeyId, SigningKey] = Field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------------------- topics
 
 
@@ -688,6 +945,7 @@ class TopicSettings(_Settings):
     criticality: Criticality = Criticality.MEDIUM
     checks: ChecksSettings = Field(default_factory=ChecksSettings)
     recompute: RecomputeSettings = Field(default_factory=RecomputeSettings)
+    signing: TopicSigning = Field(default_factory=TopicSigning)
     priority_topic: TopicName | None = None
 
     def priority_topic_name(self, topic: str) -> str:
@@ -758,6 +1016,8 @@ class StreamprovConfig(_Settings):
     topics: dict[TopicName, TopicSettings] = Field(default_factory=dict)
     validator: ValidatorSettings = Field(default_factory=ValidatorSettings)
     recompute_manager: RecomputeManagerSettings = Field(default_factory=RecomputeManagerSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    signing: SigningSettings = Field(default_factory=SigningSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -842,9 +1102,44 @@ class StreamprovConfig(_Settings):
                         "name a topic of its own",
                     )
                 )
+        problems.extend(self._signing_problems())
         if problems:
             raise _problems(problems)
         return self
+
+    def _signing_problems(self) -> list[Problem]:
+        """Every key a topic names exists and can do what the topic asks of it."""
+        problems: list[Problem] = []
+        keys = self.signing.keys
+        known = ", ".join(sorted(keys)) or "none defined"
+        blocks: list[tuple[Loc, TopicSettings]] = [(("defaults",), self.defaults)]
+        blocks += [(("topics", name), settings) for name, settings in self.topics.items()]
+        for where, settings in blocks:
+            signing = settings.signing
+            if signing.key is not None:
+                key = keys.get(signing.key)
+                if key is None:
+                    problems.append(
+                        ((*where, "signing", "key"), f"no key {signing.key!r} in signing.keys ({known})",
+                         "define it under signing.keys, or name one that is defined")
+                    )  # fmt: skip
+                elif not key.can_sign:
+                    problems.append(
+                        ((*where, "signing", "key"), f"key {signing.key!r} has no private key to sign with",
+                         f"set signing.keys.{signing.key}.private_key_file (or private_key_env)")
+                    )  # fmt: skip
+            for index, kid in enumerate(signing.accept or ()):
+                if kid not in keys:
+                    problems.append(
+                        ((*where, "signing", "accept", index), f"no key {kid!r} in signing.keys ({known})",
+                         "define it under signing.keys")
+                    )  # fmt: skip
+            if signing.verify and (not keys or signing.accept == ()):
+                problems.append(
+                    ((*where, "signing", "verify"), "signatures are required but no key is accepted",
+                     "define keys under signing.keys (and list them in accept, or leave accept out)")
+                )  # fmt: skip
+        return problems
 
     def topic(self, name: str) -> TopicSettings:
         """Settings of output topic `name`: its own block, else `defaults`."""
