@@ -1,7 +1,8 @@
-"""`streamprov recompute-manager run` (the service) and `streamprov recompute status [PLAN]`.
+"""`streamprov recompute-manager run` (the service), `streamprov recompute status [PLAN]` and
+`streamprov recompute approve PLAN`.
 
-Exit codes as the Validator's: 0 stopped cleanly (SIGTERM/SIGINT finish the current batch, whose
-transaction commits), 1 the service failed, 2 bad configuration.
+Exit codes as the Validator's: 0 stopped cleanly (SIGTERM/SIGINT finish the current batch and units,
+whose transactions commit), 1 the service (or the command) failed, 2 bad configuration.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -60,8 +60,18 @@ def run(
     ] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log one JSON object per line.")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    workers: Annotated[
+        int | None, typer.Option(help="Worker threads (default: recompute_manager.workers; 0 = plan only).")
+    ] = None,
+    replica: Annotated[
+        str | None,
+        typer.Option(
+            help="This replica's stable, unique name (default: STREAMPROV_REPLICA_ID, POD_NAME, "
+            "HOSTNAME, else the host name): its workers' group.instance.id and transactional.id."
+        ),
+    ] = None,
 ) -> None:
-    """Run the Recompute Manager until SIGTERM/SIGINT."""
+    """Run the Recompute Manager (planner and workers) until SIGTERM/SIGINT."""
     configure_logging(log_level, json_logs)
     from recompute_manager.service import ManagerSettings, RecomputeManager  # noqa: PLC0415 - fast --help
     from streamprov.config import ConfigError, load_config  # noqa: PLC0415
@@ -72,6 +82,10 @@ def run(
         overrides: dict[str, object] = {"http_host": host}
         if http_port is not None:
             overrides["http_port"] = http_port
+        if workers is not None:
+            overrides["workers"] = workers
+        if replica:
+            overrides["replica_id"] = replica
         settings = ManagerSettings.from_config(loaded, **overrides)
         registry = load_registry(functions)
         manager = RecomputeManager(settings, registry)
@@ -100,52 +114,57 @@ def status(
     config: Annotated[Path, typer.Option("--config", "-c", help="streamprov.yaml")] = Path("streamprov.yaml"),
     timeout: Annotated[float, typer.Option(help="Seconds to read the progress topic for.")] = 10.0,
 ) -> None:
-    """The latest progress of each plan (tasks done/total), read from the progress topic."""
-    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
-
-    from recompute_manager.service import Progress  # noqa: PLC0415
+    """Each plan's progress (tasks done / total, units done, a progress bar), from the progress topic."""
+    from recompute_manager.progress import read_progress  # noqa: PLC0415 - fast --help
     from streamprov.config import ConfigError, load_config  # noqa: PLC0415
 
     try:
         loaded = load_config(config)
     except ConfigError as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
-    topic = loaded.streams.recompute_progress
-    consumer = Consumer(
-        {
-            **loaded.kafka.librdkafka(),
-            "group.id": "streamprov-recompute-status",  # assign() only, never commits
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    latest: dict[str, Progress] = {}
     try:
-        meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise _fail(EXIT_FAILED, f"progress topic {topic!r} does not exist")
-        tps = [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=timeout)[1] for tp in tps}
-        consumer.assign(tps)
-        done = {part: False for part in ends}
-        deadline = time.monotonic() + timeout
-        while not all(done.values()) and time.monotonic() < deadline:
-            for part, end in ends.items():
-                pos = consumer.position([TopicPartition(topic, part)])[0].offset
-                done[part] = end == 0 or pos >= end
-            for msg in consumer.consume(500, 0.2):
-                raw = msg.value() if msg.error() is None else None
-                if raw:
-                    progress = Progress.decode(raw)
-                    latest[progress.plan_id] = progress
-    finally:
-        consumer.close()
-    shown = [p for p in latest.values() if plan is None or p.plan_id.startswith(plan)]
+        progress = read_progress(
+            loaded.kafka.librdkafka(), loaded.streams.recompute_progress, timeout_s=timeout
+        )
+    except StreamprovError as exc:
+        raise _fail(EXIT_FAILED, str(exc)) from None
+    shown = [st for pid, st in progress.statuses().items() if plan is None or pid.startswith(plan)]
     if plan is not None and not shown:
         raise _fail(EXIT_FAILED, f"no progress for plan {plan}")
-    for p in shown:
-        typer.echo(
-            f"{p.plan_id[:16]} {p.state:<14} {p.done}/{p.total} tasks "
-            f"(recomputed {p.recomputed}, unchanged {p.unchanged}, skipped {p.skipped}, dead {p.dead}) "
-            f"{p.cause} {p.subject}: {p.reason}"
+    for st in shown:
+        typer.echo(st.line())
+    if not progress.complete:
+        typer.secho("warning: the progress topic was not read to its end", fg=typer.colors.YELLOW, err=True)
+
+
+@recompute_app.command("approve")
+def approve(
+    plan: Annotated[str, typer.Argument(help="The plan id (or an unambiguous prefix) to run.")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="streamprov.yaml")] = Path("streamprov.yaml"),
+    by: Annotated[str | None, typer.Option(help="Who approves (default: the user name).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds for Kafka operations.")] = 30.0,
+) -> None:
+    """Run a plan held back for approval (`needs_approval`: more tasks than max_fanout); idempotent."""
+    from recompute_manager.approval import approve as approve_plan  # noqa: PLC0415 - fast --help
+    from streamprov.config import ConfigError, load_config  # noqa: PLC0415
+
+    try:
+        loaded = load_config(config)
+    except ConfigError as exc:
+        raise _fail(EXIT_CONFIG, str(exc)) from None
+    try:
+        done = approve_plan(
+            loaded.kafka.librdkafka(),
+            group_id=loaded.recompute_manager.group_id,
+            tasks_topic=loaded.streams.recompute_tasks,
+            progress_topic=loaded.streams.recompute_progress,
+            prefix=plan,
+            by=by,
+            timeout_s=timeout,
         )
+    except StreamprovError as exc:
+        raise _fail(EXIT_FAILED, str(exc)) from None
+    if done.already:
+        typer.echo(f"plan {done.plan_id[:16]} was approved before: nothing to do")
+    else:
+        typer.echo(f"plan {done.plan_id[:16]} approved: {done.tasks} tasks in {done.units} units queued")

@@ -1,84 +1,89 @@
 """The Recompute Manager service: alerts and change events in, corrected records out, exactly once.
 
-Each turn of the loop consumes a batch from the alerts and changes topics (read_committed, one consumer
-group), and for each cause:
+Two stages, each its own consumer group, each committing its input offsets inside the transaction
+that publishes its output:
 
-1. brings its views up to date (ledger index, current source values, output coordinates and values:
-   `recompute_manager.outputs`), only when the batch has something to plan;
-2. plans (`plan_for_alert` / `plan_for_change`), asks the topic's policy (`TopicPolicy`, from
-   `topics.<name>.recompute`; a change event is judged by its source topic's settings);
-3. runs the plan (`Executor.run_plan`: cache, early cut-off, retries, dead letters);
-4. publishes, in ONE transaction per batch: the changed records to their priority topics, dead letters,
-   one progress record per plan (`Progress`: tasks done/total) and the consumed offsets. A crash
-   before the commit replays the batch; plans and task ids are deterministic, so does the result.
+1. Planning (group `group_id`, over the alerts and changes topics, read_committed). Per batch: bring
+   the ledger index and the output coordinates up to date, then per cause plan (`plan_for_alert` /
+   `plan_for_change`) and ask the topic's policy (`TopicPolicy`; a change event is judged by its
+   source topic's settings). A plan that runs is cut into independent units (`units.split_units`)
+   and published in ONE transaction per batch: each unit as one record on the tasks topic (keyed by
+   its sink DataID), a `planned` progress record per plan, and the consumed offsets. Refusals are
+   reported on the progress topic with their reason; a `needs_approval` plan also leaves its units
+   there for `streamprov recompute approve`. Rate-limited decisions wait (stop-aware, bounded) and
+   are decided again.
+2. Execution (group `<group_id>-workers`, over the tasks topic): `workers` threads per process, and
+   every replica adds its own (`worker.UnitWorker`): one unit per transaction with its progress
+   record and its tasks-topic offset.
 
-Rate-limited decisions wait (stop-aware, bounded) and are decided again; over-budget,
-needs-approval, duplicate, alert-only and disabled decisions are reported on the progress topic
-with their reason and not run. SIGTERM/SIGINT (`stop()`) end the loop after the current batch.
+A crash anywhere replays from the last commit: plan, unit and task ids are deterministic, results
+are cached, superseded versions are written only once committed (`views`), so the committed output
+is the same as without the crash. SIGTERM/SIGINT (`stop()`) end both stages after the current
+batch / unit.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from recompute_manager.cache import ResultCache
-from recompute_manager.executor import Executor, PlanResult, RetryPolicy
-from recompute_manager.outputs import OutputIndex, SourceIndex, where
+from recompute_manager.executor import Executor, RetryPolicy
+from recompute_manager.outputs import where
 from recompute_manager.planner import RecomputePlan, plan_for_alert, plan_for_change
 from recompute_manager.policy import Action, Decision, TopicPolicy, trigger_of_alert, trigger_of_change
-from recompute_manager.priority import PlainRecord, PriorityPublisher, PriorityRecord
+from recompute_manager.priority import PlainRecord, PriorityPublisher
+from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress, pending_key
+from recompute_manager.units import RecomputeUnit, split_units
+from recompute_manager.views import Views
+from recompute_manager.worker import UnitWorker, WorkerSettings, instance_id
 from streamprov.agents.kafka_io import kafka_error
 from streamprov.changes.event import ChangeEvent
 from streamprov.config.models import RecomputeSettings, RecomputeTrigger, StreamprovConfig, TopicSettings
 from streamprov.errors import StreamprovError
 from streamprov.header import now_ms
-from streamprov.ledger.index import LedgerIndex
-from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.registry import FunctionRegistry
 from validator.alerts import Alert
 from validator.health import HttpEndpoints, probe_route
 
-__all__ = ["ManagerSettings", "ManagerStats", "Progress", "RecomputeManager"]
+__all__ = [
+    "ManagerError",
+    "ManagerSettings",
+    "ManagerStats",
+    "Progress",
+    "RecomputeManager",
+    "default_replica",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_RATE_WAITS = 20
 """A rate-limited plan is decided again at most this many times in one batch."""
+DEFAULT_MAX_UNIT_BYTES = 900_000
+"""Below librdkafka's default `message.max.bytes` (1,000,000) and the broker's default record limit."""
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """One plan's state, as published on the progress topic (JSON, key = plan id)."""
+class ManagerError(StreamprovError):
+    """A stage of the manager cannot go on (a worker was fenced by a newer instance of itself, or its
+    producer failed for good)."""
 
-    plan_id: str
-    cause: str
-    subject: str
-    state: str
-    """`done`, `failed` (some task dead-lettered), or the policy's action when it did not run."""
-    reason: str
-    total: int
-    done: int
-    recomputed: int
-    unchanged: int
-    skipped: int
-    dead: int
-    at_ms: int
 
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Progress:
-        return cls(**json.loads(raw))
+def default_replica() -> str:
+    """This process's stable name among the replicas: STREAMPROV_REPLICA_ID, POD_NAME, HOSTNAME, else
+    the host name (a StatefulSet pod keeps its name across restarts, which is what fencing needs)."""
+    for var in ("STREAMPROV_REPLICA_ID", "POD_NAME", "HOSTNAME"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value
+    return socket.gethostname() or "replica-0"
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class ManagerSettings:
     group_id: str
     alerts_topic: str
     changes_topic: str
+    tasks_topic: str
     progress_topic: str
     dead_letter_topic: str
     ledger_topic: str
@@ -95,6 +101,12 @@ class ManagerSettings:
     state_dir: Path
     topic_settings: Callable[[str], TopicSettings] = lambda _t: TopicSettings()
     max_retries: int = 5
+    workers: int = 1
+    """Worker threads in this process (0: plan only); more replicas add more."""
+    replica_id: str = field(default_factory=default_replica)
+    """Stable and unique per replica: derives the workers' group.instance.id and transactional.id."""
+    max_unit_bytes: int = DEFAULT_MAX_UNIT_BYTES
+    """A unit record larger than this is not published; its plan is reported `too_large`."""
     batch_size: int = 100
     poll_timeout_s: float = 0.5
     http_host: str = "127.0.0.1"
@@ -103,7 +115,7 @@ class ManagerSettings:
     ledger_id: str | None = None
     """The ledger's id (default: the ledger topic's name, as `streamprov ledger` assumes)."""
     consumer_config: Mapping[str, Any] = field(default_factory=dict)
-    """Extra settings of the alerts/changes consumer only (e.g. session timeouts)."""
+    """Extra settings of the manager's consumers (planner and workers; e.g. session timeouts)."""
 
     @classmethod
     def from_config(cls, config: StreamprovConfig, **overrides: Any) -> ManagerSettings:
@@ -113,6 +125,7 @@ class ManagerSettings:
             "group_id": m.group_id,
             "alerts_topic": s.alerts,
             "changes_topic": s.changes,
+            "tasks_topic": s.recompute_tasks,
             "progress_topic": s.recompute_progress,
             "dead_letter_topic": s.dead_letters,
             "ledger_topic": s.ledger,
@@ -121,22 +134,37 @@ class ManagerSettings:
             "state_dir": m.state_dir,
             "topic_settings": config.topic,
             "max_retries": m.max_retries,
+            "workers": m.workers,
             "http_port": m.http_port,
         }
         values.update(overrides)
         return cls(**values)
+
+    def priority_topic(self, topic: str) -> str:
+        return self.topic_settings(topic).priority_topic_name(topic)
+
+    @property
+    def workers_group(self) -> str:
+        return f"{self.group_id}-workers"
 
 
 @dataclass
 class ManagerStats:
     causes: int = 0
     plans_run: int = 0
+    """Plans published to the workers (as units)."""
+    units_planned: int = 0
+    units_done: int = 0
+    """Units this process's workers committed (of any replica's plans)."""
     tasks_recomputed: int = 0
     tasks_unchanged: int = 0
     tasks_skipped: int = 0
     dead_letters: int = 0
     published: int = 0
     transactions: int = 0
+    """Committed by the planner and this process's workers."""
+    aborted: int = 0
+    malformed: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
 
 
@@ -145,40 +173,89 @@ class RecomputeManager:
 
     def __init__(self, settings: ManagerSettings, registry: FunctionRegistry) -> None:
         self.settings = s = settings
-        self.stats = ManagerStats()
+        if s.workers < 0:
+            raise ManagerError(f"workers must be >= 0, not {s.workers}")
+        self._stats = ManagerStats()
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
         self._ready = False
         self._closed = False
         self._policies: dict[str, TopicPolicy] = {}
-        self.cache = ResultCache(s.state_dir / "cache")
-        self.index = LedgerIndex(s.state_dir / "ledger-index", s.ledger_id or s.ledger_topic)
+        self._pending: set[str] = set()
+        self._pending_lock = threading.Lock()
+        self._last_unit = time.monotonic()
+        self.workers: list[UnitWorker] = []
+        self._threads: list[threading.Thread] = []
+        self._http: HttpEndpoints | None = None
         kafka = dict(s.kafka)
-        self.outputs = OutputIndex(kafka, s.outputs, cache=self.cache)
-        self.sources = SourceIndex(kafka, s.sources)
+        # Every producer's init_transactions (here and in the workers) runs before the first read of a
+        # view in run(): it aborts what a killed predecessor left open, which read_committed reads of
+        # the priority topics would otherwise wait for.
+        self._publisher = PriorityPublisher(kafka, f"{s.group_id}.{instance_id(s.replica_id, 'planner')}")
+        try:
+            self._open(kafka, registry)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, kafka: dict[str, Any], registry: FunctionRegistry) -> None:
+        s = self.settings
+        self.views = Views(
+            kafka,
+            s.state_dir,
+            ledger_id=s.ledger_id or s.ledger_topic,
+            ledger_topic=s.ledger_topic,
+            ledger_idle_s=s.ledger_idle_s,
+            sources=s.sources,
+            outputs=s.outputs,
+            priority_topics=[s.priority_topic(t) for t in s.outputs],
+        )
         self.executor = Executor(
             registry,
-            self.sources,
-            cache=self.cache,
+            self.views.sources,
+            cache=self.views.cache,
             retry=RetryPolicy(max_retries=s.max_retries),
-            headers=self.outputs.headers,
+            headers=self.views.outputs.headers,
         )
+        for i in range(s.workers):
+            ws = WorkerSettings(
+                kafka,
+                s.workers_group,
+                instance_id(s.replica_id, f"worker-{i}"),
+                s.tasks_topic,
+                s.progress_topic,
+                s.dead_letter_topic,
+                s.priority_topic,
+                s.consumer_config,
+                poll_timeout_s=s.poll_timeout_s,
+            )
+            self.workers.append(UnitWorker(ws, self.views, self.executor, on_done=self._unit_done))
         consumer = {**kafka, **s.consumer_config, "group.id": s.group_id, "enable.auto.commit": False}
-        consumer.update({"isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+        consumer.update(
+            {
+                "group.instance.id": instance_id(s.replica_id, "planner"),
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+            }
+        )
         self._consumer = Consumer(consumer)
-        self._publisher = PriorityPublisher(kafka, f"{s.group_id}-publisher")
-        self._http: HttpEndpoints | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Return from `run()` after the current batch; safe from signal handlers."""
+        """Return from `run()` after the current batch and units; safe from signal handlers."""
         self._stop.set()
 
     def alive(self) -> tuple[bool, str]:
-        idle = time.monotonic() - self._heartbeat
+        now = time.monotonic()
+        idle = now - self._heartbeat
         if not self._closed and idle > 120:
-            return False, f"the loop has not turned for {idle:.0f} s"
+            return False, f"the planning loop has not turned for {idle:.0f} s"
+        for w in self.workers:
+            if w.error is not None:
+                return False, f"worker {w.settings.member} stopped: {w.error}"
+            if not self._closed and not w.busy and now - w.heartbeat > 120:
+                return False, f"worker {w.settings.member} has not turned for {now - w.heartbeat:.0f} s"
         return True, "alive"
 
     def ready(self) -> tuple[bool, str]:
@@ -188,17 +265,43 @@ class RecomputeManager:
     def http_port(self) -> int | None:
         return None if self._http is None else self._http.port
 
+    @property
+    def stats(self) -> ManagerStats:
+        """The planner's counters plus every worker's (a snapshot)."""
+        p = self._stats
+        out = ManagerStats(**{f.name: getattr(p, f.name) for f in fields(ManagerStats)})
+        out.decisions = dict(p.decisions)
+        for w in self.workers:
+            ws = w.stats
+            out.units_done += ws.units
+            out.tasks_recomputed += ws.tasks_recomputed
+            out.tasks_unchanged += ws.tasks_unchanged
+            out.tasks_skipped += ws.tasks_skipped
+            out.dead_letters += ws.dead_letters
+            out.published += ws.published
+            out.transactions += ws.transactions
+            out.aborted += ws.aborted
+            out.malformed += ws.malformed
+        return out
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for closer in (self._consumer.close, self._publisher.close, self.outputs.close, self.sources.close):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+        closers: list[Callable[[], None]] = [w.close for w in self.workers]
+        if hasattr(self, "_consumer"):
+            closers.append(self._consumer.close)
+        closers.append(self._publisher.close)
+        for closer in closers:
             try:
                 closer()
             except (KafkaException, RuntimeError) as exc:
                 log.warning("closing: %s", exc)
-        self.index.close()
-        self.cache.close()
+        if hasattr(self, "views"):
+            self.views.close()
         if self._http is not None:
             self._http.close()
 
@@ -215,24 +318,64 @@ class RecomputeManager:
             p = self._policies[topic] = TopicPolicy(topic, settings)
         return p
 
+    def _unit_done(self, unit: RecomputeUnit, _progress: Progress) -> None:
+        with self._pending_lock:
+            self._pending.discard(unit.unit_id)
+        self._last_unit = time.monotonic()
+
+    @property
+    def pending_units(self) -> int:
+        """Units this process planned that its own workers have not committed yet."""
+        with self._pending_lock:
+            return len(self._pending)
+
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, *, max_causes: int | None = None, idle_timeout_s: float | None = None) -> ManagerStats:
+        """Plan and execute until `stop()`; or, for tests and batch use, until `max_causes` causes were
+        planned and the units this process planned were run by its workers, or until nothing was
+        planned or run for `idle_timeout_s`. Raises `ManagerError` when a worker failed for good."""
         s = self.settings
         if s.http_port is not None and self._http is None:
             routes = {"/healthz": probe_route(self.alive), "/readyz": probe_route(self.ready)}
             self._http = HttpEndpoints(s.http_host, s.http_port, routes).start()
         self._consumer.subscribe([s.alerts_topic, s.changes_topic])
+        workers_stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=w.run, args=(workers_stop,), name=f"recompute-worker-{i}", daemon=True)
+            for i, w in enumerate(self.workers)
+        ]
+        for t in self._threads:
+            t.start()
         self._ready = True
-        log.info("recompute manager consuming %s, %s (group %s)", s.alerts_topic, s.changes_topic, s.group_id)
+        log.info(
+            "recompute manager consuming %s, %s (group %s); %d worker(s) on %s (replica %s)",
+            s.alerts_topic,
+            s.changes_topic,
+            s.group_id,
+            len(self.workers),
+            s.tasks_topic,
+            s.replica_id,
+        )
         last = time.monotonic()
-        start = self.stats.causes
+        start = self._stats.causes
         try:
             while not self._stop.is_set():
                 self._heartbeat = time.monotonic()
-                if max_causes is not None and self.stats.causes - start >= max_causes:
+                failed = next((w for w in self.workers if w.error is not None), None)
+                if failed is not None:
+                    raise ManagerError(f"worker {failed.settings.member} stopped: {failed.error}")
+                if (
+                    max_causes is not None
+                    and self._stats.causes - start >= max_causes
+                    and not self.pending_units
+                ):
                     break
+                last = max(last, self._last_unit)
                 if idle_timeout_s is not None and time.monotonic() - last >= idle_timeout_s:
                     break
+                if max_causes is not None and self._stats.causes - start >= max_causes:
+                    self._stop.wait(0.05)  # only waiting for the workers now
+                    continue
                 try:
                     msgs = self._consumer.consume(s.batch_size, s.poll_timeout_s)
                 except KafkaException as exc:
@@ -244,61 +387,62 @@ class RecomputeManager:
                     self._batch(good)
         finally:
             self._ready = False
+            workers_stop.set()
+            for t in self._threads:
+                t.join(timeout=120)
+            self._threads = []
         return self.stats
 
     def _batch(self, msgs: list[Message]) -> None:
         s = self.settings
-        self._catch_up()
-        records: list[tuple[str, PriorityRecord]] = []
+        with self.views.lock:
+            self.views.for_planning()
         plain: list[PlainRecord] = []
+        planned: list[RecomputeUnit] = []
+        decisions: list[str] = []
         offsets: dict[tuple[str, int], int] = {}
         for msg in msgs:
             at = where(msg)
             offsets[(at.topic, at.partition)] = at.offset + 1
-            self.stats.causes += 1
+            self._stats.causes += 1
             handled = self._cause(msg, at.topic == s.alerts_topic)
             if handled is None:
                 continue
-            plan, decision, result = handled
-            progress = _progress(plan, decision, result)
-            plain.append(PlainRecord(s.progress_topic, plan.plan_id.encode(), progress.encode()))
-            self.stats.decisions[progress.state] = self.stats.decisions.get(progress.state, 0) + 1
-            if result is None:
-                continue
-            for r in result.changed:
-                topic = s.topic_settings(r.task.topic).priority_topic_name(r.task.topic)
-                records.append((topic, PriorityRecord.of(r)))
-            for d in result.dead:
-                plain.append(
-                    PlainRecord(s.dead_letter_topic, d.task.key, d.task.encode(), tuple(d.headers()))
-                )
+            records, units, state = self._planned(*handled)
+            plain += records
+            planned += units
+            decisions.append(state)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        self._publisher.publish_all(records, consumer=self._consumer, offsets=tps, plain=plain)
-        self.stats.published += len(records)
-        self.stats.transactions += 1
+        with self._pending_lock:  # before the commit: a worker may finish a unit right after it
+            self._pending.update(u.unit_id for u in planned)
+        try:
+            self._publisher.publish_all([], consumer=self._consumer, offsets=tps, plain=plain)
+        except BaseException:
+            with self._pending_lock:
+                self._pending.difference_update(u.unit_id for u in planned)
+            raise
+        self._stats.transactions += 1
+        self._stats.units_planned += len(planned)
+        self._stats.plans_run += len({u.plan_id for u in planned})
+        for state in decisions:
+            self._stats.decisions[state] = self._stats.decisions.get(state, 0) + 1
 
-    def _catch_up(self) -> None:
-        s = self.settings
-        self.index.catch_up(KafkaLedgerReader(dict(s.kafka), s.ledger_topic, idle_timeout_s=s.ledger_idle_s))
-        self.sources.catch_up()
-        self.outputs.catch_up()
-
-    def _cause(
-        self, msg: Message, is_alert: bool
-    ) -> tuple[RecomputePlan, Decision, PlanResult | None] | None:
+    def _cause(self, msg: Message, is_alert: bool) -> tuple[RecomputePlan, Decision] | None:
         raw = msg.value() or b""
         now = time.monotonic()
         trigger: RecomputeTrigger | None
         try:
             if is_alert:
                 alert = Alert.decode(raw)
-                plan = plan_for_alert(self.index, alert)
+                with self.views.lock:
+                    plan = plan_for_alert(self.views.index, alert)
                 policy = self.policy(alert.topic)
                 decision = policy.on_alert(alert, now, tasks=len(plan))
                 trigger = trigger_of_alert(alert)
             else:
                 event = ChangeEvent.decode(raw)
-                plan = plan_for_change(self.index, event, supersedes=self.outputs.locations)
+                with self.views.lock:
+                    plan = plan_for_change(self.views.index, event, supersedes=self.views.outputs.locations)
                 topic = event.source.topic if event.source is not None else ""
                 policy = self.policy(topic)
                 decision = policy.on_change(event, now, tasks=len(plan))
@@ -319,16 +463,65 @@ class RecomputeManager:
             decision = policy.decide(
                 trigger, decision.data_id, decision.cause, time.monotonic(), tasks=len(plan)
             )
-        if not decision.runs or not plan.tasks:
-            log.info("plan %s not run: %s", plan.plan_id[:12], decision.reason)
-            return plan, decision, None
-        result = self.executor.run_plan(plan)
-        self.stats.plans_run += 1
-        self.stats.tasks_recomputed += len(result.recomputed) - sum(r.unchanged for r in result.recomputed)
-        self.stats.tasks_unchanged += sum(r.unchanged for r in result.recomputed)
-        self.stats.tasks_skipped += len(result.skipped)
-        self.stats.dead_letters += len(result.dead)
-        return plan, decision, result
+        return plan, decision
+
+    def _planned(
+        self, plan: RecomputePlan, decision: Decision
+    ) -> tuple[list[PlainRecord], list[RecomputeUnit], str]:
+        """The records a decided plan publishes: units to the tasks topic (it runs), or to the progress
+        topic (it waits for approval), and its progress record; the units that will run; its state."""
+        s = self.settings
+        waits = decision.action is Action.NEEDS_APPROVAL
+        units: tuple[RecomputeUnit, ...] = ()
+        if plan.tasks and (decision.runs or waits):
+            units = split_units(plan, subject=decision.data_id, cause=decision.cause)
+        encoded = [(u, u.encode()) for u in units]
+        too_big = [(u, len(raw)) for u, raw in encoded if len(raw) > s.max_unit_bytes]
+        state = "done" if decision.runs and not plan.tasks else decision.action.value
+        reason = decision.reason
+        if decision.runs and plan.tasks:
+            state = "planned"
+        if too_big:
+            u, size = too_big[0]
+            state = "too_large"
+            reason = (
+                f"unit {u.index} has {len(u.tasks)} tasks, {size} bytes encoded, more than "
+                f"max_unit_bytes {s.max_unit_bytes} (raise it with the topics' max.message.bytes)"
+            )
+            encoded = []
+        records: list[PlainRecord] = []
+        run: list[RecomputeUnit] = []
+        for u, raw in encoded:
+            if decision.runs:
+                records.append(PlainRecord(s.tasks_topic, u.key, raw))
+                run.append(u)
+            else:
+                key = pending_key(u.plan_id, u.index)
+                records.append(PlainRecord(s.progress_topic, key, raw, ((RECORD_HEADER, KIND_PENDING),)))
+        progress = Progress(
+            plan.plan_id,
+            plan.cause.kind,
+            decision.data_id,
+            state,
+            reason,
+            len(plan.tasks),
+            0,
+            0,
+            0,
+            0,
+            0,
+            now_ms(),
+            -1,
+            len(encoded),
+        )
+        records.append(
+            PlainRecord(s.progress_topic, progress.key, progress.encode(), ((RECORD_HEADER, KIND_PROGRESS),))
+        )
+        if run:
+            log.info("plan %s: %d tasks in %d unit(s)", plan.plan_id[:12], len(plan.tasks), len(run))
+        else:
+            log.info("plan %s not run: %s (%s)", plan.plan_id[:12], state, reason)
+        return records, run, state
 
 
 def _skip(msg: Message) -> bool:
@@ -338,38 +531,3 @@ def _skip(msg: Message) -> bool:
     if err.code() != KafkaError._PARTITION_EOF:
         log.warning("consume: %s", err.str())
     return True
-
-
-def _progress(plan: RecomputePlan, decision: Decision, result: PlanResult | None) -> Progress:
-    total = len(plan.tasks)
-    if result is None:
-        state = decision.action.value if not decision.runs else "done"
-        return Progress(
-            plan.plan_id,
-            plan.cause.kind,
-            decision.data_id,
-            state,
-            decision.reason,
-            total,
-            0,
-            0,
-            0,
-            0,
-            0,
-            now_ms(),
-        )
-    unchanged = sum(r.unchanged for r in result.recomputed)
-    return Progress(
-        plan.plan_id,
-        plan.cause.kind,
-        decision.data_id,
-        "failed" if result.dead else "done",
-        decision.reason,
-        total,
-        len(result.recomputed) + len(result.skipped) + len(result.dead),
-        len(result.recomputed) - unchanged,
-        unchanged,
-        len(result.skipped),
-        len(result.dead),
-        now_ms(),
-    )

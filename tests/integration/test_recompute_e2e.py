@@ -12,24 +12,15 @@ Nothing else is published.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import processor_fns
 import pytest
-from kafka_support import consume_all, create_topic, delete_topics, record_view
-from ledger_pipeline import (
-    CTX,
-    brute_force_downstream,
-    ledger_entries,
-    ledger_writer,
-    produce_sources,
-    run_step,
-    value,
-)
+from kafka_support import consume_all, create_topic, record_view
+from ledger_pipeline import brute_force_downstream, ledger_entries, value
 from ledger_support import LEDGER, verifier
+from recompute_pipeline import N, build_pipeline, change_source, priority_topics  # noqa: F401 - fixture
 
 from recompute_manager.cache import ResultCache
 from recompute_manager.executor import PLAN_HEADER, SUPERSEDES_HEADER, TASK_HEADER, Executor
@@ -37,125 +28,22 @@ from recompute_manager.outputs import OutputIndex, SourceIndex
 from recompute_manager.planner import plan_for_change
 from recompute_manager.policy import Action, TopicPolicy
 from recompute_manager.priority import PRIORITY_HEADER, PriorityPublisher, PriorityRecord
-from streamprov.agents.processor import AT_LEAST_ONCE
-from streamprov.changes import ChangeDetector, ChangeEvent, ChangeKind
+from streamprov.changes import ChangeKind
 from streamprov.checksum import ChecksumAlgorithm, compute, matches
-from streamprov.config.models import RecomputeSettings, TopicSettings
+from streamprov.config.models import RecomputeSettings
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger import DataRef, LedgerIndex
-from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG, KafkaLedgerReader
-from streamprov.producer import ProvenanceProducer
+from streamprov.ledger.kafka import KafkaLedgerReader
 
 pytestmark = pytest.mark.kafka
 
-COMPACTED = {"cleanup.policy": "compact"}
-N, GROUPS = 40, 4
-
-
-@dataclass
-class Pipeline:
-    src: str
-    mid: str
-    tagged: str
-    sums: str
-    changes: str
-    ledger: str
-    sources: dict[str, bytes]
-
-    @property
-    def outputs(self) -> list[str]:
-        return [self.mid, self.tagged, self.sums]
-
-    def priority(self, topic: str) -> str:
-        return TopicSettings().priority_topic_name(topic)
-
-
-def build_pipeline(
-    bootstrap: str, new_topic: Any, unique_group: Any, tmp: Path, detector_group: str
-) -> Pipeline:
-    """Sources, the detector's first look, the three steps with the ledger on (detector closed)."""
-    src = new_topic(2, COMPACTED, prefix="src")
-    mid, tagged, sums, dlq = new_topic(2), new_topic(), new_topic(), new_topic()
-    p = Pipeline(
-        src,
-        mid,
-        tagged,
-        sums,
-        new_topic(1, prefix="changes"),
-        new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger"),
-        {},
-    )
-    p.sources = produce_sources(bootstrap, src, ((f"id-{i:03d}", value(i)) for i in range(N)))
-    with ledger_writer(bootstrap, p.ledger) as writer:
-        with detector(bootstrap, p, detector_group, tmp, writer) as d:
-            stats = d.run(max_records=N, idle_timeout_s=20)
-            assert (stats.first_seen, stats.events) == (N, 0)
-        run_step(
-            bootstrap,
-            processor_fns.enrich,
-            src,
-            mid,
-            dlq,
-            unique_group(),
-            writer,
-            records=N,
-            key_by=lambda v: f"g{v['n'] % GROUPS}",
-        )
-        run_step(bootstrap, processor_fns.tag, mid, tagged, dlq, unique_group(), writer, records=N)
-        run_step(
-            bootstrap,
-            processor_fns.sum_n,
-            mid,
-            sums,
-            dlq,
-            unique_group(),
-            writer,
-            records=N,
-            guarantee=AT_LEAST_ONCE,
-            window_ms=3_600_000,
-            flush_windows_on_stop=True,
-        )
-    return p
-
-
-def detector(bootstrap: str, p: Pipeline, group: str, tmp: Path, writer: Any) -> ChangeDetector:
-    return ChangeDetector(
-        {"bootstrap.servers": bootstrap, "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
-        group_id=group,
-        source_topics=p.src,
-        changes_topic=p.changes,
-        index=LedgerIndex(tmp / "detector-index", LEDGER, verifier=verifier()),
-        ledger=KafkaLedgerReader(bootstrap, p.ledger, idle_timeout_s=20.0),
-        state_dir=tmp / "detector-state",
-        writer=writer,
-        context=CTX,
-        device_id="detector-0",
-    )
-
-
-def change_source(
-    bootstrap: str, p: Pipeline, group: str, tmp: Path, data_id: str, new: bytes
-) -> ChangeEvent:
-    """Produce a new version of `data_id`; the detector (same group, state) emits its change event."""
-    producer = ProvenanceProducer({"bootstrap.servers": bootstrap})
-    producer.produce(p.src, new, data_id)
-    assert producer.flush(30) == 0
-    with ledger_writer(bootstrap, p.ledger) as writer, detector(bootstrap, p, group, tmp, writer) as d:
-        stats = d.run(max_records=1, idle_timeout_s=20)
-        assert (stats.changed, stats.events) == (1, 1)
-    [msg] = consume_all(bootstrap, p.changes, expected=1, timeout_s=30, grace_s=0.3)
-    return ChangeEvent.decode(msg.value())
-
-
-@pytest.fixture
-def priority_topics(kafka_bootstrap: str) -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    delete_topics(kafka_bootstrap, made)
-
 
 def test_one_changed_source_recomputes_exactly_its_outputs(
-    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path, priority_topics: list[str]
+    kafka_bootstrap: str,
+    new_topic: Any,
+    unique_group: Any,
+    tmp_path: Path,
+    priority_topics: list[str],  # noqa: F811 - the fixture
 ) -> None:
     bootstrap = kafka_bootstrap
     group = unique_group()  # the detector's, before and after the change (it remembers versions)

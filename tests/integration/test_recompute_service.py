@@ -1,7 +1,9 @@
-"""The Recompute Manager service on Apache Kafka: a change event in, the affected outputs out on their
-priority topics, a progress report, and the consumed offset, all in one transaction; a restart of the
-same group finds nothing left to do. `streamprov recompute status` reads the progress back, and
-`streamprov recompute-manager run` stops cleanly on SIGTERM."""
+"""The Recompute Manager service on Apache Kafka: a change event in; the planner publishes the plan's
+unit to the tasks topic with a `planned` progress record and the consumed offset (one transaction);
+a worker publishes the affected outputs on their priority topics with the unit's progress record and
+its tasks-topic offset (one transaction); a restart of the same groups finds nothing left to do.
+`streamprov recompute status` reads the progress back, `streamprov recompute-manager run` stops
+cleanly on SIGTERM, and a record on the tasks topic that is not a unit is dead-lettered."""
 
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from kafka_support import FAST_GROUP_CONFIG, consume_all, create_topic
 from ledger_support import LEDGER
-from test_recompute_e2e import build_pipeline, change_source, priority_topics  # noqa: F401 - fixture
+from recompute_pipeline import build_pipeline, change_source, priority_topics  # noqa: F401 - fixture
 from typer.testing import CliRunner
 
 from recompute_manager.executor import SUPERSEDES_HEADER
 from recompute_manager.service import ManagerSettings, Progress, RecomputeManager
+from recompute_manager.units import RecomputeUnit
 from streamprov.checksum import matches
 from streamprov.cli import app
 from streamprov.header import ProvenanceHeader
@@ -33,10 +36,10 @@ HERE = Path(__file__).resolve().parent
 STREAMPROV = Path(sys.executable).parent / "streamprov"
 
 
-def _committed(bootstrap: str, group: str, topic: str) -> int:
+def _committed(bootstrap: str, group: str, topic: str, partition: int = 0) -> int:
     probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
-        [tp] = probe.committed([TopicPartition(topic, 0)], timeout=10)
+        [tp] = probe.committed([TopicPartition(topic, partition)], timeout=10)
         return int(tp.offset)
     finally:
         probe.close()
@@ -55,6 +58,7 @@ def test_service_recomputes_a_change_exactly_once(
     for t in p.outputs:
         priority_topics.append(create_topic(bootstrap, p.priority(t), partitions=2))
     alerts, progress, dead = new_topic(prefix="alerts"), new_topic(prefix="progress"), new_topic()
+    tasks = new_topic(2, prefix="tasks")
     change_source(bootstrap, p, detector_group, tmp_path, "id-011", b'{"n":2011}')
 
     settings = ManagerSettings(
@@ -62,6 +66,7 @@ def test_service_recomputes_a_change_exactly_once(
         group_id=unique_group("rm"),
         alerts_topic=alerts,
         changes_topic=p.changes,
+        tasks_topic=tasks,
         progress_topic=progress,
         dead_letter_topic=dead,
         ledger_topic=p.ledger,
@@ -76,22 +81,32 @@ def test_service_recomputes_a_change_exactly_once(
         stats = manager.run(max_causes=1, idle_timeout_s=60)
         assert manager.http_port  # health endpoints were served
     assert (stats.causes, stats.plans_run, stats.tasks_recomputed, stats.published) == (1, 1, 3, 3)
-    assert stats.transactions == 1 and stats.dead_letters == 0
+    assert (stats.units_planned, stats.units_done) == (1, 1)
+    assert stats.transactions == 2 and stats.dead_letters == 0  # the plan's, the unit's
 
     for t in p.outputs:
         [msg] = consume_all(bootstrap, p.priority(t), expected=1, timeout_s=30, grace_s=0.5)
         header = ProvenanceHeader.from_headers(msg.headers() or [])
         assert header is not None and matches(header.checksum, msg.value())
         assert dict(msg.headers() or [])[SUPERSEDES_HEADER].startswith(f"{t}/".encode())
-    [report] = consume_all(bootstrap, progress, expected=1, timeout_s=30, grace_s=0.5)
-    got = Progress.decode(report.value())
-    assert (got.state, got.done, got.total, got.recomputed) == ("done", 3, 3, 3)
-    assert _committed(bootstrap, settings.group_id, p.changes) == 1  # committed with the transaction
+    reports = consume_all(bootstrap, progress, expected=2, timeout_s=30, grace_s=0.5)
+    got = {(r.unit, r.state): r for r in (Progress.decode(m.value()) for m in reports)}
+    assert set(got) == {(-1, "planned"), (0, "done")}
+    plan, unit = got[(-1, "planned")], got[(0, "done")]
+    assert (plan.total, plan.units, plan.done) == (3, 1, 0)
+    assert (unit.plan_id, unit.done, unit.total, unit.recomputed) == (plan.plan_id, 3, 3, 3)
+    [task_record] = consume_all(bootstrap, tasks, expected=1, timeout_s=10, grace_s=0.3)
+    assert RecomputeUnit.decode(task_record.value()).plan_id == plan.plan_id
+    # each stage's offsets were committed with its transaction
+    assert _committed(bootstrap, settings.group_id, p.changes) == 1
+    assert _committed(bootstrap, settings.workers_group, tasks, task_record.partition()) == 1 + (
+        task_record.offset()
+    )
 
     # a restart of the same group has nothing left to do
     with RecomputeManager(settings, processor_fns.registry) as again:
         stats = again.run(idle_timeout_s=4)
-    assert stats.causes == 0
+    assert (stats.causes, stats.units_done, stats.transactions) == (0, 0, 0)
     for t in p.outputs:
         assert len(consume_all(bootstrap, p.priority(t), expected=2, timeout_s=2)) == 1
 
@@ -100,18 +115,19 @@ def test_service_recomputes_a_change_exactly_once(
     config.write_text(
         f"kafka:\n  bootstrap_servers: {bootstrap}\nstreams:\n  recompute_progress: {progress}\n"
     )
-    out = CliRunner().invoke(app, ["recompute", "status", got.plan_id[:12], "--config", str(config)])
+    out = CliRunner().invoke(app, ["recompute", "status", plan.plan_id[:12], "--config", str(config)])
     assert out.exit_code == 0, out.output
-    assert "done" in out.output and "3/3 tasks" in out.output
+    assert " done " in out.output and "[####################] 100% 3/3 tasks, 1/1 units" in out.output
 
 
 def test_cli_run_stops_on_sigterm(kafka_bootstrap: str, new_topic: Any, tmp_path: Path) -> None:
-    streams = {k: new_topic(prefix=k) for k in ("alerts", "changes", "progress", "dl", "ledger")}
+    streams = {k: new_topic(prefix=k) for k in ("alerts", "changes", "tasks", "progress", "dl", "ledger")}
     config = tmp_path / "streamprov.yaml"
     config.write_text(
         f"kafka:\n  bootstrap_servers: {kafka_bootstrap}\n"
         "streams:\n"
         f"  alerts: {streams['alerts']}\n  changes: {streams['changes']}\n"
+        f"  recompute_tasks: {streams['tasks']}\n"
         f"  recompute_progress: {streams['progress']}\n  dead_letters: {streams['dl']}\n"
         f"  ledger: {streams['ledger']}\n"
         f"recompute_manager:\n  state_dir: {tmp_path / 'state'}\n  http_port: 18931\n  metrics_port: 18932\n"

@@ -1,0 +1,188 @@
+"""Units: a plan's task graph cut into independent parts, the records workers take from the tasks topic.
+
+A unit is a connected component of the plan's task graph (`depends_on` edges, plus an edge between
+tasks that write the same DataID), so every input a task takes from another task is produced inside
+its own unit: a worker never waits for another worker's intermediate results, and units of one plan
+can run anywhere, in any order, in parallel. Tasks keep the plan's dependency order inside a unit.
+
+On the tasks topic a unit is ONE record (`schemas/recompute_unit.avsc`, its tasks in the
+`recompute_task.avsc` encoding), keyed by the DataID of its last task (its sink): the partitioner
+sends every unit with that key, from any plan, to one partition, where one worker runs them one after
+the other. Unit ids (`plan_id/index`) are deterministic: planning a cause twice gives the same units.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import fastavro
+
+from recompute_manager.planner import RecomputePlan, RecomputeTask
+from recompute_manager.policy import Cause
+from streamprov import avro
+from streamprov.errors import StreamprovError
+from streamprov.header import now_ms
+
+__all__ = ["UNIT_PREFIX", "RecomputeUnit", "UnitError", "cause_from_dict", "cause_json", "split_units"]
+
+SCHEMA_NAME = "recompute_unit"
+SCHEMA = avro.load_schema_json(SCHEMA_NAME)
+UNIT_PREFIX = avro.single_object_prefix(SCHEMA)
+_READER = avro.without_logical_types(SCHEMA)
+_PARSED = fastavro.parse_schema(_READER)
+
+
+class UnitError(StreamprovError):
+    """Bytes that are not a recompute unit of this schema version, or a unit that is inconsistent."""
+
+
+def cause_json(cause: Cause) -> str:
+    return json.dumps(cause.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def cause_from_dict(d: Mapping[str, Any]) -> Cause:
+    return Cause(
+        str(d["kind"]),
+        str(d["subject"]),
+        str(d.get("detail", "")),
+        tuple(cause_from_dict(c) for c in d.get("causes", ())),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RecomputeUnit:
+    plan_id: str
+    index: int
+    count: int
+    plan_tasks: int
+    subject: str
+    cause: Cause
+    """Why it runs: the policy decision's cause tree (with an approval on top when approved)."""
+    tasks: tuple[RecomputeTask, ...]
+    created_at_ms: int
+
+    @property
+    def unit_id(self) -> str:
+        return f"{self.plan_id}/{self.index}"
+
+    @property
+    def key(self) -> bytes:
+        """The tasks-topic key: the DataID of the last task (the unit's sink)."""
+        return self.tasks[-1].key
+
+    def plan(self) -> RecomputePlan:
+        """The unit as a plan for `Executor.run_plan` (its tasks are closed under `depends_on`)."""
+        return RecomputePlan(self.plan_id, self.tasks[0].cause, self.tasks, False, False)
+
+    def approved(self, by: str) -> RecomputeUnit:
+        """The same unit, its cause tree topped by an operator's approval."""
+        top = Cause("approved", self.subject, f"approved by {by}", (self.cause,))
+        return replace(self, cause=top)
+
+    def encode(self) -> bytes:
+        record = {
+            "plan_id": self.plan_id,
+            "unit_index": self.index,
+            "unit_count": self.count,
+            "plan_tasks": self.plan_tasks,
+            "key": self.tasks[-1].data_id,
+            "subject": self.subject,
+            "cause": cause_json(self.cause),
+            "created_at": self.created_at_ms,
+            "tasks": [t.encode() for t in self.tasks],
+        }
+        out = io.BytesIO()
+        out.write(UNIT_PREFIX)
+        fastavro.schemaless_writer(out, _PARSED, record)
+        return out.getvalue()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> RecomputeUnit:
+        """Raises `UnitError` (only) for anything that is not a consistent unit."""
+        if not isinstance(raw, bytes) or raw[: len(UNIT_PREFIX)] != UNIT_PREFIX:
+            raise UnitError("not a recompute unit of this schema version (marker or fingerprint differ)")
+        try:
+            r: Any = avro.schemaless_read(raw[len(UNIT_PREFIX) :], _READER, _READER)
+            tasks = tuple(RecomputeTask.decode(t) for t in r["tasks"])
+            unit = cls(
+                r["plan_id"],
+                r["unit_index"],
+                r["unit_count"],
+                r["plan_tasks"],
+                r["subject"],
+                cause_from_dict(json.loads(r["cause"])),
+                tasks,
+                r["created_at"],
+            )
+        except Exception as exc:  # untrusted bytes: one typed error out
+            raise UnitError(f"recompute unit does not decode: {exc}") from exc
+        unit.check()
+        if r["key"] != tasks[-1].data_id:
+            raise UnitError(f"unit {unit.unit_id}: key {r['key']!r} is not its last task's DataID")
+        return unit
+
+    def check(self) -> None:
+        """Consistency a worker relies on: tasks of this plan, dependencies inside the unit, in order."""
+        if not self.tasks:
+            raise UnitError(f"unit {self.unit_id} has no tasks")
+        if not 0 <= self.index < self.count or len(self.tasks) > self.plan_tasks:
+            raise UnitError(
+                f"unit {self.unit_id}: index {self.index} of {self.count}, "
+                f"{len(self.tasks)} of {self.plan_tasks} tasks"
+            )
+        seen: set[str] = set()
+        for t in self.tasks:
+            if t.plan_id != self.plan_id:
+                raise UnitError(
+                    f"unit {self.unit_id}: task {t.task_id[:12]} belongs to plan {t.plan_id[:12]}"
+                )
+            missing = [d for d in t.depends_on if d not in seen]
+            if missing:
+                raise UnitError(
+                    f"unit {self.unit_id}: task {t.task_id[:12]} depends on {missing[0][:12]}, "
+                    "which is not earlier in the unit"
+                )
+            seen.add(t.task_id)
+
+
+def split_units(
+    plan: RecomputePlan, *, subject: str, cause: Cause, created_at_ms: int | None = None
+) -> tuple[RecomputeUnit, ...]:
+    """The plan's connected components (by `depends_on` and by output DataID), each in plan order;
+    units are numbered by their first task's position. A dependency on a task outside the plan (a
+    truncated plan) is dropped from the graph: the executor reports that task's input as missing."""
+    parent: dict[str, str] = {t.task_id: t.task_id for t in plan.tasks}
+
+    def find(x: str) -> str:
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+
+    writer: dict[str, str] = {}
+    for t in plan.tasks:
+        for d in t.depends_on:
+            if d in parent:
+                union(t.task_id, d)
+        first = writer.setdefault(t.data_id, t.task_id)
+        union(first, t.task_id)
+    groups: dict[str, list[RecomputeTask]] = {}
+    for t in plan.tasks:  # plan order: dependency order, and first-task order of the groups
+        groups.setdefault(find(t.task_id), []).append(t)
+    created = now_ms() if created_at_ms is None else created_at_ms
+    count = len(groups)
+    return tuple(
+        RecomputeUnit(plan.plan_id, i, count, len(plan.tasks), subject, cause, tuple(tasks), created)
+        for i, tasks in enumerate(groups.values())
+    )

@@ -1,0 +1,296 @@
+"""Workers: members of the `<group>-workers` consumer group over the tasks topic, one unit per transaction.
+
+A worker takes one unit at a time (`consume(1)`: a rebalance waits for at most one unit), runs it
+with the process's `Executor` (cache, early cut-off, retries with backoff, dead letters) under the
+views lock, and publishes in ONE transaction: the changed records to their priority topics, the
+dead letters, the unit's progress record and the tasks-topic offset. Nothing of a unit is visible
+before that commit; a crash or an abort replays the unit (its ids are deterministic, the cache makes
+the replay cheap, and superseded versions are only written after the commit: `views.CommittedCache`).
+
+Identity and fencing: the consumer is a static member (`group.instance.id` =
+`<replica>.worker-<index>`) and the producer's `transactional.id` is `<group>-workers.` plus the
+same, both stable across restarts. A restarted replica takes its predecessor's partitions back at
+once (no rebalance wait) and its `init_transactions` aborts whatever transaction the predecessor left
+open, so read_committed readers are not held up until the transaction timeout. A zombie (a
+predecessor still running) is fenced by the broker on both sides (KIP-447: offsets are committed
+with the consumer's group generation); a fenced worker stops and the manager stops with it.
+
+An undecodable record on the tasks topic is dead-lettered (reason `deserialization_error`) with its
+offset, in one transaction; any other failure before the commit (a view not readable, a transaction
+aborted) rewinds to the unit and tries again after an exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from recompute_manager.executor import Executor, PlanResult
+from recompute_manager.outputs import where
+from recompute_manager.priority import PlainRecord, PriorityPublisher, PriorityRecord
+from recompute_manager.progress import KIND_PROGRESS, RECORD_HEADER, Progress
+from recompute_manager.units import RecomputeUnit, UnitError
+from recompute_manager.views import Views
+from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
+from streamprov.agents.kafka_io import RebalanceEvents, kafka_error, seek_retrying
+from streamprov.agents.processor import FatalProcessorError, FencedError
+from streamprov.errors import StreamprovError
+from streamprov.header import now_ms
+
+__all__ = ["UnitWorker", "WorkerSettings", "WorkerStats", "instance_id", "unit_progress"]
+
+log = logging.getLogger(__name__)
+
+
+def instance_id(*parts: str) -> str:
+    """A `group.instance.id` from `parts`: Kafka allows only [a-zA-Z0-9._-], at most 249 characters."""
+    text = ".".join(re.sub(r"[^a-zA-Z0-9._-]", "_", p) for p in parts)
+    return text[:249]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    kafka: Mapping[str, Any]
+    group_id: str
+    """The workers' consumer group (`<manager group>-workers`)."""
+    member: str
+    """`<replica>.worker-<index>` (`instance_id`): this worker's stable identity in the group (its
+    `group.instance.id`) and, with the group, in its transactions."""
+    tasks_topic: str
+    progress_topic: str
+    dead_letter_topic: str
+    priority_topic: Callable[[str], str]
+    consumer_config: Mapping[str, Any]
+    poll_timeout_s: float = 0.5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.group_id}.{self.member}"
+
+
+@dataclass
+class WorkerStats:
+    units: int = 0
+    tasks_recomputed: int = 0
+    tasks_unchanged: int = 0
+    tasks_skipped: int = 0
+    dead_letters: int = 0
+    published: int = 0
+    transactions: int = 0
+    aborted: int = 0
+    malformed: int = 0
+
+
+def unit_progress(unit: RecomputeUnit, result: PlanResult) -> Progress:
+    unchanged = sum(r.unchanged for r in result.recomputed)
+    return Progress(
+        unit.plan_id,
+        unit.tasks[0].cause.kind,
+        unit.subject,
+        "failed" if result.dead else "done",
+        f"unit {unit.index + 1}/{unit.count}: {len(unit.tasks)} tasks",
+        len(unit.tasks),
+        len(result.recomputed) + len(result.skipped) + len(result.dead),
+        len(result.recomputed) - unchanged,
+        unchanged,
+        len(result.skipped),
+        len(result.dead),
+        now_ms(),
+        unit.index,
+        unit.count,
+    )
+
+
+def _headers(msg: Message) -> list[tuple[str, bytes | None]]:
+    raw = msg.headers() or []
+    items = list(raw.items()) if isinstance(raw, dict) else list(raw)
+    return [(str(k), v.encode() if isinstance(v, str) else v) for k, v in items]
+
+
+class UnitWorker:
+    """One member of the workers group: `run(stop)` in a thread until `stop` is set."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        views: Views,
+        executor: Executor,
+        *,
+        on_done: Callable[[RecomputeUnit, Progress], None] | None = None,
+    ) -> None:
+        self.settings = s = settings
+        self.views = views
+        self.executor = executor
+        self.on_done = on_done
+        self.stats = WorkerStats()
+        self.error: BaseException | None = None
+        self.heartbeat = time.monotonic()
+        self.busy = False
+        self.assigned: set[tuple[str, int]] = set()
+        self._events = RebalanceEvents()
+        consumer = {**s.kafka, **s.consumer_config}
+        consumer.update(
+            {
+                "group.id": s.group_id,
+                "group.instance.id": s.member,
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+            }
+        )
+        self._consumer = Consumer(consumer)
+        self._publisher = PriorityPublisher(s.kafka, s.transactional_id)
+        self._backoff = 0.0
+
+    def close(self) -> None:
+        for closer in (self._consumer.close, self._publisher.close):
+            try:
+                closer()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("worker %s closing: %s", self.settings.member, exc)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Consume and run units until `stop`; a fenced or fatal producer ends it (`self.error`)."""
+        s = self.settings
+        e = self._events
+        self._consumer.subscribe(
+            [s.tasks_topic], on_assign=e.on_assign, on_revoke=e.on_revoke, on_lost=e.on_lost
+        )
+        try:
+            while not stop.is_set():
+                self.heartbeat = time.monotonic()
+                try:
+                    msgs = self._consumer.consume(1, s.poll_timeout_s)
+                except KafkaException as exc:
+                    log.warning("worker %s consume: %s", s.member, kafka_error(exc).str())
+                    continue
+                self._rebalanced()
+                for msg in msgs:
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("worker %s consume: %s", s.member, err.str())
+                        continue
+                    if not self._handle(msg) and self._backoff:
+                        stop.wait(self._backoff)
+        except BaseException as exc:  # the manager reports it and stops
+            self.error = exc
+            log.error("worker %s stopped: %s", s.member, exc)
+        finally:
+            self.busy = False
+
+    def _rebalanced(self) -> None:
+        for kind, parts in self._events.drain():
+            if kind == "assign":
+                self.assigned.update(parts)
+            else:
+                self.assigned.difference_update(parts)
+            log.info("worker %s %s %s", self.settings.member, kind, sorted(parts))
+
+    def _handle(self, msg: Message) -> bool:
+        """One unit, one transaction; False when it must be tried again (rewound)."""
+        s = self.settings
+        at = where(msg)
+        offsets = [TopicPartition(at.topic, at.partition, at.offset + 1)]
+        try:
+            unit = RecomputeUnit.decode(msg.value())
+        except UnitError as exc:
+            return self._dead_letter(msg, exc, offsets)
+        self.busy = True
+        try:
+            with self.views.lock:
+                self.views.for_execution()
+                self.views.cache.begin()
+                try:
+                    result = self.executor.run_plan(unit.plan())
+                finally:
+                    staged = self.views.cache.staged()
+            progress = unit_progress(unit, result)
+            records = [(s.priority_topic(r.task.topic), PriorityRecord.of(r)) for r in result.changed]
+            plain = [
+                PlainRecord(s.dead_letter_topic, d.task.key, d.task.encode(), tuple(d.headers()))
+                for d in result.dead
+            ]
+            plain.append(
+                PlainRecord(
+                    s.progress_topic, progress.key, progress.encode(), ((RECORD_HEADER, KIND_PROGRESS),)
+                )
+            )
+            self._publisher.publish_all(records, consumer=self._consumer, offsets=offsets, plain=plain)
+        except (FencedError, FatalProcessorError):
+            raise
+        except (StreamprovError, KafkaException) as exc:
+            self._failed(msg, f"unit {unit.unit_id[:20]}: {exc}")
+            return False
+        finally:
+            self.busy = False
+        with self.views.lock:
+            self.views.cache.commit(staged)
+        st = self.stats
+        st.units += 1
+        st.transactions += 1
+        unchanged = sum(r.unchanged for r in result.recomputed)
+        st.tasks_recomputed += len(result.recomputed) - unchanged
+        st.tasks_unchanged += unchanged
+        st.tasks_skipped += len(result.skipped)
+        st.dead_letters += len(result.dead)
+        st.published += len(records)
+        self._backoff = 0.0
+        log.info(
+            "unit %s/%d of plan %s done: %d tasks, %d published, %d dead",
+            unit.index + 1,
+            unit.count,
+            unit.plan_id[:12],
+            len(unit.tasks),
+            len(records),
+            len(result.dead),
+        )
+        if self.on_done is not None:
+            self.on_done(unit, progress)
+        return True
+
+    def _dead_letter(self, msg: Message, exc: Exception, offsets: list[TopicPartition]) -> bool:
+        s = self.settings
+        at = where(msg)
+        headers = dead_letter_headers(
+            _headers(msg),
+            DeadLetterReason.DESERIALIZATION_ERROR,
+            exc,
+            source_of(at.topic, at.partition, at.offset),
+        )
+        record = PlainRecord(s.dead_letter_topic, msg.key(), msg.value() or b"", tuple(headers))
+        try:
+            self._publisher.publish_all([], consumer=self._consumer, offsets=offsets, plain=[record])
+        except (FencedError, FatalProcessorError):
+            raise
+        except (StreamprovError, KafkaException) as err:
+            self._failed(msg, f"dead-lettering {source_of(at.topic, at.partition, at.offset)}: {err}")
+            return False
+        log.warning("tasks record %s dead-lettered: %s", source_of(at.topic, at.partition, at.offset), exc)
+        self.stats.malformed += 1
+        self.stats.transactions += 1
+        self._backoff = 0.0
+        return True
+
+    def _failed(self, msg: Message, why: str) -> None:
+        """The transaction did not commit: rewind to the unit, back off (exponentially) and retry."""
+        s = self.settings
+        self.stats.aborted += 1
+        self._backoff = min(s.max_backoff_s, max(s.backoff_s, self._backoff * 2))
+        log.warning("worker %s: %s; again in %.1f s", s.member, why, self._backoff)
+        at = where(msg)
+        try:
+            seek_retrying(self._consumer, at.topic, at.partition, at.offset, 5.0)
+        except KafkaException as exc:  # no longer ours: its next owner starts from the committed offset
+            log.info("worker %s: rewind %s/%d: %s", s.member, at.topic, at.partition, exc)
