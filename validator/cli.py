@@ -6,6 +6,7 @@ service failed, 2 bad configuration, 3 a fatal Kafka error (restart the process)
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -14,11 +15,16 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from streamprov.errors import StreamprovError
+
+if TYPE_CHECKING:
+    from streamprov.config.models import StreamprovConfig
+    from streamprov.signing import KeyRing
+    from validator.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,33 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+def service_settings(
+    loaded: StreamprovConfig,
+    keys: KeyRing,
+    *,
+    topics: list[str] | None = None,
+    **overrides: Any,
+) -> ServiceSettings:
+    """The Validator's settings from `streamprov.yaml`, with what the `telemetry:` and `signing:`
+    blocks add: no metrics port when `telemetry.metrics.prometheus` is off, and each topic's
+    verifier (`topics.<t>.signing.verify`, the keys it accepts) on its policy. Reads the keys now, so
+    a bad key fails the start (`SigningError`)."""
+    from validator.settings import ServiceSettings  # noqa: PLC0415 - keep --help fast
+
+    settings = ServiceSettings.from_config(loaded, topics=topics, **overrides)
+    if not loaded.telemetry.metrics.prometheus:
+        settings = dataclasses.replace(settings, metrics_port=None)
+    policies = {
+        t: dataclasses.replace(p, verifier=keys.verifier_for(loaded.topic(t)))
+        for t, p in settings.policies.items()
+    }
+    default = dataclasses.replace(settings.default_policy, verifier=keys.verifier_for(loaded.defaults))
+    verified = [t for t, p in policies.items() if p.verifier is not None]
+    if verified:
+        log.info("signatures required on: %s", ", ".join(verified))
+    return dataclasses.replace(settings, policies=policies, default_policy=default)
+
+
 def _fail(code: int, message: str) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=code)
@@ -112,26 +145,31 @@ def run(
     configure_logging(log_level, json_logs)
     from streamprov.agents.serde import JsonSerde, RawSerde, Serde  # noqa: PLC0415 - keep --help fast
     from streamprov.config import ConfigError, load_config  # noqa: PLC0415
+    from streamprov.signing import KeyRing, SigningError  # noqa: PLC0415
+    from streamprov.telemetry.setup import TelemetryError, build_telemetry  # noqa: PLC0415
     from validator.errors import FatalValidatorError, ValidatorConfigError  # noqa: PLC0415
     from validator.rederive import load_registry  # noqa: PLC0415
     from validator.service import Validator  # noqa: PLC0415
-    from validator.settings import ServiceSettings  # noqa: PLC0415
 
     serdes: dict[str, type[JsonSerde] | type[RawSerde]] = {"json": JsonSerde, "raw": RawSerde}
     if serde not in serdes:
         raise _fail(EXIT_CONFIG, f"--serde must be one of {', '.join(serdes)}, not {serde!r}")
     try:
         loaded = load_config(config)
-        settings = ServiceSettings.from_config(
-            loaded, topics=topic, http_host=host, commit_interval_s=commit_interval
+        settings = service_settings(
+            loaded, KeyRing(loaded.signing), topics=topic, http_host=host, commit_interval_s=commit_interval
         )
         registry = load_registry(functions) if functions else None
         value_serde: Serde = serdes[serde]()
-        validator = Validator(settings, registry=registry, serde=value_serde)
-    except (ConfigError, ValidatorConfigError) as exc:
+        telemetry = build_telemetry(loaded.telemetry, component="validator")
+        tracing = telemetry.step_tracing(consumer_group=settings.group_id)
+        validator = Validator(settings, registry=registry, serde=value_serde, tracing=tracing)
+    except (ConfigError, ValidatorConfigError, SigningError, TelemetryError) as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
     except StreamprovError as exc:
         raise _fail(EXIT_FAILED, str(exc)) from None
+    log.info("telemetry: %s", telemetry.describe())
+    telemetry.push_metrics(validator.metrics.reader.get_metrics_data)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping after the current batch", signal.Signals(signum).name)
@@ -149,6 +187,8 @@ def run(
         raise _fail(EXIT_FATAL, str(exc)) from None
     except StreamprovError as exc:
         raise _fail(EXIT_FAILED, str(exc)) from None
+    finally:
+        telemetry.shutdown()  # queued spans and the last metrics, bounded by telemetry.otlp.timeout
     summary = {
         "checked": stats.checked,
         "alerts": stats.alerts,

@@ -1,7 +1,9 @@
 """Run one `Processor` as a process: `python -m streamprov.agents.processor_main --help`.
 
 The registered function is named as `module:attribute` (a `RegisteredFunction`, or a callable that
-returns one), so a test or a deployment can run its own functions without writing a script. SIGTERM
+returns one), so a test or a deployment can run its own functions without writing a script. With
+`--config-file streamprov.yaml` the Kafka settings, tracing (`telemetry:`) and the output topic's
+signing key (`topics.<output>.signing.key`, else `defaults:`) come from the file. SIGTERM
 and SIGINT stop the loop after the current batch; the final stats are printed as one JSON line.
 Exit codes: 0 done, 1 processor error, 2 bad arguments, 3 fenced or fatal Kafka error.
 """
@@ -15,8 +17,9 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamprov.agents.processor import (
     AT_LEAST_ONCE,
@@ -27,8 +30,15 @@ from streamprov.agents.processor import (
 )
 from streamprov.agents.serde import JsonSerde, RawSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm
+from streamprov.config.loader import load_config
 from streamprov.errors import StreamprovError
 from streamprov.registry import RegisteredFunction
+from streamprov.signing import KeyRing
+
+if TYPE_CHECKING:
+    from streamprov.signing import Signer
+    from streamprov.telemetry.setup import Telemetry
+    from streamprov.telemetry.tracing import StepTracing
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +69,13 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m streamprov.agents.processor_main", description=__doc__)
-    p.add_argument("--bootstrap", required=True, help="bootstrap.servers")
+    p.add_argument("--bootstrap", default=None, help="bootstrap.servers (default: --config-file's kafka)")
+    p.add_argument(
+        "--config-file",
+        type=Path,
+        default=None,
+        help="streamprov.yaml: kafka settings, telemetry (tracing) and the output topic's signing key",
+    )
     p.add_argument("--input", required=True, action="append", help="input topic (repeatable)")
     p.add_argument("--output", required=True, help="output topic")
     p.add_argument("--dlq", required=True, help="dead-letter topic")
@@ -93,14 +109,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    telemetry: Telemetry | None = None
     try:
+        kafka: dict[str, Any] = {}
+        tracing: StepTracing | None = None
+        signer: Signer | None = None
+        if args.config_file is not None:
+            loaded = load_config(args.config_file)
+            kafka = dict(loaded.kafka.librdkafka())
+            from streamprov.telemetry.setup import build_telemetry  # noqa: PLC0415 - needs the SDK
+
+            telemetry = build_telemetry(loaded.telemetry, component="processor")
+            tracing = telemetry.step_tracing(consumer_group=args.group)
+            signer = KeyRing(loaded.signing).signer_for(loaded.topic(args.output))
+            log.info("telemetry: %s; signing: %s", telemetry.describe(), signer or "off")
+        if args.bootstrap is not None:
+            kafka["bootstrap.servers"] = args.bootstrap
+        if "bootstrap.servers" not in kafka:
+            raise StreamprovError("give --bootstrap or --config-file")
         function = load_function(args.function)
         params = json.loads(args.params)
         if not isinstance(params, dict):
             raise StreamprovError("--params must be a JSON object")
         serde: Serde = SERDES[args.serde]()
         processor = Processor(
-            {"bootstrap.servers": args.bootstrap, **dict(args.config)},
+            {**kafka, **dict(args.config)},
             group_id=args.group,
             input_topics=args.input,
             output_topic=args.output,
@@ -116,9 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             window_ms=args.window_ms,
             grace_ms=args.grace_ms,
             flush_windows_on_stop=args.flush_windows_on_stop,
+            tracing=tracing,
+            signer=signer,
         )
     except (StreamprovError, ValueError, ImportError, AttributeError) as exc:
         log.error("cannot start the processor: %s", exc)
+        if telemetry is not None:
+            telemetry.shutdown()
         return 2
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -138,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 1
     finally:
         processor.close()
+        if telemetry is not None:
+            telemetry.shutdown()  # export queued spans (bounded by telemetry.otlp.timeout)
     print(json.dumps(processor.stats.as_dict()), flush=True)
     return code
 
