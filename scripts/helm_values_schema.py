@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from streamprov.config.models import KEY_ID_PATTERN
 from streamprov.config.schema import config_json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +180,24 @@ def values_schema() -> dict[str, Any]:
                             },
                             required=["existingSecret"],
                         ),
+                    }
+                ),
+                "signingSecrets": obj(
+                    {
+                        "keys": {
+                            "type": "array",
+                            "description": "Keys of config.signing.keys from Secrets (mounted files).",
+                            "items": obj(
+                                {
+                                    "keyId": {"type": "string", "pattern": KEY_ID_PATTERN},
+                                    "existingSecret": {**secret_ref, "minLength": 1},
+                                    "secretKey": key,
+                                    "privateKeyKey": key,
+                                    "publicKeyKey": key,
+                                },
+                                required=["keyId", "existingSecret"],
+                            ),
+                        }
                     }
                 ),
                 "metrics": obj(

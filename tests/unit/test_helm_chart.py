@@ -16,8 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from streamprov.config import StreamprovConfig, load_config, loads_config
+from streamprov.config.models import TelemetrySettings
+from streamprov.header import ProvenanceHeader
+from streamprov.signing import KeyRing, SigningError
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "streamprov"
@@ -105,6 +110,9 @@ def test_values_yaml_config_defaults_are_the_models_defaults() -> None:
     defaults = StreamprovConfig.model_validate({"kafka": {"bootstrap_servers": "k:1"}}).as_dict()
     for block in ("streams", "validator", "recompute_manager"):
         assert config[block] == defaults[block], block
+    # null defaults are left out of values.yaml (helm drops keys set to null)
+    assert TelemetrySettings.model_validate(config["telemetry"]) == TelemetrySettings()
+    assert config["signing"] == {"keys": {}}
     assert config["kafka"]["security_protocol"] == defaults["kafka"]["security_protocol"]
     assert "bootstrap_servers" not in config["kafka"]  # required: every release must say where Kafka is
 
@@ -114,10 +122,16 @@ def test_every_ci_values_config_loads_on_its_own(tmp_path: Path) -> None:
     for values in CI_VALUES:
         path = tmp_path / f"{values.stem}.yaml"
         path.write_text(yaml.safe_dump(expected_config(values)), encoding="utf-8")
-        secrets = yaml.safe_load(values.read_text(encoding="utf-8")).get("kafkaSecrets", {})
+        given = yaml.safe_load(values.read_text(encoding="utf-8"))
+        secrets = given.get("kafkaSecrets", {})
         env = {}
         if secrets.get("sasl", {}).get("existingSecret"):  # the chart names the mounted password file
             env["STREAMPROV__KAFKA__SASL__PASSWORD_FILE"] = "/etc/streamprov/secrets/sasl/password"
+        for key in given.get("signingSecrets", {}).get("keys", []):  # ... and the signing keys' files
+            where = f"STREAMPROV__SIGNING__KEYS__{key['keyId']}__"
+            for item, setting in (("secretKey", "SECRET_FILE"), ("publicKeyKey", "PUBLIC_KEY_FILE")):
+                if key.get(item):
+                    env[where + setting] = f"/etc/streamprov/secrets/signing/{key['keyId']}/file"
         load_config(path, environ=env, check_secrets=False)
 
 
@@ -179,6 +193,61 @@ def test_sasl_and_tls_come_from_secrets_as_files() -> None:
     assert config.topic("unlisted").criticality == "low"
     image = pod["containers"][0]["image"]
     assert image == "registry.example.com/data/streamprov@sha256:" + "0123456789abcdef" * 4
+
+
+@needs_helm
+def test_signing_keys_and_otlp_credentials_come_from_secrets(tmp_path: Path) -> None:
+    """The keys' files as the chart mounts them (real keys written where the Secrets would be): the
+    Recompute Manager signs with both keys, the Validator verifies both and holds no private key."""
+    docs = render(CHART / "ci" / "telemetry-signing-values.yaml")
+    text = by_kind(docs, "ConfigMap")["rel-streamprov-config"]["data"]["streamprov.yaml"]
+    assert "secret" not in text.replace("secretKey", "")  # no key material in the ConfigMap
+    mounted = tmp_path / "signing"
+    (mounted / "pipeline-2026").mkdir(parents=True)
+    (mounted / "pipeline-2026" / "secret").write_text("a-shared-hmac-secret-of-the-pipeline\n")
+    private = Ed25519PrivateKey.generate()
+    (mounted / "partner.2025").mkdir()
+    (mounted / "partner.2025" / "private.pem").write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    (mounted / "partner.2025" / "public.pem").write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    pods = {}
+    for name, deployment in by_kind(docs, "Deployment").items():
+        env = {
+            k: v.replace("/etc/streamprov/secrets/signing", str(mounted))
+            for k, v in container_env(deployment).items()
+        }
+        pod = deployment["spec"]["template"]["spec"]
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        for volume in pod["volumes"]:
+            if volume["name"].startswith("signing-key-"):
+                assert volume["secret"]["defaultMode"] == 0o440
+                assert mounts[volume["name"]]["readOnly"] is True
+        assert env["OTLP_AUTH"] == "<from a Secret>"
+        pods[name.removeprefix("rel-streamprov-")] = (loads_config(text, environ=env), env)
+
+    manager, manager_env = pods["recompute-manager"]
+    validator, validator_env = pods["validator"]
+    assert "STREAMPROV__SIGNING__KEYS__partner.2025__PRIVATE_KEY_FILE" in manager_env
+    assert "STREAMPROV__SIGNING__KEYS__partner.2025__PRIVATE_KEY_FILE" not in validator_env
+    assert manager.telemetry.otlp.headers_env == {"authorization": "OTLP_AUTH"}
+    assert manager.telemetry.tracing.sampling_ratio == 0.05
+    signing = KeyRing(manager.signing, environ=manager_env)
+    verifying = KeyRing(validator.signing, environ=validator_env)
+    header = ProvenanceHeader.for_source("d-1", b"v").encode()
+    for topic in ("fahrenheit", "partner-feed"):
+        signer = signing.signer_for(manager.topic(topic))
+        verifier = verifying.verifier_for(validator.topic(topic))
+        assert signer is not None and verifier is not None
+        assert verifier.verify(header, b"v", signer.sign(header)) is None
+    with pytest.raises(SigningError, match="no private key to sign with"):
+        verifying.signer("partner.2025")
 
 
 @needs_helm
@@ -291,3 +360,7 @@ def test_negative_replicas_and_unknown_criticality_fail_from_the_command_line() 
     assert "'low', 'medium', 'high', 'critical'" in urgent.stderr
     secret = helm_template(minimal, extra=("--set", "config.kafka.client.sasl\\.password=x"))
     assert secret.returncode != 0 and "would be stored in a ConfigMap" in secret.stderr
+    ratio = helm_template(minimal, extra=("--set", "config.telemetry.tracing.sampling_ratio=2"))
+    assert ratio.returncode != 0 and "/config/telemetry/tracing/sampling_ratio" in ratio.stderr
+    algorithm = helm_template(minimal, extra=("--set", "config.signing.keys.k1.algorithm=rsa"))
+    assert algorithm.returncode != 0 and "'hmac', 'ed25519'" in algorithm.stderr

@@ -109,6 +109,30 @@ ConfigMaps. Passwords come from Secrets (kafkaSecrets.*) as mounted files.
 {{- fail (printf "config.kafka.client.%s looks like a secret and would be stored in a ConfigMap: pass it from a Secret with %s.extraEnv (name: STREAMPROV__KAFKA__CLIENT__%s, valueFrom.secretKeyRef) instead" $key "validator/recomputeManager" (upper $key)) -}}
 {{- end -}}
 {{- end -}}
+{{- $telemetry := .Values.config.telemetry | default dict -}}
+{{- $otlp := $telemetry.otlp | default dict -}}
+{{- if $otlp.headers -}}
+{{- fail "config.telemetry.otlp.headers would be stored in a ConfigMap: put each value in a Secret, pass it with validator/recomputeManager.extraEnv (valueFrom.secretKeyRef) and name that variable in config.telemetry.otlp.headers_env instead" -}}
+{{- end -}}
+{{- $keys := (.Values.config.signing | default dict).keys | default dict -}}
+{{- range $i, $k := .Values.signingSecrets.keys -}}
+{{- $declared := index $keys $k.keyId -}}
+{{- if not $declared -}}
+{{- fail (printf "signingSecrets.keys[%d].keyId %s is not a key of config.signing.keys: declare it there (with its algorithm) first" $i $k.keyId) -}}
+{{- end -}}
+{{- if and (eq ($declared.algorithm | toString) "hmac") (not $k.secretKey) -}}
+{{- fail (printf "signingSecrets.keys[%d] (%s) is an hmac key: set secretKey, the Secret's key holding the shared secret" $i $k.keyId) -}}
+{{- end -}}
+{{- if and (eq ($declared.algorithm | toString) "ed25519") (not (or $k.privateKeyKey $k.publicKeyKey)) -}}
+{{- fail (printf "signingSecrets.keys[%d] (%s) is an ed25519 key: set privateKeyKey (to sign) and/or publicKeyKey (to verify)" $i $k.keyId) -}}
+{{- end -}}
+{{- if and (eq ($declared.algorithm | toString) "hmac") (or $k.privateKeyKey $k.publicKeyKey) -}}
+{{- fail (printf "signingSecrets.keys[%d] (%s) is an hmac key: privateKeyKey and publicKeyKey are for ed25519 keys" $i $k.keyId) -}}
+{{- end -}}
+{{- if and (eq ($declared.algorithm | toString) "ed25519") $k.secretKey -}}
+{{- fail (printf "signingSecrets.keys[%d] (%s) is an ed25519 key: secretKey is for hmac keys" $i $k.keyId) -}}
+{{- end -}}
+{{- end -}}
 {{- $protocol := $kafka.security_protocol | default "PLAINTEXT" -}}
 {{- if and .Values.kafkaSecrets.sasl.existingSecret (not (hasPrefix "SASL_" $protocol)) -}}
 {{- fail (printf "kafkaSecrets.sasl.existingSecret is set but config.kafka.security_protocol is %s: use SASL_SSL (or SASL_PLAINTEXT)" $protocol) -}}
