@@ -63,6 +63,9 @@ def run(
     workers: Annotated[
         int | None, typer.Option(help="Worker threads (default: recompute_manager.workers; 0 = plan only).")
     ] = None,
+    ledger_id: Annotated[
+        str | None, typer.Option(help="The ledger's id (default: the ledger topic's name).")
+    ] = None,
     replica: Annotated[
         str | None,
         typer.Option(
@@ -86,6 +89,8 @@ def run(
             overrides["workers"] = workers
         if replica:
             overrides["replica_id"] = replica
+        if ledger_id:
+            overrides["ledger_id"] = ledger_id
         settings = ManagerSettings.from_config(loaded, **overrides)
         registry = load_registry(functions)
         manager = RecomputeManager(settings, registry)
