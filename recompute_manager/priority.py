@@ -28,6 +28,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from recompute_manager.executor import Recomputed
 from streamprov.agents.processor import FatalProcessorError, FencedError, ProcessorError
 from streamprov.header import now_ms
+from streamprov.signing import Signer, signed_headers
 
 __all__ = [
     "DEFAULT_AGE_BUCKETS_MS",
@@ -96,13 +97,22 @@ class PriorityRecord:
         confidence: Confidence = Confidence.LOW,
         age_ms: int | None = None,
         buckets_ms: Sequence[int] = DEFAULT_AGE_BUCKETS_MS,
+        signer: Signer | None = None,
     ) -> PriorityRecord:
-        """A recomputed result; its age defaults to the time since its task was planned."""
+        """A recomputed result; its age defaults to the time since its task was planned.
+
+        `signer`: sign the recomputed provenance header (`streamprov.sig`, as the topic's stampers do:
+        `KeyRing.signer_for(config.topic(result.task.topic))`), so a Validator requiring signatures
+        accepts the correction.
+        """
         age = max(0, now_ms() - result.task.created_at_ms) if age_ms is None else age_ms
+        headers = result.headers()
+        if signer is not None:
+            headers = [(k, v) for k, v in signed_headers(result.header, signer, headers) if v is not None]
         return cls(
             result.task.key,
             result.value,
-            tuple(result.headers()),
+            tuple(headers),
             PriorityKey.of(confidence, age, buckets_ms),
         )
 

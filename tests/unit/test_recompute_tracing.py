@@ -17,9 +17,12 @@ from test_recompute_cache_executor import change, ledger, ref, registry
 
 from recompute_manager.executor import DeadLetter, Executor, Recomputed, RetryPolicy
 from recompute_manager.planner import plan_for_change
+from recompute_manager.priority import PriorityRecord
 from recompute_manager.tracing import LINK_KIND, RecomputeTracing, cause_headers
 from streamprov.agents.dead_letter import REASON_HEADER
+from streamprov.header import HEADER_KEY
 from streamprov.ledger import DataRef
+from streamprov.signing import SIG_HEADER, HmacSigner, Verifier
 from streamprov.telemetry import TRACEPARENT, span_context
 
 
@@ -155,3 +158,23 @@ def test_cause_headers_keeps_only_the_trace_context() -> None:
 
 def _interrupt() -> Recomputed:
     raise KeyboardInterrupt
+
+
+def test_priority_record_signed_with_the_topics_key_and_still_traced(tmp_path: Path) -> None:
+    """The Recompute Manager's corrections pass a Validator that requires signatures (PriorityRecord
+    signs the recomputed header) and keep their trace context."""
+    p, _ = provider()
+    reg = registry()
+    signer = HmacSigner("pipeline-1", b"a-secret-only-the-pipeline-has")
+    with ledger(tmp_path, reg) as idx:
+        plan = plan_for_change(idx, change("s", 1, 5), topic="out")
+        result = Executor(reg, {"s": b"5"}, tracing=RecomputeTracing(p)).run_plan(plan)
+    done = result.changed[-1]
+    record = PriorityRecord.of(done, signer=signer)
+    keys = [k for k, _ in record.headers]
+    assert keys[:2] == [HEADER_KEY, SIG_HEADER] and TRACEPARENT in keys
+    assert Verifier.for_signers([signer]).problem(list(record.headers), record.value) is None
+    unsigned = PriorityRecord.of(done)
+    assert SIG_HEADER not in dict(unsigned.headers) and list(unsigned.headers) == done.headers()
+    problem = Verifier.for_signers([signer]).problem(list(unsigned.headers), unsigned.value)
+    assert problem is not None and "unsigned" in problem.reason
