@@ -178,11 +178,11 @@ class _MetadataConsumer:
         self.requests = 0
         self.fail = False
 
-    def list_topics(self, timeout: float) -> _Meta:
+    def list_topics(self, topic: str, timeout: float) -> _Meta:
         self.requests += 1
         if self.fail:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT, "down"))
-        return _Meta(self.partitions)
+        return _Meta({t: n for t, n in self.partitions.items() if t == topic})
 
     def assign(self, tps: list[TopicPartition]) -> None:
         self.assigned += [(tp.topic, tp.partition, tp.offset) for tp in tps]
@@ -209,7 +209,7 @@ def test_source_view_picks_up_new_partitions_and_topics_periodically(
     view.start()  # "later" does not exist yet: not an error
     assert fake.assigned == [("src", 0, 7)] and view.caught_up
     view.poll()  # within the interval: no metadata request
-    assert fake.requests == 1
+    assert fake.requests == 2  # one per source topic, at start
     fake.partitions = {"src": 3, "later": 1}
     time.sleep(0.06)
     fake.fail = True
@@ -220,7 +220,7 @@ def test_source_view_picks_up_new_partitions_and_topics_periodically(
     view.poll()
     begin = OFFSET_BEGINNING
     assert fake.assigned[1:] == [("src", 1, begin), ("src", 2, begin), ("later", 0, begin)]
-    assert view.partitions_added == 3 and fake.requests == 3
+    assert view.partitions_added == 3 and fake.requests == 5
     assert view.refresh_partitions() == 0  # nothing new: nothing assigned twice
     view.close()
 
