@@ -31,9 +31,11 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
+from streamprov.agents.health import PROMETHEUS_TEXT
+
 PREFIX = "streamprov_validator_"
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = PROMETHEUS_TEXT
 
 
 class ValidatorMetrics:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from streamprov.agents.lifecycle import beating
 from streamprov.checksum import Checksum, ChecksumAlgorithm
 from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.index import LedgerIndex
@@ -135,7 +136,7 @@ class LedgerSources:
         try:
             records: Iterable[StoredRecord] = self.ledger.read(self.index.next_offset)
             if beat is not None:
-                records = _beating(records, beat)
+                records = beating(records, beat)
             applied = self.index.apply(records)
         except LedgerError as exc:
             self._next_refresh = time.monotonic() + FAILURE_BACKOFF_S
@@ -224,10 +225,3 @@ class LedgerSources:
                 raise _AmbiguousError(f"{node.describe()}: {len(options)} applications produced it")
         memo[node] = result
         return result
-
-
-def _beating(records: Iterable[StoredRecord], beat: Callable[[], bool]) -> Iterator[StoredRecord]:
-    for n, record in enumerate(records, 1):
-        yield record
-        if n % 10_000 == 0 and not beat():
-            return

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from streamprov.agents.health import HttpEndpoints
 from streamprov.agents.kafka_io import (
     RebalanceEvents,
     TopicPartitionKey,
@@ -38,6 +39,7 @@ from streamprov.agents.kafka_io import (
     produce_blocking,
     seek_retrying,
 )
+from streamprov.agents.lifecycle import ServiceState, close_probes, serve_probes, stall_limit
 from streamprov.agents.serde import Serde
 from streamprov.header import now_ms
 from streamprov.ledger.errors import LedgerError
@@ -46,7 +48,6 @@ from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.registry import FunctionRegistry
 from validator.checks import BatchResult, Checker
 from validator.errors import FatalValidatorError, ValidatorConfigError, ValidatorError
-from validator.health import HttpEndpoints, metrics_route, probe_route
 from validator.metrics import ValidatorMetrics
 from validator.rederive import Rederiver
 from validator.reduce_drift import LedgerSources
@@ -144,7 +145,10 @@ class Validator:
             self._close_state()
             raise ValidatorConfigError(f"bad producer configuration: {exc}", kafka_error(exc)) from exc
         self._rebalance = RebalanceEvents()
-        self._stop = threading.Event()
+        self.state = ServiceState(
+            stall_limit(settings.operation_timeout_s), not_ready="the source view is catching up"
+        )
+        """Stop flag, heartbeat and readiness (`streamprov.agents.lifecycle`), read by the probes."""
         self._fatal: KafkaError | None = None
         self._failed: list[KafkaError] = []
         self._assigned: set[TopicPartitionKey] = set()
@@ -152,12 +156,6 @@ class Validator:
         self._dirty = False
         self._failures = 0
         self._last_commit = time.monotonic()
-        self._heartbeat = time.monotonic()
-        self._ready = False
-        self._view_ready = False
-        self._ledger_ready = self.ledger is None
-        self._started = False
-        self._closed = False
         self._http: list[HttpEndpoints] = []
 
     # -- client settings ---------------------------------------------------------------------------------
@@ -201,51 +199,26 @@ class Validator:
     # -- state for the HTTP endpoints (read from their threads) ------------------------------------------
     def alive(self) -> tuple[bool, str]:
         """Liveness: the loop turned within the last few operation timeouts."""
-        idle = time.monotonic() - self._heartbeat
-        limit = 4 * self.settings.operation_timeout_s + 10
-        if self._started and not self._closed and idle > limit:
-            return False, f"the loop has not turned for {idle:.0f} s"
-        return True, "alive"
+        return self.state.alive()
 
     def ready(self) -> tuple[bool, str]:
-        """Readiness: partitions are assigned and the source view has caught up."""
-        if not self._view_ready:
-            return False, "the source view is catching up"
-        if not self._ledger_ready:
-            return False, "the ledger index is catching up"
-        if not self._ready:
-            return False, "no partitions assigned"
-        return True, "assigned and caught up"
+        """Readiness: the source view and the ledger index have caught up, partitions are assigned."""
+        return self.state.ready()
 
     @property
     def http_ports(self) -> list[int]:
         return [h.port for h in self._http]
 
-    def _start_http(self) -> None:
-        s = self.settings
-        render = self.metrics.render
-        if s.http_port is not None:
-            routes = {
-                "/healthz": probe_route(self.alive),
-                "/readyz": probe_route(self.ready),
-                "/metrics": metrics_route(render),
-            }
-            self._http.append(HttpEndpoints(s.http_host, s.http_port, routes).start())
-        if s.metrics_port is not None and s.metrics_port != s.http_port:
-            self._http.append(
-                HttpEndpoints(s.http_host, s.metrics_port, {"/metrics": metrics_route(render)}).start()
-            )
-
     # -- lifecycle ------------------------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask `run()` to return after the current batch; safe from signal handlers and other threads."""
-        self._stop.set()
+        self.state.stop()
 
     def close(self) -> None:
         """Leave the group and release everything; what was not committed is checked again next time."""
-        if self._closed:
+        if self.state.closed:
             return
-        self._closed = True
+        self.state.closed = True
         try:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -257,8 +230,7 @@ class Validator:
         except (KafkaException, RuntimeError) as exc:
             log.warning("flushing the producer: %s", exc)
         self._close_state()
-        for endpoint in self._http:
-            endpoint.close()
+        close_probes(self._http)
         self.metrics.shutdown()
 
     def _open_ledger(self) -> LedgerSources | None:
@@ -289,26 +261,29 @@ class Validator:
 
     def start(self) -> None:
         """Serve HTTP, check the topics exist, bring the source view up to date, join the group."""
-        if self._started:
+        state = self.state
+        if state.started:
             return
-        if self._closed:
+        if state.closed:
             raise ValidatorError("the validator is closed")
-        self._started = True
-        self._heartbeat = time.monotonic()
-        self._start_http()
+        state.started = True
+        state.beat()
+        s = self.settings
+        self._http = serve_probes(
+            state, s.http_host, s.http_port, metrics_port=s.metrics_port, render_metrics=self.metrics.render
+        )
         self._check_topics()
         self.view.start()
         while not self.view.caught_up:  # stop-aware; /readyz says why it is not ready meanwhile
-            if self._stop.is_set():
+            if not state.beat():
                 return
-            self._heartbeat = time.monotonic()
             self.view.poll(1000, 0.2)
-        self._view_ready = True
         if self.ledger is not None:  # a long catch-up (a first start on a big ledger) keeps beating
-            self.ledger.catch_up(beat=self._beat)
-            if self._stop.is_set():
+            state.set_not_ready("the ledger index is catching up")
+            self.ledger.catch_up(beat=state.beat)
+            if state.stopping:
                 return
-            self._ledger_ready = True
+        state.set_not_ready("no partitions assigned")
         r = self._rebalance
         self._consumer.subscribe(
             list(self.settings.topics), on_assign=r.on_assign, on_revoke=r.on_revoke, on_lost=r.on_lost
@@ -321,11 +296,6 @@ class Validator:
             self.settings.dead_letter_topic,
             ",".join(self.settings.sources) or "none",
         )
-
-    def _beat(self) -> bool:
-        """Liveness during a long start-up step; False once asked to stop."""
-        self._heartbeat = time.monotonic()
-        return not self._stop.is_set()
 
     def _check_topics(self) -> None:
         s = self.settings
@@ -364,8 +334,8 @@ class Validator:
             self.close()
             raise
         finally:
-            self._stop.clear()
-        if not self._closed:
+            self.state.clear_stop()
+        if not self.state.closed:
             self._ship(self.settings.operation_timeout_s)
         return self.stats
 
@@ -377,9 +347,10 @@ class Validator:
         consumer_consume = self._consumer.consume
         started_with = self.stats.checked
         last_activity = time.monotonic()
-        while not self._stop.is_set() and not (stop_event is not None and stop_event.is_set()):
+        state = self.state
+        while not state.stopping and not (stop_event is not None and stop_event.is_set()):
+            state.beat()
             now = time.monotonic()
-            self._heartbeat = now
             if max_messages is not None and self.stats.checked - started_with >= max_messages:
                 break
             if idle_timeout_s is not None and now - last_activity >= idle_timeout_s:
@@ -589,7 +560,10 @@ class Validator:
                 else:
                     self._assigned.discard(tp)
                     self._committed.pop(tp, None)
-        self._ready = bool(self._assigned)
+        if self._assigned:
+            self.state.set_ready("assigned and caught up")
+        else:
+            self.state.set_not_ready("no partitions assigned")
 
     def _update_lag(self) -> None:
         consumer = self._consumer

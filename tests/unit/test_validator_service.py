@@ -137,7 +137,7 @@ def test_rebalance_events_are_applied_after_consume(validator: Any) -> None:
     events = validator._rebalance
     events.on_assign(None, [TopicPartition("out", 0), TopicPartition("out", 1)])
     assert validator.ready() == (False, "the source view is catching up")
-    validator._view_ready = True
+    validator.state.set_not_ready("no partitions assigned")  # as start() leaves it once caught up
     assert validator.ready()[0] is False  # recorded, not applied yet
     validator._apply_rebalance()
     assert validator.ready() == (True, "assigned and caught up")
@@ -199,8 +199,8 @@ def test_a_batch_sends_its_alerts_and_dead_letters(validator: Any) -> None:
 
 def test_liveness_and_registry_requirements(validator: Any, tmp_path: Path) -> None:
     assert validator.alive() == (True, "alive")
-    validator._started = True
-    validator._heartbeat -= 10_000
+    validator.state.started = True
+    validator.state._heartbeat -= 10_000
     assert validator.alive()[0] is False
     settings = ServiceSettings(
         kafka={},
