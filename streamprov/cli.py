@@ -13,6 +13,7 @@ import typer
 
 from recompute_manager.cli import recompute_app, recompute_manager_app
 from streamprov import __version__
+from streamprov.changes.cli import changes_app
 from streamprov.config.cli import config_app
 from streamprov.errors import StreamprovError
 from streamprov.export.cli import impact as impact_command
@@ -33,6 +34,7 @@ app.add_typer(header_app, name="header")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(config_app, name="config")
 app.add_typer(validator_app, name="validator")
+app.add_typer(changes_app, name="changes")
 app.add_typer(recompute_manager_app, name="recompute-manager")
 app.add_typer(recompute_app, name="recompute")
 app.command("lineage")(lineage_command)

@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer
 from rocksdict import Options, Rdict, WriteBatch
 
+from streamprov.agents.kafka_io import kafka_error, seek_retrying
 from streamprov.changes.event import (
     DEFAULT_MAX_OUTPUTS,
     ChangeEvent,
@@ -88,7 +89,10 @@ class SourceVersions:
     def __init__(self, path: str | Path) -> None:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
-        self._db = Rdict(str(path), opts)
+        try:
+            self._db = Rdict(str(path), opts)
+        except Exception as exc:  # rocksdict raises plain Exceptions (a held lock, a corrupt dir)
+            raise ChangeDetectorError(f"cannot open the detector state at {path}: {exc}") from exc
 
     @staticmethod
     def _key(topic: str, data_id: str) -> bytes:
@@ -200,22 +204,32 @@ class ChangeDetector:
         self.state = SourceVersions(state_dir)
         base = dict(config)
         base.setdefault("logger", log)
-        self._consumer = Consumer(
-            {
-                **base,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "enable.partition.eof": False,
-            }
-        )
+        consumer_settings = {
+            **base,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": False,
+        }
         producer_settings = {
             k: v
             for k, v in base.items()
             if k not in ("session.timeout.ms", "heartbeat.interval.ms", "group.instance.id")
         }
-        self._producer = Producer({**producer_settings, "enable.idempotence": True, "acks": "all"})
+        try:
+            self._consumer = Consumer(consumer_settings)
+        except KafkaException as exc:
+            self.state.close()
+            err = kafka_error(exc)
+            raise ChangeDetectorError(f"bad consumer configuration: {err.str()}", err) from exc
+        try:
+            self._producer = Producer({**producer_settings, "enable.idempotence": True, "acks": "all"})
+        except KafkaException as exc:
+            self._consumer.close()
+            self.state.close()
+            err = kafka_error(exc)
+            raise ChangeDetectorError(f"bad producer configuration: {err.str()}", err) from exc
         self._subscribed = False
         self._closed = False
         self._delivery_errors: list[KafkaError] = []
@@ -247,11 +261,6 @@ class ChangeDetector:
     ) -> DetectorStats:
         """Watch until `max_records` source records were handled, nothing came for `idle_timeout_s`, or
         `stop_event` is set. Returns the cumulative stats; everything handled is committed."""
-        if self._closed:
-            raise ChangeDetectorError("the change detector is closed")
-        if not self._subscribed:
-            self._consumer.subscribe(self.source_topics)
-            self._subscribed = True
         start = self.stats.records
         last = time.monotonic()
         while stop_event is None or not stop_event.is_set():
@@ -260,13 +269,44 @@ class ChangeDetector:
                 break
             if idle_timeout_s is not None and time.monotonic() - last >= idle_timeout_s:
                 break
-            want = self.batch_size if max_records is None else min(self.batch_size, max_records - done)
-            batch = self._consume(want)
-            if batch:
+            if self.step(None if max_records is None else max_records - done):
                 last = time.monotonic()
-                self.handle(batch)
-                self._commit()
         return self.stats
+
+    def step(self, max_records: int | None = None) -> int:
+        """One batch: consume (up to `batch_size`, or `max_records`), detect, emit, store, commit.
+
+        Returns the records consumed (0 when nothing came within `poll_timeout_s`). Raises
+        `ChangeDetectorError` (or a `LedgerError` from the index) when the batch could not be
+        finished: nothing of it is committed, and `rewind()` makes the next step see it again.
+        """
+        if self._closed:
+            raise ChangeDetectorError("the change detector is closed")
+        if not self._subscribed:
+            self._consumer.subscribe(self.source_topics)
+            self._subscribed = True
+        want = self.batch_size if max_records is None else max(1, min(self.batch_size, max_records))
+        batch = self._consume(want)
+        if batch:
+            self.handle(batch)
+            self._commit()
+        return len(batch)
+
+    def rewind(self) -> None:
+        """Seek every assigned partition back to its committed offset (the beginning when none is), so
+        a batch that failed is consumed again. Raises `ChangeDetectorError` when that fails."""
+        try:
+            assigned = self._consumer.assignment()
+            committed = (
+                self._consumer.committed(assigned, timeout=self.operation_timeout_s) if assigned else []
+            )
+            for tp in committed:
+                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                seek_retrying(self._consumer, tp.topic, tp.partition, offset, self.operation_timeout_s)
+        except KafkaException as exc:
+            raise ChangeDetectorError(
+                f"cannot rewind to the committed offsets: {exc}", kafka_error(exc)
+            ) from exc
 
     def _consume(self, count: int) -> list[Message]:
         try:

@@ -1,0 +1,126 @@
+"""`streamprov changes run`: the change detector service (see `streamprov.changes.service`).
+
+Exit codes as the Validator's: 0 stopped cleanly (SIGTERM/SIGINT: the current batch is finished and
+committed), 1 the service failed, 2 bad configuration, 3 a fatal Kafka error (restart the process).
+
+Settings not in `streamprov.yaml` yet (group id, state directory, HTTP port, intervals) are options.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from streamprov.errors import StreamprovError
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_FATAL = 3
+
+changes_app = typer.Typer(
+    help="Change detection: new source versions and changed functions -> change events with their impact.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@changes_app.callback()
+def _group() -> None:
+    """The change detector service."""
+
+
+def _fail(code: int, message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=code)
+
+
+@changes_app.command("run")
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="streamprov.yaml")],
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            envvar="STREAMPROV_CHANGES_STATE_DIR",
+            help="Directory of the detector's RocksDB state (last checksums, ledger index).",
+        ),
+    ] = Path("/var/lib/streamprov/changes"),
+    group_id: Annotated[
+        str, typer.Option(help="Consumer group of the source topics.")
+    ] = "streamprov-changes",
+    functions: Annotated[
+        str | None,
+        typer.Option(
+            help="module:attribute of the FunctionRegistry to compare with the ledger (function changes)."
+        ),
+    ] = None,
+    ledger_id: Annotated[
+        str | None,
+        typer.Option(envvar="STREAMPROV_LEDGER_ID", help="Ledger id (default: the ledger topic name)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address the health endpoints bind to.")] = "0.0.0.0",  # noqa: S104
+    http_port: Annotated[
+        int | None, typer.Option(help="/healthz and /readyz port (0 = any free port).")
+    ] = 8082,
+    max_outputs: Annotated[int, typer.Option(min=0, help="Impacted outputs listed per event.")] = 1000,
+    function_check_interval: Annotated[
+        float, typer.Option(min=1.0, help="Seconds between function checks (with --functions).")
+    ] = 300.0,
+    progress_interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between progress lines in the log.")
+    ] = 30.0,
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Log one JSON object per line.")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the change detector until SIGTERM/SIGINT."""
+    from streamprov.agents.lifecycle import install_stop_signals  # noqa: PLC0415 - keep --help fast
+    from streamprov.changes.detector import ChangeDetectorError  # noqa: PLC0415
+    from streamprov.changes.service import (  # noqa: PLC0415
+        ChangeService,
+        ChangeServiceConfigError,
+        ChangeServiceSettings,
+        FatalChangeServiceError,
+    )
+    from streamprov.config import ConfigError, load_config  # noqa: PLC0415
+    from validator.cli import configure_logging  # noqa: PLC0415
+    from validator.errors import ValidatorConfigError  # noqa: PLC0415 - load_registry's
+    from validator.rederive import load_registry  # noqa: PLC0415
+
+    configure_logging(log_level, json_logs)
+    try:
+        loaded = load_config(config)
+        settings = ChangeServiceSettings.from_config(
+            loaded,
+            state_dir=state_dir,
+            group_id=group_id,
+            ledger_id=ledger_id,
+            http_host=host,
+            http_port=http_port,
+            max_outputs=max_outputs,
+            function_check_interval_s=function_check_interval,
+            progress_interval_s=progress_interval,
+        )
+        registry = load_registry(functions) if functions else None
+        service = ChangeService(settings, registry=registry)
+    except (ConfigError, ChangeServiceConfigError, ValidatorConfigError) as exc:
+        raise _fail(EXIT_CONFIG, str(exc)) from None
+    except StreamprovError as exc:
+        raise _fail(EXIT_FAILED, str(exc)) from None
+
+    install_stop_signals(service.stop)
+    try:
+        with service:
+            stats = service.run()
+    except ChangeServiceConfigError as exc:
+        raise _fail(EXIT_CONFIG, str(exc)) from None
+    except FatalChangeServiceError as exc:
+        raise _fail(EXIT_FATAL, str(exc)) from None
+    except (ChangeDetectorError, StreamprovError) as exc:
+        raise _fail(EXIT_FAILED, str(exc)) from None
+    log.info("stopped: %s", json.dumps(stats.as_dict(), sort_keys=True))
