@@ -42,8 +42,9 @@ _HEADER = b"h"
 MAX_SUPERSEDE_HOPS = 64
 MULTI_GET = 4096
 """Keys per RocksDB multi-get (`values`, `latest_many`)."""
-_LEAF_HEAD = struct.Struct(">II")
-_LEAF_ALG = struct.Struct(">IBI")
+_U32 = struct.Struct(">I")
+_ALGORITHM = {a: b"\x00\x00\x00\x01" + bytes((a,)) for a in ChecksumAlgorithm}
+"""lp(algorithm byte) of each algorithm."""
 
 
 def params_hash(parameters: Iterable[tuple[str, str]]) -> bytes:
@@ -56,16 +57,24 @@ def input_hash(inputs: Sequence[DataRef]) -> bytes:
     """SHA-256 over the inputs' leaves (length-prefixed DataID, algorithm, digest), in order:
     `SHA-256(length_prefixed(*(r.leaf_data() for r in inputs)))`, built in one pass (a reduce's key
     covers every input)."""
+    pack = _U32.pack
     parts: list[bytes] = []
-    for r in inputs:
-        data_id = r.data_id.encode("utf-8")
-        value = r.checksum.value
-        # lp(lp(data_id) lp(alg byte) lp(digest)): outer length = 4 + n + 4 + 1 + 4 + m
-        parts.append(_LEAF_HEAD.pack(len(data_id) + len(value) + 13, len(data_id)))
-        parts.append(data_id)
-        parts.append(_LEAF_ALG.pack(1, r.checksum.algorithm, len(value)))
-        parts.append(value)
+    for leaf in _leaves(inputs):
+        parts += (pack(len(leaf)), leaf)
     return hashlib.sha256(b"".join(parts)).digest()
+
+
+def _leaves(nodes: Sequence[DataRef]) -> list[bytes]:
+    """`n.leaf_data()` of each node (lp(DataID) lp(algorithm byte) lp(digest)), built inline."""
+    pack, alg = _U32.pack, _ALGORITHM
+    found: list[bytes] = []
+    for n in nodes:
+        data_id, checksum = n.data_id.encode("utf-8"), n.checksum
+        value = checksum.value
+        found.append(
+            b"".join((pack(len(data_id)), data_id, alg[checksum.algorithm], pack(len(value)), value))
+        )
+    return found
 
 
 class CacheKey(bytes):
@@ -188,10 +197,27 @@ class ResultCache:
         return None if found is None else bytes(found)
 
     def values(self, nodes: Sequence[DataRef]) -> list[bytes | None]:
-        """`value` of each node, in order, by RocksDB multi-gets (a reduce's stored inputs)."""
+        """`value` of each node, in order, by RocksDB multi-gets."""
         return [
-            None if v is None else bytes(v) for v in self._get_many([_VALUE + n.leaf_data() for n in nodes])
+            None if v is None else bytes(v)
+            for v in self._get_many([_VALUE + leaf for leaf in _leaves(nodes)])
         ]
+
+    def latest_values(self, nodes: Sequence[DataRef]) -> list[tuple[DataRef, bytes | None]]:
+        """(`latest(n)`, its `value`) of each node (a reduce's stored inputs): one multi-get asks for
+        both the supersede link and the value of every node; only superseded ones read on."""
+        leaves = _leaves(nodes)
+        found = self._get_many([_LATEST + leaf for leaf in leaves] + [_VALUE + leaf for leaf in leaves])
+        half = len(leaves)
+        out: list[tuple[DataRef, bytes | None]] = []
+        for i, n in enumerate(nodes):
+            if found[i] is None:
+                value = found[half + i]
+                out.append((n, None if value is None else bytes(value)))
+            else:
+                latest = self.latest(n)
+                out.append((latest, self.value(latest)))
+        return out
 
     def _get_many(self, keys: list[bytes]) -> list[bytes | None]:
         found: list[bytes | None] = []
@@ -224,11 +250,6 @@ class ResultCache:
             seen.add(nxt)
             node = nxt
         return node
-
-    def latest_many(self, nodes: Sequence[DataRef]) -> list[DataRef]:
-        """`latest` of each node: one multi-get; only superseded nodes follow their chain."""
-        links = self._get_many([_LATEST + n.leaf_data() for n in nodes])
-        return [n if link is None else self.latest(n) for n, link in zip(nodes, links, strict=True)]
 
     def header(self, node: DataRef) -> bytes | None:
         """The header a recompute stamped on `node` (see `supersede`)."""

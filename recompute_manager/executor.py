@@ -29,9 +29,10 @@ from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers,
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm, matches
 from streamprov.errors import StreamprovError
-from streamprov.header import HEADER_KEY, ProvenanceHeader
+from streamprov.header import HEADER_KEY, ProvenanceHeader, record_fields, scan
+from streamprov.header import PREFIX as HEADER_PREFIX
 from streamprov.ledger.model import DataRef
-from streamprov.lineage import StepKind
+from streamprov.lineage import Lineage, StepKind, decode_lineage
 from streamprov.registry import FunctionRegistry
 from streamprov.stamp import InputRecord, MapStamper, ReduceState, SourceStamper
 
@@ -56,6 +57,8 @@ SUPERSEDES_HEADER = "streamprov.supersedes"
 """`topic/partition/offset` of the record a recomputed record replaces."""
 TASK_HEADER = "streamprov.recompute.task"
 PLAN_HEADER = "streamprov.recompute.plan"
+MAX_LINEAGES = 1024
+"""Decoded lineages an executor keeps (by their encoded bytes) for the reduce input path."""
 
 
 _In = tuple[bytes, "bytes | ProvenanceHeader", DataRef]
@@ -168,6 +171,7 @@ class Executor:
         self.retry = retry or RetryPolicy()
         self.sleep = sleep
         self._source_stamper = SourceStamper(algorithm)
+        self._lineages: dict[bytes, Lineage] = {}
 
     # -- inputs --------------------------------------------------------------------------------------
     def _inputs(self, refs: tuple[InputRef, ...], outputs: Mapping[str, Recomputed]) -> list[_In]:
@@ -199,9 +203,8 @@ class Executor:
         may have replaced it since it was recorded), checked against its checksum."""
         if self.cache is None:
             raise ExecutionError(f"intermediate value {refs[0].describe()}: no value store")
-        nodes = self.cache.latest_many(refs)
         found: list[_In] = []
-        for ref, node, stored in zip(refs, nodes, self.cache.values(nodes), strict=True):
+        for ref, (node, stored) in zip(refs, self.cache.latest_values(refs), strict=True):
             if stored is None:
                 raise ExecutionError(f"intermediate value {node.describe()} is not in the value store")
             if not matches(node.checksum, stored):
@@ -213,6 +216,20 @@ class Executor:
                 header = ProvenanceHeader.for_source(node.data_id, stored, self.algorithm)
             found.append((stored, header, node))
         return found
+
+    def _decode(self, raw: bytes) -> ProvenanceHeader:
+        """`ProvenanceHeader.decode`, with each distinct lineage decoded once: a reduce's inputs come
+        from one stage and share it (the per-record fields are read with `record_fields`)."""
+        if raw[: len(HEADER_PREFIX)] != HEADER_PREFIX:
+            return ProvenanceHeader.decode(raw)
+        encoded = raw[scan(raw)[3] :]
+        lineage = self._lineages.get(encoded)
+        if lineage is None:
+            if len(self._lineages) >= MAX_LINEAGES:
+                self._lineages.clear()
+            lineage = self._lineages[encoded] = decode_lineage(encoded)
+        f = record_fields(raw)
+        return ProvenanceHeader(f.data_id, f.checksum, f.source_checksum, f.timestamp_ms, lineage)
 
     # -- one attempt ---------------------------------------------------------------------------------
     def execute(
@@ -244,9 +261,7 @@ class Executor:
                 state = ReduceState(fn.initial())
                 for in_value, in_header, _ in ins:
                     decoded = (
-                        in_header
-                        if isinstance(in_header, ProvenanceHeader)
-                        else ProvenanceHeader.decode(in_header)
+                        in_header if isinstance(in_header, ProvenanceHeader) else self._decode(in_header)
                     )
                     state.add(fn, params, decoded, self.serde.loads(in_value))
                 if hit is None:

@@ -275,37 +275,43 @@ def plan_from_applications(
     created = now_ms() if created_at_ms is None else created_at_ms
     replace = replace or {}
     supersedes = supersedes or {}
-    outputs = {a.entry.application.output for a in apps}
-    outside = list(dict.fromkeys(r for a in apps for r in a.entry.application.inputs if r not in outputs))
-    is_source = dict(zip(outside, lookup.sources_among(outside), strict=True))
+    # First pass: the task ids, and for each input the earlier task producing it (None: not in the
+    # plan before it). Those others are then asked of the index in one batch.
+    task_ids: list[str] = []
+    from_tasks: list[list[str | None]] = []
+    outside: list[DataRef] = []
     producer: dict[DataRef, str] = {}
-    tasks: list[RecomputeTask] = []
-    for position, a in enumerate(apps):
+    for a in apps:
         app = a.entry.application
-        task_id = _hex_id(plan_id.encode("ascii"), a.entry.entry_id)
+        row = [producer.get(ref) for ref in app.inputs]
+        outside += [ref for ref, t in zip(app.inputs, row, strict=True) if t is None]
+        from_tasks.append(row)
+        task_ids.append(_hex_id(plan_id.encode("ascii"), a.entry.entry_id))
+        producer.setdefault(app.output, task_ids[-1])
+    kinds = iter(lookup.sources_among(outside))
+    tasks: list[RecomputeTask] = []
+    for position, (a, task_id, row) in enumerate(zip(apps, task_ids, from_tasks, strict=True)):
+        app = a.entry.application
         inputs: list[InputRef] = []
-        for ref in app.inputs:
-            if ref in producer:
-                inputs.append(InputRef(ref, InputOrigin.TASK, producer[ref]))
-                continue
-            source = is_source.get(ref)
-            if source is None:  # produced by a later task of the plan (a cycle): asked on its own
-                source = is_source[ref] = lookup.is_source(ref)
-            if source:
-                inputs.append(InputRef(replace.get(ref, ref), InputOrigin.SOURCE))
+        for ref, from_task in zip(app.inputs, row, strict=True):
+            if from_task is not None:
+                inputs.append(InputRef(ref, InputOrigin.TASK, from_task))
+            elif next(kinds):
+                inputs.append(InputRef(replace.get(ref, ref) if replace else ref, InputOrigin.SOURCE))
             else:
                 inputs.append(InputRef(ref, InputOrigin.STORED))
         step = _task_step(app)
         if upgrade and step.function_id in upgrade:
             version, code = upgrade[step.function_id]
             step = Step(step.kind, step.function_id, version, code, step.parameters, step.inputs)
-        depends = tuple(dict.fromkeys(i.from_task for i in inputs if i.from_task is not None))
+        depends = tuple(dict.fromkeys(t for t in row if t is not None))
+        where = supersedes.get(app.output) if supersedes else None
         tasks.append(
             RecomputeTask(
                 task_id,
                 plan_id,
                 app.output.data_id,
-                supersedes[app.output].topic if app.output in supersedes else topic,
+                topic if where is None else where.topic,
                 position,
                 a.entry.entry_id,
                 (step,),
@@ -314,10 +320,9 @@ def plan_from_applications(
                 depends,
                 cause,
                 created,
-                supersedes.get(app.output),
+                where,
             )
         )
-        producer.setdefault(app.output, task_id)
     return RecomputePlan(plan_id, cause, tuple(tasks), truncated, cyclic)
 
 

@@ -27,6 +27,7 @@ from types import TracebackType
 
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
+from streamprov.checksum import ChecksumAlgorithm
 from streamprov.ledger import keys
 from streamprov.ledger.codec import (
     decode_checkpoint_body,
@@ -71,6 +72,32 @@ NODE_KIND = b"N"
 _SOURCE_KIND = b"s"
 _DERIVED_KIND = b"d"
 _MULTI_GET = 4096
+
+
+_U32 = struct.Struct(">I")
+_ALGORITHM_BYTE = {a: bytes((a,)) for a in ChecksumAlgorithm}
+
+
+def _kind_prefixes(nodes: Sequence[DataRef]) -> list[bytes]:
+    """`NODE_KIND + keys.node(n)` of each node, built inline (planning asks for every reduce input)."""
+    pack = _U32.pack
+    found: list[bytes] = []
+    for n in nodes:
+        data_id, checksum = n.data_id.encode("utf-8"), n.checksum
+        value = checksum.value
+        found.append(
+            b"".join(
+                (
+                    NODE_KIND,
+                    pack(len(data_id)),
+                    data_id,
+                    _ALGORITHM_BYTE[checksum.algorithm],
+                    pack(len(value)),
+                    value,
+                )
+            )
+        )
+    return found
 
 
 def _kind_key(node: DataRef, kind: ApplicationKind) -> bytes:
@@ -361,7 +388,7 @@ class LedgerIndex:
         """`is_source` of each node, batched (RocksDB multi-get, two keys per node)."""
         found: list[bool] = []
         for at in range(0, len(nodes), _MULTI_GET):  # bounded multi-gets
-            prefixes = [NODE_KIND + keys.node(n) for n in nodes[at : at + _MULTI_GET]]
+            prefixes = _kind_prefixes(nodes[at : at + _MULTI_GET])
             wanted: list[str | int | float | bytes | bool] = [p + _SOURCE_KIND for p in prefixes]
             wanted += [p + _DERIVED_KIND for p in prefixes]
             got: list[bytes | None] = self._db.get(wanted) or []

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ledger_support import LEDGER, build
 
 from recompute_manager.cache import CacheKey, ResultCache, input_hash, unchanged
@@ -21,9 +22,10 @@ from recompute_manager.policy import Cause
 from streamprov.agents.dead_letter import REASON_HEADER
 from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
 from streamprov.checksum import ChecksumAlgorithm, compute
+from streamprov.errors import HeaderError
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.ledger import Application, ApplicationKind, Applied, DataRef, LedgerIndex
-from streamprov.lineage import Step, StepKind
+from streamprov.lineage import InputDigest, Step, StepKind
 from streamprov.merkle import length_prefixed
 from streamprov.registry import FunctionRegistry
 
@@ -249,8 +251,8 @@ def test_reduce_reads_its_stored_inputs_in_one_batch_and_equals_a_replay_from_sc
         for d in ds:
             cache.put_value(d, str(int(original[d.data_id].value)).encode())
         reads: list[int] = []
-        values = cache.values
-        cache.values = lambda nodes: reads.append(len(nodes)) or values(nodes)  # type: ignore[method-assign,func-returns-value]
+        read = cache.latest_values
+        cache.latest_values = lambda nodes: reads.append(len(nodes)) or read(nodes)  # type: ignore[method-assign,func-returns-value]
 
         sources["x3"] = b"50"  # an earlier plan corrected d3 (8 -> 100)
         first = Executor(reg, sources, cache=cache, headers=headers).run_plan(
@@ -288,8 +290,29 @@ def test_cache_batch_reads_and_the_input_hash_definition(tmp_path: Path) -> None
         cache.put_value(new_b, b"3")
         cache.supersede(b, new_b, b"hdr")
         assert cache.values([a, b, new_b]) == [b"1", None, b"3"]
-        assert cache.latest_many([a, b, new_b]) == [a, new_b, new_b]
-        assert cache.values([]) == [] and cache.latest_many([]) == []
+        assert cache.latest_values([a, b, new_b]) == [(a, b"1"), (new_b, b"3"), (new_b, b"3")]
+        assert cache.values([]) == [] and cache.latest_values([]) == []
         step = Step.create(StepKind.REDUCE, "total", "1", b"c", {})
         cache.put(step, [a, b], b"out", key=CacheKey.of(step, [a, b]))
         assert cache.get(step, [a, b]) == b"out" == cache.get(step, [], key=CacheKey.of(step, [a, b]))
+
+
+def test_reduce_inputs_decode_like_the_header_decoder(tmp_path: Path) -> None:
+    reg = registry()
+    with ledger(tmp_path, reg) as idx:
+        plan = plan_for_change(idx, change("s", 1, 5))
+        ex = Executor(reg, {"s": b"5"})
+        done = ex.run_plan(plan)
+    raws = [r.header for r in done.recomputed]
+    raws += [ProvenanceHeader.for_source("x", b"1").encode(), ProvenanceHeader.for_source("y", b"2").encode()]
+    step = Step.create(StepKind.REDUCE, "total", "1", b"c", {}, InputDigest(3, b"r" * 32, 0, 9))
+    raws.append(
+        ProvenanceHeader(
+            "t", compute(ChecksumAlgorithm.SHA256, b"9"), ref("s", 1).checksum, 7, (step,)
+        ).encode()
+    )
+    for raw in raws + raws:  # the second time from the decoded lineages
+        assert ex._decode(raw) == ProvenanceHeader.decode(raw)
+    assert len(ex._lineages) == 4  # (), (double,), (double, inc), (total,)
+    with pytest.raises(HeaderError):
+        ex._decode(b"not a header")
