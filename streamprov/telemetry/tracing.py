@@ -200,9 +200,14 @@ class StepTracing:
         """A CONSUMER span for one map application (child of the input's span), injected into the output.
 
         An input whose upstream was not sampled keeps its `traceparent` (already in `out_headers`).
+        The input's trace context is read from `out_headers`, which carry a copy of the input's other
+        headers (one list scan instead of another `msg.headers()` from librdkafka), else from `msg`.
         """
-        hs = msg.headers()
-        tp = traceparent(hs)
+        hs: KafkaHeaders = out_headers
+        tp = traceparent(out_headers)
+        if tp is None:
+            hs = msg.headers()
+            tp = traceparent(hs)
         if tp is not None and not sampled(tp):
             return
         span = self.tracer.start_span(
