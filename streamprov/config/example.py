@@ -30,6 +30,7 @@ streams:
   alerts: streamprov.alerts
   dead_letters: streamprov.dead-letters
   ledger: streamprov.ledger
+  ledger_requests: streamprov.ledger.requests  # to the ledger sequencer (one partition)
   changes: streamprov.changes
   recompute_tasks: streamprov.recompute.tasks
   recompute_progress: streamprov.recompute.progress
@@ -77,6 +78,26 @@ recompute_manager:
   metrics_port: 9465
   workers: 4
   max_retries: 5
+
+changes:
+  group_id: streamprov-changes
+  state_dir: /var/lib/streamprov/changes
+  http_port: 8082                        # /healthz and /readyz
+  batch_size: 500
+  max_outputs: 1000                      # impacted outputs listed per change event
+  function_check_interval: 5m
+  progress_interval: 30s
+  record_sources: true                   # a SOURCE ledger entry per new source version
+
+# The provenance ledger (docs/ledger.md). One sequencer seals what every process sends.
+ledger:
+  id: null                               # null: the ledger topic's name
+  checkpoint_key: null                   # an ed25519 key id under signing.keys; null: unsigned
+  sequencer:
+    group_id: null                       # null: streamprov-ledger-sequencer.<ledger id>
+    checkpoint_every: 1000               # entries per signed checkpoint
+    batch_size: 500                      # requests per transaction
+    http_port: 8083                      # /healthz and /readyz
 
 # Traces and metrics (docs/telemetry.md). Tracing is off unless enabled.
 telemetry:

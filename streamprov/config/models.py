@@ -834,6 +834,8 @@ class StreamSettings(_Settings):
     alerts: TopicName = "streamprov.alerts"
     dead_letters: TopicName = "streamprov.dead-letters"
     ledger: TopicName = "streamprov.ledger"
+    ledger_requests: TopicName = "streamprov.ledger.requests"
+    """Applications sent to the shared ledger sequencer (one partition; `ledger.sequencer`)."""
     changes: TopicName = "streamprov.changes"
     recompute_tasks: TopicName = "streamprov.recompute.tasks"
     recompute_progress: TopicName = "streamprov.recompute.progress"
@@ -983,6 +985,42 @@ class RecomputeManagerSettings(_Settings):
         return self
 
 
+class SequencerSettings(_Settings):
+    """The shared ledger sequencer (`streamprov ledger sequencer --config`, docs/ledger.md)."""
+
+    group_id: Annotated[str, Field(min_length=1)] | None = None
+    """Default: streamprov-ledger-sequencer.<ledger id>."""
+    checkpoint_every: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
+    http_port: Port = 8083
+
+
+class LedgerSettings(_Settings):
+    """The provenance ledger: its id and who signs its checkpoints."""
+
+    id: Annotated[str, Field(min_length=1)] | None = None
+    """Default: the ledger topic's name (`streams.ledger`), as `streamprov ledger` assumes."""
+    checkpoint_key: KeyId | None = None
+    """An ed25519 key under `signing.keys`: the sequencer signs checkpoints with its private key,
+    indexes and `ledger verify` check them with its public key. None: unsigned (chain only)."""
+    sequencer: SequencerSettings = Field(default_factory=SequencerSettings)
+
+
+class ChangesSettings(_Settings):
+    """The change detector service (`streamprov changes run`, docs/changes.md)."""
+
+    group_id: Annotated[str, Field(min_length=1)] = "streamprov-changes"
+    state_dir: Path = Path("/var/lib/streamprov/changes")
+    http_port: Port = 8082
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
+    max_outputs: Annotated[int, Field(ge=0, le=1_000_000)] = 1000
+    function_check_interval: Duration = timedelta(minutes=5)
+    progress_interval: Duration = timedelta(seconds=30)
+    record_sources: bool = True
+    """Send a SOURCE ledger entry per new source version to the sequencer (`streams.ledger_requests`):
+    the Recompute Manager finds a source's current version through them."""
+
+
 def _distinct_ports(http_port: int, metrics_port: int) -> None:
     if http_port == metrics_port:
         raise _problems(
@@ -1012,6 +1050,8 @@ class StreamprovConfig(_Settings):
     topics: dict[TopicName, TopicSettings] = Field(default_factory=dict)
     validator: ValidatorSettings = Field(default_factory=ValidatorSettings)
     recompute_manager: RecomputeManagerSettings = Field(default_factory=RecomputeManagerSettings)
+    changes: ChangesSettings = Field(default_factory=ChangesSettings)
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     signing: SigningSettings = Field(default_factory=SigningSettings)
 
@@ -1099,6 +1139,7 @@ class StreamprovConfig(_Settings):
                     )
                 )
         problems.extend(self._signing_problems())
+        problems.extend(self._ledger_key_problems())
         if problems:
             raise _problems(problems)
         return self
@@ -1129,6 +1170,29 @@ class StreamprovConfig(_Settings):
                      "define keys under signing.keys (and list them in accept, or leave accept out)")
                 )  # fmt: skip
         return problems
+
+    def _ledger_key_problems(self) -> list[Problem]:
+        kid = self.ledger.checkpoint_key
+        if kid is None:
+            return []
+        key = self.signing.keys.get(kid)
+        where: Loc = ("ledger", "checkpoint_key")
+        if key is None:
+            known = ", ".join(sorted(self.signing.keys)) or "none defined"
+            return [(where, f"no key {kid!r} in signing.keys ({known})", "define it under signing.keys")]
+        if key.algorithm is not SigningAlgorithm.ED25519:
+            return [
+                (
+                    where,
+                    f"key {kid!r} is {key.algorithm.value}; checkpoints need a public-key signature",
+                    "name an ed25519 key (auditors verify with its public key alone)",
+                )
+            ]
+        return []
+
+    def ledger_id(self) -> str:
+        """The ledger's id: `ledger.id`, else the ledger topic's name."""
+        return self.ledger.id or self.streams.ledger
 
     def topic(self, name: str) -> TopicSettings:
         """Settings of output topic `name`: its own block, else `defaults`."""
