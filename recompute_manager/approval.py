@@ -100,7 +100,7 @@ def approve(
             PlainRecord(progress_topic, approved.key, approved.encode(), ((RECORD_HEADER, KIND_PROGRESS),))
         )
         publisher.publish_all([], plain=records)
-        log.info("plan %s approved by %s: %d units", plan.plan_id[:16], who, len(units))
+        log.debug("plan %s approved by %s: %d units", plan.plan_id[:16], who, len(units))
         return Approval(plan.plan_id, len(units), plan.total, False)
     finally:
         publisher.close()

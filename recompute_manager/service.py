@@ -421,6 +421,9 @@ class RecomputeManager:
             with self._pending_lock:
                 self._pending.difference_update(u.unit_id for u in planned)
             raise
+        with self.views.lock:  # its units run on what it was planned with (`Views.for_execution`)
+            for plan_id in dict.fromkeys(u.plan_id for u in planned):
+                self.views.mark_fresh(plan_id)
         self._stats.transactions += 1
         self._stats.units_planned += len(planned)
         self._stats.plans_run += len({u.plan_id for u in planned})

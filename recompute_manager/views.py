@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaException, Message
+from confluent_kafka.admin import AdminClient
 
 from recompute_manager.cache import ResultCache
 from recompute_manager.executor import SUPERSEDES_HEADER
@@ -37,11 +39,17 @@ from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.ledger.model import DataRef
 
-__all__ = ["CommittedCache", "SupersededIndex", "Views"]
+__all__ = ["CommittedCache", "StateError", "SupersededIndex", "Views"]
 
 log = logging.getLogger(__name__)
 
 Staged = list[tuple[DataRef, DataRef, bytes]]
+MAX_FRESH_PLANS = 10_000
+"""Plans whose units run without another catch-up (see `Views.for_execution`), most recent kept."""
+
+
+class StateError(StreamprovError):
+    """The state dir cannot be opened: each replica needs its own (RocksDB holds a lock on it)."""
 
 
 class CommittedCache(ResultCache):
@@ -121,21 +129,28 @@ class SupersededIndex:
         self._checked = float("-inf")
         self._by_coordinates: dict[Coordinates, DataRef] = {}
         self._indexed = -1
+        self._admin_client: AdminClient | None = None
         self.corrections = 0
 
     def _open_missing(self) -> None:
         if not self._missing or time.monotonic() - self._checked < self.recheck_s:
             return
         self._checked = time.monotonic()
-        still: list[str] = []
+        found: list[str] = []
         for topic in self._missing:
-            try:
-                self._readers.append(TopicReader(self.config, [topic]))
-            except (StreamprovError, KafkaException):
-                still.append(topic)
-        if still and len(still) != len(self._missing):
-            log.info("priority topics not there yet: %s", ", ".join(still))
-        self._missing = still
+            meta = self._admin().list_topics(topic, timeout=10).topics.get(topic)
+            if meta is not None and meta.error is None and meta.partitions:
+                found.append(topic)
+        if found:
+            self._readers.append(TopicReader(self.config, found))  # one consumer for all of them
+        self._missing = [t for t in self._missing if t not in found]
+        if self._missing:
+            log.info("priority topics not there yet: %s", ", ".join(self._missing))
+
+    def _admin(self) -> AdminClient:
+        if self._admin_client is None:
+            self._admin_client = AdminClient(self.config)
+        return self._admin_client
 
     def _original(self, at: Coordinates) -> DataRef | None:
         node = self._by_coordinates.get(at)
@@ -199,24 +214,64 @@ class Views:
         self.lock = threading.RLock()
         self.ledger_topic = ledger_topic
         self.ledger_idle_s = ledger_idle_s
-        self.cache = CommittedCache(state_dir / "cache")
-        self.index = LedgerIndex(state_dir / "ledger-index", ledger_id)
-        self.outputs = OutputIndex(self.kafka, outputs, cache=self.cache)
-        self.sources = SourceIndex(self.kafka, sources)
-        self.superseded = SupersededIndex(self.kafka, priority_topics, self.cache, self.outputs)
+        self._fresh: OrderedDict[str, None] = OrderedDict()
+        hint = f"in {state_dir} cannot be opened (another manager on this state dir?)"
+        try:
+            self.cache = CommittedCache(state_dir / "cache")
+        except Exception as exc:  # rocksdict raises plain Exceptions (a held LOCK among them)
+            raise StateError(f"result cache {hint}: {exc}") from exc
+        try:
+            self.index = LedgerIndex(state_dir / "ledger-index", ledger_id)
+        except Exception as exc:
+            self.cache.close()
+            raise StateError(f"ledger index {hint}: {exc}") from exc
+        readers: list[OutputIndex | SourceIndex] = []
+        try:
+            self.outputs = OutputIndex(self.kafka, outputs, cache=self.cache)
+            readers.append(self.outputs)
+            self.sources = SourceIndex(self.kafka, sources)
+            readers.append(self.sources)
+            self.superseded = SupersededIndex(self.kafka, priority_topics, self.cache, self.outputs)
+        except BaseException:
+            for r in readers:
+                r.close()
+            self.index.close()
+            self.cache.close()
+            raise
 
     def for_planning(self) -> None:
-        """Ledger and output coordinates up to now (call with the lock held)."""
+        """Ledger, output coordinates and sources up to now (call with the lock held)."""
         reader = KafkaLedgerReader(self.kafka, self.ledger_topic, idle_timeout_s=self.ledger_idle_s)
         self.index.catch_up(reader)
         self.outputs.catch_up()
+        self.sources.catch_up()
 
-    def for_execution(self) -> None:
-        """Sources, outputs (values, headers) and committed corrections up to now (lock held): at least
-        what the planner saw when it planned any unit consumed before this call."""
+    def for_execution(self, plan_id: str) -> bool:
+        """Make the views fit to run a unit of `plan_id` (lock held); True when it caught up.
+
+        A unit needs at least what its planner saw, and the corrections committed before it by units
+        of the same key. Catching up once after consuming one of a plan's units gives the first for
+        all its units (they were committed together, after the planner's reads); the second holds
+        for same-key units committed by this process (`CommittedCache.commit`) and, after a catch-up,
+        by anyone: `forget_fresh()` on every rebalance, since a partition that moved here may carry
+        units another replica ran. A plan planned here is fresh from the start (`mark_fresh`).
+        """
+        if plan_id in self._fresh:
+            self._fresh.move_to_end(plan_id)
+            return False
         self.sources.catch_up()
         self.outputs.catch_up()
         self.superseded.catch_up()
+        self.mark_fresh(plan_id)
+        return True
+
+    def mark_fresh(self, plan_id: str) -> None:
+        self._fresh[plan_id] = None
+        while len(self._fresh) > MAX_FRESH_PLANS:
+            self._fresh.popitem(last=False)
+
+    def forget_fresh(self) -> None:
+        self._fresh.clear()
 
     def close(self) -> None:
         for closer in (self.outputs.close, self.sources.close, self.superseded.close):

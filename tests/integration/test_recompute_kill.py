@@ -156,8 +156,10 @@ def start_event(m: Module, run: Run) -> None:
 
 
 def settings(run: Run, replica: str) -> ManagerSettings:
+    """An in-process replica of the run's manager (each replica has a state dir of its own)."""
     return ManagerSettings.from_config(
         load_config(run.config),
+        state_dir=run.state / replica,
         http_port=None,
         ledger_id=LEDGER,
         replica_id=replica,
@@ -343,44 +345,60 @@ def test_two_replicas_share_the_units_of_one_plan(module: Module, clean: list[Ro
 
 
 def test_a_plan_over_max_fanout_waits_for_approve(module: Module, clean: list[Row]) -> None:
+    """Refused (needs_approval) while one manager runs; approved (twice) while none runs; run by the
+    next manager (the CLI runs in this thread alone: CliRunner swaps sys.stdout)."""
     run = make_run(module, "approve", max_fanout=50)
     watcher = ProgressWatcher(module.bootstrap, run.progress)
     results: dict[str, Any] = {}
     cli = CliRunner()
-    with RecomputeManager(settings(run, "approve"), recompute_fns.registry) as manager:
-        thread = _run_in_thread(manager, results, "m")
-        try:
-            start_event(module, run)
-            deadline = time.monotonic() + 60
-            while not any(r.state == "needs_approval" for r in watcher.records):
-                assert time.monotonic() < deadline, watcher.records
-                watcher.poll()
-            [held] = watcher.records
-            assert (held.unit, held.total, held.units) == (-1, TASKS, G)
-            assert not consume_all(module.bootstrap, run.tasks, expected=1, timeout_s=1)  # nothing runs
+    try:
+        with RecomputeManager(settings(run, "approve"), recompute_fns.registry) as manager:
+            thread = _run_in_thread(manager, results, "planner")
+            try:
+                start_event(module, run)
+                deadline = time.monotonic() + 60
+                while not any(r.state == "needs_approval" for r in watcher.records):
+                    assert time.monotonic() < deadline, watcher.records
+                    watcher.poll()
+            finally:
+                manager.stop()
+                thread.join(timeout=60)
+        assert isinstance(results["planner"], ManagerStats), results
+        [held] = watcher.records
+        assert (held.unit, held.total, held.units) == (-1, TASKS, G)
+        assert not consume_all(module.bootstrap, run.tasks, expected=1, timeout_s=1)  # nothing runs
 
-            status = cli.invoke(app, ["recompute", "status", "--config", str(run.config)])
-            assert status.exit_code == 0, status.output
-            assert "needs_approval" in status.output and f"0/{TASKS} tasks, 0/{G} units" in status.output
+        status = cli.invoke(app, ["recompute", "status", "--config", str(run.config)])
+        assert status.exit_code == 0, status.output
+        assert "needs_approval" in status.output and f"0/{TASKS} tasks, 0/{G} units" in status.output
+        approve = ["recompute", "approve", held.plan_id[:10], "--config", str(run.config), "--by", "test"]
+        first = cli.invoke(app, approve)
+        assert first.exit_code == 0, first.output
+        assert f"approved: {TASKS} tasks in {G} units" in first.output
+        again = cli.invoke(app, approve)
+        assert again.exit_code == 0 and "approved before" in again.output, again.output
+        unknown = cli.invoke(app, ["recompute", "approve", "ffff", "--config", str(run.config)])
+        assert unknown.exit_code == 1 and "no plan 'ffff'" in unknown.output, unknown.output
 
-            first = cli.invoke(app, ["recompute", "approve", held.plan_id[:10], "--config", str(run.config)])
-            assert first.exit_code == 0, first.output
-            assert f"approved: {TASKS} tasks in {G} units" in first.output
-            again = cli.invoke(app, ["recompute", "approve", held.plan_id[:10], "--config", str(run.config)])
-            assert again.exit_code == 0 and "approved before" in again.output, again.output
-
-            watcher.wait_units(G, 90)
-            watcher.settle(1.0)
-        finally:
-            manager.stop()
-            thread.join(timeout=60)
-            watcher.close()
-    assert isinstance(results["m"], ManagerStats), results
+        with RecomputeManager(settings(run, "approve"), recompute_fns.registry) as manager:
+            thread = _run_in_thread(manager, results, "workers")
+            try:
+                watcher.wait_units(G, 90)
+                watcher.settle(1.0)
+            finally:
+                manager.stop()
+                thread.join(timeout=60)
+        assert isinstance(results["workers"], ManagerStats), results
+    finally:
+        watcher.close()
     assert len(watcher.units()) == len(set(watcher.units())) == G  # approved once, run once
-    assert len(consume_all(module.bootstrap, run.tasks, expected=G + 1, timeout_s=3)) == G
+    assert len(consume_all(module.bootstrap, run.tasks, expected=G, timeout_s=10, grace_s=0.5)) == G
+    states = [r.state for r in watcher.records if r.unit < 0]
+    assert states == ["needs_approval", "approved"]
     status = cli.invoke(app, ["recompute", "status", held.plan_id[:10], "--config", str(run.config)])
     assert status.exit_code == 0, status.output
     assert " done " in status.output and f"100% {TASKS}/{TASKS} tasks, {G}/{G} units" in status.output
+    assert "approved by test" in status.output
     got = output(module, run)
     assert len(got) == len(set(got)) == TASKS
     assert Counter(got) == Counter(clean)
