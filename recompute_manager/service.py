@@ -379,7 +379,10 @@ class RecomputeManager:
                 try:
                     msgs = self._consumer.consume(s.batch_size, s.poll_timeout_s)
                 except KafkaException as exc:
-                    log.warning("consume: %s", kafka_error(exc).str())
+                    err = kafka_error(exc)
+                    if err.fatal():
+                        raise ManagerError(f"planner: fatal consumer error: {err.str()}") from exc
+                    log.warning("consume: %s", err.str())
                     continue
                 good = [m for m in msgs if not _skip(m)]
                 if good:
@@ -531,6 +534,8 @@ def _skip(msg: Message) -> bool:
     err = msg.error()
     if err is None:
         return False
+    if err.fatal():  # e.g. FENCED_INSTANCE_ID: another live planner has this replica's id
+        raise ManagerError(f"planner: fatal consumer error: {err.str()}")
     if err.code() != KafkaError._PARTITION_EOF:
         log.warning("consume: %s", err.str())
     return True

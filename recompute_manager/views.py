@@ -69,6 +69,9 @@ class CommittedCache(ResultCache):
         self._staged: Staged | None = None
         self._seen_ms: dict[DataRef, int] = {}
 
+    def __enter__(self) -> CommittedCache:
+        return self
+
     def begin(self) -> None:
         self._staged = []
 

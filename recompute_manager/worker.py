@@ -39,10 +39,14 @@ from recompute_manager.progress import KIND_PROGRESS, RECORD_HEADER, Progress
 from recompute_manager.units import RecomputeUnit, UnitError
 from recompute_manager.views import Views
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
-from streamprov.agents.kafka_io import RebalanceEvents, kafka_error, seek_retrying
+from streamprov.agents.kafka_io import RebalanceEvents, is_fenced, kafka_error, seek_retrying
 from streamprov.agents.processor import FatalProcessorError, FencedError
 from streamprov.errors import StreamprovError
 from streamprov.header import now_ms
+
+MAX_POLL_INTERVAL_MS = 1_800_000
+"""A worker polls between units only: a unit may run this long before the group drops the worker
+(its transaction then fails and the unit runs elsewhere). Override with `consumer_config`."""
 
 __all__ = ["UnitWorker", "WorkerSettings", "WorkerStats", "instance_id", "unit_progress"]
 
@@ -138,6 +142,7 @@ class UnitWorker:
         self.assigned: set[tuple[str, int]] = set()
         self._events = RebalanceEvents()
         consumer = {**s.kafka, **s.consumer_config}
+        consumer.setdefault("max.poll.interval.ms", MAX_POLL_INTERVAL_MS)
         consumer.update(
             {
                 "group.id": s.group_id,
@@ -173,14 +178,13 @@ class UnitWorker:
                 try:
                     msgs = self._consumer.consume(1, s.poll_timeout_s)
                 except KafkaException as exc:
-                    log.warning("worker %s consume: %s", s.member, kafka_error(exc).str())
+                    self._consume_error(kafka_error(exc))
                     continue
                 self._rebalanced()
                 for msg in msgs:
                     err = msg.error()
                     if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("worker %s consume: %s", s.member, err.str())
+                        self._consume_error(err)
                         continue
                     if not self._handle(msg) and self._backoff:
                         stop.wait(self._backoff)
@@ -189,6 +193,15 @@ class UnitWorker:
             log.error("worker %s stopped: %s", s.member, exc)
         finally:
             self.busy = False
+
+    def _consume_error(self, err: KafkaError) -> None:
+        """Log a consumer error; a fatal one (e.g. FENCED_INSTANCE_ID: another live member has this
+        worker's group.instance.id, so two replicas share a replica id) ends the worker."""
+        if err.fatal():
+            cls = FencedError if is_fenced(err) else FatalProcessorError
+            raise cls(f"worker {self.settings.member}: fatal consumer error: {err.str()}", err)
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("worker %s consume: %s", self.settings.member, err.str())
 
     def _rebalanced(self) -> None:
         events = self._events.drain()

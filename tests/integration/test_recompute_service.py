@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,15 @@ from typing import Any
 import processor_fns
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from kafka_support import FAST_GROUP_CONFIG, consume_all, create_topic
+from kafka_support import FAST_GROUP_CONFIG, Record, consume_all, create_topic, produce, record_view
 from ledger_support import LEDGER
 from recompute_pipeline import build_pipeline, change_source, priority_topics  # noqa: F401 - fixture
 from typer.testing import CliRunner
 
 from recompute_manager.executor import SUPERSEDES_HEADER
 from recompute_manager.service import ManagerSettings, Progress, RecomputeManager
-from recompute_manager.units import RecomputeUnit
+from recompute_manager.units import UNIT_PREFIX, RecomputeUnit
+from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HEADER
 from streamprov.checksum import matches
 from streamprov.cli import app
 from streamprov.header import ProvenanceHeader
@@ -154,3 +156,51 @@ def test_cli_run_stops_on_sigterm(kafka_bootstrap: str, new_topic: Any, tmp_path
     err = log_path.read_text()
     assert proc.returncode == 0, err[-2000:]
     assert "stopping after the current batch" in err and "stopped:" in err
+
+
+def test_a_tasks_record_that_is_not_a_unit_is_dead_lettered(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
+) -> None:
+    """Neither a crash nor a silent drop: each bad record goes to the dead letters with its reason, in
+    the transaction that commits its offset; the worker goes on with the next one."""
+    tasks, dead = new_topic(2, prefix="tasks"), new_topic(prefix="dl")
+    settings = ManagerSettings(
+        kafka={"bootstrap.servers": kafka_bootstrap},
+        group_id=unique_group("rm"),
+        alerts_topic=new_topic(prefix="alerts"),
+        changes_topic=new_topic(prefix="changes"),
+        tasks_topic=tasks,
+        progress_topic=new_topic(prefix="progress"),
+        dead_letter_topic=dead,
+        ledger_topic=new_topic(prefix="ledger"),
+        sources=(),
+        outputs=(),
+        state_dir=tmp_path / "rm",
+        replica_id="junk",
+        consumer_config=FAST_GROUP_CONFIG,
+    )
+    bad = [
+        Record(b"not a unit", b"k1", [("trace", b"t-1")], partition=1),
+        Record(UNIT_PREFIX + b"\xff\xff\xff", b"k2", partition=1),  # framed, but no Avro unit body
+    ]
+    produce(kafka_bootstrap, tasks, bad)
+    with RecomputeManager(settings, processor_fns.registry) as manager:
+        thread = threading.Thread(target=manager.run, kwargs={"idle_timeout_s": 60}, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while manager.stats.malformed < 2:
+                assert time.monotonic() < deadline and thread.is_alive(), manager.stats
+                time.sleep(0.1)
+        finally:
+            manager.stop()
+            thread.join(timeout=60)
+    letters = consume_all(kafka_bootstrap, dead, expected=2, timeout_s=30, grace_s=0.5)
+    assert [record_view(m)[:2] for m in letters] == [(r.key, r.value) for r in bad]
+    for msg, at in zip(letters, (0, 1), strict=True):
+        headers = dict(record_view(msg)[2])
+        assert headers[REASON_HEADER] == b"deserialization_error"
+        assert headers[SOURCE_HEADER] == f"{tasks}/1/{at}".encode()
+        assert b"recompute unit" in (headers[ERROR_HEADER] or b"")
+    assert dict(record_view(letters[0])[2])["trace"] == b"t-1"  # the record's own headers are kept
+    assert _committed(kafka_bootstrap, settings.workers_group, tasks, 1) == 2
