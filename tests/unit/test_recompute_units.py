@@ -100,7 +100,8 @@ def test_unit_round_trip_and_plain_fastavro(tmp_path: Path) -> None:
     raw = unit.encode()
     assert raw.startswith(UNIT_PREFIX)
     assert RecomputeUnit.decode(raw) == unit
-    plain: Any = fastavro.schemaless_reader(io.BytesIO(raw[len(UNIT_PREFIX) :]), fastavro.parse_schema(SCHEMA))
+    body = io.BytesIO(raw[len(UNIT_PREFIX) :])
+    plain: Any = fastavro.schemaless_reader(body, fastavro.parse_schema(SCHEMA))
     assert (plain["plan_id"], plain["unit_index"], plain["unit_count"], plain["key"]) == (
         unit.plan_id,
         0,
