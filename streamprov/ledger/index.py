@@ -155,7 +155,7 @@ class LedgerIndex:
             return 0
         logger.warning(
             "ledger index %s holds entries without node kinds (made or extended by a version that did "
-            "not index them): indexing the node kinds of its %d entries once",
+            "not index them): indexing the node kinds of its %d entries once (about 40 s per million)",
             self.path,
             self.size,
         )
