@@ -211,13 +211,6 @@ class RecomputeManager:
             outputs=s.outputs,
             priority_topics=[s.priority_topic(t) for t in s.outputs],
         )
-        self.executor = Executor(
-            registry,
-            self.views.sources,
-            cache=self.views.cache,
-            retry=RetryPolicy(max_retries=s.max_retries),
-            headers=self.views.outputs.headers,
-        )
         for i in range(s.workers):
             ws = WorkerSettings(
                 kafka,
@@ -230,7 +223,14 @@ class RecomputeManager:
                 s.consumer_config,
                 poll_timeout_s=s.poll_timeout_s,
             )
-            self.workers.append(UnitWorker(ws, self.views, self.executor, on_done=self._unit_done))
+            executor = Executor(  # one per worker: units run in parallel, outside the views lock
+                registry,
+                self.views.sources,
+                cache=self.views.cache,
+                retry=RetryPolicy(max_retries=s.max_retries),
+                headers=self.views.outputs.headers,
+            )
+            self.workers.append(UnitWorker(ws, self.views, executor, on_done=self._unit_done))
         consumer = {**kafka, **s.consumer_config, "group.id": s.group_id, "enable.auto.commit": False}
         consumer.update(
             {

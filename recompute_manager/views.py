@@ -2,8 +2,10 @@
 superseded versions.
 
 `Views` holds the result cache, the ledger index, the current sources and the output index behind
-one lock: catching up and executing a unit happen under it (the GIL serialises Python work anyway;
-worker threads still overlap their Kafka round trips: fetches, transactions).
+one lock, held to catch up, to plan and to record corrections. Units execute outside it, each
+worker with its own `Executor`: they only look values up (dict reads, RocksDB gets), which a
+concurrent catch-up does not tear; a unit may then see source values newer than its planner saw,
+never older. Threads run I/O-bound functions in parallel; CPU-bound ones share the GIL.
 
 Superseded versions (`ResultCache.supersede` / `latest`) decide what a later plan reads for a
 corrected intermediate, so they must only ever say what was committed: a worker killed after its
@@ -55,34 +57,36 @@ class StateError(StreamprovError):
 class CommittedCache(ResultCache):
     """A `ResultCache` whose superseded versions are only ever committed ones (see the module docs).
 
-    Between `begin()` and `staged()` the executor's `supersede` calls are collected, not written;
-    `commit(staged)` writes them once the unit's transaction committed. Outside a unit (no `begin`)
-    `supersede` writes at once, as the plain cache does. `latest` / `header` read committed state
-    only: a unit's own tasks never read a node their unit supersedes as a stored input (the planner
-    makes such an input a task output), so a replay reads exactly what the first attempt read.
-    Results and values by content are written at once: they are facts about deterministic inputs,
-    and only make a replay cheaper.
+    Between `begin()` and `staged()` (per thread: each worker runs its own unit) the executor's
+    `supersede` calls are collected, not written; `commit(staged)` writes them once the unit's
+    transaction committed. Outside a unit (no `begin`) `supersede` writes at once, as the plain cache
+    does. `latest` / `header` read committed state only: a unit's own tasks never read a node their
+    unit supersedes as a stored input (the planner makes such an input a task output), so a replay
+    reads what the first attempt read. Results and values by content are written at once: they are
+    facts about deterministic inputs, and only make a replay cheaper.
     """
 
     def __init__(self, path: Any, **kwargs: Any) -> None:
         super().__init__(path, **kwargs)
-        self._staged: Staged | None = None
+        self._unit = threading.local()
         self._seen_ms: dict[DataRef, int] = {}
 
     def __enter__(self) -> CommittedCache:
         return self
 
     def begin(self) -> None:
-        self._staged = []
+        self._unit.staged = []
 
     def staged(self) -> Staged:
-        """End the unit: the supersede calls it made, for `commit` after its transaction."""
-        out, self._staged = self._staged or [], None
+        """End this thread's unit: the supersede calls it made, for `commit` after its transaction."""
+        out: Staged = getattr(self._unit, "staged", None) or []
+        self._unit.staged = None
         return out
 
     def supersede(self, old: DataRef, new: DataRef, header: bytes) -> None:
-        if self._staged is not None:
-            self._staged.append((old, new, header))
+        staged: Staged | None = getattr(self._unit, "staged", None)
+        if staged is not None:
+            staged.append((old, new, header))
         else:
             self.record(old, new, header, now_ms())
 

@@ -1,8 +1,8 @@
 """Workers: members of the `<group>-workers` consumer group over the tasks topic, one unit per transaction.
 
 A worker takes one unit at a time (`consume(1)`: a rebalance waits for at most one unit), runs it
-with the process's `Executor` (cache, early cut-off, retries with backoff, dead letters) under the
-views lock, and publishes in ONE transaction: the changed records to their priority topics, the
+with its own `Executor` over the process's views (cache, early cut-off, retries with backoff, dead
+letters), and publishes in ONE transaction: the changed records to their priority topics, the
 dead letters, the unit's progress record and the tasks-topic offset. Nothing of a unit is visible
 before that commit; a crash or an abort replays the unit (its ids are deterministic, the cache makes
 the replay cheap, and superseded versions are only written after the commit: `views.CommittedCache`).
@@ -229,12 +229,12 @@ class UnitWorker:
         try:
             with self.views.lock:
                 self.views.for_execution(unit.plan_id)
-                t1 = time.monotonic()
-                self.views.cache.begin()
-                try:
-                    result = self.executor.run_plan(unit.plan())
-                finally:
-                    staged = self.views.cache.staged()
+            t1 = time.monotonic()
+            self.views.cache.begin()
+            try:
+                result = self.executor.run_plan(unit.plan())
+            finally:
+                staged = self.views.cache.staged()
             t2 = time.monotonic()
             progress = unit_progress(unit, result)
             records = [(s.priority_topic(r.task.topic), PriorityRecord.of(r)) for r in result.changed]

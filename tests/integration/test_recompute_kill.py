@@ -122,7 +122,9 @@ def module(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
         delete_topics(bootstrap, created)
 
 
-def make_run(m: Module, name: str, *, tasks_partitions: int = 2, max_fanout: int = 1000) -> Run:
+def make_run(
+    m: Module, name: str, *, tasks_partitions: int = 2, max_fanout: int = 1000, workers: int = 1
+) -> Run:
     p = m.pipeline
     t = m.new_topic
     run = Run(
@@ -145,7 +147,7 @@ def make_run(m: Module, name: str, *, tasks_partitions: int = 2, max_fanout: int
         f"sources:\n  - {p.src}\n"
         f"defaults:\n  recompute:\n    max_fanout: {max_fanout}\n"
         f"topics:\n{topics}"
-        f"recompute_manager:\n  group_id: {run.group}\n  state_dir: {run.state}\n  workers: 1\n"
+        f"recompute_manager:\n  group_id: {run.group}\n  state_dir: {run.state}\n  workers: {workers}\n"
     )
     return run
 
@@ -234,8 +236,8 @@ class ProgressWatcher:
 
 @pytest.fixture(scope="module")
 def clean(module: Module) -> list[Row]:
-    """A run nobody disturbs: the reference output."""
-    run = make_run(module, "clean")
+    """A run nobody disturbs: the reference output (two worker threads in one process)."""
+    run = make_run(module, "clean", workers=2)
     start_event(module, run)
     with RecomputeManager(settings(run, "clean"), recompute_fns.registry) as manager:
         stats = manager.run(max_causes=1, idle_timeout_s=90)
