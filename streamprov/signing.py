@@ -140,6 +140,11 @@ class Ed25519Signer(_SignerBase):
         super().__init__(key_id)
         self._key = private_key
 
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The key itself: the ledger's checkpoint signer uses the same configured key."""
+        return self._key
+
     @classmethod
     def from_pem(cls, key_id: str, pem: bytes, password: bytes | None = None) -> Ed25519Signer:
         key = serialization.load_pem_private_key(pem, password)

@@ -3,7 +3,7 @@
 Exit codes as the Validator's: 0 stopped cleanly (SIGTERM/SIGINT: the current batch is finished and
 committed), 1 the service failed, 2 bad configuration, 3 a fatal Kafka error (restart the process).
 
-Settings not in `streamprov.yaml` yet (group id, state directory, HTTP port, intervals) are options.
+Settings come from `changes:` in `streamprov.yaml`; command-line options override them.
 """
 
 from __future__ import annotations
@@ -45,15 +45,16 @@ def _fail(code: int, message: str) -> typer.Exit:
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="streamprov.yaml")],
     state_dir: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             envvar="STREAMPROV_CHANGES_STATE_DIR",
-            help="Directory of the detector's RocksDB state (last checksums, ledger index).",
+            help="Directory of the detector's RocksDB state (last checksums, ledger index). "
+            "Default: changes.state_dir.",
         ),
-    ] = Path("/var/lib/streamprov/changes"),
+    ] = None,
     group_id: Annotated[
-        str, typer.Option(help="Consumer group of the source topics.")
-    ] = "streamprov-changes",
+        str | None, typer.Option(help="Consumer group of the source topics. Default: changes.group_id.")
+    ] = None,
     functions: Annotated[
         str | None,
         typer.Option(
@@ -62,19 +63,26 @@ def run(
     ] = None,
     ledger_id: Annotated[
         str | None,
-        typer.Option(envvar="STREAMPROV_LEDGER_ID", help="Ledger id (default: the ledger topic name)."),
+        typer.Option(
+            envvar="STREAMPROV_LEDGER_ID", help="Ledger id. Default: ledger.id, else the topic name."
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="Address the health endpoints bind to.")] = "0.0.0.0",  # noqa: S104
     http_port: Annotated[
-        int | None, typer.Option(help="/healthz and /readyz port (0 = any free port).")
-    ] = 8082,
-    max_outputs: Annotated[int, typer.Option(min=0, help="Impacted outputs listed per event.")] = 1000,
+        int | None,
+        typer.Option(help="/healthz and /readyz port (0 = any free port). Default: changes.http_port."),
+    ] = None,
+    max_outputs: Annotated[
+        int | None,
+        typer.Option(min=0, help="Impacted outputs listed per event. Default: changes.max_outputs."),
+    ] = None,
     function_check_interval: Annotated[
-        float, typer.Option(min=1.0, help="Seconds between function checks (with --functions).")
-    ] = 300.0,
+        float | None,
+        typer.Option(min=1.0, help="Seconds between function checks (with --functions)."),
+    ] = None,
     progress_interval: Annotated[
-        float, typer.Option(min=0.1, help="Seconds between progress lines in the log.")
-    ] = 30.0,
+        float | None, typer.Option(min=0.1, help="Seconds between progress lines in the log.")
+    ] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log one JSON object per line.")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:

@@ -41,6 +41,7 @@ from streamprov.changes.event import DEFAULT_MAX_OUTPUTS
 from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.kafka import KafkaLedgerReader
+from streamprov.ledger.requests import KafkaLedgerClient
 from streamprov.registry import FunctionRegistry
 
 if TYPE_CHECKING:
@@ -86,6 +87,9 @@ class ChangeServiceSettings:
     max_consecutive_failures: int = 10
     consumer_config: Mapping[str, Any] = field(default_factory=dict)
     """Extra settings of the source consumer and the event producer (e.g. session timeouts)."""
+    requests_topic: str | None = None
+    """Send a SOURCE ledger entry per new source version to the ledger sequencer's requests topic
+    (`streams.ledger_requests`); None: record nothing (the ledger has one writer: the sequencer)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,18 +110,26 @@ class ChangeServiceSettings:
             raise ChangeServiceConfigError("; ".join(problems))
 
     @classmethod
-    def from_config(
-        cls, config: StreamprovConfig, *, state_dir: Path, **overrides: Any
-    ) -> ChangeServiceSettings:
-        """Sources, `streams.changes`, `streams.ledger` and the Kafka settings from `streamprov.yaml`."""
+    def from_config(cls, config: StreamprovConfig, **overrides: Any) -> ChangeServiceSettings:
+        """Sources, `streams.*`, `ledger.id`, `changes:` and the Kafka settings from `streamprov.yaml`;
+        `overrides` that are not None win (command-line options)."""
+        c = config.changes
         values: dict[str, Any] = {
             "kafka": config.kafka.librdkafka(),
             "sources": tuple(config.sources),
             "changes_topic": config.streams.changes,
             "ledger_topic": config.streams.ledger,
-            "state_dir": state_dir,
+            "ledger_id": config.ledger_id(),
+            "state_dir": c.state_dir,
+            "group_id": c.group_id,
+            "http_port": c.http_port,
+            "batch_size": c.batch_size,
+            "max_outputs": c.max_outputs,
+            "function_check_interval_s": c.function_check_interval.total_seconds(),
+            "progress_interval_s": c.progress_interval.total_seconds(),
+            "requests_topic": config.streams.ledger_requests if c.record_sources else None,
         }
-        values.update(overrides)
+        values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 
@@ -137,6 +149,11 @@ class ChangeService:
         except Exception as exc:  # rocksdict raises plain Exceptions (a held lock), mkdir an OSError
             raise ChangeDetectorError(f"cannot open the ledger index under {s.state_dir}: {exc}") from exc
         self.reader = KafkaLedgerReader(dict(s.kafka), s.ledger_topic, idle_timeout_s=s.operation_timeout_s)
+        self.ledger_client = (
+            None
+            if s.requests_topic is None
+            else KafkaLedgerClient(dict(s.kafka), s.requests_topic, s.ledger_id or s.ledger_topic)
+        )
         try:
             self.detector = ChangeDetector(
                 {**s.kafka, **s.consumer_config},
@@ -145,6 +162,7 @@ class ChangeService:
                 changes_topic=s.changes_topic,
                 index=self.index,
                 ledger=self.reader,
+                writer=self.ledger_client,
                 state_dir=s.state_dir / "sources",
                 max_outputs=s.max_outputs,
                 batch_size=s.batch_size,
@@ -172,6 +190,11 @@ class ChangeService:
             return
         self.state.closed = True
         self.detector.close()
+        if self.ledger_client is not None:
+            try:
+                self.ledger_client.close(self.settings.operation_timeout_s)
+            except LedgerError as exc:  # the detector flushes before each commit: a replay resends
+                log.warning("ledger requests not all stored: %s", exc)
         self.index.close()
         close_probes(self._http)
 

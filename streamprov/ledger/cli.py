@@ -322,6 +322,15 @@ def keygen(
 
 @ledger_app.command()
 def sequencer(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="streamprov.yaml: Kafka settings, streams.ledger / ledger_requests / dead_letters, "
+            "ledger.id, ledger.checkpoint_key and ledger.sequencer. Options below override it.",
+        ),
+    ] = None,
     bootstrap: Bootstrap = None,
     topic: Topic = None,
     requests_topic: Annotated[
@@ -337,8 +346,8 @@ def sequencer(
         Path | None,
         typer.Option(
             "--signing-key",
-            help="Ed25519 private key PEM for checkpoints (default: $STREAMPROV_LEDGER_SIGNING_KEY_FILE "
-            "or $STREAMPROV_LEDGER_SIGNING_KEY).",
+            help="Ed25519 private key PEM for checkpoints (default: ledger.checkpoint_key of --config, "
+            "else $STREAMPROV_LEDGER_SIGNING_KEY_FILE or $STREAMPROV_LEDGER_SIGNING_KEY).",
         ),
     ] = None,
     unsigned: Annotated[
@@ -346,12 +355,23 @@ def sequencer(
         typer.Option("--unsigned", help="No signing key: no checkpoints (the chain alone is not proof)."),
     ] = False,
     dead_letter_topic: Annotated[
-        str, typer.Option("--dead-letter-topic", help="Where undecodable or misaddressed requests go.")
-    ] = "streamprov.dead-letters",
-    checkpoint_every: Annotated[int, typer.Option(min=1, help="Sign a checkpoint every N entries.")] = 1000,
+        str | None,
+        typer.Option(
+            "--dead-letter-topic",
+            help="Where undecodable or misaddressed requests go. Default: streams.dead_letters.",
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(min=1, help="Sign a checkpoint every N entries (default 1000).")
+    ] = None,
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Requests per transaction (at most; fewer when idle).")
-    ] = 500,
+        int | None, typer.Option(min=1, help="Requests per transaction, at most (default 500).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address the health endpoints bind to.")] = "0.0.0.0",  # noqa: S104
+    http_port: Annotated[
+        int | None,
+        typer.Option(help="/healthz and /readyz (0: any free port). Default: ledger.sequencer.http_port."),
+    ] = None,
     idle_exit: Annotated[
         float | None, typer.Option("--idle-exit", help="Stop after this many seconds without requests.")
     ] = None,
@@ -364,38 +384,68 @@ def sequencer(
     it after the current batch and signs a final checkpoint.
     """
     import logging  # noqa: PLC0415 - keep --help fast
-    import signal  # noqa: PLC0415
 
     from confluent_kafka import KafkaException  # noqa: PLC0415
 
+    from streamprov.agents.lifecycle import install_stop_signals  # noqa: PLC0415
+    from streamprov.config import ConfigError, load_config  # noqa: PLC0415
+    from streamprov.ledger.config import LedgerConfig, checkpoint_signer  # noqa: PLC0415
     from streamprov.ledger.sequencer import LedgerSequencer  # noqa: PLC0415
     from streamprov.ledger.signing import CheckpointSigner  # noqa: PLC0415
 
-    if not topic or not bootstrap:
-        _fail("name the ledger: --topic and --bootstrap-servers")
-    lid = _ledger_id(ledger_id, topic)
+    kafka: dict[str, object] = {}
     signer: CheckpointSigner | None = None
-    if not unsigned:
+    every, batch, port, group_id = 1000, 500, None, None  # without --config: the built-in defaults
+    if config is not None:
+        try:
+            loaded = load_config(config)
+            lc = LedgerConfig.of(loaded)
+            if not unsigned and signing_key is None:
+                signer = checkpoint_signer(loaded)
+        except (ConfigError, LedgerError) as exc:
+            _fail(str(exc))
+        kafka = dict(lc.kafka)
+        topic = topic or lc.ledger_topic
+        requests_topic = requests_topic or lc.requests_topic
+        dead_letter_topic = dead_letter_topic or lc.dead_letter_topic
+        ledger_id = ledger_id or lc.ledger_id
+        settings = loaded.ledger.sequencer
+        every, batch, port, group_id = (
+            settings.checkpoint_every,
+            settings.batch_size,
+            settings.http_port,
+            settings.group_id,
+        )
+    if bootstrap:
+        kafka["bootstrap.servers"] = bootstrap
+    if not topic or "bootstrap.servers" not in kafka:
+        _fail("name the ledger: --config FILE, or --topic and --bootstrap-servers")
+    lid = _ledger_id(ledger_id, topic)
+    if not unsigned and signer is None:
         try:
             signer = CheckpointSigner.from_env(signing_key)
         except LedgerError as exc:
-            _fail(f"{exc} (or pass --unsigned to run without checkpoints)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            _fail(f"{exc} (or set ledger.checkpoint_key, or pass --unsigned to run without checkpoints)")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         seq = LedgerSequencer(
-            bootstrap,
+            kafka,
             requests_topic=requests_topic or f"{topic}.requests",
             ledger_topic=topic,
             ledger_id=lid,
             signer=signer,
-            dead_letter_topic=dead_letter_topic,
-            checkpoint_every=checkpoint_every,
-            batch_size=batch_size,
+            dead_letter_topic=dead_letter_topic or "streamprov.dead-letters",
+            group_id=group_id,
+            checkpoint_every=checkpoint_every or every,
+            batch_size=batch_size or batch,
+            http_host=host,
+            http_port=http_port if http_port is not None else port,
         )
     except KafkaException as exc:  # bad librdkafka settings: say so, exit 2
         _fail(f"cannot start the sequencer: {exc}")
-    signal.signal(signal.SIGTERM, lambda *_: seq.stop())
-    signal.signal(signal.SIGINT, lambda *_: seq.stop())
+    install_stop_signals(seq.stop)
     with seq:
         try:
             stats = seq.run(idle_timeout_s=idle_exit)

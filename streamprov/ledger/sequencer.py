@@ -18,7 +18,6 @@ back to its committed offset: nothing is lost or sealed twice.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,10 +26,12 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streamprov.agents.dead_letter import dead_letter_headers, source_of
+from streamprov.agents.health import HttpEndpoints
 from streamprov.agents.kafka_io import RebalanceEvents, kafka_error
+from streamprov.agents.lifecycle import ServiceState, close_probes, serve_probes, stall_limit
 from streamprov.ledger.chain import DEFAULT_CHECKPOINT_EVERY, DEFAULT_DEDUP_WINDOW, LedgerChain
 from streamprov.ledger.codec import encode_record, record_key
-from streamprov.ledger.errors import LedgerError, LedgerWriterError, MalformedRecordError
+from streamprov.ledger.errors import ChainError, LedgerError, LedgerWriterError, MalformedRecordError
 from streamprov.ledger.kafka import ExtraRecord, KafkaLedgerSink, check_single_partition
 from streamprov.ledger.model import Checkpoint
 from streamprov.ledger.requests import decode_request
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MALFORMED_REQUEST = "malformed_request"
 WRONG_LEDGER = "wrong_ledger"
+REWIND_ATTEMPTS = 5
 UNASSIGNED_GRACE_S = 20.0
 """An idle timeout waits at least this long for the requests partition (joining the group, a
 crashed predecessor's session timing out) before it counts as idle."""
@@ -78,7 +80,11 @@ class LedgerSequencer:
         poll_timeout_s: float = 0.5,
         timeout_s: float = 30.0,
         consumer_config: Mapping[str, Any] | None = None,
+        http_host: str = "127.0.0.1",
+        http_port: int | None = None,
     ) -> None:
+        """`http_port`: `/healthz` and `/readyz` (None: not served, 0: any free port); a standby
+        replica is ready too (it is consuming, waiting for the partition)."""
         self.config: dict[str, Any] = (
             {"bootstrap.servers": config} if isinstance(config, str) else dict(config)
         )
@@ -94,7 +100,10 @@ class LedgerSequencer:
         self.poll_timeout_s = poll_timeout_s
         self.timeout_s = timeout_s
         self.stats = SequencerStats()
-        self._stop = threading.Event()
+        self.state = ServiceState(stall_limit(timeout_s))
+        self.http_host = http_host
+        self.http_port = http_port
+        self._http: list[HttpEndpoints] = []
         self._events = RebalanceEvents()
         self._assigned: set[tuple[str, int]] = set()
         self._sink: KafkaLedgerSink | None = None
@@ -116,7 +125,11 @@ class LedgerSequencer:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def stop(self) -> None:
-        self._stop.set()
+        self.state.stop()
+
+    @property
+    def http_ports(self) -> list[int]:
+        return [h.port for h in self._http]
 
     @property
     def active(self) -> bool:
@@ -127,8 +140,10 @@ class LedgerSequencer:
         if self._closed:
             return
         self._closed = True
+        self.state.closed = True
         self._final_checkpoint()
         self._deactivate()
+        close_probes(self._http)
         try:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -155,15 +170,20 @@ class LedgerSequencer:
         """Seal requests until `stop()`, or until nothing arrived for `idle_timeout_s` (counted from
         start and from each assignment; at least `UNASSIGNED_GRACE_S` before the partition is ours)
         or after `max_requests` requests (for tests and batch use)."""
+        self.state.started = True
+        self.state.beat()
+        if not self._http:
+            self._http = serve_probes(self.state, self.http_host, self.http_port)
         self.check_topics()
         ev = self._events
         self._consumer.subscribe(
             [self.requests_topic], on_assign=ev.on_assign, on_revoke=ev.on_revoke, on_lost=ev.on_lost
         )
+        self.state.set_ready("consuming (standby until the requests partition is assigned)")
         log.info("ledger sequencer for %s: %s -> %s", self.ledger_id, self.requests_topic, self.ledger_topic)
         last = time.monotonic()
         start = self.stats.requests
-        while not self._stop.is_set():
+        while self.state.beat():
             if max_requests is not None and self.stats.requests - start >= max_requests:
                 break
             if idle_timeout_s is not None:
@@ -177,12 +197,16 @@ class LedgerSequencer:
                 continue
             if self._rebalance():
                 last = time.monotonic()  # idleness counts from when the requests became ours
+                # fence the previous owner NOW: its open transaction holds our group's offsets
+                # (unstable until aborted), so the first fetch would wait for its timeout otherwise
+                self._try_activate()
             good = [m for m in msgs if _usable(m)]
             if not good:
                 continue
             last = time.monotonic()
-            if self._chain is None:
-                self._activate()
+            if self._chain is None and not self._try_activate():
+                self._recover()  # not ours yet: read these requests again once it is
+                continue
             try:
                 self._seal(good)
             except LedgerWriterError as exc:
@@ -202,8 +226,24 @@ class LedgerSequencer:
                 self._deactivate()  # another member may seal next: our chain state goes stale
         return assigned
 
+    def _try_activate(self) -> bool:
+        """`_activate`, waiting a little on failure (broker unreachable, timeouts); a ledger that
+        does not chain (`ChainError`) is not retried: someone must look at it."""
+        try:
+            self._activate()
+        except ChainError:
+            raise
+        except LedgerError as exc:
+            log.warning("cannot take over ledger %s yet (%s); retrying", self.ledger_id, exc)
+            self._deactivate()
+            self.state.set_not_ready(f"cannot take over the ledger: {exc}")
+            time.sleep(1.0)
+            return False
+        return True
+
     def _activate(self) -> None:
         """Own the ledger: fence earlier owners, resume the chain from the committed tail."""
+        self._deactivate()
         sink = KafkaLedgerSink(
             self.config,
             self.ledger_topic,
@@ -220,9 +260,12 @@ class LedgerSequencer:
             state=state,
         )
         log.info("ledger %s: sequencing from seq %d", self.ledger_id, state.next_seq)
+        self.state.set_ready(f"sealing ledger {self.ledger_id}")
 
     def _deactivate(self) -> None:
         sink, self._sink, self._chain = self._sink, None, None
+        if not self.state.closed:
+            self.state.set_ready("consuming (standby: the requests partition is not ours)")
         if sink is not None:
             try:
                 sink.close()
@@ -244,15 +287,29 @@ class LedgerSequencer:
             log.warning("final checkpoint not stored (the next owner signs one later): %s", exc)
 
     def _recover(self) -> None:
-        """After a failed transaction: drop the chain state, rewind to the committed offsets."""
+        """After a failed transaction: drop the chain state, rewind to the committed offsets.
+
+        Consuming on from the current position would skip the unsealed batch, so when the rewind
+        itself keeps failing the sequencer stops with an error (a restart resumes from the committed
+        offsets: nothing is lost)."""
         self.stats.recoveries += 1
         self._deactivate()
         assigned = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
         if not assigned:
             return
-        for tp in self._consumer.committed(assigned, timeout=self.timeout_s):
-            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        for attempt in range(1, REWIND_ATTEMPTS + 1):
+            try:
+                for tp in self._consumer.committed(assigned, timeout=self.timeout_s):
+                    offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                    self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+                return
+            except KafkaException as exc:
+                log.warning("rewind %d/%d failed: %s", attempt, REWIND_ATTEMPTS, kafka_error(exc).str())
+                time.sleep(1.0)
+        raise LedgerError(
+            f"cannot rewind {self.requests_topic} to its committed offsets after a failed batch; "
+            "stopping so that a restart resumes from them"
+        )
 
     def _seal(self, msgs: list[Message]) -> None:
         chain, sink = self._chain, self._sink

@@ -22,21 +22,22 @@ from test_validator import http_get, wait_until
 
 from streamprov.changes import ChangeEvent, ChangeKind
 from streamprov.checksum import ChecksumAlgorithm, compute
-from streamprov.ledger import DataRef
+from streamprov.ledger import ApplicationKind, DataRef
 from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG
+from streamprov.ledger.requests import decode_request
 
 pytestmark = pytest.mark.kafka
 
 COMPACTED = {"cleanup.policy": "compact"}
 
 
-def write_config(path: Path, bootstrap: str, *, src: str, changes: str, ledger: str) -> Path:
+def write_config(path: Path, bootstrap: str, *, src: str, changes: str, ledger: str, requests: str) -> Path:
     path.write_text(
         f"""
 kafka:
   bootstrap_servers: "{bootstrap}"
   client: {{"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}}
-streams: {{changes: {changes}, ledger: {ledger}}}
+streams: {{changes: {changes}, ledger: {ledger}, ledger_requests: {requests}}}
 sources: [{src}]
 """
     )
@@ -83,12 +84,18 @@ def test_changes_run_emits_the_change_and_stops_cleanly_on_sigterm(
     mid, dlq = new_topic(2), new_topic()
     changes = new_topic(2, prefix="changes")
     ledger_topic = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests = new_topic(1, prefix="ledger-requests")
     sources = produce_sources(kafka_bootstrap, src, ((f"id-{i:03d}", value(i)) for i in range(n)))
     with ledger_writer(kafka_bootstrap, ledger_topic) as writer:
         run_step(kafka_bootstrap, processor_fns.enrich, src, mid, dlq, unique_group(), writer, records=n)
 
     config = write_config(
-        tmp_path / "streamprov.yaml", kafka_bootstrap, src=src, changes=changes, ledger=ledger_topic
+        tmp_path / "streamprov.yaml",
+        kafka_bootstrap,
+        src=src,
+        changes=changes,
+        ledger=ledger_topic,
+        requests=requests,
     )
     log_path = tmp_path / "changes.log"
     proc = spawn(config, tmp_path / "state", unique_group(), log_path)
@@ -125,3 +132,14 @@ def test_changes_run_emits_the_change_and_stops_cleanly_on_sigterm(
     assert "SIGTERM: stopping after the current batch" in text
     stopped = [line for line in text.splitlines() if "stopped: " in line]
     assert stopped and '"changed": 1' in stopped[-1] and f'"records": {n + 1}' in stopped[-1]
+
+    # every source version seen went to the ledger sequencer as a SOURCE application
+    sent = [
+        decode_request(m.value())
+        for m in consume_all(kafka_bootstrap, requests, expected=1, timeout_s=30, grace_s=2.0)
+    ]
+    assert {r.ledger_id for r in sent} == {LEDGER}
+    apps = [a for r in sent for a in r.applications]
+    assert all(a.kind is ApplicationKind.SOURCE for a in apps)
+    expected = {DataRef.of(k, v) for k, v in sources.items()} | {DataRef.of(changed, value(404))}
+    assert {a.output for a in apps} == expected

@@ -10,6 +10,7 @@ a sequencer killed with SIGKILL mid-stream and restarted leaves each application
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,8 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kafka_support import consume_all, produce
 from ledger_support import LEDGER, SEED, chain_apps, pipeline, signer, verifier
+from test_validator import http_get, wait_until
 
 from streamprov.agents.dead_letter import REASON_HEADER, SOURCE_HEADER
 from streamprov.ledger import LedgerEntry, entry_id_of, verify_ledger
@@ -164,5 +168,50 @@ def test_sequencer_killed_mid_stream_seals_each_application_exactly_once(
     assert done.returncode == 0, done.stderr[-3000:]
 
     entries = _entries(kafka_bootstrap, ledger)
-    assert [e.entry_id for e in entries] == [entry_id_of(a) for a in apps]
+    assert [e.entry_id for e in entries] == [entry_id_of(a) for a in apps], done.stderr[-3000:]
     assert "0 dead letters" in done.stdout
+
+
+def test_sequencer_from_the_config_file_signs_with_the_configured_key_and_stops_on_sigterm(
+    kafka_bootstrap: str, new_topic: ..., tmp_path: Path
+) -> None:
+    ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
+    key = tmp_path / "ledger-key.pem"
+    key.write_bytes(
+        Ed25519PrivateKey.from_private_bytes(SEED).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    config = tmp_path / "streamprov.yaml"
+    config.write_text(
+        f'kafka: {{bootstrap_servers: "{kafka_bootstrap}"}}\n'
+        f"streams: {{ledger: {ledger}, ledger_requests: {requests}, dead_letters: {dlq}}}\n"
+        f"ledger: {{id: {LEDGER}, checkpoint_key: ledger-key, sequencer: {{checkpoint_every: 25}}}}\n"
+        f"signing: {{keys: {{ledger-key: {{algorithm: ed25519, private_key_file: {key}}}}}}}\n"
+    )
+    apps = chain_apps(60)
+    with KafkaLedgerClient(kafka_bootstrap, requests, LEDGER, max_batch=20) as client:
+        client.append_many(apps)
+
+    cmd = [str(Path(sys.executable).with_name("streamprov")), "ledger", "sequencer", "--config", str(config)]
+    log_path = tmp_path / "sequencer.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--http-port", "0"], stderr=log)
+    reader = KafkaLedgerReader(kafka_bootstrap, ledger)
+    try:
+        wait_until(lambda: reader.watermarks()[1] >= 62 or proc.poll() is not None, 60, "60 entries sealed")
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        port = int(re.findall(r"on http://127\.0\.0\.1:(\d+)", log_path.read_text())[0])
+        assert http_get(port, "/healthz") == (200, "ok: alive\n")
+        assert http_get(port, "/readyz") == (200, f"ok: sealing ledger {LEDGER}\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    # checkpoints at 25 and 50 entries, and a final one on SIGTERM: covered to the last entry
+    reader = KafkaLedgerReader(kafka_bootstrap, ledger, idle_timeout_s=20.0)
+    report = verify_ledger(reader.read(), LEDGER, verifier(), require_signed=True)
+    assert report.ok and report.entries == 60 and report.checkpoints == 3, report.describe()

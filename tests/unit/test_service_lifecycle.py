@@ -175,9 +175,19 @@ def test_settings_refuse_what_cannot_work(tmp_path: Path) -> None:
     config = loads_config(
         'kafka: {bootstrap_servers: "h:1"}\nstreams: {changes: ch, ledger: led}\nsources: [a, b]\n'
     )
-    s = ChangeServiceSettings.from_config(config, state_dir=tmp_path, group_id="g")
+    s = ChangeServiceSettings.from_config(config, state_dir=tmp_path, group_id="g", http_port=None)
     assert (s.sources, s.changes_topic, s.ledger_topic, s.group_id) == (("a", "b"), "ch", "led", "g")
     assert s.kafka["bootstrap.servers"] == "h:1"
+    assert s.http_port == 8082, "an option left out (None) keeps the file's value"
+    assert (s.ledger_id, s.requests_topic) == ("led", "streamprov.ledger.requests")
+    config = loads_config(
+        'kafka: {bootstrap_servers: "h:1"}\nsources: [a]\nledger: {id: prov}\n'
+        "changes: {group_id: cg, http_port: 9100, max_outputs: 7, progress_interval: 2s,"
+        " record_sources: false}\n"
+    )
+    s = ChangeServiceSettings.from_config(config)
+    assert (s.group_id, s.http_port, s.max_outputs, s.progress_interval_s) == ("cg", 9100, 7, 2.0)
+    assert (s.ledger_id, s.requests_topic) == ("prov", None)
 
 
 def test_cli_help_and_config_errors(tmp_path: Path) -> None:
