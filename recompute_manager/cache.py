@@ -41,7 +41,7 @@ _LATEST = b"l"
 _HEADER = b"h"
 MAX_SUPERSEDE_HOPS = 64
 MULTI_GET = 4096
-"""Keys per RocksDB multi-get (`values`, `latest_many`)."""
+"""Keys per RocksDB multi-get (`values`, `latest_values`)."""
 _U32 = struct.Struct(">I")
 _ALGORITHM = {a: b"\x00\x00\x00\x01" + bytes((a,)) for a in ChecksumAlgorithm}
 """lp(algorithm byte) of each algorithm."""
