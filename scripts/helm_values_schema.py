@@ -56,22 +56,63 @@ def int_or_percent() -> dict[str, Any]:
     }
 
 
-def component(description: str) -> dict[str, Any]:
+def persistence() -> dict[str, Any]:
+    return obj(
+        {
+            "enabled": {"type": "boolean"},
+            "existingClaim": {"type": "string", "pattern": r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
+            "storageClassName": {"type": "string"},
+            "accessModes": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"enum": ["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]},
+            },
+            "size": {"type": "string", "pattern": QUANTITY},
+            "annotations": string_map(),
+        },
+        required=["enabled"],
+    )
+
+
+def component(
+    description: str,
+    *,
+    state: bool = True,
+    autoscaling: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A service's chart settings. `state`: it has a state_dir (an emptyDir); `autoscaling`: an HPA
+    can drive its replicas; `extra`: settings of that service only."""
     quantity = {"oneOf": [{"type": "string", "pattern": QUANTITY}, {"type": "number", "minimum": 0}]}
     resources_map = {"type": "object", "additionalProperties": quantity}
     percent = {"type": ["integer", "null"], "minimum": 1, "maximum": 100}
+    optional: dict[str, Any] = {}
+    if state:
+        optional["stateSizeLimit"] = {"type": "string", "pattern": QUANTITY}
+    if autoscaling:
+        optional["autoscaling"] = obj(
+            {
+                "enabled": {"type": "boolean"},
+                "minReplicas": {"type": "integer", "minimum": 1},
+                "maxReplicas": {"type": "integer", "minimum": 1},
+                "targetCPUUtilizationPercentage": percent,
+                "targetMemoryUtilizationPercentage": percent,
+                "scaleDownStabilizationSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+            }
+        )
     return obj(
         {
             "enabled": {"type": "boolean"},
             "replicas": {
                 "type": "integer",
                 "minimum": 0,
-                "description": "Ignored while autoscaling is enabled.",
+                **({"description": "Ignored while autoscaling is enabled."} if autoscaling else {}),
             },
+            **(extra or {}),
             "resources": obj(
                 {"requests": resources_map, "limits": resources_map, "claims": {"type": "array"}}
             ),
-            "stateSizeLimit": {"type": "string", "pattern": QUANTITY},
+            **optional,
             "tmpSizeLimit": {"type": "string", "pattern": QUANTITY},
             "probes": obj(
                 {"startup": probe(), "liveness": probe(), "readiness": probe()},
@@ -82,16 +123,6 @@ def component(description: str) -> dict[str, Any]:
                     "enabled": {"type": "boolean"},
                     "maxUnavailable": int_or_percent(),
                     "minAvailable": {"oneOf": [*int_or_percent()["oneOf"], {"type": "null"}]},
-                }
-            ),
-            "autoscaling": obj(
-                {
-                    "enabled": {"type": "boolean"},
-                    "minReplicas": {"type": "integer", "minimum": 1},
-                    "maxReplicas": {"type": "integer", "minimum": 1},
-                    "targetCPUUtilizationPercentage": percent,
-                    "targetMemoryUtilizationPercentage": percent,
-                    "scaleDownStabilizationSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
                 }
             ),
             "terminationGracePeriodSeconds": {"type": "integer", "minimum": 0},
@@ -116,7 +147,14 @@ def component(description: str) -> dict[str, Any]:
                 "items": {"type": "object", "required": ["name", "mountPath"]},
             },
         },
-        required=["enabled", "replicas", "resources", "probes", "podDisruptionBudget", "autoscaling"],
+        required=[
+            "enabled",
+            "replicas",
+            "resources",
+            "probes",
+            "podDisruptionBudget",
+            *(["autoscaling"] if autoscaling else []),
+        ],
         description=description,
     )
 
@@ -164,6 +202,23 @@ def values_schema() -> dict[str, Any]:
                 "containerSecurityContext": {"type": "object"},
                 "validator": component("The Validator service."),
                 "recomputeManager": component("The Recompute Manager service."),
+                "changes": component(
+                    "The change detector service (streamprov changes run).",
+                    autoscaling=False,
+                    extra={
+                        "functions": {
+                            "type": "string",
+                            "pattern": r"^$|^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$",
+                            "description": "module:attribute of a FunctionRegistry, passed as --functions.",
+                        },
+                        "persistence": persistence(),
+                    },
+                ),
+                "sequencer": component(
+                    "The ledger sequencer (streamprov ledger sequencer): one seals, the others stand by.",
+                    state=False,
+                    autoscaling=False,
+                ),
                 "kafkaSecrets": obj(
                     {
                         "sasl": obj(
@@ -224,7 +279,15 @@ def values_schema() -> dict[str, Any]:
                 "config": config,
                 "global": {"type": "object"},
             },
-            required=["image", "validator", "recomputeManager", "kafkaSecrets", "config"],
+            required=[
+                "image",
+                "validator",
+                "recomputeManager",
+                "changes",
+                "sequencer",
+                "kafkaSecrets",
+                "config",
+            ],
         ),
         "definitions": definitions,
     }

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from streamprov.config import StreamprovConfig, load_config, loads_config
-from streamprov.config.models import TelemetrySettings
+from streamprov.config.models import LedgerSettings, TelemetrySettings
 from streamprov.header import ProvenanceHeader
 from streamprov.signing import KeyRing, SigningError
 
@@ -29,6 +29,13 @@ CHART = ROOT / "helm" / "streamprov"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 BAD_VALUES = sorted((ROOT / "helm" / "testdata").glob("bad-*.yaml"))
 CONFIG_PATH = "/etc/streamprov/streamprov.yaml"
+SERVICES = {  # Deployment name (release "rel") -> the chart's values key
+    "rel-streamprov-validator": "validator",
+    "rel-streamprov-recompute-manager": "recomputeManager",
+    "rel-streamprov-change-detector": "changes",
+    "rel-streamprov-ledger-sequencer": "sequencer",
+}
+SIGNING_MOUNT = "/etc/streamprov/secrets/signing"
 
 
 def find_helm() -> str | None:
@@ -83,6 +90,57 @@ def expected_config(values: Path) -> dict[str, Any]:
     return merged
 
 
+def expected_values(values: Path) -> dict[str, Any]:
+    """The chart's values for a release with this values file (values.yaml under it)."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    merged: dict[str, Any] = helm_merge(defaults, yaml.safe_load(values.read_text(encoding="utf-8")))
+    return merged
+
+
+def expected_args(name: str, values: dict[str, Any]) -> list[str]:
+    """The command line each Deployment runs (after the image's `streamprov` entrypoint)."""
+    service = SERVICES[name]
+    if service == "changes":
+        functions = values["changes"].get("functions")
+        return ["changes", "run", "--config", CONFIG_PATH, *(["--functions", functions] if functions else [])]
+    if service == "sequencer":
+        unsigned = not values["config"].get("ledger", {}).get("checkpoint_key")
+        return ["ledger", "sequencer", "--config", CONFIG_PATH, *(["--unsigned"] if unsigned else [])]
+    return [name.removeprefix("rel-streamprov-"), "run", "--config", CONFIG_PATH]
+
+
+def write_pem_keys(directory: Path, key_id: str) -> Ed25519PrivateKey:
+    """An Ed25519 key pair written as the chart mounts it (private.pem, public.pem)."""
+    private = Ed25519PrivateKey.generate()
+    (directory / key_id).mkdir(parents=True, exist_ok=True)
+    (directory / key_id / "private.pem").write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    (directory / key_id / "public.pem").write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private
+
+
+def secret_items(pod: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(Secret name, key, file name) of every Secret item a pod mounts, projected volumes included."""
+    items: set[tuple[str, str, str]] = set()
+    for volume in pod.get("volumes", []):
+        sources = [volume, *volume.get("projected", {}).get("sources", [])]
+        for source in sources:
+            secret = source.get("secret")
+            if secret is None:
+                continue
+            name = secret.get("secretName") or secret.get("name")
+            for item in secret.get("items", [{"key": "*", "path": "*"}]):
+                items.add((name, item["key"], item["path"]))
+    return items
+
+
 def container_env(deployment: dict[str, Any]) -> dict[str, str]:
     """The pod's environment; values that come from Secrets get a stand-in (they are never in values)."""
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -108,8 +166,10 @@ def test_values_schema_is_generated_from_the_config_models() -> None:
 def test_values_yaml_config_defaults_are_the_models_defaults() -> None:
     config = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["config"]
     defaults = StreamprovConfig.model_validate({"kafka": {"bootstrap_servers": "k:1"}}).as_dict()
-    for block in ("streams", "validator", "recompute_manager"):
+    for block in ("streams", "validator", "recompute_manager", "changes"):
         assert config[block] == defaults[block], block
+    # ledger: nulls mean "derived" (the ledger topic's name, unsigned, the default group)
+    assert LedgerSettings.model_validate(config["ledger"]) == LedgerSettings()
     # null defaults are left out of values.yaml (helm drops keys set to null)
     assert TelemetrySettings.model_validate(config["telemetry"]) == TelemetrySettings()
     assert config["signing"] == {"keys": {}}
@@ -150,7 +210,7 @@ def test_configmap_is_the_values_config_and_loads_like_the_file(values: Path, tm
     file.write_text(yaml.safe_dump(expected_config(values), sort_keys=False), encoding="utf-8")
 
     deployments = by_kind(docs, "Deployment")
-    assert set(deployments) == {"rel-streamprov-validator", "rel-streamprov-recompute-manager"}
+    assert set(deployments) == set(SERVICES)  # the four services, each loading the same file
     for deployment in deployments.values():
         env = container_env(deployment)
         in_pod = loads_config(text, environ=env, check_secrets=False)
@@ -234,8 +294,9 @@ def test_signing_keys_and_otlp_credentials_come_from_secrets(tmp_path: Path) -> 
 
     manager, manager_env = pods["recompute-manager"]
     validator, validator_env = pods["validator"]
-    assert "STREAMPROV__SIGNING__KEYS__partner.2025__PRIVATE_KEY_FILE" in manager_env
-    assert "STREAMPROV__SIGNING__KEYS__partner.2025__PRIVATE_KEY_FILE" not in validator_env
+    private = "STREAMPROV__SIGNING__KEYS__partner.2025__PRIVATE_KEY_FILE"
+    holders = {name for name, (_, env) in pods.items() if private in env}
+    assert holders == {"recompute-manager"}  # not the validator, change detector or sequencer
     assert manager.telemetry.otlp.headers_env == {"authorization": "OTLP_AUTH"}
     assert manager.telemetry.tracing.sampling_ratio == 0.05
     signing = KeyRing(manager.signing, environ=manager_env)
@@ -254,18 +315,35 @@ def test_signing_keys_and_otlp_credentials_come_from_secrets(tmp_path: Path) -> 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
 def test_deployments_are_locked_down_and_probe_the_configured_port(values: Path) -> None:
     docs = render(values)
+    given = expected_values(values)
     config = loads_config(
         by_kind(docs, "ConfigMap")["rel-streamprov-config"]["data"]["streamprov.yaml"],
         environ=container_env(by_kind(docs, "Deployment")["rel-streamprov-validator"]),
         check_secrets=False,
     )
-    services = {"validator": config.validator, "recompute-manager": config.recompute_manager}
-    for name, deployment in by_kind(docs, "Deployment").items():
-        command = name.removeprefix("rel-streamprov-")
-        settings = services[command]
+    # Deployment -> (health port, metrics port or None, state directory or None)
+    expected = {
+        "rel-streamprov-validator": (
+            config.validator.http_port,
+            config.validator.metrics_port,
+            config.validator.state_dir,
+        ),
+        "rel-streamprov-recompute-manager": (
+            config.recompute_manager.http_port,
+            config.recompute_manager.metrics_port,
+            config.recompute_manager.state_dir,
+        ),
+        "rel-streamprov-change-detector": (config.changes.http_port, None, config.changes.state_dir),
+        "rel-streamprov-ledger-sequencer": (config.ledger.sequencer.http_port, None, None),
+    }
+    deployments = by_kind(docs, "Deployment")
+    assert set(deployments) == set(SERVICES)
+    claims = by_kind(docs, "PersistentVolumeClaim")
+    for name, deployment in deployments.items():
+        http_port, metrics_port, state_dir = expected[name]
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
-        assert container["args"] == [command, "run", "--config", CONFIG_PATH]
+        assert container["args"] == expected_args(name, given), name
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert pod["automountServiceAccountToken"] is False
@@ -275,22 +353,43 @@ def test_deployments_are_locked_down_and_probe_the_configured_port(values: Path)
         assert security["capabilities"] == {"drop": ["ALL"]}
         assert security["seccompProfile"] == {"type": "RuntimeDefault"}
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"http": settings.http_port, "metrics": settings.metrics_port}
+        assert ports == {"http": http_port, **({"metrics": metrics_port} if metrics_port else {})}, name
+        assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        env = container_env(deployment)
+        assert env["STREAMPROV_HEALTH_URL"] == f"http://127.0.0.1:{http_port}/healthz"
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
         assert mounts[CONFIG_PATH]["subPath"] == "streamprov.yaml"
+        assert mounts[CONFIG_PATH]["readOnly"] is True
         volumes = {v["name"]: v for v in pod["volumes"]}
-        assert "emptyDir" in volumes[mounts[str(settings.state_dir)]["name"]]
+        assert volumes[mounts[CONFIG_PATH]["name"]]["configMap"]["name"] == "rel-streamprov-config"
         assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+        writable = {path for path, m in mounts.items() if not m.get("readOnly")}
+        if state_dir is None:  # the sequencer resumes from the ledger topic: /tmp is all it writes
+            assert writable == {"/tmp"}, name
+        else:
+            assert writable == {"/tmp", str(state_dir)}, name
+            state = volumes[mounts[str(state_dir)]["name"]]
+            persistence = given[SERVICES[name]].get("persistence", {})
+            if persistence.get("enabled"):
+                claim = state["persistentVolumeClaim"]["claimName"]
+                assert claim in claims or claim == persistence.get("existingClaim")
+                assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # one claim, one holder
+            else:
+                assert "emptyDir" in state
+                assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
         assert container["resources"]["requests"]
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert len(annotations["checksum/config"]) == 64
-    assert set(by_kind(docs, "PodDisruptionBudget")) == {
-        "rel-streamprov-validator",
-        "rel-streamprov-recompute-manager",
+    budgets = {
+        name
+        for name, service in SERVICES.items()
+        if given[service]["enabled"] and given[service]["podDisruptionBudget"]["enabled"]
     }
+    assert set(by_kind(docs, "PodDisruptionBudget")) == budgets
     metrics = by_kind(docs, "Service")
+    assert set(metrics) == {"rel-streamprov-validator-metrics", "rel-streamprov-recompute-manager-metrics"}
     assert (
         metrics["rel-streamprov-validator-metrics"]["spec"]["ports"][0]["port"]
         == config.validator.metrics_port
@@ -300,8 +399,16 @@ def test_deployments_are_locked_down_and_probe_the_configured_port(values: Path)
 @needs_helm
 def test_hpa_replaces_replicas_and_servicemonitor_scrapes_metrics() -> None:
     docs = render(CHART / "ci" / "hpa-servicemonitor-values.yaml")
-    for deployment in by_kind(docs, "Deployment").values():
-        assert "replicas" not in deployment["spec"]
+    deployments = by_kind(docs, "Deployment")
+    for name in ("rel-streamprov-validator", "rel-streamprov-recompute-manager"):
+        assert "replicas" not in deployments[name]["spec"]
+    # no HPA for the change detector or the sequencer (one seals; more add standbys, not throughput)
+    assert deployments["rel-streamprov-change-detector"]["spec"]["replicas"] == 1
+    assert deployments["rel-streamprov-ledger-sequencer"]["spec"]["replicas"] == 2
+    assert set(by_kind(docs, "HorizontalPodAutoscaler")) == {
+        "rel-streamprov-validator",
+        "rel-streamprov-recompute-manager",
+    }
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
     validator = hpas["rel-streamprov-validator"]["spec"]
     assert (validator["minReplicas"], validator["maxReplicas"]) == (2, 12)
@@ -327,16 +434,218 @@ def test_minimal_values_render_no_optional_objects() -> None:
         "ConfigMap",
         "Deployment",
         "Deployment",
+        "Deployment",
+        "Deployment",
+        "PodDisruptionBudget",  # validator, recompute-manager, ledger-sequencer (one change detector: none)
         "PodDisruptionBudget",
         "PodDisruptionBudget",
-        "Service",
+        "Service",  # metrics of the validator and the recompute-manager (the other two have none yet)
         "Service",
         "ServiceAccount",
     ]
+    replicas = {name: d["spec"]["replicas"] for name, d in by_kind(docs, "Deployment").items()}
+    assert replicas == {
+        "rel-streamprov-validator": 2,
+        "rel-streamprov-recompute-manager": 2,
+        "rel-streamprov-change-detector": 1,  # one consumer of the source topics
+        "rel-streamprov-ledger-sequencer": 2,  # one seals, one stands by
+    }
     for deployment in by_kind(docs, "Deployment").values():
-        assert deployment["spec"]["replicas"] == 2
         env = container_env(deployment)
         assert not [name for name in env if name.startswith("STREAMPROV__")]
+    assert "rel-streamprov-change-detector" not in by_kind(docs, "PodDisruptionBudget")
+
+
+@needs_helm
+def test_change_detector_and_sequencer_take_their_settings() -> None:
+    values = CHART / "ci" / "changes-sequencer-values.yaml"
+    docs = render(values)
+    deployments = by_kind(docs, "Deployment")
+
+    detector = deployments["rel-streamprov-change-detector"]
+    pod = detector["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == [
+        "changes",
+        "run",
+        "--config",
+        CONFIG_PATH,
+        "--functions",
+        "my_pkg.fns:registry",
+    ]
+    assert container["ports"] == [{"name": "http", "containerPort": 18082, "protocol": "TCP"}]
+    assert container["startupProbe"]["failureThreshold"] == 180
+    assert container["resources"]["requests"] == {"cpu": "500m", "memory": "512Mi"}
+    assert detector["spec"]["replicas"] == 1
+    assert detector["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["terminationGracePeriodSeconds"] == 90
+    assert detector["spec"]["template"]["metadata"]["labels"]["team"] == "provenance"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["state"] == "/var/lib/streamprov/detector"  # config.changes.state_dir
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["state"] == {
+        "name": "state",
+        "persistentVolumeClaim": {"claimName": "rel-streamprov-change-detector-state"},
+    }
+    (claim,) = by_kind(docs, "PersistentVolumeClaim").values()
+    assert claim["metadata"]["name"] == "rel-streamprov-change-detector-state"
+    assert claim["metadata"]["annotations"] == {"backup.example.com/skip": "true"}
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "fast-ssd",
+        "resources": {"requests": {"storage": "10Gi"}},
+    }
+
+    sequencer = deployments["rel-streamprov-ledger-sequencer"]
+    pod = sequencer["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # config.ledger.checkpoint_key is set: signed checkpoints, no --unsigned
+    assert container["args"] == ["ledger", "sequencer", "--config", CONFIG_PATH]
+    assert container["ports"] == [{"name": "http", "containerPort": 18083, "protocol": "TCP"}]
+    assert sequencer["spec"]["replicas"] == 3
+    assert pod["priorityClassName"] == "streamprov-critical"
+    assert pod["terminationGracePeriodSeconds"] == 30
+    assert {v["name"] for v in pod["volumes"]} == {
+        "config",
+        "tmp",
+        "signing-key-0",
+        "signing-key-1",
+        "signing-key-2",
+    }
+    budget = by_kind(docs, "PodDisruptionBudget")["rel-streamprov-ledger-sequencer"]["spec"]
+    assert budget["minAvailable"] == 2 and "maxUnavailable" not in budget
+    assert budget["selector"]["matchLabels"]["app.kubernetes.io/component"] == "ledger-sequencer"
+    assert "rel-streamprov-change-detector" not in by_kind(docs, "PodDisruptionBudget")
+
+    config = loads_config(
+        by_kind(docs, "ConfigMap")["rel-streamprov-config"]["data"]["streamprov.yaml"],
+        environ=container_env(sequencer),
+        check_secrets=False,
+    )
+    assert config.ledger_id() == "pipeline-ledger"
+    assert config.ledger.sequencer.group_id == "pipeline-ledger-sequencer"
+    assert config.ledger.sequencer.checkpoint_every == 500
+    assert config.changes.record_sources is False
+    assert config.changes.function_check_interval.total_seconds() == 60
+
+
+@needs_helm
+def test_checkpoint_private_key_is_mounted_in_the_sequencer_only(tmp_path: Path) -> None:
+    """The ledger's checkpoint key signs in the sequencer pods and nowhere else; every other pod
+    verifies checkpoints with its public key. The records' key signs in the Recompute Manager only.
+    Checked on the rendered objects (Secret items, variables) and with real keys where they are mounted."""
+    docs = render(CHART / "ci" / "changes-sequencer-values.yaml")
+    text = by_kind(docs, "ConfigMap")["rel-streamprov-config"]["data"]["streamprov.yaml"]
+    assert "PRIVATE" not in text and "private.pem" not in text
+    deployments = by_kind(docs, "Deployment")
+    checkpoint_item = ("streamprov-ledger-checkpoint", "private.pem", "private.pem")
+    records_item = ("streamprov-records-key", "tls.key", "private.pem")
+    holders: dict[tuple[str, str, str], set[str]] = {checkpoint_item: set(), records_item: set()}
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        items = secret_items(pod)
+        for item, names in holders.items():
+            if item in items:
+                names.add(name)
+        for secret in ("streamprov-ledger-checkpoint", "streamprov-records-key"):  # public keys: everyone
+            assert (secret, "public.pem", "public.pem") in items, name
+        assert ("streamprov-signing", "hmac-secret", "secret") in items, name
+        for volume in pod["volumes"]:
+            if "secret" in volume:
+                assert volume["secret"]["defaultMode"] == 0o440
+    assert holders[checkpoint_item] == {"rel-streamprov-ledger-sequencer"}
+    assert holders[records_item] == {"rel-streamprov-recompute-manager"}
+
+    mounted = tmp_path / "signing"
+    checkpoint_key = write_pem_keys(mounted, "ledger-2026")
+    write_pem_keys(mounted, "records-2026")
+    (mounted / "pipeline-hmac").mkdir()
+    (mounted / "pipeline-hmac" / "secret").write_text("a-shared-hmac-secret-of-the-pipeline\n")
+    rings = {}
+    for name, deployment in deployments.items():
+        env = {k: v.replace(SIGNING_MOUNT, str(mounted)) for k, v in container_env(deployment).items()}
+        signs = "STREAMPROV__SIGNING__KEYS__ledger-2026__PRIVATE_KEY_FILE" in env
+        assert signs == (name == "rel-streamprov-ledger-sequencer"), name
+        config = loads_config(text, environ=env)  # with the secrets checked, as the services start
+        assert config.ledger.checkpoint_key == "ledger-2026"
+        rings[name] = KeyRing(config.signing, environ=env)
+
+    signer = rings["rel-streamprov-ledger-sequencer"].signer("ledger-2026")
+    header = ProvenanceHeader.for_source("checkpoint-1", b"root").encode()
+    signature = signer.sign(header)
+    raw = checkpoint_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert rings["rel-streamprov-ledger-sequencer"].key("ledger-2026").public_key is not None
+    for name, ring in rings.items():
+        assert ring.verifier(["ledger-2026"]).verify(header, b"root", signature) is None, name
+        public = ring.key("ledger-2026").public_key
+        assert public is not None
+        assert public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == raw
+        if name != "rel-streamprov-ledger-sequencer":
+            with pytest.raises(SigningError, match="no private key to sign with"):
+                ring.signer("ledger-2026")
+        if name != "rel-streamprov-recompute-manager":
+            with pytest.raises(SigningError, match="no private key to sign with"):
+                ring.signer("records-2026")
+
+
+@needs_helm
+def test_change_detector_and_sequencer_can_be_turned_off_or_scaled() -> None:
+    minimal = CHART / "ci" / "minimal-values.yaml"
+    result = helm_template(
+        minimal, extra=("--set", "changes.enabled=false", "--set", "sequencer.enabled=false")
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert set(by_kind(docs, "Deployment")) == {
+        "rel-streamprov-validator",
+        "rel-streamprov-recompute-manager",
+    }
+    assert set(by_kind(docs, "PodDisruptionBudget")) == {
+        "rel-streamprov-validator",
+        "rel-streamprov-recompute-manager",
+    }
+
+    # more change detectors share the source partitions, each with its own emptyDir
+    result = helm_template(
+        minimal, extra=("--set", "changes.replicas=3", "--set", "changes.podDisruptionBudget.enabled=true")
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    detector = by_kind(docs, "Deployment")["rel-streamprov-change-detector"]
+    assert detector["spec"]["replicas"] == 3
+    assert detector["spec"]["strategy"]["type"] == "RollingUpdate"
+    volumes = {v["name"]: v for v in detector["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"]["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert (
+        by_kind(docs, "PodDisruptionBudget")["rel-streamprov-change-detector"]["spec"]["maxUnavailable"] == 1
+    )
+    assert not by_kind(docs, "PersistentVolumeClaim")
+
+    # a claim of your own: used, none created
+    result = helm_template(
+        minimal,
+        extra=(
+            "--set",
+            "changes.persistence.enabled=true",
+            "--set",
+            "changes.persistence.existingClaim=detector-state",
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    detector = by_kind(docs, "Deployment")["rel-streamprov-change-detector"]
+    volumes = {v["name"]: v for v in detector["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": "detector-state"}
+    assert not by_kind(docs, "PersistentVolumeClaim")
+
+    # a key named by config.ledger.checkpoint_key but no sequencer here: nothing to mount it in
+    keys = CHART / "ci" / "changes-sequencer-values.yaml"
+    result = helm_template(keys, extra=("--set", "sequencer.enabled=false"))
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    for deployment in by_kind(docs, "Deployment").values():
+        items = secret_items(deployment["spec"]["template"]["spec"])
+        assert ("streamprov-ledger-checkpoint", "private.pem", "private.pem") not in items
 
 
 @needs_helm
