@@ -205,7 +205,9 @@ class ResultCache:
 
     def latest_values(self, nodes: Sequence[DataRef]) -> list[tuple[DataRef, bytes | None]]:
         """(`latest(n)`, its `value`) of each node (a reduce's stored inputs): one multi-get asks for
-        both the supersede link and the value of every node; only superseded ones read on."""
+        both the supersede link and the value of every node; only superseded ones read on (through
+        `latest`). It reads the stored links as `latest` does: a subclass that answers `latest` from
+        elsewhere must override this too."""
         leaves = _leaves(nodes)
         found = self._get_many([_LATEST + leaf for leaf in leaves] + [_VALUE + leaf for leaf in leaves])
         half = len(leaves)
