@@ -226,6 +226,13 @@ class UnitWorker:
             return self._dead_letter(msg, exc, offsets)
         self.busy = True
         t0 = time.monotonic()
+        log.info(
+            "unit %d/%d of plan %s started: %d tasks",
+            unit.index + 1,
+            unit.count,
+            unit.plan_id[:12],
+            len(unit.tasks),
+        )
         try:
             with self.views.lock:
                 self.views.for_execution(unit.plan_id)

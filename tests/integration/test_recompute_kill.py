@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -258,6 +259,20 @@ def _cli(run: Run, log: Path, *extra: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, stderr=f, env=env)
 
 
+_STARTED = re.compile(r"unit (\d+/\d+) of plan \w+ started")
+_DONE = re.compile(r"unit (\d+/\d+) of plan \w+ done")
+
+
+def in_flight(log: Path) -> set[str]:
+    """Units an incarnation began and did not finish (by its log)."""
+    text = log.read_text()
+    return set(_STARTED.findall(text)) - set(_DONE.findall(text))
+
+
+def _done(logs: list[Path]) -> set[str]:
+    return {u for log in logs for u in _DONE.findall(log.read_text())}
+
+
 def test_kill_9_three_times_mid_plan_publishes_exactly_the_clean_output(
     module: Module, clean: list[Row]
 ) -> None:
@@ -267,19 +282,30 @@ def test_kill_9_three_times_mid_plan_publishes_exactly_the_clean_output(
     proc = _cli(run, logs[0], "--replica", "kill-test")
     start_event(module, run)
 
+    current = logs[0]
+
     def running() -> None:
-        assert proc.poll() is None, logs[-1].read_text()[-3000:]
+        assert proc.poll() is None, current.read_text()[-3000:]
 
     kills: list[int] = []
+    interrupted: list[set[str]] = []
     try:
         for i in range(3):
             watcher.wait_units(len(watcher.units()) + 1, 60, running)  # this incarnation did some work
+            deadline = time.monotonic() + 20  # and has begun the next unit
+            while not in_flight(logs[i]) and len(watcher.units()) < G - 1:
+                assert time.monotonic() < deadline, logs[i].read_text()[-3000:]
+                running()
+                time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             watcher.settle()
             kills.append(len(watcher.units()))
-            proc = _cli(run, logs[i + 1], "--replica", "kill-test")  # the same replica comes back
+            interrupted.append(in_flight(logs[i]))
+            current = logs[i + 1]
+            proc = _cli(run, current, "--replica", "kill-test")  # the same replica comes back
         assert all(0 < k < G for k in kills), f"units done at the kills: {kills} of {G}"
+        assert any(interrupted), "no kill landed inside a unit"
         watcher.wait_units(G, 90, running)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, logs[-1].read_text()[-3000:]
@@ -290,6 +316,9 @@ def test_kill_9_three_times_mid_plan_publishes_exactly_the_clean_output(
         watcher.settle(0.5)
         watcher.close()
 
+    # the units the kills interrupted were run again by a later incarnation
+    rerun = [u for i, units in enumerate(interrupted) for u in units if u in _done(logs[i + 1 :])]
+    assert rerun, f"interrupted {interrupted}, none done later"
     # every unit committed exactly once, every incarnation but the first resumed (no re-planning)
     assert sorted(watcher.units()) == sorted(set(watcher.units())) and len(watcher.units()) == G
     plans = [r for r in watcher.records if r.unit < 0]
