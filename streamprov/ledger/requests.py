@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from fastavro.schema import parse_schema
 
 from streamprov import avro
+from streamprov.checksum import ChecksumAlgorithm
 from streamprov.ledger.codec import application_from_avro, application_to_avro
 from streamprov.ledger.errors import (
     EntryTooLargeError,
@@ -32,7 +33,16 @@ from streamprov.ledger.errors import (
     LedgerWriteFailedError,
     MalformedRecordError,
 )
-from streamprov.ledger.model import AnyRow, Application, AppTemplate, application_of
+from streamprov.ledger.model import (
+    AnyRow,
+    Application,
+    ApplicationKind,
+    AppTemplate,
+    Context,
+    MapRow,
+    Origin,
+    application_of,
+)
 from streamprov.ledger.rows import expand
 from streamprov.ledger.writer import DEFAULT_MAX_ENTRY_BYTES, approx_size
 
@@ -55,8 +65,22 @@ class LedgerRequest:
         self.applications = applications
 
 
-def encode_request(ledger_id: str, applications: Sequence[Application]) -> bytes:
-    datum = {"ledger_id": ledger_id, "applications": [application_to_avro(a) for a in applications]}
+def encode_request(
+    ledger_id: str,
+    applications: Sequence[Application],
+    map_rows: Sequence[tuple[AppTemplate, Sequence[MapRow]]] = (),
+) -> bytes:
+    """One request: `applications`, then `map_rows` (compact map applications per template: the
+    sequencer reads the rest out of the headers, so the agent's data path does no more than keep the
+    header bytes it already has)."""
+    datum = {
+        "ledger_id": ledger_id,
+        "applications": [application_to_avro(a) for a in applications],
+        "map_rows": [
+            {"template": _template_to_avro(t), "rows": [_map_row_to_avro(r) for r in rows]}
+            for t, rows in map_rows
+        ],
+    }
     buf = io.BytesIO()
     buf.write(REQUEST_PREFIX)
     fastavro.schemaless_writer(buf, _REQUEST_SCHEMA, datum)
@@ -76,12 +100,64 @@ def decode_request(raw: bytes | None) -> LedgerRequest:
         )
     try:
         r = avro.schemaless_read(raw[len(REQUEST_PREFIX) :], _REQUEST_SCHEMA)
-        apps = tuple(application_from_avro(a) for a in r["applications"])
+        apps = [application_from_avro(a) for a in r["applications"]]
+        for batch in r["map_rows"]:
+            template = _template_from_avro(batch["template"])
+            for row in batch["rows"]:
+                inp = row["input"]
+                checksum = (
+                    None if isinstance(inp, bytes) else (ChecksumAlgorithm[inp["algorithm"]], inp["value"])
+                )
+                map_row = (0, inp if isinstance(inp, bytes) else None, checksum, row["output_header"])
+                apps.append(application_of(template, expand(map_row)))
     except MalformedRecordError as exc:
         raise MalformedRecordError(str(exc), raw) from exc
     except Exception as exc:  # untrusted bytes through fastavro: one typed error out
         raise MalformedRecordError(f"ledger request does not decode: {exc!r}", raw) from exc
-    return LedgerRequest(r["ledger_id"], apps)
+    return LedgerRequest(r["ledger_id"], tuple(apps))
+
+
+def _template_to_avro(t: AppTemplate) -> dict[str, Any]:
+    return {
+        "kind": t.kind.name,
+        "function_id": t.function_id,
+        "function_version": t.function_version,
+        "code_hash": t.code_hash,
+        "parameters": dict(t.parameters),
+        "device_id": t.device_id,
+        "context": {
+            "source": t.context.source,
+            "location": t.context.location,
+            "access_rights": list(t.context.access_rights),
+        },
+        "origin": t.origin.name,
+        "task_id": t.task_id,
+    }
+
+
+def _template_from_avro(r: dict[str, Any]) -> AppTemplate:
+    ctx = r["context"]
+    return AppTemplate(
+        ApplicationKind[r["kind"]],
+        r["function_id"],
+        r["function_version"],
+        r["code_hash"],
+        tuple(sorted(r["parameters"].items())),
+        r["device_id"],
+        Context(ctx["source"], ctx["location"], tuple(ctx["access_rights"])),
+        Origin[r["origin"]],
+        r["task_id"],
+    )
+
+
+def _map_row_to_avro(row: MapRow) -> dict[str, Any]:
+    _, input_raw, input_checksum, output_header = row
+    if input_raw is not None:
+        inp: Any = input_raw
+    else:
+        assert input_checksum is not None
+        inp = {"algorithm": ChecksumAlgorithm(input_checksum[0]).name, "value": input_checksum[1]}
+    return {"input": inp, "output_header": output_header}
 
 
 class _Flush:
@@ -140,6 +216,8 @@ class KafkaLedgerClient:
         )
         self._lock = threading.Lock()
         self._pending: list[Application] = []
+        self._pending_rows: dict[int, list[MapRow]] = {}
+        self._pending_count = 0
         self._pending_bytes = 0
         self._templates: dict[int, AppTemplate] = {}
         self._template_keys: dict[AppTemplate, int] = {}
@@ -160,11 +238,29 @@ class KafkaLedgerClient:
         self.append_many([app], timeout_s)
 
     def append_rows(self, rows: list[AnyRow], timeout_s: float | None = None) -> None:
-        apps = []
-        for row in rows:
-            full = expand(row)
-            apps.append(application_of(self._templates[full[0]], full))
-        self.append_many(apps, timeout_s)
+        """Map rows travel as they are (header bytes: the sequencer reads the rest out of them);
+        other rows are expanded into applications here."""
+        self._check()
+        if any(len(r) != 4 for r in rows):
+            apps = []
+            for row in rows:
+                full = expand(row)
+                apps.append(application_of(self._templates[full[0]], full))
+            self.append_many(apps, timeout_s)
+            return
+        with self._lock:
+            if self._pending:  # keep the order: earlier applications go first
+                self._send(timeout_s)
+            for row in rows:
+                map_row: MapRow = row  # type: ignore[assignment]  # len 4: a MapRow
+                size = len(map_row[1] or b"") + len(map_row[3]) + 48
+                if self._pending_count and (
+                    self._pending_count >= self.max_batch or self._pending_bytes + size > self.max_entry_bytes
+                ):
+                    self._send(timeout_s)
+                self._pending_rows.setdefault(map_row[0], []).append(map_row)
+                self._pending_count += 1
+                self._pending_bytes += size
 
     def append_many(self, apps: Sequence[Application], timeout_s: float | None = None) -> None:
         self._check()
@@ -176,20 +272,23 @@ class KafkaLedgerClient:
                     f"inputs needs about {size} bytes, above max_entry_bytes={self.max_entry_bytes}"
                 )
         with self._lock:
+            if self._pending_rows:  # keep the order: earlier rows go first
+                self._send(timeout_s)
             for app, size in zip(apps, sizes, strict=True):
-                if self._pending and (
-                    len(self._pending) >= self.max_batch or self._pending_bytes + size > self.max_entry_bytes
+                if self._pending_count and (
+                    self._pending_count >= self.max_batch or self._pending_bytes + size > self.max_entry_bytes
                 ):
                     self._send(timeout_s)
                 self._pending.append(app)
+                self._pending_count += 1
                 self._pending_bytes += size
-            if len(self._pending) >= self.max_batch:
+            if self._pending_count >= self.max_batch:
                 self._send(timeout_s)
 
     def begin_flush(self, timeout_s: float = 30.0) -> _Flush:
         self._check()
         with self._lock:
-            if self._pending:
+            if self._pending_count:
                 self._send(timeout_s)
         return _Flush(self, timeout_s)
 
@@ -226,7 +325,8 @@ class KafkaLedgerClient:
 
     def _send(self, timeout_s: float | None) -> None:
         """Produce the pending applications as one request record (the caller holds the lock)."""
-        value = encode_request(self.ledger_id, self._pending)
+        rows = [(self._templates[key], batch) for key, batch in self._pending_rows.items()]
+        value = encode_request(self.ledger_id, self._pending, rows)
         deadline = time.monotonic() + (self.put_timeout_s if timeout_s is None else timeout_s)
         while True:
             try:
@@ -237,14 +337,16 @@ class KafkaLedgerClient:
             except BufferError:
                 if time.monotonic() > deadline:
                     raise LedgerBackpressureError(
-                        f"the requests producer's queue stayed full; {len(self._pending)} applications "
+                        f"the requests producer's queue stayed full; {self._pending_count} applications "
                         "not sent (retry, slow down, or check the broker)"
                     ) from None
                 self._producer.poll(0.05)
             except KafkaException as exc:
                 raise LedgerWriteFailedError(f"cannot send a ledger request to {self.topic}: {exc}") from exc
-        self.sent += len(self._pending)
+        self.sent += self._pending_count
         self._pending = []
+        self._pending_rows = {}
+        self._pending_count = 0
         self._pending_bytes = 0
         self._producer.poll(0)
 

@@ -15,6 +15,7 @@ from streamprov.agents.processor import EXACTLY_ONCE, Guarantee, Processor, Proc
 from streamprov.ledger import Application, Context, DataRef, LedgerEntry, LedgerWriter
 from streamprov.ledger.kafka import KafkaLedgerReader, KafkaLedgerSink
 from streamprov.ledger.process_writer import ProcessLedgerWriter
+from streamprov.ledger.writer import LedgerAppender
 from streamprov.producer import ProvenanceProducer
 from streamprov.registry import RegisteredFunction
 
@@ -55,7 +56,7 @@ def run_step(
     out: str,
     dlq: str,
     group: str,
-    writer: LedgerWriter | ProcessLedgerWriter | None,
+    writer: LedgerAppender | None,
     *,
     records: int,
     guarantee: Guarantee = EXACTLY_ONCE,

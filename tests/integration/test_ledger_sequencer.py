@@ -17,16 +17,20 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import processor_fns
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kafka_support import consume_all, produce
+from ledger_pipeline import produce_sources, run_step, value
 from ledger_support import LEDGER, SEED, chain_apps, pipeline, signer, verifier
 from test_validator import http_get, wait_until
 
 from streamprov.agents.dead_letter import REASON_HEADER, SOURCE_HEADER
-from streamprov.ledger import LedgerEntry, entry_id_of, verify_ledger
+from streamprov.header import ProvenanceHeader
+from streamprov.ledger import DataRef, LedgerEntry, entry_id_of, verify_ledger
 from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG, KafkaLedgerReader
 from streamprov.ledger.requests import KafkaLedgerClient, encode_request
 from streamprov.ledger.sequencer import LedgerSequencer
@@ -215,3 +219,38 @@ def test_sequencer_from_the_config_file_signs_with_the_configured_key_and_stops_
     reader = KafkaLedgerReader(kafka_bootstrap, ledger, idle_timeout_s=20.0)
     report = verify_ledger(reader.read(), LEDGER, verifier(), require_signed=True)
     assert report.ok and report.entries == 60 and report.checkpoints == 3, report.describe()
+
+
+def test_two_processors_record_through_the_sequencer_into_one_ledger(
+    kafka_bootstrap: str, new_topic: ..., unique_group: ...
+) -> None:
+    """Two agent processes' worth of steps (source -> enrich -> tag), each with its own client: one
+    ledger, every application once, each entry's nodes exactly the records on the topics."""
+    n = 40
+    src, mid, out, dlq = new_topic(2), new_topic(2), new_topic(2), new_topic()
+    ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests = new_topic(1, prefix="ledger-req")
+    sources = produce_sources(kafka_bootstrap, src, ((f"id-{i}", value(i)) for i in range(n)))
+    for fn, a, b in ((processor_fns.enrich, src, mid), (processor_fns.tag, mid, out)):
+        with KafkaLedgerClient(kafka_bootstrap, requests, LEDGER, max_batch=16) as client:
+            stats = run_step(kafka_bootstrap, fn, a, b, dlq, unique_group(), client, records=n)
+        assert stats.records_in == n
+    with _sequencer(kafka_bootstrap, requests, ledger, dlq) as seq:
+        seq.run(idle_timeout_s=3.0)
+    assert seq.stats.entries == 2 * n and seq.stats.dead_letters == 0
+
+    entries = _entries(kafka_bootstrap, ledger)
+    by_fn = {
+        fid: [e.application for e in entries if e.application.function_id == fid] for fid in ("enrich", "tag")
+    }
+    outputs = consume_all(kafka_bootstrap, out, expected=n, timeout_s=30)
+    middles = consume_all(kafka_bootstrap, mid, expected=n, timeout_s=30)
+
+    def nodes(msgs: list[Any]) -> set[DataRef]:
+        return {DataRef(m.key().decode(), ProvenanceHeader.from_headers(m.headers()).checksum) for m in msgs}
+
+    assert {a.output for a in by_fn["enrich"]} == nodes(middles)
+    assert {a.inputs[0] for a in by_fn["enrich"]} == {DataRef.of(k, v) for k, v in sources.items()}
+    assert {a.inputs[0] for a in by_fn["tag"]} == nodes(middles)
+    assert {a.output for a in by_fn["tag"]} == nodes(outputs)
+    assert {a.device_id for a in by_fn["tag"]} == {"test-pod"}

@@ -12,8 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ledger_support import pipeline
 
+from streamprov.checksum import ChecksumAlgorithm, compute
+from streamprov.header import HEADER_KEY
 from streamprov.ledger import MalformedRecordError
+from streamprov.ledger.model import ApplicationKind, AppTemplate, Context, application_of
 from streamprov.ledger.requests import REQUEST_PREFIX, decode_request, encode_request
+from streamprov.ledger.rows import expand
+from streamprov.lineage import StepKind
+from streamprov.registry import FunctionRegistry
+from streamprov.stamp import InputRecord, MapStamper, SourceStamper
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 SEALING = {"entry_id", "seq", "prev_hash", "entry_hash"}
@@ -47,3 +54,28 @@ def test_garbage_and_truncations_raise_a_typed_error(junk: bytes, cut: int) -> N
             decode_request(raw)
         except MalformedRecordError:
             continue
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.text(min_size=1, max_size=40),
+    st.sampled_from(list(ChecksumAlgorithm)),
+    st.binary(max_size=40),
+    st.booleans(),
+)
+def test_map_rows_travel_as_header_bytes_and_arrive_as_the_same_applications(
+    data_id: str, alg: ChecksumAlgorithm, value: bytes, with_header: bool
+) -> None:
+    fn = FunctionRegistry().add(lambda v: v, "id", "1", kind=StepKind.MAP)
+    source = SourceStamper(alg).header(data_id, value) if with_header else None
+    record = InputRecord(value, [(HEADER_KEY, source)] if source else [], data_id.encode(), "t", 0, 7)
+    out_header = MapStamper(fn, None, alg).stamp(record, value + b"!")
+    c = compute(alg, value)
+    row = (0, source, None if source else (int(c.algorithm), c.value), out_header)
+    template = AppTemplate(
+        ApplicationKind.MAP, "id", "1", b"h" * 16, (("p", "1"),), "pod-1", Context("s", "eu", ("pii",))
+    )
+    extra = pipeline(1)[:2]
+    request = decode_request(encode_request("l", extra, [(template, [row, row])]))
+    expected = application_of(template, expand(row))
+    assert request.applications == (*extra, expected, expected)
