@@ -51,6 +51,7 @@ from streamprov.config.models import RecomputeSettings, RecomputeTrigger, Stream
 from streamprov.errors import StreamprovError
 from streamprov.header import now_ms
 from streamprov.registry import FunctionRegistry
+from streamprov.signing import KeyRing, Signer
 from validator.alerts import Alert
 from validator.health import HttpEndpoints, probe_route
 
@@ -116,10 +117,13 @@ class ManagerSettings:
     """The ledger's id (default: the ledger topic's name, as `streamprov ledger` assumes)."""
     consumer_config: Mapping[str, Any] = field(default_factory=dict)
     """Extra settings of the manager's consumers (planner and workers; e.g. session timeouts)."""
+    signer_for: Callable[[str], Signer | None] = lambda _t: None
+    """The signer of an output topic's corrected records (`topics.<t>.signing.key`), None: unsigned."""
 
     @classmethod
     def from_config(cls, config: StreamprovConfig, **overrides: Any) -> ManagerSettings:
         s, m = config.streams, config.recompute_manager
+        ring = KeyRing(config.signing)
         values: dict[str, Any] = {
             "kafka": config.kafka.librdkafka(),
             "group_id": m.group_id,
@@ -136,6 +140,7 @@ class ManagerSettings:
             "max_retries": m.max_retries,
             "workers": m.workers,
             "http_port": m.http_port,
+            "signer_for": lambda topic: ring.signer_for(config.topic(topic)),
         }
         values.update(overrides)
         return cls(**values)
@@ -186,6 +191,7 @@ class RecomputeManager:
         self._pending_lock = threading.Lock()
         self._last_unit = time.monotonic()
         self.workers: list[UnitWorker] = []
+        self._signers: dict[str, Signer | None] = {}
         self._threads: list[threading.Thread] = []
         self._http: HttpEndpoints | None = None
         kafka = dict(s.kafka)
@@ -201,6 +207,8 @@ class RecomputeManager:
 
     def _open(self, kafka: dict[str, Any], registry: FunctionRegistry) -> None:
         s = self.settings
+        for topic in s.outputs:  # a key that cannot sign fails the start, not every unit
+            self._signer(topic)
         self.views = Views(
             kafka,
             s.state_dir,
@@ -222,6 +230,7 @@ class RecomputeManager:
                 s.priority_topic,
                 s.consumer_config,
                 poll_timeout_s=s.poll_timeout_s,
+                signer_for=self._signer,
             )
             executor = Executor(  # one per worker: units run in parallel, outside the views lock
                 registry,
@@ -317,6 +326,11 @@ class RecomputeManager:
             settings: RecomputeSettings = self.settings.topic_settings(topic).recompute
             p = self._policies[topic] = TopicPolicy(topic, settings)
         return p
+
+    def _signer(self, topic: str) -> Signer | None:
+        if topic not in self._signers:
+            self._signers[topic] = self.settings.signer_for(topic)
+        return self._signers[topic]
 
     def _unit_done(self, unit: RecomputeUnit, _progress: Progress) -> None:
         with self._pending_lock:

@@ -43,6 +43,7 @@ from streamprov.agents.kafka_io import RebalanceEvents, is_fenced, kafka_error, 
 from streamprov.agents.processor import FatalProcessorError, FencedError
 from streamprov.errors import StreamprovError
 from streamprov.header import now_ms
+from streamprov.signing import Signer
 
 MAX_POLL_INTERVAL_MS = 1_800_000
 """A worker polls between units only: a unit may run this long before the group drops the worker
@@ -73,6 +74,8 @@ class WorkerSettings:
     priority_topic: Callable[[str], str]
     consumer_config: Mapping[str, Any]
     poll_timeout_s: float = 0.5
+    signer_for: Callable[[str], Signer | None] = lambda _t: None
+    """The signer of an output topic's corrected records (None: unsigned)."""
     backoff_s: float = 0.5
     max_backoff_s: float = 10.0
 
@@ -244,7 +247,10 @@ class UnitWorker:
                 staged = self.views.cache.staged()
             t2 = time.monotonic()
             progress = unit_progress(unit, result)
-            records = [(s.priority_topic(r.task.topic), PriorityRecord.of(r)) for r in result.changed]
+            records = [
+                (s.priority_topic(r.task.topic), PriorityRecord.of(r, signer=s.signer_for(r.task.topic)))
+                for r in result.changed
+            ]
             plain = [
                 PlainRecord(s.dead_letter_topic, d.task.key, d.task.encode(), tuple(d.headers()))
                 for d in result.dead

@@ -31,11 +31,13 @@ from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HE
 from streamprov.checksum import matches
 from streamprov.cli import app
 from streamprov.header import ProvenanceHeader
+from streamprov.signing import HmacSigner, Verifier
 
 pytestmark = pytest.mark.kafka
 
 HERE = Path(__file__).resolve().parent
 STREAMPROV = Path(sys.executable).parent / "streamprov"
+SECRET = "recompute-manager-test-secret-0123456789"
 
 
 def _committed(bootstrap: str, group: str, topic: str, partition: int = 0) -> int:
@@ -78,6 +80,7 @@ def test_service_recomputes_a_change_exactly_once(
         state_dir=tmp_path / "rm",
         http_port=0,
         consumer_config=FAST_GROUP_CONFIG,
+        signer_for=lambda topic: HmacSigner("rm-key", SECRET) if topic != p.sums else None,
     )
     with RecomputeManager(settings, processor_fns.registry) as manager:
         stats = manager.run(max_causes=1, idle_timeout_s=60)
@@ -91,6 +94,8 @@ def test_service_recomputes_a_change_exactly_once(
         header = ProvenanceHeader.from_headers(msg.headers() or [])
         assert header is not None and matches(header.checksum, msg.value())
         assert dict(msg.headers() or [])[SUPERSEDES_HEADER].startswith(f"{t}/".encode())
+        signed = Verifier({"rm-key": SECRET.encode()}).problem(msg.headers() or [], msg.value())
+        assert (signed is None) == (t != p.sums), signed  # the topic's key signed it, or none
     reports = consume_all(bootstrap, progress, expected=2, timeout_s=30, grace_s=0.5)
     got = {(r.unit, r.state): r for r in (Progress.decode(m.value()) for m in reports)}
     assert set(got) == {(-1, "planned"), (0, "done")}
