@@ -42,6 +42,8 @@ from streamprov.header import HEADER_KEY
 from streamprov.ledger import CheckpointSigner, Context, LedgerWriter
 from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG, KafkaLedgerSink, create_ledger_topic
 from streamprov.ledger.process_writer import ProcessLedgerWriter
+from streamprov.ledger.requests import KafkaLedgerClient
+from streamprov.ledger.sequencer import LedgerSequencer
 from streamprov.registry import FunctionRegistry
 from streamprov.stamp import SourceStamper
 
@@ -110,14 +112,19 @@ def _run(
     tag = uuid.uuid4().hex[:8]
     out = _create(admin, f"{prefix}-out-{tag}", 3)
     dlq = _create(admin, f"{prefix}-dlq-{tag}", 1)
-    writer: LedgerWriter | ProcessLedgerWriter | None = None
+    writer: LedgerWriter | ProcessLedgerWriter | KafkaLedgerClient | None = None
     topics = [out, dlq]
+    ledger_topic = requests = ""
     if ledger:
         ledger_topic = f"{prefix}-ledger-{tag}"
         create_ledger_topic(bootstrap, ledger_topic)
         topics.append(ledger_topic)
         seed = os.urandom(32)
-        if args.writer == "process":
+        if args.writer == "client":
+            requests = _create(admin, f"{prefix}-requests-{tag}", 1)
+            topics.append(requests)
+            writer = KafkaLedgerClient(bootstrap, requests, ledger_topic)
+        elif args.writer == "process":
             sink_factory = functools.partial(KafkaLedgerSink, bootstrap, ledger_topic)
             writer = ProcessLedgerWriter(
                 sink_factory, ledger_topic, seed, checkpoint_every=1000, nice=args.nice
@@ -150,7 +157,9 @@ def _run(
             cpu0.user + cpu0.system + cpu0.children_user + cpu0.children_system
         )
         extra: dict[str, Any] = {"records_in": stats.records_in, "cpu_us_per_record": round(used / n * 1e6)}
-        if writer is not None:
+        if isinstance(writer, KafkaLedgerClient):
+            extra.update(_sequence(bootstrap, requests, ledger_topic, seed, n))
+        elif writer is not None:
             extra.update(entries=writer.stats.entries, duplicates=writer.stats.duplicates)
     finally:
         if writer is not None:
@@ -159,6 +168,26 @@ def _run(
     if stats.records_in != n:
         sys.exit(f"processed {stats.records_in} of {n} records")
     return n / elapsed, extra
+
+
+def _sequence(bootstrap: str, requests: str, ledger_topic: str, seed: bytes, n: int) -> dict[str, Any]:
+    """Seal what the agent sent (the sequencer runs after the agent: on a cluster it is a service
+    on other cores); checks every application arrived and times the sequencer on its own."""
+    signer = CheckpointSigner(Ed25519PrivateKey.from_private_bytes(seed))
+    with LedgerSequencer(
+        bootstrap,
+        requests_topic=requests,
+        ledger_topic=ledger_topic,
+        ledger_id=ledger_topic,
+        signer=signer,
+        dead_letter_topic=f"{ledger_topic}-dlq",
+    ) as seq:
+        start = time.perf_counter()
+        seq.run(max_requests=-(-n // 500), idle_timeout_s=30)
+        elapsed = time.perf_counter() - start
+    if seq.stats.entries != n:
+        sys.exit(f"the sequencer sealed {seq.stats.entries} of {n} applications")
+    return {"entries": seq.stats.entries, "sequencer_records_per_s": round(n / elapsed)}
 
 
 def main() -> None:
@@ -171,8 +200,9 @@ def main() -> None:
     p.add_argument(
         "--writer",
         default="process",
-        choices=["process", "thread"],
-        help="ProcessLedgerWriter (default: the ledger's work on another core) or LedgerWriter (a thread)",
+        choices=["process", "thread", "client"],
+        help="ProcessLedgerWriter (default: the ledger's work on another core), LedgerWriter (a thread), "
+        "or KafkaLedgerClient (sealed by the shared sequencer, run after the agent and timed apart)",
     )
     p.add_argument("--nice", type=int, default=0, help="niceness of the writer process (process writer)")
     args = p.parse_args()

@@ -56,13 +56,28 @@ _REQUEST_SCHEMA = parse_schema(avro.without_logical_types(REQUEST_SCHEMA_JSON))
 
 
 class LedgerRequest:
-    """A decoded request: the ledger it is for and its applications, in the sender's order."""
+    """A decoded request: the ledger it is for, its applications, then its map rows (kept as the
+    agent sent them: the sequencer seals them straight from the header bytes)."""
 
-    __slots__ = ("applications", "ledger_id")
+    __slots__ = ("applications", "ledger_id", "map_rows")
 
-    def __init__(self, ledger_id: str, applications: tuple[Application, ...]) -> None:
+    def __init__(
+        self,
+        ledger_id: str,
+        applications: tuple[Application, ...],
+        map_rows: tuple[tuple[AppTemplate, tuple[MapRow, ...]], ...] = (),
+    ) -> None:
         self.ledger_id = ledger_id
         self.applications = applications
+        self.map_rows = map_rows
+
+    def expanded(self) -> tuple[Application, ...]:
+        """Every application, in sealing order (map rows expanded)."""
+        rows = [application_of(t, expand(r)) for t, batch in self.map_rows for r in batch]
+        return (*self.applications, *rows)
+
+    def __len__(self) -> int:
+        return len(self.applications) + sum(len(batch) for _, batch in self.map_rows)
 
 
 def encode_request(
@@ -100,21 +115,27 @@ def decode_request(raw: bytes | None) -> LedgerRequest:
         )
     try:
         r = avro.schemaless_read(raw[len(REQUEST_PREFIX) :], _REQUEST_SCHEMA)
-        apps = [application_from_avro(a) for a in r["applications"]]
+        apps = tuple(application_from_avro(a) for a in r["applications"])
+        batches = []
         for batch in r["map_rows"]:
             template = _template_from_avro(batch["template"])
+            rows = []
             for row in batch["rows"]:
                 inp = row["input"]
                 checksum = (
-                    None if isinstance(inp, bytes) else (ChecksumAlgorithm[inp["algorithm"]], inp["value"])
+                    None
+                    if isinstance(inp, bytes)
+                    else (int(ChecksumAlgorithm[inp["algorithm"]]), inp["value"])
                 )
-                map_row = (0, inp if isinstance(inp, bytes) else None, checksum, row["output_header"])
-                apps.append(application_of(template, expand(map_row)))
+                map_row: MapRow = (0, inp if isinstance(inp, bytes) else None, checksum, row["output_header"])
+                expand(map_row)  # checks the header bytes now: a bad row refuses the whole request
+                rows.append(map_row)
+            batches.append((template, tuple(rows)))
     except MalformedRecordError as exc:
         raise MalformedRecordError(str(exc), raw) from exc
     except Exception as exc:  # untrusted bytes through fastavro: one typed error out
         raise MalformedRecordError(f"ledger request does not decode: {exc!r}", raw) from exc
-    return LedgerRequest(r["ledger_id"], tuple(apps))
+    return LedgerRequest(r["ledger_id"], apps, tuple(batches))
 
 
 def _template_to_avro(t: AppTemplate) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def test_round_trip_keeps_every_field_and_the_order() -> None:
     apps = pipeline(3, chain_len=2, fan_in=2)  # sources, maps, reduces with windows
     request = decode_request(encode_request("ledger-a", apps))
     assert request.ledger_id == "ledger-a"
-    assert request.applications == tuple(apps)
+    assert request.expanded() == tuple(apps)
 
 
 def test_request_schema_is_the_entry_schema_without_the_sealed_fields() -> None:
@@ -78,4 +78,5 @@ def test_map_rows_travel_as_header_bytes_and_arrive_as_the_same_applications(
     extra = pipeline(1)[:2]
     request = decode_request(encode_request("l", extra, [(template, [row, row])]))
     expected = application_of(template, expand(row))
-    assert request.applications == (*extra, expected, expected)
+    assert request.applications == tuple(extra) and len(request) == 4
+    assert request.expanded() == (*extra, expected, expected)
