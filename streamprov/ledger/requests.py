@@ -11,6 +11,7 @@ LedgerEntry without the four the sequencer derives), Avro single-object encoded,
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import threading
@@ -87,7 +88,37 @@ def encode_request(
 ) -> bytes:
     """One request: `applications`, then `map_rows` (compact map applications per template: the
     sequencer reads the rest out of the headers, so the agent's data path does no more than keep the
-    header bytes it already has)."""
+    header bytes it already has).
+
+    The map rows are written by hand (they are on the agent's path: ~0.5 us a row instead of ~6 with
+    fastavro's dicts); a property test checks the bytes equal fastavro's."""
+    head = _fastavro_request(ledger_id, applications, ())
+    if not map_rows:
+        return head
+    parts = [head[:-1], _long(len(map_rows))]  # head ends with the empty map_rows array (0x00)
+    for template, rows in map_rows:
+        parts.append(_template_avro(template))
+        if rows:
+            parts.append(_long(len(rows)))
+            for _, input_raw, input_checksum, output_header in rows:
+                if input_raw is not None:
+                    parts += (_BYTES_BRANCH, _long(len(input_raw)), input_raw)
+                else:
+                    assert input_checksum is not None
+                    algorithm, digest = input_checksum
+                    parts += (_CHECKSUM_BRANCH, _long(algorithm), _long(len(digest)), digest)
+                parts += (_long(len(output_header)), output_header)
+        parts.append(_END)
+    parts.append(_END)
+    return b"".join(parts)
+
+
+def _fastavro_request(
+    ledger_id: str,
+    applications: Sequence[Application],
+    map_rows: Sequence[tuple[AppTemplate, Sequence[MapRow]]],
+) -> bytes:
+    """The request written by fastavro from dicts: the reference encoding."""
     datum = {
         "ledger_id": ledger_id,
         "applications": [application_to_avro(a) for a in applications],
@@ -100,6 +131,20 @@ def encode_request(
     buf.write(REQUEST_PREFIX)
     fastavro.schemaless_writer(buf, _REQUEST_SCHEMA, datum)
     return buf.getvalue()
+
+
+_long = avro.encode_long
+_END = b"\x00"
+_BYTES_BRANCH = b"\x00"  # MapRow.input: union branch 0 (header bytes)
+_CHECKSUM_BRANCH = b"\x02"  # branch 1 (Checksum)
+_EMPTY_WITH_ONE_BATCH = len(REQUEST_PREFIX) + 3  # "" (0x00), [] (0x00), map_rows block of 1 (0x02)
+
+
+@functools.lru_cache(maxsize=256)
+def _template_avro(template: AppTemplate) -> bytes:
+    """A template's Avro bytes, cut out of a request holding only it (rows: 0x00, end: 0x00)."""
+    raw = _fastavro_request("", (), ((template, ()),))
+    return raw[_EMPTY_WITH_ONE_BATCH:-2]
 
 
 def decode_request(raw: bytes | None) -> LedgerRequest:

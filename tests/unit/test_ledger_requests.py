@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import fastavro
 from hypothesis import given, settings
@@ -15,8 +16,8 @@ from ledger_support import pipeline
 from streamprov.checksum import ChecksumAlgorithm, compute
 from streamprov.header import HEADER_KEY
 from streamprov.ledger import MalformedRecordError
-from streamprov.ledger.model import ApplicationKind, AppTemplate, Context, application_of
-from streamprov.ledger.requests import REQUEST_PREFIX, decode_request, encode_request
+from streamprov.ledger.model import ApplicationKind, AppTemplate, Context, Origin, application_of
+from streamprov.ledger.requests import REQUEST_PREFIX, _fastavro_request, decode_request, encode_request
 from streamprov.ledger.rows import expand
 from streamprov.lineage import StepKind
 from streamprov.registry import FunctionRegistry
@@ -80,3 +81,42 @@ def test_map_rows_travel_as_header_bytes_and_arrive_as_the_same_applications(
     expected = application_of(template, expand(row))
     assert request.applications == tuple(extra) and len(request) == 4
     assert request.expanded() == (*extra, expected, expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 1]),
+            st.lists(
+                st.tuples(
+                    st.one_of(
+                        st.binary(max_size=300), st.tuples(st.sampled_from([0, 1]), st.binary(max_size=40))
+                    ),
+                    st.binary(max_size=300),
+                ),
+                max_size=70,
+            ),
+        ),
+        max_size=3,
+    ),
+    st.text(max_size=20),
+)
+def test_hand_written_map_rows_are_the_bytes_fastavro_writes(
+    batches: list[tuple[int, list[tuple[Any, bytes]]]], ledger_id: str
+) -> None:
+    templates = [
+        AppTemplate(
+            ApplicationKind.MAP, "id", "1", b"h" * 16, (("p", "1"),), "pod-1", Context("s", "eu", ("x",))
+        ),
+        AppTemplate(ApplicationKind.MAP, "g", "2", b"", (), "", Context(), Origin.RECOMPUTE, "task-7"),
+    ]
+    map_rows = [
+        (
+            templates[t],
+            [(0, i, None, o) if isinstance(i, bytes) else (0, None, i, o) for i, o in rows],
+        )
+        for t, rows in batches
+    ]
+    apps = pipeline(1)[:1]
+    assert encode_request(ledger_id, apps, map_rows) == _fastavro_request(ledger_id, apps, map_rows)
