@@ -86,6 +86,10 @@ class RetryPolicy:
         return float(min(self.max_delay_s, self.base_delay_s * (2 ** max(0, attempt - 1))))
 
 
+Applied = tuple[bytes, tuple[DataRef, ...], DataRef]
+"""One step of a task as applied: (stamped header, input nodes, output node)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Recomputed:
     """One task's result: the record to publish (when it changed) and how it was made."""
@@ -99,6 +103,9 @@ class Recomputed:
     attempts: int
     trace: tuple[tuple[str, bytes], ...] = ()
     """`traceparent`/`tracestate` of the task's span (`RecomputeTracing`); published with the record."""
+    applied: tuple[Applied, ...] = ()
+    """Each step as applied: (the header it stamped, the input nodes it read, its output node), for
+    the task's ledger entries (`recompute_manager.ledger_entries`)."""
 
     @property
     def node(self) -> DataRef:
@@ -239,6 +246,7 @@ class Executor:
         ins = self._inputs(task.inputs, outputs)
         value, header, node_refs = b"", b"", [n for _, _, n in ins]
         cached = False
+        applied: list[Applied] = []
         for step in task.steps:
             fn = self.registry.get(step.function_id, step.function_version)
             params = step.params
@@ -275,6 +283,7 @@ class Executor:
             if self.cache is not None and hit is None:
                 self.cache.put(step, node_refs, value, key=key)
             node = DataRef.of(task.data_id, value, self.algorithm)
+            applied.append((header, tuple(node_refs), node))
             ins, node_refs = [(value, header, node)], [node]
         same = unchanged(task.previous_output, value)
         if self.cache is not None:
@@ -282,7 +291,7 @@ class Executor:
             self.cache.put_value(new_node, value)
             if not same:
                 self.cache.supersede(task.previous_node, new_node, header)
-        return Recomputed(task, value, header, same, cached, attempts)
+        return Recomputed(task, value, header, same, cached, attempts, applied=tuple(applied))
 
     # -- retries -------------------------------------------------------------------------------------
     def run(

@@ -119,6 +119,8 @@ class ManagerSettings:
     """Extra settings of the manager's consumers (planner and workers; e.g. session timeouts)."""
     signer_for: Callable[[str], Signer | None] = lambda _t: None
     """The signer of an output topic's corrected records (`topics.<t>.signing.key`), None: unsigned."""
+    ledger_requests_topic: str | None = None
+    """Record every recompute in the ledger through the sequencer's requests topic (None: not)."""
 
     @classmethod
     def from_config(cls, config: StreamprovConfig, **overrides: Any) -> ManagerSettings:
@@ -133,6 +135,8 @@ class ManagerSettings:
             "progress_topic": s.recompute_progress,
             "dead_letter_topic": s.dead_letters,
             "ledger_topic": s.ledger,
+            "ledger_id": config.ledger_id(),
+            "ledger_requests_topic": s.ledger_requests if m.record_in_ledger else None,
             "sources": tuple(config.sources),
             "outputs": tuple(config.topics),
             "state_dir": m.state_dir,
@@ -231,6 +235,8 @@ class RecomputeManager:
                 s.consumer_config,
                 poll_timeout_s=s.poll_timeout_s,
                 signer_for=self._signer,
+                ledger_requests_topic=s.ledger_requests_topic,
+                ledger_id=s.ledger_id or s.ledger_topic,
             )
             executor = Executor(  # one per worker: units run in parallel, outside the views lock
                 registry,

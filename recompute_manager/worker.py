@@ -33,6 +33,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from recompute_manager.executor import Executor, PlanResult
+from recompute_manager.ledger_entries import ledger_requests
 from recompute_manager.outputs import where
 from recompute_manager.priority import PlainRecord, PriorityPublisher, PriorityRecord
 from recompute_manager.progress import KIND_PROGRESS, RECORD_HEADER, Progress
@@ -78,6 +79,10 @@ class WorkerSettings:
     """The signer of an output topic's corrected records (None: unsigned)."""
     backoff_s: float = 0.5
     max_backoff_s: float = 10.0
+    ledger_requests_topic: str | None = None
+    """Where the unit's ledger entries go (the sequencer's requests topic), in the unit's transaction;
+    None: recomputes are not recorded."""
+    ledger_id: str = ""
 
     @property
     def transactional_id(self) -> str:
@@ -218,9 +223,31 @@ class UnitWorker:
                 self.assigned.difference_update(parts)
             log.info("worker %s %s %s", self.settings.member, kind, sorted(parts))
 
+    def _outputs(
+        self, unit: RecomputeUnit, result: PlanResult, progress: Progress
+    ) -> tuple[list[tuple[str, PriorityRecord]], list[PlainRecord]]:
+        """What the unit's transaction publishes: corrected records, dead letters, its progress
+        record and its ledger entries."""
+        s = self.settings
+        records = [
+            (s.priority_topic(r.task.topic), PriorityRecord.of(r, signer=s.signer_for(r.task.topic)))
+            for r in result.changed
+        ]
+        plain = [
+            PlainRecord(s.dead_letter_topic, d.task.key, d.task.encode(), tuple(d.headers()))
+            for d in result.dead
+        ]
+        plain.append(
+            PlainRecord(s.progress_topic, progress.key, progress.encode(), ((RECORD_HEADER, KIND_PROGRESS),))
+        )
+        if s.ledger_requests_topic is not None:
+            key = s.ledger_id.encode()
+            for request in ledger_requests(result.recomputed, s.ledger_id, device_id=s.member):
+                plain.append(PlainRecord(s.ledger_requests_topic, key, request))
+        return records, plain
+
     def _handle(self, msg: Message) -> bool:
         """One unit, one transaction; False when it must be tried again (rewound)."""
-        s = self.settings
         at = where(msg)
         offsets = [TopicPartition(at.topic, at.partition, at.offset + 1)]
         try:
@@ -247,19 +274,7 @@ class UnitWorker:
                 staged = self.views.cache.staged()
             t2 = time.monotonic()
             progress = unit_progress(unit, result)
-            records = [
-                (s.priority_topic(r.task.topic), PriorityRecord.of(r, signer=s.signer_for(r.task.topic)))
-                for r in result.changed
-            ]
-            plain = [
-                PlainRecord(s.dead_letter_topic, d.task.key, d.task.encode(), tuple(d.headers()))
-                for d in result.dead
-            ]
-            plain.append(
-                PlainRecord(
-                    s.progress_topic, progress.key, progress.encode(), ((RECORD_HEADER, KIND_PROGRESS),)
-                )
-            )
+            records, plain = self._outputs(unit, result, progress)
             self._publisher.publish_all(records, consumer=self._consumer, offsets=offsets, plain=plain)
         except (FencedError, FatalProcessorError):
             raise

@@ -78,6 +78,7 @@ recompute_manager:
   metrics_port: 9465
   workers: 4
   max_retries: 5
+  record_in_ledger: true                 # each recompute's ledger entries, via the sequencer
 
 changes:
   group_id: streamprov-changes

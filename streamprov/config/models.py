@@ -978,6 +978,9 @@ class RecomputeManagerSettings(_Settings):
     metrics_port: Port = 9465
     workers: Annotated[int, Field(ge=1, le=256)] = 4
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5
+    record_in_ledger: bool = True
+    """Send each recompute's ledger entries (origin RECOMPUTE) to the sequencer, in the transaction
+    that publishes the corrected records (`streams.ledger_requests`)."""
 
     @model_validator(mode="after")
     def _ports(self) -> RecomputeManagerSettings:

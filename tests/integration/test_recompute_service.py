@@ -20,7 +20,7 @@ import processor_fns
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from kafka_support import FAST_GROUP_CONFIG, Record, consume_all, create_topic, produce, record_view
-from ledger_support import LEDGER
+from ledger_support import LEDGER, signer, verifier
 from recompute_pipeline import build_pipeline, change_source, priority_topics  # noqa: F401 - fixture
 from typer.testing import CliRunner
 
@@ -31,6 +31,10 @@ from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HE
 from streamprov.checksum import matches
 from streamprov.cli import app
 from streamprov.header import ProvenanceHeader
+from streamprov.ledger import DataRef, Origin, verify_ledger
+from streamprov.ledger.kafka import KafkaLedgerReader
+from streamprov.ledger.requests import decode_request
+from streamprov.ledger.sequencer import LedgerSequencer
 from streamprov.signing import HmacSigner, Verifier
 
 pytestmark = pytest.mark.kafka
@@ -63,6 +67,7 @@ def test_service_recomputes_a_change_exactly_once(
         priority_topics.append(create_topic(bootstrap, p.priority(t), partitions=2))
     alerts, progress, dead = new_topic(prefix="alerts"), new_topic(prefix="progress"), new_topic()
     tasks = new_topic(2, prefix="tasks")
+    requests = new_topic(1, prefix="ledger-req")
     change_source(bootstrap, p, detector_group, tmp_path, "id-011", b'{"n":2011}')
 
     settings = ManagerSettings(
@@ -81,6 +86,7 @@ def test_service_recomputes_a_change_exactly_once(
         http_port=0,
         consumer_config=FAST_GROUP_CONFIG,
         signer_for=lambda topic: HmacSigner("rm-key", SECRET) if topic != p.sums else None,
+        ledger_requests_topic=requests,
     )
     with RecomputeManager(settings, processor_fns.registry) as manager:
         stats = manager.run(max_causes=1, idle_timeout_s=60)
@@ -109,6 +115,32 @@ def test_service_recomputes_a_change_exactly_once(
     assert _committed(bootstrap, settings.workers_group, tasks, task_record.partition()) == 1 + (
         task_record.offset()
     )
+
+    # every recompute is a ledger entry: sent in the unit's transaction, sealed by the sequencer into
+    # the pipeline's own ledger, which still verifies
+    published = {
+        DataRef(m.key().decode(), ProvenanceHeader.from_headers(m.headers()).checksum)  # type: ignore[union-attr]
+        for t in p.outputs
+        for m in consume_all(bootstrap, p.priority(t), expected=1, timeout_s=10)
+    }
+    [request] = consume_all(bootstrap, requests, expected=1, timeout_s=10, grace_s=0.5)
+    apps = decode_request(request.value()).expanded()
+    assert {a.origin for a in apps} == {Origin.RECOMPUTE} and {a.output for a in apps} == published
+    assert {a.task_id for a in apps} == {t.task_id for t in RecomputeUnit.decode(task_record.value()).tasks}
+    with LedgerSequencer(
+        bootstrap,
+        requests_topic=requests,
+        ledger_topic=p.ledger,
+        ledger_id=LEDGER,
+        signer=signer(),
+        dead_letter_topic=dead,
+    ) as seq:
+        seq.run(idle_timeout_s=3.0)
+    assert seq.stats.entries == 3
+    report = verify_ledger(
+        KafkaLedgerReader(bootstrap, p.ledger).read(), LEDGER, verifier(), require_signed=True
+    )
+    assert report.ok, report.describe()
 
     # a restart of the same group has nothing left to do
     with RecomputeManager(settings, processor_fns.registry) as again:
