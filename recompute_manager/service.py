@@ -42,16 +42,24 @@ from recompute_manager.planner import RecomputePlan, plan_for_alert, plan_for_ch
 from recompute_manager.policy import Action, Decision, TopicPolicy, trigger_of_alert, trigger_of_change
 from recompute_manager.priority import PlainRecord, PriorityPublisher
 from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress, pending_key
+from recompute_manager.tracing import TraceHeaders, cause_headers
 from recompute_manager.units import RecomputeUnit, split_units
 from recompute_manager.views import Views
 from recompute_manager.worker import UnitWorker, WorkerSettings, instance_id
 from streamprov.agents.kafka_io import kafka_error
 from streamprov.changes.event import ChangeEvent
-from streamprov.config.models import RecomputeSettings, RecomputeTrigger, StreamprovConfig, TopicSettings
+from streamprov.config.models import (
+    RecomputeSettings,
+    RecomputeTrigger,
+    StreamprovConfig,
+    TelemetrySettings,
+    TopicSettings,
+)
 from streamprov.errors import StreamprovError
 from streamprov.header import now_ms
 from streamprov.registry import FunctionRegistry
 from streamprov.signing import KeyRing, Signer
+from streamprov.telemetry.setup import Telemetry, build_telemetry
 from validator.alerts import Alert
 from validator.health import HttpEndpoints, probe_route
 
@@ -121,6 +129,9 @@ class ManagerSettings:
     """The signer of an output topic's corrected records (`topics.<t>.signing.key`), None: unsigned."""
     ledger_requests_topic: str | None = None
     """Record every recompute in the ledger through the sequencer's requests topic (None: not)."""
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    """`telemetry:`: with tracing on, a span per recompute task continuing the superseded record's
+    trace, linked to its cause (the alert or change event's context travels on the unit record)."""
 
     @classmethod
     def from_config(cls, config: StreamprovConfig, **overrides: Any) -> ManagerSettings:
@@ -137,6 +148,7 @@ class ManagerSettings:
             "ledger_topic": s.ledger,
             "ledger_id": config.ledger_id(),
             "ledger_requests_topic": s.ledger_requests if m.record_in_ledger else None,
+            "telemetry": config.telemetry,
             "sources": tuple(config.sources),
             "outputs": tuple(config.topics),
             "state_dir": m.state_dir,
@@ -180,8 +192,13 @@ class ManagerStats:
 class RecomputeManager:
     """Use as a context manager; `run()` until `stop()`."""
 
-    def __init__(self, settings: ManagerSettings, registry: FunctionRegistry) -> None:
+    def __init__(
+        self, settings: ManagerSettings, registry: FunctionRegistry, *, telemetry: Telemetry | None = None
+    ) -> None:
+        """`telemetry` (tests: an in-memory exporter) replaces the one built from `settings.telemetry`;
+        building it raises `TelemetryError` when an exporter cannot be made."""
         self.settings = s = settings
+        self.telemetry = telemetry or build_telemetry(s.telemetry, component="recompute-manager")
         if s.workers < 0:
             raise ManagerError(f"workers must be >= 0, not {s.workers}")
         self._stats = ManagerStats()
@@ -223,6 +240,7 @@ class RecomputeManager:
             outputs=s.outputs,
             priority_topics=[s.priority_topic(t) for t in s.outputs],
         )
+        tracing = self.telemetry.recompute_tracing(self.views.outputs.trace_headers)
         for i in range(s.workers):
             ws = WorkerSettings(
                 kafka,
@@ -244,6 +262,7 @@ class RecomputeManager:
                 cache=self.views.cache,
                 retry=RetryPolicy(max_retries=s.max_retries),
                 headers=self.views.outputs.headers,
+                tracing=tracing,
             )
             self.workers.append(UnitWorker(ws, self.views, executor, on_done=self._unit_done))
         consumer = {**kafka, **s.consumer_config, "group.id": s.group_id, "enable.auto.commit": False}
@@ -319,6 +338,7 @@ class RecomputeManager:
             self.views.close()
         if self._http is not None:
             self._http.close()
+        self.telemetry.shutdown()
 
     def __enter__(self) -> RecomputeManager:
         return self
@@ -431,7 +451,7 @@ class RecomputeManager:
             handled = self._cause(msg, at.topic == s.alerts_topic)
             if handled is None:
                 continue
-            records, units, state = self._planned(*handled)
+            records, units, state = self._planned(*handled, cause_headers(msg.headers()))
             plain += records
             planned += units
             decisions.append(state)
@@ -492,7 +512,7 @@ class RecomputeManager:
         return plan, decision
 
     def _planned(
-        self, plan: RecomputePlan, decision: Decision
+        self, plan: RecomputePlan, decision: Decision, trace: TraceHeaders = ()
     ) -> tuple[list[PlainRecord], list[RecomputeUnit], str]:
         """The records a decided plan publishes: units to the tasks topic (it runs), or to the progress
         topic (it waits for approval), and its progress record; the units that will run; its state."""
@@ -519,7 +539,7 @@ class RecomputeManager:
         run: list[RecomputeUnit] = []
         for u, raw in encoded:
             if decision.runs:
-                records.append(PlainRecord(s.tasks_topic, u.key, raw))
+                records.append(PlainRecord(s.tasks_topic, u.key, raw, tuple(trace)))
                 run.append(u)
             else:
                 key = pending_key(u.plan_id, u.index)

@@ -269,7 +269,7 @@ class UnitWorker:
             t1 = time.monotonic()
             self.views.cache.begin()
             try:
-                result = self.executor.run_plan(unit.plan())
+                result = self.executor.run_plan(unit.plan(), causes=[msg.headers() or []])
             finally:
                 staged = self.views.cache.staged()
             t2 = time.monotonic()

@@ -21,6 +21,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from kafka_support import FAST_GROUP_CONFIG, Record, consume_all, create_topic, produce, record_view
 from ledger_support import LEDGER, signer, verifier
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from recompute_pipeline import build_pipeline, change_source, priority_topics  # noqa: F401 - fixture
 from typer.testing import CliRunner
 
@@ -30,12 +31,14 @@ from recompute_manager.units import UNIT_PREFIX, RecomputeUnit
 from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HEADER
 from streamprov.checksum import matches
 from streamprov.cli import app
+from streamprov.config.models import TelemetrySettings
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger import DataRef, Origin, verify_ledger
 from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.ledger.requests import decode_request
 from streamprov.ledger.sequencer import LedgerSequencer
 from streamprov.signing import HmacSigner, Verifier
+from streamprov.telemetry.setup import build_telemetry
 
 pytestmark = pytest.mark.kafka
 
@@ -88,15 +91,25 @@ def test_service_recomputes_a_change_exactly_once(
         signer_for=lambda topic: HmacSigner("rm-key", SECRET) if topic != p.sums else None,
         ledger_requests_topic=requests,
     )
-    with RecomputeManager(settings, processor_fns.registry) as manager:
+    spans = InMemorySpanExporter()
+    tracing = TelemetrySettings.model_validate({"tracing": {"enabled": True, "sampling_ratio": 1.0}})
+    telemetry = build_telemetry(tracing, component="recompute-manager", span_exporter=spans)
+    with RecomputeManager(settings, processor_fns.registry, telemetry=telemetry) as manager:
         stats = manager.run(max_causes=1, idle_timeout_s=60)
         assert manager.http_port  # health endpoints were served
     assert (stats.causes, stats.plans_run, stats.tasks_recomputed, stats.published) == (1, 1, 3, 3)
     assert (stats.units_planned, stats.units_done) == (1, 1)
     assert stats.transactions == 2 and stats.dead_letters == 0  # the plan's, the unit's
 
+    # traced: a span per task (flushed when the manager closed), its context on the published record
+    recompute_spans = {f"{sp.context.trace_id:032x}": sp for sp in spans.get_finished_spans()}
+    assert sorted(sp.name for sp in recompute_spans.values()) == sorted(
+        f"{fid} recompute" for fid in ("enrich", "tag", "sum_n")
+    ), [sp.name for sp in spans.get_finished_spans()]
     for t in p.outputs:
         [msg] = consume_all(bootstrap, p.priority(t), expected=1, timeout_s=30, grace_s=0.5)
+        traceparent = dict(msg.headers() or [])["traceparent"].decode()
+        assert traceparent.split("-")[1] in recompute_spans
         header = ProvenanceHeader.from_headers(msg.headers() or [])
         assert header is not None and matches(header.checksum, msg.value())
         assert dict(msg.headers() or [])[SUPERSEDES_HEADER].startswith(f"{t}/".encode())
