@@ -1,22 +1,29 @@
 """What recording every application in the provenance ledger costs a map processor.
 
-Claim under test: the ledger hook does not block the data path (appends are queue puts; sealing,
-hashing, signing and storing run on the writer's thread; the ledger flush overlaps the batch's own
-flush before each commit), so a map processor with the ledger on keeps >= 90% of its throughput.
+Claim under test: the ledger hook does not block the data path, so a map processor with the ledger
+on keeps >= 90% of its throughput. `--writer` picks how the agent records:
+
+* `client` (default; the deployment for more than one process): `KafkaLedgerClient` sends each
+  batch's map rows (the two header byte strings per record) to the sequencer's requests topic; the
+  shared sequencer seals them elsewhere. Here it runs after the agent (on a cluster it is its own
+  service on other cores) and is timed apart; every entry is checked to arrive.
+* `process`: a `ProcessLedgerWriter` seals in a child process on the same machine.
+* `thread`: a `LedgerWriter` seals on a thread of the agent's process.
 
 One input topic (3 partitions) holds `--records` source records with provenance headers (small JSON
 values, distinct DataIDs), written once. Each round runs the same `Processor` (map `scale`,
 exactly once unless `--guarantee at_least_once`, batch size `--batch-size`) over all of it twice,
-with a fresh consumer group and output topic each time: once without a ledger and once with a
-`LedgerWriter` on a `KafkaLedgerSink` (one-partition ledger topic, Ed25519 checkpoints every 1000
-entries). Which goes first alternates per round. Throughput = records / time from the first batch
-to the end of `run()` (which ends once every batch is committed, so with the ledger on, every entry
-is durable by then). Each variant is summarised by its median over rounds.
+with a fresh consumer group and output topic each time: once without a ledger and once with the
+chosen writer (one-partition ledger topic, Ed25519 checkpoints every 1000 entries). Which goes first
+alternates per round. Throughput = records / time from the first batch to the end of `run()` (which
+ends once every batch is committed, so with the ledger on, every entry - or, with `client`, every
+request - is durable by then). Each variant is summarised by its median over rounds.
 
 The last line is `ledger_overhead_ratio=<median with ledger / median without>` (throughput ratio;
 1.0 = free).
 
-Usage: python bench/bench_ledger_overhead.py [--bootstrap HOST:PORT] [--records N] [--rounds R]
+Usage: python bench/bench_ledger_overhead.py [--writer client|process|thread] [--bootstrap HOST:PORT]
+       [--records N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -199,7 +206,7 @@ def main() -> None:
     p.add_argument("--guarantee", default=EXACTLY_ONCE, choices=["exactly_once", "at_least_once"])
     p.add_argument(
         "--writer",
-        default="process",
+        default="client",
         choices=["process", "thread", "client"],
         help="ProcessLedgerWriter (default: the ledger's work on another core), LedgerWriter (a thread), "
         "or KafkaLedgerClient (sealed by the shared sequencer, run after the agent and timed apart)",
