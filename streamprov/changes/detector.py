@@ -59,6 +59,7 @@ from streamprov.ledger.store import LedgerSource
 from streamprov.ledger.writer import LedgerAppender
 from streamprov.registry import FunctionRegistry, RegisteredFunction
 from streamprov.stamp import source_data_id
+from streamprov.telemetry.propagation import trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,9 @@ class DetectorStats:
 class _Pending:
     kind: ChangeKind
     change: SourceChange
+    trace: tuple[tuple[str, bytes], ...] = ()
+    """The source record's trace context: the change event carries it, so the recompute it causes
+    links back to it."""
 
 
 class ChangeDetector:
@@ -371,7 +375,11 @@ class ChangeDetector:
                 if previous is not None:
                     self.stats.deleted += 1
                     pending.append(
-                        _Pending(ChangeKind.SOURCE_DELETED, SourceChange(*where, data_id, previous, None))
+                        _Pending(
+                            ChangeKind.SOURCE_DELETED,
+                            SourceChange(*where, data_id, previous, None),
+                            trace_headers(msg.headers()),
+                        )
                     )
                 latest[key] = None
                 continue
@@ -393,11 +401,13 @@ class ChangeDetector:
                 self.stats.changed += 1
                 pending.append(
                     _Pending(
-                        ChangeKind.SOURCE_CHANGED, SourceChange(*where, data_id, previous, checksum, entry_id)
+                        ChangeKind.SOURCE_CHANGED,
+                        SourceChange(*where, data_id, previous, checksum, entry_id),
+                        trace_headers(msg.headers()),
                     )
                 )
         events = self._impacts(pending) if pending else []
-        self._emit(events)
+        self._emit(events, [p.trace for p in pending])
         if appended and not pending and self.writer is not None:
             self.writer.flush(self.operation_timeout_s)
         if latest:
@@ -421,8 +431,9 @@ class ChangeDetector:
             events.append(ChangeEvent.for_source(p.kind, p.change, impact, now))
         return events
 
-    def _emit(self, events: list[ChangeEvent]) -> None:
-        """Produce and wait for every delivery; raise when any failed (nothing is committed then)."""
+    def _emit(self, events: list[ChangeEvent], traces: Sequence[tuple[tuple[str, bytes], ...]] = ()) -> None:
+        """Produce and wait for every delivery; raise when any failed (nothing is committed then).
+        `traces[i]`: headers (trace context) of event i."""
         if not events:
             return
         errors: list[KafkaError] = []
@@ -431,12 +442,19 @@ class ChangeDetector:
             if err is not None:  # a librdkafka callback: record only
                 errors.append(err)
 
-        for event in events:
+        for i, event in enumerate(events):
             deadline = time.monotonic() + self.operation_timeout_s
+            headers: list[tuple[str, str | bytes | None]] | None = (
+                list(traces[i]) if i < len(traces) and traces[i] else None
+            )
             while True:  # retries only while the local queue is full, until the deadline
                 try:
                     self._producer.produce(
-                        self.changes_topic, event.encode(), event.key, on_delivery=on_delivery
+                        self.changes_topic,
+                        event.encode(),
+                        event.key,
+                        headers=headers,
+                        on_delivery=on_delivery,
                     )
                     break
                 except BufferError:

@@ -25,10 +25,12 @@ from streamprov.checksum import ChecksumAlgorithm, compute
 from streamprov.ledger import ApplicationKind, DataRef
 from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG
 from streamprov.ledger.requests import decode_request
+from streamprov.producer import ProvenanceProducer
 
 pytestmark = pytest.mark.kafka
 
 COMPACTED = {"cleanup.policy": "compact"}
+TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def write_config(path: Path, bootstrap: str, *, src: str, changes: str, ledger: str, requests: str) -> Path:
@@ -112,7 +114,9 @@ def test_changes_run_emits_the_change_and_stops_cleanly_on_sigterm(
         # every source seen once (first sightings: no event), then one new version
         wait_until(lambda: f'"first_seen": {n}' in log(), 60, "the first sightings in a progress line")
         changed = "id-004"
-        produce_sources(kafka_bootstrap, src, [(changed, value(404))])
+        producer = ProvenanceProducer({"bootstrap.servers": kafka_bootstrap})
+        producer.produce(src, value(404), changed, headers=[("traceparent", TRACEPARENT)])
+        assert producer.flush(30.0) == 0
         got = consume_all(kafka_bootstrap, changes, expected=1, timeout_s=60, grace_s=1.0)
         wait_until(lambda: '"events": 1' in log(), 30, "the event in a progress line")
         proc.send_signal(signal.SIGTERM)
@@ -128,6 +132,8 @@ def test_changes_run_emits_the_change_and_stops_cleanly_on_sigterm(
     assert event.source.previous_node == DataRef.of(changed, sources[changed])
     assert event.source.current == compute(ChecksumAlgorithm.CRC32C, value(404))
     assert event.impact.total == 1 and event.impact.outputs[0].function_id == "enrich"
+    # the event carries the changed record's trace context: the recompute it causes links to it
+    assert dict(got[0].headers() or []).get("traceparent") == TRACEPARENT
     text = log_path.read_text()
     assert "SIGTERM: stopping after the current batch" in text
     stopped = [line for line in text.splitlines() if "stopped: " in line]
