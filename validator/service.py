@@ -26,10 +26,19 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from streamprov.agents.health import HttpEndpoints
 from streamprov.agents.kafka_io import (
@@ -46,6 +55,8 @@ from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.registry import FunctionRegistry
+from streamprov.telemetry.propagation import trace_headers
+from validator.alerts import Alert
 from validator.checks import BatchResult, Checker
 from validator.errors import FatalValidatorError, ValidatorConfigError, ValidatorError
 from validator.metrics import ValidatorMetrics
@@ -389,7 +400,7 @@ class Validator:
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer: %s", err.str())
         if result.alerts or result.dead_letters:
-            self._send(result)
+            self._send(result, messages)
         self._dirty = True
         stats = self.stats
         stats.batches += 1
@@ -408,11 +419,13 @@ class Validator:
             m.rederived.add(result.rederived)
         m.latency.record(done - started)
 
-    def _send(self, result: BatchResult) -> None:
+    def _send(self, result: BatchResult, messages: Sequence[Message] = ()) -> None:
         s = self.settings
         timeout = s.operation_timeout_s
+        traces = _alerted_traces(result.alerts, messages)
         for alert in result.alerts:
-            self._produce(s.alerts_topic, alert.encode(), alert.key, None, timeout)
+            trace = traces.get((alert.topic, alert.partition, alert.offset))
+            self._produce(s.alerts_topic, alert.encode(), alert.key, list(trace) if trace else None, timeout)
             self.stats.alerts_by_kind[alert.kind] += 1
             self.metrics.alerts.add(1, {"kind": str(alert.kind), "topic": alert.topic})
         for dead in result.dead_letters:
@@ -579,3 +592,21 @@ class Validator:
             if high >= 0 and at >= 0:
                 lag[(topic, partition)] = max(0, high - at)
         self.metrics.set_lag(lag, self.view.lag())
+
+
+def _alerted_traces(
+    alerts: Sequence[Alert], messages: Sequence[Message]
+) -> dict[tuple[str, int, int], tuple[tuple[str, bytes], ...]]:
+    """The trace context of each alerted record, by coordinates: an alert carries it, so the
+    recompute it causes links back to the record (looked up only when a batch has alerts)."""
+    if not alerts or not messages:
+        return {}
+    wanted = {(a.topic, a.partition, a.offset) for a in alerts}
+    found: dict[tuple[str, int, int], tuple[tuple[str, bytes], ...]] = {}
+    for msg in messages:
+        at = (msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
+        if at in wanted:
+            trace = trace_headers(msg.headers())
+            if trace:
+                found[at] = trace
+    return found

@@ -166,6 +166,9 @@ def running(validator: Validator) -> Iterator[Validator]:
     assert not failure, f"the validator failed: {failure[0]!r}"
 
 
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
 def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -264,7 +267,7 @@ def test_problem_stream_gives_exactly_the_expected_alerts(
         rows.append(Record(v, data_id.encode(), [(HEADER_KEY, h)]))  # offsets 0..9: clean
     v, h = derived("s-clean-0", clean["s-clean-0"])
     corrupted = v + b" "
-    rows.append(Record(corrupted, b"s-clean-0", [(HEADER_KEY, h)]))
+    rows.append(Record(corrupted, b"s-clean-0", [(HEADER_KEY, h), ("traceparent", TRACEPARENT)]))
     expected[10] = (AlertKind.CHECKSUM_MISMATCH, "")
     v, h = derived("s-clean-1", clean["s-clean-1"])
     tampered = bytearray(h)
@@ -335,6 +338,13 @@ def test_problem_stream_gives_exactly_the_expected_alerts(
         wait_until(lambda: v.stats.checked >= len(rows) + len(rows2), 90, "every record checked")
     got = read_alerts(kafka_bootstrap, alerts, expected=len(expected) + 2, timeout_s=30, grace_s=1.5)
     assert len(got) == len(expected) + 2, [a.describe() for a in got]
+    # an alert carries its record's trace context (the recompute it causes links back to it)
+    traced = {
+        (a.topic, a.offset): dict(m.headers() or []).get("traceparent")
+        for m in consume_all(kafka_bootstrap, alerts, expected=len(got), timeout_s=10)
+        for a in [Alert.decode(m.value())]  # type: ignore[arg-type]
+    }
+    assert traced[(out, 10)] == TRACEPARENT and traced[(out, 11)] is None
     by_id = {a.alert_id: a for a in got}
     for offset, (kind, aspect) in expected.items():
         a = by_id.pop(alert_id(out, 0, offset, kind, aspect), None)
