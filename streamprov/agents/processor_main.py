@@ -3,7 +3,8 @@
 The registered function is named as `module:attribute` (a `RegisteredFunction`, or a callable that
 returns one), so a test or a deployment can run its own functions without writing a script. With
 `--config-file streamprov.yaml` the Kafka settings, tracing (`telemetry:`) and the output topic's
-signing key (`topics.<output>.signing.key`, else `defaults:`) come from the file. SIGTERM
+signing key (`topics.<output>.signing.key`, else `defaults:`) come from the file, and with
+`--record-ledger` every application goes to the ledger sequencer (`streams.ledger_requests`). SIGTERM
 and SIGINT stop the loop after the current batch; the final stats are printed as one JSON line.
 Exit codes: 0 done, 1 processor error, 2 bad arguments, 3 fenced or fatal Kafka error.
 """
@@ -32,6 +33,7 @@ from streamprov.agents.serde import JsonSerde, RawSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm
 from streamprov.config.loader import load_config
 from streamprov.errors import StreamprovError
+from streamprov.ledger.requests import KafkaLedgerClient
 from streamprov.registry import RegisteredFunction
 from streamprov.signing import KeyRing
 
@@ -100,8 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="extra librdkafka key=value (repeatable)",
     )
+    p.add_argument(
+        "--record-ledger",
+        action="store_true",
+        help="record every application in the provenance ledger: sent to the ledger sequencer "
+        "(streams.ledger_requests, ledger.id of --config-file) before each offset commit",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+class _Wiring:
+    """What `--config-file` sets up: Kafka settings, telemetry, the signer, the ledger client."""
+
+    def __init__(self) -> None:
+        self.kafka: dict[str, Any] = {}
+        self.telemetry: Telemetry | None = None
+        self.tracing: StepTracing | None = None
+        self.signer: Signer | None = None
+        self.ledger: KafkaLedgerClient | None = None
+
+    def load(self, args: argparse.Namespace) -> None:
+        loaded = load_config(args.config_file)
+        self.kafka = dict(loaded.kafka.librdkafka())
+        from streamprov.telemetry.setup import build_telemetry  # noqa: PLC0415 - needs the SDK
+
+        self.telemetry = build_telemetry(loaded.telemetry, component="processor")
+        self.tracing = self.telemetry.step_tracing(consumer_group=args.group)
+        self.signer = KeyRing(loaded.signing).signer_for(loaded.topic(args.output))
+        log.info("telemetry: %s; signing: %s", self.telemetry.describe(), self.signer or "off")
+        if args.record_ledger:
+            self.ledger = KafkaLedgerClient(self.kafka, loaded.streams.ledger_requests, loaded.ledger_id())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,20 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    telemetry: Telemetry | None = None
+    wiring = _Wiring()
     try:
-        kafka: dict[str, Any] = {}
-        tracing: StepTracing | None = None
-        signer: Signer | None = None
         if args.config_file is not None:
-            loaded = load_config(args.config_file)
-            kafka = dict(loaded.kafka.librdkafka())
-            from streamprov.telemetry.setup import build_telemetry  # noqa: PLC0415 - needs the SDK
-
-            telemetry = build_telemetry(loaded.telemetry, component="processor")
-            tracing = telemetry.step_tracing(consumer_group=args.group)
-            signer = KeyRing(loaded.signing).signer_for(loaded.topic(args.output))
-            log.info("telemetry: %s; signing: %s", telemetry.describe(), signer or "off")
+            wiring.load(args)
+        elif args.record_ledger:
+            raise StreamprovError("--record-ledger needs --config-file (streams.ledger_requests, ledger.id)")
+        kafka, telemetry, ledger = wiring.kafka, wiring.telemetry, wiring.ledger
         if args.bootstrap is not None:
             kafka["bootstrap.servers"] = args.bootstrap
         if "bootstrap.servers" not in kafka:
@@ -149,13 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             window_ms=args.window_ms,
             grace_ms=args.grace_ms,
             flush_windows_on_stop=args.flush_windows_on_stop,
-            tracing=tracing,
-            signer=signer,
+            tracing=wiring.tracing,
+            signer=wiring.signer,
+            ledger=ledger,
         )
     except (StreamprovError, ValueError, ImportError, AttributeError) as exc:
         log.error("cannot start the processor: %s", exc)
-        if telemetry is not None:
-            telemetry.shutdown()
+        if wiring.telemetry is not None:
+            wiring.telemetry.shutdown()
         return 2
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -175,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 1
     finally:
         processor.close()
+        if ledger is not None:
+            ledger.close()  # the processor flushed before each commit: nothing committed is unsent
         if telemetry is not None:
             telemetry.shutdown()  # export queued spans (bounded by telemetry.otlp.timeout)
     print(json.dumps(processor.stats.as_dict()), flush=True)

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from streamprov.agents import processor_main
 from streamprov.config import load_config
 from streamprov.header import HEADER_KEY, ProvenanceHeader
+from streamprov.ledger.requests import decode_request
 from streamprov.producer import ProvenanceProducer
 from streamprov.signing import SIG_HEADER, HmacSigner, KeyRing
 from streamprov.telemetry import StepTracing, span_context
@@ -28,12 +29,16 @@ from validator.cli import service_settings
 SECRET = "pipeline-secret-0123456789abcdef"
 
 
-def write_config(tmp_path: Path, bootstrap: str, out: str, *, prometheus: bool = True) -> Path:
+def write_config(
+    tmp_path: Path, bootstrap: str, out: str, *, prometheus: bool = True, requests: str = "unused"
+) -> Path:
     path = tmp_path / "streamprov.yaml"
     path.write_text(
         textwrap.dedent(
             f"""\
             kafka: {{bootstrap_servers: "{bootstrap}", client: {{session.timeout.ms: 6000}}}}
+            streams: {{ledger_requests: {requests}}}
+            ledger: {{id: wired-ledger}}
             telemetry:
               tracing: {{enabled: true, sampling_ratio: 1.0, exporter: none}}
               metrics: {{prometheus: {str(prometheus).lower()}}}
@@ -57,8 +62,8 @@ def test_processor_main_signs_and_traces_from_the_config_file(
 ) -> None:
     monkeypatch.setenv("H1_SIGNING_SECRET", SECRET)
     monkeypatch.setenv("H1_OLD_SECRET", "an-older-secret-0123456789")
-    src, out, dlq = new_topic(), new_topic(), new_topic()
-    path = write_config(tmp_path, kafka_bootstrap, out)
+    src, out, dlq, requests = new_topic(), new_topic(), new_topic(), new_topic(prefix="ledger-req")
+    path = write_config(tmp_path, kafka_bootstrap, out, requests=requests)
     upstream = StepTracing(TracerProvider())  # an always-sampled producer upstream
     producer = ProvenanceProducer({"bootstrap.servers": kafka_bootstrap}, tracing=upstream)
     for i in range(3):
@@ -71,9 +76,19 @@ def test_processor_main_signs_and_traces_from_the_config_file(
 
     code = processor_main.main(
         ["--config-file", str(path), "--input", src, "--output", out, "--dlq", dlq, "--group", unique_group(),
-         "--function", "processor_fns:enrich", "--max-records", "3", "--idle-timeout", "30"]
+         "--function", "processor_fns:enrich", "--max-records", "3", "--idle-timeout", "30",
+         "--record-ledger"]
     )  # fmt: skip
     assert code == 0
+    # --record-ledger: each application went to the sequencer's requests topic, for ledger.id
+    sent = [
+        decode_request(m.value())
+        for m in consume_all(kafka_bootstrap, requests, expected=1, timeout_s=30, grace_s=1.0)
+    ]
+    assert {r.ledger_id for r in sent} == {"wired-ledger"}
+    apps = [a for r in sent for a in r.expanded()]
+    assert sorted(a.output.data_id for a in apps) == ["d-0", "d-1", "d-2"]
+    assert {a.function_id for a in apps} == {"enrich"}
 
     config = load_config(path)
     verifier = KeyRing(config.signing).verifier_for(config.topic(out))
