@@ -117,13 +117,13 @@ def test_one_trace_spans_source_map_reduce_and_recompute(
             assert d.run(max_records=1, idle_timeout_s=20).events == 1
         [change_msg] = consume_all(bootstrap, changes, expected=1, timeout_s=30, grace_s=0.3)
         event = ChangeEvent.decode(change_msg.value())
-        # The detector does not carry trace context yet, so the new source version that caused the
-        # change is the cause with a context (a service passes whatever the event record carries).
-        assert traceparent(change_msg.headers()) is None
         [new_source] = [
             m for m in consume_all(bootstrap, src, expected=N + 1, timeout_s=30, grace_s=0.3)
             if m.key() == CHANGED.encode() and m.value() == value(1003)
         ]  # fmt: skip
+        # The change event carries the trace context of the new source version that caused it.
+        assert traceparent(change_msg.headers()) is not None
+        assert traceparent(change_msg.headers()) == traceparent(new_source.headers())
 
         # -- Recompute Manager pieces, with tracing ------------------------------------------------
         config = {"bootstrap.servers": bootstrap}
@@ -144,7 +144,7 @@ def test_one_trace_spans_source_map_reduce_and_recompute(
             executor = Executor(
                 processor_fns.registry, sources, cache=cache, headers=outputs.headers, tracing=tracing
             )
-            result = executor.run_plan(plan, causes=[change_msg.headers(), new_source.headers()])
+            result = executor.run_plan(plan, causes=[change_msg.headers()])
             assert not result.dead and len(result.changed) == 2
             publisher = PriorityPublisher(config, f"tx-{src}")
             try:
