@@ -4,8 +4,9 @@
 
 Strict validation (unknown fields are errors), offline. Custom resources have no schema there:
 ServiceMonitor (monitoring.coreos.com/v1) is skipped and reported as skipped, never silently.
-Each Deployment's configuration (the ConfigMap's streamprov.yaml plus the pod's STREAMPROV__...
-environment, values from Secrets stood in for) is loaded with streamprov's own loader too.
+Each workload's configuration (Deployment or StatefulSet: the ConfigMap's streamprov.yaml plus the
+pod's STREAMPROV__... environment, values from Secrets stood in for) is loaded with streamprov's own
+loader too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 from streamprov.config import ConfigError, loads_config
 
 SKIPPED_GROUPS = ("monitoring.coreos.com/",)
+WORKLOADS = ("Deployment", "StatefulSet")
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -36,7 +38,7 @@ def pod_environ(container: dict[str, Any]) -> dict[str, str]:
 
 
 def check_configs(docs: list[dict[str, Any]]) -> int:
-    """Load the streamprov.yaml each Deployment mounts, with that Deployment's environment."""
+    """Load the streamprov.yaml each workload mounts, with that workload's pod environment."""
     failures = 0
     configs = {
         doc["metadata"]["name"]: doc["data"]["streamprov.yaml"]
@@ -44,7 +46,7 @@ def check_configs(docs: list[dict[str, Any]]) -> int:
         if doc.get("kind") == "ConfigMap" and "streamprov.yaml" in doc.get("data", {})
     }
     for doc in docs:
-        if doc.get("kind") != "Deployment":
+        if doc.get("kind") not in WORKLOADS:
             continue
         spec = doc["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -53,7 +55,7 @@ def check_configs(docs: list[dict[str, Any]]) -> int:
                 if mount["mountPath"] != "/etc/streamprov/streamprov.yaml":
                     continue
                 name = volumes[mount["name"]]["configMap"]["name"]
-                where = f"Deployment/{doc['metadata']['name']} (ConfigMap/{name})"
+                where = f"{doc['kind']}/{doc['metadata']['name']} (ConfigMap/{name})"
                 try:
                     loads_config(
                         configs[name], source=where, environ=pod_environ(container), check_secrets=False

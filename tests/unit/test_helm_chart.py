@@ -29,13 +29,14 @@ CHART = ROOT / "helm" / "streamprov"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 BAD_VALUES = sorted((ROOT / "helm" / "testdata").glob("bad-*.yaml"))
 CONFIG_PATH = "/etc/streamprov/streamprov.yaml"
-SERVICES = {  # Deployment name (release "rel") -> the chart's values key
+SERVICES = {  # workload name (release "rel") -> the chart's values key
     "rel-streamprov-validator": "validator",
     "rel-streamprov-recompute-manager": "recomputeManager",
     "rel-streamprov-change-detector": "changes",
     "rel-streamprov-ledger-sequencer": "sequencer",
 }
 SIGNING_MOUNT = "/etc/streamprov/secrets/signing"
+MANAGER = "rel-streamprov-recompute-manager"  # a StatefulSet (stable replica ids); the others: Deployments
 
 
 def find_helm() -> str | None:
@@ -68,6 +69,19 @@ def render(values: Path) -> list[dict[str, Any]]:
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+def workloads(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The services' Deployments and StatefulSets by name."""
+    return {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+
+
+def metrics_services(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: doc
+        for name, doc in by_kind(docs, "Service").items()
+        if doc["metadata"]["labels"].get("streamprov.io/metrics") == "true"
+    }
 
 
 def helm_merge(base: Any, override: Any) -> Any:
@@ -209,7 +223,7 @@ def test_configmap_is_the_values_config_and_loads_like_the_file(values: Path, tm
     file = tmp_path / "streamprov.yaml"
     file.write_text(yaml.safe_dump(expected_config(values), sort_keys=False), encoding="utf-8")
 
-    deployments = by_kind(docs, "Deployment")
+    deployments = workloads(docs)
     assert set(deployments) == set(SERVICES)  # the four services, each loading the same file
     for deployment in deployments.values():
         env = container_env(deployment)
@@ -278,7 +292,7 @@ def test_signing_keys_and_otlp_credentials_come_from_secrets(tmp_path: Path) -> 
         )
     )
     pods = {}
-    for name, deployment in by_kind(docs, "Deployment").items():
+    for name, deployment in workloads(docs).items():
         env = {
             k: v.replace("/etc/streamprov/secrets/signing", str(mounted))
             for k, v in container_env(deployment).items()
@@ -336,8 +350,9 @@ def test_deployments_are_locked_down_and_probe_the_configured_port(values: Path)
         "rel-streamprov-change-detector": (config.changes.http_port, None, config.changes.state_dir),
         "rel-streamprov-ledger-sequencer": (config.ledger.sequencer.http_port, None, None),
     }
-    deployments = by_kind(docs, "Deployment")
+    deployments = workloads(docs)
     assert set(deployments) == set(SERVICES)
+    assert set(by_kind(docs, "StatefulSet")) == {MANAGER}
     claims = by_kind(docs, "PersistentVolumeClaim")
     for name, deployment in deployments.items():
         http_port, metrics_port, state_dir = expected[name]
@@ -378,7 +393,8 @@ def test_deployments_are_locked_down_and_probe_the_configured_port(values: Path)
                 assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # one claim, one holder
             else:
                 assert "emptyDir" in state
-                assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+                rollout = deployment["spec"]["updateStrategy" if name == MANAGER else "strategy"]
+                assert rollout["type"] == "RollingUpdate", name
         assert container["resources"]["requests"]
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert len(annotations["checksum/config"]) == 64
@@ -388,7 +404,7 @@ def test_deployments_are_locked_down_and_probe_the_configured_port(values: Path)
         if given[service]["enabled"] and given[service]["podDisruptionBudget"]["enabled"]
     }
     assert set(by_kind(docs, "PodDisruptionBudget")) == budgets
-    metrics = by_kind(docs, "Service")
+    metrics = metrics_services(docs)
     assert set(metrics) == {"rel-streamprov-validator-metrics", "rel-streamprov-recompute-manager-metrics"}
     assert (
         metrics["rel-streamprov-validator-metrics"]["spec"]["ports"][0]["port"]
@@ -397,9 +413,59 @@ def test_deployments_are_locked_down_and_probe_the_configured_port(values: Path)
 
 
 @needs_helm
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
+def test_recompute_manager_is_a_statefulset_named_by_its_pods(values: Path) -> None:
+    """The manager's replica id (its workers' group.instance.id and transactional.id) is its pod name:
+    a StatefulSet keeps it across restarts, so a restarted pod rejoins as the same static member and
+    fences its predecessor's transactions. The other services stay Deployments."""
+    docs = render(values)
+    given = expected_values(values)["recomputeManager"]
+    assert set(by_kind(docs, "StatefulSet")) == {MANAGER}
+    assert set(by_kind(docs, "Deployment")) == set(SERVICES) - {MANAGER}
+    spec = by_kind(docs, "StatefulSet")[MANAGER]["spec"]
+    assert "strategy" not in spec  # a Deployment's field
+    assert spec["updateStrategy"] == {"type": "RollingUpdate"}
+    assert spec["podManagementPolicy"] == "Parallel"
+    selector = spec["selector"]["matchLabels"]
+    assert selector["app.kubernetes.io/component"] == "recompute-manager"
+    assert spec["template"]["metadata"]["labels"].items() >= selector.items()
+
+    headless = by_kind(docs, "Service")[spec["serviceName"]]  # the governing Service exists
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == selector
+    assert "streamprov.io/metrics" not in headless["metadata"]["labels"]  # not scraped
+    assert spec["serviceName"] not in metrics_services(docs)
+
+    (container,) = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["STREAMPROV_REPLICA_ID"] == {
+        "name": "STREAMPROV_REPLICA_ID",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    }
+    for name, deployment in by_kind(docs, "Deployment").items():
+        assert "STREAMPROV_REPLICA_ID" not in container_env(deployment), name
+
+    # Its state (result cache, ledger index) is rebuilt from Kafka: an emptyDir, no claim per pod.
+    assert "volumeClaimTemplates" not in spec
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["state"]
+
+    if given["autoscaling"]["enabled"]:
+        assert "replicas" not in spec
+        target = by_kind(docs, "HorizontalPodAutoscaler")[MANAGER]["spec"]["scaleTargetRef"]
+        assert target == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": MANAGER}
+    else:
+        assert spec["replicas"] == given["replicas"]
+        assert MANAGER not in by_kind(docs, "HorizontalPodAutoscaler")
+    if given["podDisruptionBudget"]["enabled"]:
+        budget = by_kind(docs, "PodDisruptionBudget")[MANAGER]
+        assert budget["spec"]["selector"]["matchLabels"] == selector
+
+
+@needs_helm
 def test_hpa_replaces_replicas_and_servicemonitor_scrapes_metrics() -> None:
     docs = render(CHART / "ci" / "hpa-servicemonitor-values.yaml")
-    deployments = by_kind(docs, "Deployment")
+    deployments = workloads(docs)
     for name in ("rel-streamprov-validator", "rel-streamprov-recompute-manager"):
         assert "replicas" not in deployments[name]["spec"]
     # no HPA for the change detector or the sequencer (one seals; more add standbys, not throughput)
@@ -410,6 +476,17 @@ def test_hpa_replaces_replicas_and_servicemonitor_scrapes_metrics() -> None:
         "rel-streamprov-recompute-manager",
     }
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    targets = {name: hpa["spec"]["scaleTargetRef"] for name, hpa in hpas.items()}
+    assert targets == {  # each scales its own workload, whatever its kind
+        "rel-streamprov-validator": {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": "rel-streamprov-validator",
+        },
+        MANAGER: {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": MANAGER},
+    }
+    for name, target in targets.items():
+        assert target["name"] in by_kind(docs, target["kind"]), name
     validator = hpas["rel-streamprov-validator"]["spec"]
     assert (validator["minReplicas"], validator["maxReplicas"]) == (2, 12)
     assert validator["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
@@ -432,8 +509,7 @@ def test_minimal_values_render_no_optional_objects() -> None:
     kinds = sorted(doc["kind"] for doc in docs)
     assert kinds == [
         "ConfigMap",
-        "Deployment",
-        "Deployment",
+        "Deployment",  # validator, change detector, ledger sequencer
         "Deployment",
         "Deployment",
         "PodDisruptionBudget",  # validator, recompute-manager, ledger-sequencer (one change detector: none)
@@ -441,16 +517,18 @@ def test_minimal_values_render_no_optional_objects() -> None:
         "PodDisruptionBudget",
         "Service",  # metrics of the validator and the recompute-manager (the other two have none yet)
         "Service",
+        "Service",  # the recompute-manager's headless Service (its StatefulSet's serviceName)
         "ServiceAccount",
+        "StatefulSet",  # the recompute manager
     ]
-    replicas = {name: d["spec"]["replicas"] for name, d in by_kind(docs, "Deployment").items()}
+    replicas = {name: d["spec"]["replicas"] for name, d in workloads(docs).items()}
     assert replicas == {
         "rel-streamprov-validator": 2,
         "rel-streamprov-recompute-manager": 2,
         "rel-streamprov-change-detector": 1,  # one consumer of the source topics
         "rel-streamprov-ledger-sequencer": 2,  # one seals, one stands by
     }
-    for deployment in by_kind(docs, "Deployment").values():
+    for deployment in workloads(docs).values():
         env = container_env(deployment)
         assert not [name for name in env if name.startswith("STREAMPROV__")]
     assert "rel-streamprov-change-detector" not in by_kind(docs, "PodDisruptionBudget")
@@ -537,7 +615,7 @@ def test_checkpoint_private_key_is_mounted_in_the_sequencer_only(tmp_path: Path)
     docs = render(CHART / "ci" / "changes-sequencer-values.yaml")
     text = by_kind(docs, "ConfigMap")["rel-streamprov-config"]["data"]["streamprov.yaml"]
     assert "PRIVATE" not in text and "private.pem" not in text
-    deployments = by_kind(docs, "Deployment")
+    deployments = workloads(docs)
     checkpoint_item = ("streamprov-ledger-checkpoint", "private.pem", "private.pem")
     records_item = ("streamprov-records-key", "tls.key", "private.pem")
     holders: dict[tuple[str, str, str], set[str]] = {checkpoint_item: set(), records_item: set()}
@@ -596,14 +674,21 @@ def test_change_detector_and_sequencer_can_be_turned_off_or_scaled() -> None:
     )
     assert result.returncode == 0, result.stderr
     docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    assert set(by_kind(docs, "Deployment")) == {
-        "rel-streamprov-validator",
-        "rel-streamprov-recompute-manager",
-    }
+    assert set(by_kind(docs, "Deployment")) == {"rel-streamprov-validator"}
+    assert set(by_kind(docs, "StatefulSet")) == {MANAGER}
     assert set(by_kind(docs, "PodDisruptionBudget")) == {
         "rel-streamprov-validator",
         "rel-streamprov-recompute-manager",
     }
+
+    # no Recompute Manager: no StatefulSet, no headless Service, no budget for it
+    result = helm_template(minimal, extra=("--set", "recomputeManager.enabled=false"))
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert not by_kind(docs, "StatefulSet")
+    assert set(by_kind(docs, "Deployment")) == set(SERVICES) - {MANAGER}
+    assert set(by_kind(docs, "Service")) == {"rel-streamprov-validator-metrics"}
+    assert MANAGER not in by_kind(docs, "PodDisruptionBudget")
 
     # more change detectors share the source partitions, each with its own emptyDir
     result = helm_template(
@@ -643,7 +728,7 @@ def test_change_detector_and_sequencer_can_be_turned_off_or_scaled() -> None:
     result = helm_template(keys, extra=("--set", "sequencer.enabled=false"))
     assert result.returncode == 0, result.stderr
     docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    for deployment in by_kind(docs, "Deployment").values():
+    for deployment in workloads(docs).values():
         items = secret_items(deployment["spec"]["template"]["spec"])
         assert ("streamprov-ledger-checkpoint", "private.pem", "private.pem") not in items
 
