@@ -46,6 +46,7 @@ from recompute_manager.tracing import TraceHeaders, cause_headers
 from recompute_manager.units import RecomputeUnit, split_units
 from recompute_manager.views import Views
 from recompute_manager.worker import UnitWorker, WorkerSettings, instance_id
+from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
 from streamprov.agents.kafka_io import kafka_error
 from streamprov.changes.event import ChangeEvent
 from streamprov.config.models import (
@@ -57,6 +58,7 @@ from streamprov.config.models import (
 )
 from streamprov.errors import StreamprovError
 from streamprov.header import now_ms
+from streamprov.inspect import message_headers
 from streamprov.registry import FunctionRegistry
 from streamprov.signing import KeyRing, Signer
 from streamprov.telemetry.setup import Telemetry, build_telemetry
@@ -449,7 +451,9 @@ class RecomputeManager:
             offsets[(at.topic, at.partition)] = at.offset + 1
             self._stats.causes += 1
             handled = self._cause(msg, at.topic == s.alerts_topic)
-            if handled is None:
+            if isinstance(handled, PlainRecord):  # not a cause it can plan: kept, with the reason
+                plain.append(handled)
+                self._stats.malformed += 1
                 continue
             records, units, state = self._planned(*handled, cause_headers(msg.headers()))
             plain += records
@@ -473,13 +477,18 @@ class RecomputeManager:
         for state in decisions:
             self._stats.decisions[state] = self._stats.decisions.get(state, 0) + 1
 
-    def _cause(self, msg: Message, is_alert: bool) -> tuple[RecomputePlan, Decision] | None:
+    def _cause(self, msg: Message, is_alert: bool) -> tuple[RecomputePlan, Decision] | PlainRecord:
+        """The plan and the policy's decision, or, for an alert or change event that does not decode
+        or cannot be planned, its dead-letter record (committed with the batch: never replayed, never
+        lost)."""
         raw = msg.value() or b""
         now = time.monotonic()
         trigger: RecomputeTrigger | None
+        reason = DeadLetterReason.DESERIALIZATION_ERROR
         try:
             if is_alert:
                 alert = Alert.decode(raw)
+                reason = DeadLetterReason.PROCESSING_ERROR
                 with self.views.lock:
                     plan = plan_for_alert(self.views.index, alert)
                 policy = self.policy(alert.topic)
@@ -487,6 +496,7 @@ class RecomputeManager:
                 trigger = trigger_of_alert(alert)
             else:
                 event = ChangeEvent.decode(raw)
+                reason = DeadLetterReason.PROCESSING_ERROR
                 with self.views.lock:
                     plan = plan_for_change(self.views.index, event, supersedes=self.views.outputs.locations)
                 topic = event.source.topic if event.source is not None else ""
@@ -494,8 +504,13 @@ class RecomputeManager:
                 decision = policy.on_change(event, now, tasks=len(plan))
                 trigger = trigger_of_change(event)
         except (StreamprovError, ValueError) as exc:
-            log.warning("skipping %s: %s", "alert" if is_alert else "change event", exc)
-            return None
+            at = where(msg)
+            source = source_of(at.topic, at.partition, at.offset)
+            log.warning(
+                "%s %s dead-lettered (%s): %s", "alert" if is_alert else "change event", source, reason, exc
+            )
+            headers = dead_letter_headers(message_headers(msg), reason, exc, source)
+            return PlainRecord(self.settings.dead_letter_topic, msg.key(), raw, tuple(headers))
         waits = 0
         while (
             decision.action is Action.RATE_LIMITED

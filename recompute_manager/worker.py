@@ -44,6 +44,7 @@ from streamprov.agents.kafka_io import RebalanceEvents, is_fenced, kafka_error, 
 from streamprov.agents.processor import FatalProcessorError, FencedError
 from streamprov.errors import StreamprovError
 from streamprov.header import now_ms
+from streamprov.inspect import message_headers
 from streamprov.signing import Signer
 
 MAX_POLL_INTERVAL_MS = 1_800_000
@@ -120,12 +121,6 @@ def unit_progress(unit: RecomputeUnit, result: PlanResult) -> Progress:
         unit.index,
         unit.count,
     )
-
-
-def _headers(msg: Message) -> list[tuple[str, bytes | None]]:
-    raw = msg.headers() or []
-    items = list(raw.items()) if isinstance(raw, dict) else list(raw)
-    return [(str(k), v.encode() if isinstance(v, str) else v) for k, v in items]
 
 
 class UnitWorker:
@@ -316,7 +311,7 @@ class UnitWorker:
         s = self.settings
         at = where(msg)
         headers = dead_letter_headers(
-            _headers(msg),
+            message_headers(msg),
             DeadLetterReason.DESERIALIZATION_ERROR,
             exc,
             source_of(at.topic, at.partition, at.offset),

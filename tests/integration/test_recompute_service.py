@@ -254,3 +254,42 @@ def test_a_tasks_record_that_is_not_a_unit_is_dead_lettered(
         assert b"recompute unit" in (headers[ERROR_HEADER] or b"")
     assert dict(record_view(letters[0])[2])["trace"] == b"t-1"  # the record's own headers are kept
     assert _committed(kafka_bootstrap, settings.workers_group, tasks, 1) == 2
+
+
+def test_an_alert_or_change_event_that_does_not_decode_is_dead_lettered(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
+) -> None:
+    """The planner stage keeps what it cannot plan: each undecodable cause goes to the dead letters
+    with its reason and coordinates, committed with its offset; the planner goes on."""
+    alerts, changes, dead = new_topic(prefix="alerts"), new_topic(prefix="changes"), new_topic(prefix="dl")
+    settings = ManagerSettings(
+        kafka={"bootstrap.servers": kafka_bootstrap},
+        group_id=unique_group("rm"),
+        alerts_topic=alerts,
+        changes_topic=changes,
+        tasks_topic=new_topic(2, prefix="tasks"),
+        progress_topic=new_topic(prefix="progress"),
+        dead_letter_topic=dead,
+        ledger_topic=new_topic(prefix="ledger"),
+        sources=(),
+        outputs=(),
+        state_dir=tmp_path / "rm",
+        replica_id="junk-causes",
+        consumer_config=FAST_GROUP_CONFIG,
+    )
+    produce(kafka_bootstrap, alerts, [Record(b"not an alert", b"a1", [("trace", b"t-1")])])
+    produce(kafka_bootstrap, changes, [Record(b"\x00\x01garbage", b"c1")])
+    with RecomputeManager(settings, processor_fns.registry) as manager:
+        stats = manager.run(max_causes=2, idle_timeout_s=60)
+    assert (stats.causes, stats.malformed, stats.plans_run) == (2, 2, 0)
+    letters = consume_all(kafka_bootstrap, dead, expected=2, timeout_s=30, grace_s=0.5)
+    by_key = {record_view(m)[0]: record_view(m) for m in letters}
+    assert by_key[b"a1"][1] == b"not an alert" and by_key[b"c1"][1] == b"\x00\x01garbage"
+    for key, topic in ((b"a1", alerts), (b"c1", changes)):
+        headers = dict(by_key[key][2])
+        assert headers[REASON_HEADER] == b"deserialization_error"
+        assert headers[SOURCE_HEADER] == f"{topic}/0/0".encode()
+        assert headers[ERROR_HEADER]
+    assert dict(by_key[b"a1"][2])["trace"] == b"t-1"  # the record's own headers are kept
+    assert _committed(kafka_bootstrap, settings.group_id, alerts) == 1
+    assert _committed(kafka_bootstrap, settings.group_id, changes) == 1
