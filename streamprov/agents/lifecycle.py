@@ -59,6 +59,10 @@ class ServiceState:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def pause(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking at once on `stop()`; False when stopping."""
+        return not self._stop.wait(seconds)
+
     def clear_stop(self) -> None:
         """Forget a stop request (a loop that returned may be run again)."""
         self._stop.clear()

@@ -81,6 +81,16 @@ def create_ledger_topic(
         raise LedgerError(f"cannot create ledger topic {topic}: {exc}") from exc
 
 
+def check_topic_exists(config: dict[str, Any], topic: str, timeout_s: float, *, what: str) -> Any:
+    """The topic's metadata; raises `LedgerError` when it does not exist (a transaction producing to
+    a missing topic fails every time it is retried: better refused at start)."""
+    # all topics: a metadata request naming the topic may auto-create it (auto.create.topics.enable)
+    md = AdminClient(config).list_topics(timeout=timeout_s).topics.get(topic)
+    if md is None or md.error is not None:
+        raise LedgerError(f"{what} {topic} is not available: {md.error if md else 'unknown topic'}")
+    return md
+
+
 def check_single_partition(
     config: dict[str, Any],
     topic: str,
@@ -90,9 +100,7 @@ def check_single_partition(
     why: str = "a hash-chained ledger needs exactly one (one total order, one sequencer)",
 ) -> None:
     """Raise `LedgerError` unless `topic` exists with exactly one partition."""
-    md = AdminClient(config).list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
-    if md is None or md.error is not None:
-        raise LedgerError(f"{what} {topic} is not available: {md.error if md else 'unknown topic'}")
+    md = check_topic_exists(config, topic, timeout_s, what=what)
     if len(md.partitions) != 1:
         raise LedgerError(f"{what} {topic} has {len(md.partitions)} partitions; {why}")
 
@@ -235,8 +243,10 @@ class KafkaLedgerSink:
                     f"ledger topic {self.topic} is empty from offset {low}: its entries were deleted"
                 )
             return ChainState.genesis(ledger_id)
-        window = _TAIL_WINDOW
-        while True:  # the window grows 8x per turn until it covers the whole topic
+        # The tail covers the dedup window (the entry ids a replayed request is checked against) plus
+        # room for a checkpoint to resume from; it grows 8x per turn until it holds one.
+        window = _TAIL_WINDOW + dedup_window
+        while True:
             start = max(low, high - window)
             from_start = start == 0
             state = resume_state(
@@ -290,29 +300,40 @@ class KafkaLedgerSink:
             for key, value in items:
                 self._produce(value, key)
             for topic, extra_key, extra_value, headers in extra:
-                self._producer.produce(
-                    topic, extra_value, extra_key, headers=headers, on_delivery=self._on_delivery
-                )
+                self._produce(extra_value, extra_key, topic=topic, headers=headers)
             if consumer is not None and offsets:
                 self._producer.send_offsets_to_transaction(
                     list(offsets), consumer.consumer_group_metadata(), self.timeout_s
                 )
             if transactional:
                 self._producer.commit_transaction(self.timeout_s)
-        except KafkaException as exc:
-            if transactional:
+        except (KafkaException, LedgerWriterError, BufferError) as exc:
+            if transactional:  # whatever failed, nothing of the batch may commit later
                 try:
                     self._producer.abort_transaction(self.timeout_s)
                 except KafkaException:
                     logger.exception("ledger: aborting the failed transaction failed too")
+            if isinstance(exc, LedgerWriterError):
+                raise
             raise LedgerWriteFailedError(f"ledger batch not stored in {self.topic}: {exc}") from exc
         self._raise_errors()
 
-    def _produce(self, value: bytes, key: bytes) -> None:
+    def _produce(
+        self,
+        value: bytes,
+        key: bytes | None,
+        *,
+        topic: str | None = None,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+    ) -> None:
+        """Produce to the ledger's one partition (or to `topic`, its default partitioner)."""
         deadline = time.monotonic() + self.timeout_s
         while True:  # retries only while librdkafka's local queue is full, until the deadline
             try:
-                self._producer.produce(self.topic, value, key, partition=0, on_delivery=self._on_delivery)
+                if topic is None:
+                    self._producer.produce(self.topic, value, key, partition=0, on_delivery=self._on_delivery)
+                else:
+                    self._producer.produce(topic, value, key, headers=headers, on_delivery=self._on_delivery)
             except BufferError:
                 if time.monotonic() > deadline:
                     raise LedgerWriteFailedError(

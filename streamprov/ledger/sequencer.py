@@ -32,7 +32,7 @@ from streamprov.agents.lifecycle import ServiceState, close_probes, serve_probes
 from streamprov.ledger.chain import DEFAULT_CHECKPOINT_EVERY, DEFAULT_DEDUP_WINDOW, LedgerChain
 from streamprov.ledger.codec import encode_record, record_key
 from streamprov.ledger.errors import ChainError, LedgerError, LedgerWriterError, MalformedRecordError
-from streamprov.ledger.kafka import ExtraRecord, KafkaLedgerSink, check_single_partition
+from streamprov.ledger.kafka import ExtraRecord, KafkaLedgerSink, check_single_partition, check_topic_exists
 from streamprov.ledger.model import AppTemplate, Checkpoint
 from streamprov.ledger.requests import LedgerRequest, decode_request
 from streamprov.ledger.rows import RowSealer
@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 MALFORMED_REQUEST = "malformed_request"
 WRONG_LEDGER = "wrong_ledger"
 REWIND_ATTEMPTS = 5
+FAILURES_NOT_READY = 3
+"""Consecutive failed batches after which the sequencer reports not ready (with the last error)."""
+MAX_FAILURES = 10
+"""Consecutive failed batches after which it stops with an error: the same batch failing again and
+again (a topic deleted, a request the broker refuses) needs someone to look; a restart resumes from
+the committed offsets."""
 UNASSIGNED_GRACE_S = 20.0
 """An idle timeout waits at least this long for the requests partition (joining the group, a
 crashed predecessor's session timing out) before it counts as idle."""
@@ -107,6 +113,8 @@ class LedgerSequencer:
         self._http: list[HttpEndpoints] = []
         self._events = RebalanceEvents()
         self._assigned: set[tuple[str, int]] = set()
+        self._failures = 0
+        """Consecutive failed batches (`_failed`)."""
         self._sink: KafkaLedgerSink | None = None
         self._chain: LedgerChain | None = None
         self._sealer: RowSealer | None = None
@@ -159,7 +167,8 @@ class LedgerSequencer:
         self.close()
 
     def check_topics(self) -> None:
-        """Refuse a requests topic with several partitions: two members would each seal a part."""
+        """Refuse a requests topic with several partitions (two members would each seal a part) and a
+        missing dead-letter topic (every transaction with a dead letter would fail)."""
         check_single_partition(
             self.config,
             self.requests_topic,
@@ -167,6 +176,7 @@ class LedgerSequencer:
             what="requests topic",
             why="a ledger sequencer needs exactly one (one order in, one chain out)",
         )
+        check_topic_exists(self.config, self.dead_letter_topic, self.timeout_s, what="dead-letter topic")
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, *, idle_timeout_s: float | None = None, max_requests: int | None = None) -> SequencerStats:
@@ -213,9 +223,38 @@ class LedgerSequencer:
             try:
                 self._seal(good)
             except LedgerWriterError as exc:
-                log.warning("ledger batch not sealed (%s); reloading the chain and replaying", exc)
+                self._failed(exc)
                 self._recover()
+            else:
+                if self._failures:
+                    self._failures = 0
+                    self._set_ready(f"sealing ledger {self.ledger_id}")
         return self.stats
+
+    def _failed(self, exc: LedgerWriterError) -> None:
+        """Count a failed batch: not ready after `FAILURES_NOT_READY` in a row, stop after
+        `MAX_FAILURES` (raises `LedgerError`); waits longer after each (0.5 s doubling to 10 s)."""
+        self._failures += 1
+        log.warning(
+            "ledger batch not sealed (%d in a row: %s); reloading the chain and replaying",
+            self._failures,
+            exc,
+        )
+        if self._failures >= MAX_FAILURES:
+            raise LedgerError(
+                f"{self._failures} batches in a row could not be sealed into {self.ledger_topic}; last: "
+                f"{exc}. Check the ledger and dead-letter topics and the broker, then restart (it resumes "
+                "from the committed offsets)"
+            ) from exc
+        if self._failures >= FAILURES_NOT_READY:
+            self.state.set_not_ready(f"{self._failures} batches in a row not sealed: {exc}")
+        self.state.beat()
+        self.state.pause(min(10.0, 0.5 * 2 ** (self._failures - 1)))
+
+    def _set_ready(self, reason: str) -> None:
+        """Ready with `reason`, unless failing batches in a row keep it not ready (`_failed`)."""
+        if self._failures < FAILURES_NOT_READY:
+            self.state.set_ready(reason)
 
     def _rebalance(self) -> bool:
         """Apply rebalance events; True when partitions were assigned."""
@@ -264,12 +303,12 @@ class LedgerSequencer:
         )
         self._sealer = RowSealer(self._chain)
         log.info("ledger %s: sequencing from seq %d", self.ledger_id, state.next_seq)
-        self.state.set_ready(f"sealing ledger {self.ledger_id}")
+        self._set_ready(f"sealing ledger {self.ledger_id}")
 
     def _deactivate(self) -> None:
         sink, self._sink, self._chain, self._sealer = self._sink, None, None, None
         if not self.state.closed:
-            self.state.set_ready("consuming (standby: the requests partition is not ours)")
+            self._set_ready("consuming (standby: the requests partition is not ours)")
         if sink is not None:
             try:
                 sink.close()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from test_validator import http_get, wait_until
 from streamprov.agents.dead_letter import REASON_HEADER, SOURCE_HEADER
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger import DataRef, LedgerEntry, entry_id_of, verify_ledger
+from streamprov.ledger import kafka as ledger_kafka
+from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG, KafkaLedgerReader
 from streamprov.ledger.requests import KafkaLedgerClient, encode_request
 from streamprov.ledger.sequencer import LedgerSequencer
@@ -254,3 +257,37 @@ def test_two_processors_record_through_the_sequencer_into_one_ledger(
     assert {a.inputs[0] for a in by_fn["tag"]} == nodes(middles)
     assert {a.output for a in by_fn["tag"]} == nodes(outputs)
     assert {a.device_id for a in by_fn["tag"]} == {"test-pod"}
+
+
+def test_a_missing_dead_letter_topic_is_refused_at_start(kafka_bootstrap: str, new_topic: Any) -> None:
+    """Not found after the first malformed request by a transaction failing again and again."""
+    ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests = new_topic(1, prefix="ledger-req")
+    missing = f"no-such-dlq-{uuid.uuid4().hex[:8]}"
+    with (
+        _sequencer(kafka_bootstrap, requests, ledger, missing) as seq,
+        pytest.raises(LedgerError, match=f"dead-letter topic {missing} is not available"),
+    ):
+        seq.run(idle_timeout_s=3.0)
+
+
+def test_a_takeover_remembers_the_whole_dedup_window(
+    kafka_bootstrap: str, new_topic: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's replay of entries older than the tail a takeover would otherwise read (here 16
+    records) but within `dedup_window` is dropped, not sealed twice."""
+    monkeypatch.setattr(ledger_kafka, "_TAIL_WINDOW", 16)
+    ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
+    apps = chain_apps(400)
+    with KafkaLedgerClient(kafka_bootstrap, requests, LEDGER, max_batch=50) as client:
+        client.append_many(apps)
+    with _sequencer(kafka_bootstrap, requests, ledger, dlq, dedup_window=300) as first:
+        first.run(idle_timeout_s=3.0)
+    assert first.stats.entries == len(apps)
+    with KafkaLedgerClient(kafka_bootstrap, requests, LEDGER) as client:
+        client.append_many(apps[150:160])  # ~245 entries back: beyond the 16-record tail
+    with _sequencer(kafka_bootstrap, requests, ledger, dlq, dedup_window=300) as second:
+        second.run(idle_timeout_s=3.0)
+    assert (second.stats.duplicates, second.stats.entries) == (10, 0)
+    assert [e.entry_id for e in _entries(kafka_bootstrap, ledger)] == [entry_id_of(a) for a in apps]
