@@ -208,20 +208,16 @@ def test_cli_run_stops_on_sigterm(kafka_bootstrap: str, new_topic: Any, tmp_path
     assert "stopping after the current batch" in err and "stopped:" in err
 
 
-def test_a_tasks_record_that_is_not_a_unit_is_dead_lettered(
-    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
-) -> None:
-    """Neither a crash nor a silent drop: each bad record goes to the dead letters with its reason, in
-    the transaction that commits its offset; the worker goes on with the next one."""
-    tasks, dead = new_topic(2, prefix="tasks"), new_topic(prefix="dl")
-    settings = ManagerSettings(
-        kafka={"bootstrap.servers": kafka_bootstrap},
+def _bare_settings(bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path) -> ManagerSettings:
+    """A manager with fresh topics and no pipeline: for what it does with records it cannot use."""
+    return ManagerSettings(
+        kafka={"bootstrap.servers": bootstrap},
         group_id=unique_group("rm"),
         alerts_topic=new_topic(prefix="alerts"),
         changes_topic=new_topic(prefix="changes"),
-        tasks_topic=tasks,
+        tasks_topic=new_topic(2, prefix="tasks"),
         progress_topic=new_topic(prefix="progress"),
-        dead_letter_topic=dead,
+        dead_letter_topic=new_topic(prefix="dl"),
         ledger_topic=new_topic(prefix="ledger"),
         sources=(),
         outputs=(),
@@ -229,6 +225,15 @@ def test_a_tasks_record_that_is_not_a_unit_is_dead_lettered(
         replica_id="junk",
         consumer_config=FAST_GROUP_CONFIG,
     )
+
+
+def test_a_tasks_record_that_is_not_a_unit_is_dead_lettered(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
+) -> None:
+    """Neither a crash nor a silent drop: each bad record goes to the dead letters with its reason, in
+    the transaction that commits its offset; the worker goes on with the next one."""
+    settings = _bare_settings(kafka_bootstrap, new_topic, unique_group, tmp_path)
+    tasks, dead = settings.tasks_topic, settings.dead_letter_topic
     bad = [
         Record(b"not a unit", b"k1", [("trace", b"t-1")], partition=1),
         Record(UNIT_PREFIX + b"\xff\xff\xff", b"k2", partition=1),  # framed, but no Avro unit body
@@ -261,22 +266,8 @@ def test_an_alert_or_change_event_that_does_not_decode_is_dead_lettered(
 ) -> None:
     """The planner stage keeps what it cannot plan: each undecodable cause goes to the dead letters
     with its reason and coordinates, committed with its offset; the planner goes on."""
-    alerts, changes, dead = new_topic(prefix="alerts"), new_topic(prefix="changes"), new_topic(prefix="dl")
-    settings = ManagerSettings(
-        kafka={"bootstrap.servers": kafka_bootstrap},
-        group_id=unique_group("rm"),
-        alerts_topic=alerts,
-        changes_topic=changes,
-        tasks_topic=new_topic(2, prefix="tasks"),
-        progress_topic=new_topic(prefix="progress"),
-        dead_letter_topic=dead,
-        ledger_topic=new_topic(prefix="ledger"),
-        sources=(),
-        outputs=(),
-        state_dir=tmp_path / "rm",
-        replica_id="junk-causes",
-        consumer_config=FAST_GROUP_CONFIG,
-    )
+    settings = _bare_settings(kafka_bootstrap, new_topic, unique_group, tmp_path)
+    alerts, changes, dead = settings.alerts_topic, settings.changes_topic, settings.dead_letter_topic
     produce(kafka_bootstrap, alerts, [Record(b"not an alert", b"a1", [("trace", b"t-1")])])
     produce(kafka_bootstrap, changes, [Record(b"\x00\x01garbage", b"c1")])
     with RecomputeManager(settings, processor_fns.registry) as manager:
