@@ -13,12 +13,24 @@ The detector keeps the last checksum it saw per (topic, DataID) in RocksDB. For 
 `check_functions(registry)` compares each registered function (the version now registered for its id)
 with the (version, code hash) pairs the ledger recorded applications of; every other pair is a
 `function_changed` event whose impact is `LedgerIndex.affected_by_function`. Reported pairs are
-remembered in RocksDB so a restart does not report them again.
+remembered in RocksDB so a restart does not report them again; a state without them (a fresh state
+dir) first rebuilds them from the `function_changed` events on the changes topic (those past its
+retention are reported again).
 
 Delivery is at least once, without losing a change: per batch, the events are produced and
-delivered, the ledger flushed, and only then the checksums stored and the offsets committed. A crash
-in between replays the batch; the events come again with the same `change_id` (consumers de-duplicate)
-and the `SOURCE` entries with the same entry_id (the ledger drops them).
+delivered, the ledger flushed, and only then the checksums stored, together with each partition's
+next offset (one RocksDB WriteBatch), and the offsets committed. A crash before the state is stored
+replays the batch; the events come again with the same `change_id` (consumers de-duplicate) and the
+`SOURCE` entries with the same entry_id (the ledger drops them).
+
+The checksums are local, the group's committed offsets are in Kafka; a partition is read from where
+the *local state* ends (the stored next offset; its beginning when the state has none of it), and the
+committed offset, read when the partition is assigned, only says how far that history was handled
+already: records below it (a fresh or lost state dir, a partition another replica handled meanwhile)
+are replayed silently, rebuilding the checksums without events, ledger entries or `first_seen`
+counts (`stats.replayed`). A state ahead of the committed offsets (stored, then a crash before the
+commit) is not read again: its events were delivered. The source topics are compacted, so a replay
+from the beginning reads the compacted history.
 
 The impact is what the ledger holds when the change is seen: the index catches up with the ledger
 topic first (and flushes the detector's own writer, which in-process pipelines may share).
@@ -32,12 +44,21 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from rocksdict import Options, Rdict, WriteBatch
 
 from streamprov.agents.kafka_io import kafka_error, seek_retrying
@@ -67,9 +88,15 @@ DEFAULT_MAX_WALK = 1_000_000
 """Applications a single impact query may visit; past it the event says `complete=False`."""
 
 _LP = struct.Struct(">I")
+_I32 = struct.Struct(">i")
+_I64 = struct.Struct(">q")
 _SOURCE = b"S"
+_OFFSET = b"O"
 _REPORTED = b"F"
+_SYNCED = b"R"
 _ALGORITHMS = tuple(ChecksumAlgorithm)
+_TP = tuple[str, int]
+_NO_TOPIC = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC)
 
 
 class ChangeDetectorError(StreamprovError):
@@ -85,7 +112,8 @@ def _lp(b: bytes) -> bytes:
 
 
 class SourceVersions:
-    """The last checksum seen per (topic, DataID), and the function changes already reported (RocksDB)."""
+    """The detector's local state (RocksDB): the last checksum seen per (topic, DataID), the next offset
+    per source partition those checksums cover, and the function changes already reported."""
 
     def __init__(self, path: str | Path) -> None:
         opts = Options(raw_mode=True)
@@ -99,14 +127,29 @@ class SourceVersions:
     def _key(topic: str, data_id: str) -> bytes:
         return _SOURCE + _lp(topic.encode("utf-8")) + data_id.encode("utf-8")
 
+    @staticmethod
+    def _okey(topic: str, partition: int) -> bytes:
+        return _OFFSET + _lp(topic.encode("utf-8")) + _I32.pack(partition)
+
     def get(self, topic: str, data_id: str) -> Checksum | None:
         raw: bytes | None = self._db.get(self._key(topic, data_id))
         if raw is None:
             return None
         return Checksum(_ALGORITHMS[raw[0]], raw[1:])
 
-    def write(self, changes: Mapping[tuple[str, str], Checksum | None]) -> None:
-        """Store the latest checksum of each (topic, DataID) (None: deleted), atomically."""
+    def next_offset(self, topic: str, partition: int) -> int | None:
+        """The offset after the last record of the partition the stored checksums include (None: no
+        record of it is in this state)."""
+        raw: bytes | None = self._db.get(self._okey(topic, partition))
+        return None if raw is None else int(_I64.unpack(raw)[0])
+
+    def write(
+        self,
+        changes: Mapping[tuple[str, str], Checksum | None],
+        offsets: Mapping[tuple[str, int], int] | None = None,
+    ) -> None:
+        """Store the latest checksum of each (topic, DataID) (None: deleted) and the next offset of each
+        (topic, partition) they were read up to, atomically (one WriteBatch)."""
         batch = WriteBatch(raw_mode=True)
         for (topic, data_id), checksum in changes.items():
             key = self._key(topic, data_id)
@@ -114,6 +157,8 @@ class SourceVersions:
                 batch.delete(key)
             else:
                 batch.put(key, bytes((checksum.algorithm,)) + checksum.value)
+        for (topic, partition), offset in (offsets or {}).items():
+            batch.put(self._okey(topic, partition), _I64.pack(offset))
         self._db.write(batch)
 
     @staticmethod
@@ -127,6 +172,14 @@ class SourceVersions:
     def mark_reported(self, change: FunctionChange) -> None:
         key = self._fkey(change.function_id, change.previous_version, change.previous_code_hash)
         self._db.put(key, _lp(change.current_version.encode()) + _lp(change.current_code_hash))
+
+    def reported_synced(self, changes_topic: str) -> bool:
+        """Whether the reported function changes were rebuilt from (or started empty with) the changes
+        topic `changes_topic`."""
+        return self._db.get(_SYNCED + changes_topic.encode("utf-8")) is not None
+
+    def mark_reported_synced(self, changes_topic: str) -> None:
+        self._db.put(_SYNCED + changes_topic.encode("utf-8"), b"1")
 
     def close(self) -> None:
         self._db.close()
@@ -144,6 +197,10 @@ class DetectorStats:
     function_changes: int = 0
     events: int = 0
     batches: int = 0
+    replayed: int = 0
+    """Records below the group's committed offset read again only to rebuild the local state (a
+    fresh or stale state dir, a partition that moved here): no event, no ledger entry; not in
+    `records`."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -165,6 +222,10 @@ class ChangeDetector:
     before every impact query. `writer` (optional) records `SOURCE` entries; without it, the detector
     only reports. `config` holds librdkafka settings shared by its consumer and producer.
     """
+
+    heartbeat: Callable[[], object] | None = None
+    """Called while a long read goes on (rebuilding the reported function changes): a service's
+    liveness beat."""
 
     def __init__(
         self,
@@ -221,6 +282,12 @@ class ChangeDetector:
             for k, v in base.items()
             if k not in ("session.timeout.ms", "heartbeat.interval.ms", "group.instance.id")
         }
+        self._incremental = (
+            "cooperative" in str(consumer_settings.get("partition.assignment.strategy", "")).lower()
+            or str(consumer_settings.get("group.protocol", "")).lower() == "consumer"
+        )
+        """Incremental rebalancing: `on_assign` gets the added partitions only (else the whole set)."""
+        self._reader_settings = producer_settings  # a plain reader of the changes topic (no group)
         try:
             self._consumer = Consumer(consumer_settings)
         except KafkaException as exc:
@@ -237,6 +304,13 @@ class ChangeDetector:
         self._subscribed = False
         self._closed = False
         self._delivery_errors: list[KafkaError] = []
+        self._replay_until: dict[_TP, int | None] = {}
+        """Per assigned partition: its records below this offset (the group's committed offset when it
+        was assigned, when the local state ended before it) only rebuild the state; None: none."""
+        self._unresolved: set[_TP] = set()
+        """Assigned partitions whose committed offset was not read yet (see `_resolve`)."""
+        self._must_rewind = False
+        """A batch failed after it was consumed: `rewind()` before consuming again."""
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -287,30 +361,96 @@ class ChangeDetector:
         if self._closed:
             raise ChangeDetectorError("the change detector is closed")
         if not self._subscribed:
-            self._consumer.subscribe(self.source_topics)
+            self._consumer.subscribe(
+                self.source_topics,
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_revoke,
+            )
             self._subscribed = True
+        if self._must_rewind:  # never read on past a batch that failed
+            self.rewind()
         want = self.batch_size if max_records is None else max(1, min(self.batch_size, max_records))
+        self._must_rewind = True  # until the batch is stored: the position runs ahead of the state
         batch = self._consume(want)
+        self._resolve()
         if batch:
-            self.handle(batch)
-            self._commit()
+            # a revoked partition's records (fetched before the rebalance) are its new owner's
+            batch = [m for m in batch if (m.topic() or "", m.partition() or 0) in self._replay_until]
+        if batch:
+            _events, offsets = self._handle(batch)
+            self._commit(offsets)
+        self._must_rewind = False
         return len(batch)
 
     def rewind(self) -> None:
-        """Seek every assigned partition back to its committed offset (the beginning when none is), so
-        a batch that failed is consumed again. Raises `ChangeDetectorError` when that fails."""
+        """Seek every assigned partition back to where the local state ends (its beginning when the
+        state has none of it), so a batch that failed is consumed again. Needs no broker round trip
+        (the offsets are local); raises `ChangeDetectorError` when a seek fails, and `step()` then
+        rewinds again before it consumes."""
         try:
-            assigned = self._consumer.assignment()
-            committed = (
-                self._consumer.committed(assigned, timeout=self.operation_timeout_s) if assigned else []
-            )
-            for tp in committed:
-                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            for tp in self._consumer.assignment():
+                local = self.state.next_offset(tp.topic, tp.partition)
+                offset = OFFSET_BEGINNING if local is None else local
                 seek_retrying(self._consumer, tp.topic, tp.partition, offset, self.operation_timeout_s)
         except KafkaException as exc:
+            self._must_rewind = True
             raise ChangeDetectorError(
-                f"cannot rewind to the committed offsets: {exc}", kafka_error(exc)
+                f"cannot rewind to the stored offsets: {exc}", kafka_error(exc)
             ) from exc
+        self._must_rewind = False
+
+    # -- partitions: where to start, what to replay ----------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Start each new partition where the local state ends (its beginning when the state has none
+        of it), not at the group's committed offset; whether its first records only rebuild the state
+        is resolved after `consume()` returns (`_resolve`: no broker calls in a rebalance callback)."""
+        start = []
+        for p in partitions:
+            local = self.state.next_offset(p.topic, p.partition)
+            start.append(TopicPartition(p.topic, p.partition, OFFSET_BEGINNING if local is None else local))
+            self._replay_until.pop((p.topic, p.partition), None)
+            self._unresolved.add((p.topic, p.partition))
+        if self._incremental:
+            consumer.incremental_assign(start)
+        else:
+            consumer.assign(start)
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self._replay_until.pop((p.topic, p.partition), None)
+            self._unresolved.discard((p.topic, p.partition))
+
+    def _resolve(self) -> None:
+        """Read the committed offsets of newly assigned partitions: where the local state ends before
+        one (a fresh state dir, a partition that was another replica's), the records up to it were
+        handled already (their events sent) and are replayed silently, to rebuild the state only."""
+        if not self._unresolved:
+            return
+        wanted = [TopicPartition(t, p) for t, p in sorted(self._unresolved)]
+        try:
+            committed = self._consumer.committed(wanted, timeout=self.operation_timeout_s)
+        except KafkaException as exc:
+            raise ChangeDetectorError(
+                f"cannot read the committed offsets of the assigned partitions: {exc}", kafka_error(exc)
+            ) from exc
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            if tp.error is not None:
+                raise ChangeDetectorError(f"committed offset of {tp.topic} [{tp.partition}]: {tp.error}")
+            local = self.state.next_offset(*key)
+            replay = tp.offset >= 0 and (local is None or local < tp.offset)
+            self._replay_until[key] = tp.offset if replay else None
+            self._unresolved.discard(key)
+            if replay:
+                log.info(
+                    "%s [%d]: the local state ends at %s, the group committed %d: replaying up to it "
+                    "to rebuild the state (no events)",
+                    tp.topic,
+                    tp.partition,
+                    "its beginning" if local is None else f"offset {local}",
+                    tp.offset,
+                )
 
     def _consume(self, count: int) -> list[Message]:
         try:
@@ -328,15 +468,29 @@ class ChangeDetector:
                 log.warning("consumer error: %s", err.str())
         return out
 
-    def _commit(self) -> None:
+    def _commit(self, offsets: Mapping[_TP, int]) -> None:
+        """Commit the next offset of each partition the batch handled live records of (never a replay's:
+        that would move the group's offset back)."""
+        live = [
+            TopicPartition(t, p, offset)
+            for (t, p), offset in offsets.items()
+            if (until := self._replay_until.get((t, p))) is None or offset > until
+        ]
+        if not live:
+            return
         try:
-            self._consumer.commit(asynchronous=False)
+            result = self._consumer.commit(offsets=live, asynchronous=False)
         except KafkaException as exc:  # typically a rebalance: the next owner redoes the batch
             log.warning("offset commit failed (%s): the batch will be seen again", exc)
+            return
+        for tp in result or []:
+            if tp.error is not None:
+                log.warning("offset commit of %s [%d] failed: %s", tp.topic, tp.partition, tp.error)
 
     # -- source records --------------------------------------------------------------------------------
-    def _observe(self, msg: Message) -> tuple[str, Checksum | None] | None:
-        """(DataID, checksum; None for a tombstone) of a source record; None when it is unusable."""
+    def _observe(self, msg: Message, *, quiet: bool = False) -> tuple[str, Checksum | None] | None:
+        """(DataID, checksum; None for a tombstone) of a source record; None when it is unusable
+        (`quiet`: a replayed record, counted and logged the first time)."""
         topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
         value: bytes | None = msg.value()
         try:
@@ -347,6 +501,8 @@ class ChangeDetector:
                     raise HeaderError("the value does not match its header checksum")
                 return fields.data_id, None if value is None else fields.checksum
         except HeaderError as exc:
+            if quiet:
+                return None
             self.stats.skipped += 1
             log.warning("source record %s/%s/%s skipped: %s", topic, partition, offset, exc)
             return None
@@ -358,62 +514,103 @@ class ChangeDetector:
 
         Returns the events produced (delivered). Offsets are the caller's (`run` commits after it).
         """
+        return self._handle(messages)[0]
+
+    def _handle(self, messages: Iterable[Message]) -> tuple[list[ChangeEvent], dict[_TP, int]]:
+        """`handle`, also returning the next offset of each partition it read (stored with the state)."""
         latest: dict[tuple[str, str], Checksum | None] = {}
         pending: list[_Pending] = []
         appended = False
+        stored: dict[_TP, int] = {}  # per partition: the next offset the state (with this batch) covers
+        moved: dict[_TP, int] = {}
+        warned: set[_TP] = set()
         for msg in messages:
+            topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+            tp = (topic, partition)
+            if tp not in stored:
+                known = self.state.next_offset(topic, partition)
+                stored[tp] = -1 if known is None else known
+            if offset < stored[tp]:  # in the state already: a record fetched twice, never a change
+                if tp not in warned:
+                    warned.add(tp)
+                    log.warning(
+                        "%s [%d] offset %d: below the offset the local state ends at (%d): in it already, "
+                        "skipped (a source topic that was recreated needs a fresh state dir)",
+                        topic,
+                        partition,
+                        offset,
+                        stored[tp],
+                    )
+                continue
+            stored[tp] = moved[tp] = offset + 1
+            until = self._replay_until.get(tp)
+            if until is not None and offset < until:  # handled before (its events sent): state only
+                self.stats.replayed += 1
+                seen = self._observe(msg, quiet=True)
+                if seen is not None:
+                    latest[(topic, seen[0])] = seen[1]
+                continue
             self.stats.records += 1
-            seen = self._observe(msg)
-            if seen is None:
-                continue
-            data_id, checksum = seen
-            topic = msg.topic() or ""
-            key = (topic, data_id)
-            previous = latest[key] if key in latest else self.state.get(topic, data_id)
-            where = (topic, msg.partition() or 0, msg.offset() or 0)
-            if checksum is None:
-                if previous is not None:
-                    self.stats.deleted += 1
-                    pending.append(
-                        _Pending(
-                            ChangeKind.SOURCE_DELETED,
-                            SourceChange(*where, data_id, previous, None),
-                            trace_headers(msg.headers()),
-                        )
-                    )
-                latest[key] = None
-                continue
-            if previous == checksum:
-                self.stats.unchanged += 1
-                continue
-            entry_id = None
-            if self.writer is not None:
-                app = Application.of_source(
-                    DataRef(data_id, checksum), device_id=self.device_id, context=self.context
-                )
-                self.writer.append(app)
-                entry_id = entry_id_of(app)
-                appended = True
-            latest[key] = checksum
-            if previous is None:
-                self.stats.first_seen += 1
-            else:
-                self.stats.changed += 1
-                pending.append(
-                    _Pending(
-                        ChangeKind.SOURCE_CHANGED,
-                        SourceChange(*where, data_id, previous, checksum, entry_id),
-                        trace_headers(msg.headers()),
-                    )
-                )
+            appended = self._detect(msg, latest, pending) or appended
         events = self._impacts(pending) if pending else []
         self._emit(events, [p.trace for p in pending])
         if appended and not pending and self.writer is not None:
             self.writer.flush(self.operation_timeout_s)
-        if latest:
-            self.state.write(latest)
+        if latest or moved:
+            self.state.write(latest, moved)
         self.stats.batches += 1
-        return events
+        return events, moved
+
+    def _detect(
+        self, msg: Message, latest: dict[tuple[str, str], Checksum | None], pending: list[_Pending]
+    ) -> bool:
+        """Detect what a (live) source record changed: into `latest` (the batch's new state) and
+        `pending` (its events). True when it appended a `SOURCE` entry to the writer."""
+        topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+        appended = False
+        seen = self._observe(msg)
+        if seen is None:
+            return False
+        data_id, checksum = seen
+        key = (topic, data_id)
+        previous = latest[key] if key in latest else self.state.get(topic, data_id)
+        where = (topic, partition, offset)
+        if checksum is None:
+            if previous is not None:
+                self.stats.deleted += 1
+                pending.append(
+                    _Pending(
+                        ChangeKind.SOURCE_DELETED,
+                        SourceChange(*where, data_id, previous, None),
+                        trace_headers(msg.headers()),
+                    )
+                )
+            latest[key] = None
+            return False
+        if previous == checksum:
+            self.stats.unchanged += 1
+            return False
+        entry_id = None
+        if self.writer is not None:
+            app = Application.of_source(
+                DataRef(data_id, checksum), device_id=self.device_id, context=self.context
+            )
+            self.writer.append(app)
+            entry_id = entry_id_of(app)
+            appended = True
+        latest[key] = checksum
+        if previous is None:
+            self.stats.first_seen += 1
+        else:
+            self.stats.changed += 1
+            pending.append(
+                _Pending(
+                    ChangeKind.SOURCE_CHANGED,
+                    SourceChange(*where, data_id, previous, checksum, entry_id),
+                    trace_headers(msg.headers()),
+                )
+            )
+        return appended
 
     def _catch_up(self) -> int:
         if self.writer is not None:  # the detector's own entries (and an in-process pipeline's)
@@ -488,6 +685,8 @@ class ChangeDetector:
             current = {f.function_id: functions.get(f.function_id) for f in functions}
         else:
             current = {f.function_id: f for f in functions}
+        if not self.state.reported_synced(self.changes_topic):
+            self._sync_reported()
         size = self._catch_up()
         events = []
         now = now_ms()
@@ -506,3 +705,75 @@ class ChangeDetector:
             self.state.mark_reported(event.function)
         self.stats.function_changes += len(events)
         return events
+
+    def _sync_reported(self) -> None:
+        """A state without the reported function changes (a fresh state dir, an emptyDir after a pod
+        was replaced): rebuild them from the `function_changed` events on the changes topic, so they
+        are not reported (and recomputed) again. Events past the topic's retention are reported again."""
+        consumer = Consumer(
+            {
+                **self._reader_settings,
+                "group.id": f"streamprov-changes-reader-{uuid.uuid4().hex[:12]}",  # never joined
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        marked = read = 0
+        try:
+            md = consumer.list_topics(self.changes_topic, timeout=self.operation_timeout_s)
+            meta = md.topics.get(self.changes_topic)
+            if meta is not None and meta.error is not None and meta.error.code() in _NO_TOPIC:
+                log.info(
+                    "changes topic %s not there: no reported function changes to rebuild", self.changes_topic
+                )
+                return
+            if meta is None or meta.error is not None:
+                raise ChangeDetectorError(
+                    f"cannot read the changes topic {self.changes_topic}: {meta and meta.error}"
+                )
+            left = set()
+            for p in meta.partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.changes_topic, p), timeout=self.operation_timeout_s
+                )
+                if high > low:
+                    left.add(p)
+            consumer.assign([TopicPartition(self.changes_topic, p, OFFSET_BEGINNING) for p in sorted(left)])
+            deadline = time.monotonic() + self.operation_timeout_s
+            while left:
+                if self.heartbeat is not None:
+                    self.heartbeat()
+                messages = consumer.consume(500, min(1.0, self.operation_timeout_s))
+                if messages:
+                    deadline = time.monotonic() + self.operation_timeout_s
+                elif time.monotonic() > deadline:
+                    raise ChangeDetectorError(f"nothing came from {self.changes_topic} for too long")
+                for msg in messages:
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            left.discard(msg.partition() or 0)
+                        elif err.fatal():
+                            raise ChangeDetectorError(f"reading {self.changes_topic}: {err.str()}", err)
+                        continue
+                    read += 1
+                    value: bytes | None = msg.value()
+                    try:
+                        event = None if value is None else ChangeEvent.decode(value)
+                    except StreamprovError:
+                        continue  # not a change event: not ours to judge here
+                    if event is not None and event.function is not None:
+                        self.state.mark_reported(event.function)
+                        marked += 1
+        except KafkaException as exc:
+            raise ChangeDetectorError(
+                f"cannot read the changes topic {self.changes_topic}: {exc}", kafka_error(exc)
+            ) from exc
+        finally:
+            consumer.close()
+        self.state.mark_reported_synced(self.changes_topic)
+        log.info(
+            "reported function changes rebuilt from %s: %d of %d events", self.changes_topic, marked, read
+        )

@@ -96,6 +96,13 @@ def test_source_versions_state(tmp_path: Path) -> None:
     assert (state.get("t", "d"), state.get("t", "e"), state.get("u", "d")) == (a, b, b)
     state.write({("t", "d"): None})
     assert state.get("t", "d") is None and state.get("t", "x") is None
+    assert state.next_offset("t", 0) is None
+    state.write({("t", "e"): None}, {("t", 0): 17, ("t", 1): 2**40})  # in one WriteBatch
+    assert (state.next_offset("t", 0), state.next_offset("t", 1), state.get("t", "e")) == (17, 2**40, None)
+    assert state.next_offset("u", 0) is None
+    assert not state.reported_synced("changes")
+    state.mark_reported_synced("changes")
+    assert state.reported_synced("changes") and not state.reported_synced("other")
     change = FunctionChange("f", "1", b"h1", "2", b"h2")
     assert not state.reported("f", "1", b"h1", ("2", b"h2"))
     state.mark_reported(change)

@@ -1,6 +1,7 @@
 """The shared service lifecycle (`streamprov.agents.lifecycle`) and the change service's failure
 handling, without a broker: stop flag, liveness, readiness and probes; a failed batch is rewound,
-retried after a backoff and, after too many in a row, stops the service; settings and CLI errors."""
+retried after a backoff (a failed rewind is retried before anything is consumed) and, after too many in
+a row, stops the service; settings and CLI errors."""
 
 from __future__ import annotations
 
@@ -139,6 +140,98 @@ def test_a_failed_batch_is_rewound_and_retried(service: Any) -> None:
     assert service._guarded(fake.step) == 0 and service._guarded(fake.step) == 0
     assert fake.rewinds == 2 and service._failures == 2
     assert service._guarded(fake.step) == 1 and service._failures == 0  # the batch went through
+
+
+class OffsetFakeDetector:
+    """A detector over one partition: `step()` consumes the record at `position` (moving it on) and
+    commits past it unless that step is to fail; `rewind()` goes back to the committed offset, or fails
+    the first `rewind_failures` times (the broker away)."""
+
+    def __init__(self, fail_steps: set[int], rewind_failures: int) -> None:
+        self.fail_steps = fail_steps
+        self.rewind_failures = rewind_failures
+        self.position = self.committed = 0
+        self.calls: list[str] = []
+        self.handled: list[int] = []
+        self.stats = DetectorStats()
+
+    def step(self) -> int:
+        self.calls.append("step")
+        offset = self.position
+        self.position += 1  # consumed: the position runs ahead of what is committed
+        if self.calls.count("step") in self.fail_steps:
+            raise LedgerError("the ledger topic is unreadable")
+        self.handled.append(offset)
+        self.committed = self.position
+        return 1
+
+    def rewind(self) -> None:
+        self.calls.append("rewind")
+        if self.rewind_failures > 0:
+            self.rewind_failures -= 1
+            raise ChangeDetectorError("cannot rewind to the stored offsets: timed out")
+        self.position = self.committed
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failed_rewind_is_retried_before_the_next_batch(service: Any) -> None:
+    """The batch at offset 0 fails and so does the rewind (a broker outage): the next turn rewinds
+    first and reads offset 0 again; nothing is committed past the failed batch."""
+    fake = service.detector = OffsetFakeDetector(fail_steps={1}, rewind_failures=1)
+    assert service._guarded(fake.step) == 0
+    assert fake.calls == ["step", "rewind"] and fake.position == 1 and fake.committed == 0
+    assert service._guarded(fake.step) == 1
+    assert fake.calls == ["step", "rewind", "rewind", "step"]
+    assert fake.handled == [0] and fake.committed == 1 and service._failures == 0
+    assert service._guarded(fake.step) == 1 and fake.handled == [0, 1]
+
+
+def test_a_rewind_failing_again_counts_and_consumes_nothing(service: Any) -> None:
+    fake = service.detector = OffsetFakeDetector(fail_steps={1}, rewind_failures=2)
+    service._guarded(fake.step)
+    assert service._guarded(fake.step) == 0  # the retried rewind failed: no step at all
+    assert fake.calls == ["step", "rewind", "rewind", "rewind"] and service._failures == 2
+    assert fake.committed == 0 and fake.handled == []
+    assert service._guarded(fake.step) == 1 and fake.handled == [0]  # the rewind of _failed worked
+    assert fake.calls[-1] == "step" and fake.calls.count("step") == 2
+
+
+def test_the_detector_itself_rewinds_before_consuming_after_a_failed_batch(tmp_path: Path) -> None:
+    """`ChangeDetector.step()` too never reads past a batch that failed, whoever drives it."""
+    svc = ChangeService(settings(tmp_path))
+    detector = svc.detector
+    calls: list[str] = []
+    failing = iter([True, False, False])
+
+    def consume(_count: int) -> list[Any]:
+        calls.append("consume")
+        if next(failing):
+            raise ChangeDetectorError("consume failed: broker down")
+        return []
+
+    rewinds = iter([ChangeDetectorError("cannot rewind: timed out"), None])
+
+    def rewind() -> None:
+        calls.append("rewind")
+        exc = next(rewinds)
+        if exc is not None:
+            raise exc
+        detector._must_rewind = False
+
+    try:
+        detector._consume = consume  # type: ignore[method-assign]
+        detector.rewind = rewind  # type: ignore[method-assign]
+        with pytest.raises(ChangeDetectorError, match="broker down"):
+            detector.step()
+        with pytest.raises(ChangeDetectorError, match="cannot rewind"):
+            detector.step()  # the rewind failed: nothing consumed
+        assert calls == ["consume", "rewind"]
+        assert detector.step() == 0 and calls == ["consume", "rewind", "rewind", "consume"]
+        assert detector.step() == 0 and calls[-1] == "consume" and calls.count("rewind") == 2
+    finally:
+        svc.close()
 
 
 def test_too_many_failures_in_a_row_stop_the_service(service: Any) -> None:
