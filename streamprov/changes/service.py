@@ -17,9 +17,10 @@ needs, the way the Validator has it (`streamprov.agents.lifecycle`):
   orchestrator restarts it). A fatal Kafka error stops it at once;
 * SIGTERM/SIGINT (`stop()`): the current batch is finished and committed, then `run()` returns.
 
-The service only reports: it records no `SOURCE` entries in the ledger, because a ledger has one
-writer (the pipeline's, or the shared sequencer) and the detector is not it. Impacts come from the
-applications the pipeline recorded, which is all a change event needs.
+The service never writes the ledger topic (a ledger has one writer): with a `requests_topic`
+(`changes.record_sources`) it sends its `SOURCE` entries to the shared sequencer
+(`KafkaLedgerClient`); without one it only reports. Impacts come from the applications the pipeline
+recorded, which is all a change event needs.
 """
 
 from __future__ import annotations
