@@ -59,6 +59,8 @@ from streamprov.config.models import (
 from streamprov.errors import StreamprovError
 from streamprov.header import now_ms
 from streamprov.inspect import message_headers
+from streamprov.ledger.config import checkpoint_verifier
+from streamprov.ledger.signing import CheckpointVerifier
 from streamprov.registry import FunctionRegistry
 from streamprov.signing import KeyRing, Signer
 from streamprov.telemetry.setup import Telemetry, build_telemetry
@@ -131,6 +133,9 @@ class ManagerSettings:
     """The signer of an output topic's corrected records (`topics.<t>.signing.key`), None: unsigned."""
     ledger_requests_topic: str | None = None
     """Record every recompute in the ledger through the sequencer's requests topic (None: not)."""
+    checkpoint_verifier: CheckpointVerifier | None = None
+    """Verifies the ledger's signed checkpoints as the index reads them (`ledger.checkpoint_key`); a
+    bad signature stops the indexing (None: the hash chain is checked, signatures are not)."""
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     """`telemetry:`: with tracing on, a span per recompute task continuing the superseded record's
     trace, linked to its cause (the alert or change event's context travels on the unit record)."""
@@ -149,6 +154,7 @@ class ManagerSettings:
             "dead_letter_topic": s.dead_letters,
             "ledger_topic": s.ledger,
             "ledger_id": config.ledger_id(),
+            "checkpoint_verifier": checkpoint_verifier(config),
             "ledger_requests_topic": s.ledger_requests if m.record_in_ledger else None,
             "telemetry": config.telemetry,
             "sources": tuple(config.sources),
@@ -241,6 +247,7 @@ class RecomputeManager:
             sources=s.sources,
             outputs=s.outputs,
             priority_topics=[s.priority_topic(t) for t in s.outputs],
+            verifier=s.checkpoint_verifier,
         )
         tracing = self.telemetry.recompute_tracing(self.views.outputs.trace_headers)
         for i in range(s.workers):

@@ -40,6 +40,7 @@ from streamprov.header import ProvenanceHeader, now_ms
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.ledger.model import DataRef
+from streamprov.ledger.signing import CheckpointVerifier
 
 __all__ = ["CommittedCache", "StateError", "SupersededIndex", "Views"]
 
@@ -216,7 +217,9 @@ class Views:
         sources: Sequence[str],
         outputs: Sequence[str],
         priority_topics: Sequence[str],
+        verifier: CheckpointVerifier | None = None,
     ) -> None:
+        """`verifier`: checks the ledger's checkpoint signatures as the index reads them."""
         self.kafka = dict(kafka)
         self.lock = threading.RLock()
         self.ledger_topic = ledger_topic
@@ -228,7 +231,7 @@ class Views:
         except Exception as exc:  # rocksdict raises plain Exceptions (a held LOCK among them)
             raise StateError(f"result cache {hint}: {exc}") from exc
         try:
-            self.index = LedgerIndex(state_dir / "ledger-index", ledger_id)
+            self.index = LedgerIndex(state_dir / "ledger-index", ledger_id, verifier=verifier)
         except Exception as exc:
             self.cache.close()
             raise StateError(f"ledger index {hint}: {exc}") from exc

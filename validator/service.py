@@ -249,7 +249,9 @@ class Validator:
         if not s.ledger_topic:
             return None
         try:
-            index = LedgerIndex(s.state_dir / "ledger-index", s.ledger_id or s.ledger_topic)
+            index = LedgerIndex(
+                s.state_dir / "ledger-index", s.ledger_id or s.ledger_topic, verifier=s.checkpoint_verifier
+            )
         except LedgerError as exc:
             self.view.close()
             raise ValidatorConfigError(f"the ledger index: {exc}") from exc

@@ -14,6 +14,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from streamprov.ledger.config import checkpoint_verifier
+from streamprov.ledger.signing import CheckpointVerifier
 from validator.checks import TopicPolicy
 from validator.errors import ValidatorConfigError
 
@@ -80,6 +82,10 @@ class ServiceSettings:
     not drift-checked). A ledger topic that does not exist is a warning, not an error."""
     ledger_id: str | None = None
     """The ledger's id (default: the ledger topic's name, as `streamprov ledger` assumes)."""
+    checkpoint_verifier: CheckpointVerifier | None = None
+    """Verifies the ledger's signed checkpoints as the index reads them (`ledger.checkpoint_key`); a
+    ledger that fails it is not used (reduce outputs get no drift check; logged). None: the hash
+    chain is checked, signatures are not."""
     ledger_refresh_s: float = 1.0
     """At most this often a record missing from the ledger index makes it catch up with the topic."""
 
@@ -141,5 +147,10 @@ class ServiceSettings:
             http_port=v.http_port,
             metrics_port=v.metrics_port,
             batch_size=v.batch_size,
-            **{"ledger_topic": config.streams.ledger, **overrides},
+            **{
+                "ledger_topic": config.streams.ledger,
+                "ledger_id": config.ledger_id(),
+                "checkpoint_verifier": checkpoint_verifier(config),
+                **overrides,
+            },
         )

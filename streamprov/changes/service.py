@@ -41,10 +41,12 @@ from streamprov.agents.kafka_io import kafka_error
 from streamprov.agents.lifecycle import ServiceState, beating, close_probes, serve_probes, stall_limit
 from streamprov.changes.detector import ChangeDetector, ChangeDetectorError, DetectorStats
 from streamprov.changes.event import DEFAULT_MAX_OUTPUTS
+from streamprov.ledger.config import checkpoint_verifier
 from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.ledger.requests import KafkaLedgerClient
+from streamprov.ledger.signing import CheckpointVerifier
 from streamprov.registry import FunctionRegistry
 
 if TYPE_CHECKING:
@@ -93,6 +95,9 @@ class ChangeServiceSettings:
     requests_topic: str | None = None
     """Send a SOURCE ledger entry per new source version to the ledger sequencer's requests topic
     (`streams.ledger_requests`); None: record nothing (the ledger has one writer: the sequencer)."""
+    checkpoint_verifier: CheckpointVerifier | None = None
+    """Verifies the ledger's signed checkpoints as the index reads them (`ledger.checkpoint_key`); a
+    bad signature fails the batch (None: the hash chain is checked, signatures are not)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -131,6 +136,7 @@ class ChangeServiceSettings:
             "function_check_interval_s": c.function_check_interval.total_seconds(),
             "progress_interval_s": c.progress_interval.total_seconds(),
             "requests_topic": config.streams.ledger_requests if c.record_sources else None,
+            "checkpoint_verifier": checkpoint_verifier(config),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -146,7 +152,9 @@ class ChangeService:
         """Stop flag, heartbeat and readiness (`streamprov.agents.lifecycle`), read by the probes."""
         try:
             s.state_dir.mkdir(parents=True, exist_ok=True)
-            self.index = LedgerIndex(s.state_dir / "ledger-index", s.ledger_id or s.ledger_topic)
+            self.index = LedgerIndex(
+                s.state_dir / "ledger-index", s.ledger_id or s.ledger_topic, verifier=s.checkpoint_verifier
+            )
         except LedgerError as exc:
             raise ChangeServiceConfigError(f"the ledger index: {exc}") from exc
         except Exception as exc:  # rocksdict raises plain Exceptions (a held lock), mkdir an OSError
