@@ -3,16 +3,21 @@
 Pipeline (real registered functions, real values and checksums): source s_i -> map `enrich` -> map
 `tag`, and the `enrich` outputs reduced by `sum_n` in groups of --group sources. Its applications go
 through the real LedgerChain into a LedgerIndex (RocksDB), as the ledger writer records them; the
-`enrich` outputs are in the value store and their original provenance headers are given to the
-executor (what `OutputIndex` fills from the output topics and the service passes as `headers=`).
+`enrich` and `sum_n` outputs are in the value store and their original provenance headers are given
+to the executor (what `OutputIndex` fills from the output topics and the service passes as
+`headers=`).
 
 Then 1% of the sources get a new value, and in the same run:
 
   selective  one plan for the batch of change events (`plan_for_changes`: one ledger traversal for
              all changed sources' old versions), run by `Executor.run_plan` with the RocksDB
              `ResultCache`: each changed source's enrich and tag, and the sum of every group that has
-             a changed source (once per group; the sum re-folds all its inputs: the unchanged ones
-             read from the value store in one batch);
+             a changed source (once per group). `sum_n` is registered with its inverse, so the sum
+             is recomputed from its previous output: the changed inputs' old values retracted,
+             their new ones folded in; the unchanged inputs' values are not read, only their
+             headers (the output header's input digest, sources root and lineage cover every
+             input). `--no-inverse` registers it without one: the sum re-folds all its inputs, the
+             unchanged ones read from the value store in one batch;
   full       every application of the pipeline replayed from the current sources (one plan over
              every ledger entry, no cache, no early cut-off): what recomputing without provenance
              would have to do;
@@ -30,7 +35,8 @@ the process CPU time of both passes and the load average (the machine may be sha
 the steadier of the two), and last `recompute_time_ratio=<selective wall / full wall>` (target
 <= 0.05). `--profile` adds a cProfile of the selective pass (planning and execution).
 
-Usage: python bench/bench_recompute.py [--n N] [--changed-pct P] [--group G] [--profile] [--no-freeze]
+Usage: python bench/bench_recompute.py [--n N] [--changed-pct P] [--group G] [--no-inverse] [--profile]
+                                      [--no-freeze]
 """
 
 from __future__ import annotations
@@ -69,28 +75,38 @@ from streamprov.ledger import (
 )
 from streamprov.ledger.queries import Applied
 from streamprov.registry import FunctionRegistry
-from streamprov.stamp import InputRecord, MapStamper, SourceStamper
+from streamprov.stamp import InputRecord, MapStamper, ReduceState, SourceStamper
 
 LEDGER = "bench-recompute"
 CTX = Context("bench-source", "bench-site", ("internal",))
 TS = 1_700_000_000_000
 
-registry = FunctionRegistry()
 
-
-@registry.map("enrich", "1", factor=3)
 def enrich(value: dict[str, Any], factor: int) -> dict[str, Any]:
     return {**value, "scaled": value["n"] * factor}
 
 
-@registry.map("tag", "1")
 def tag(value: dict[str, Any], label: str = "tagged") -> dict[str, Any]:
     return {**value, "label": label}
 
 
-@registry.reduce("sum_n", "1", initial=int)
 def sum_n(total: int, value: dict[str, Any]) -> int:
     return total + int(value["n"])
+
+
+def unsum_n(total: int, value: dict[str, Any]) -> int:
+    """`sum_n`'s inverse: the total without `value`."""
+    return total - int(value["n"])
+
+
+def make_registry(inverse: bool) -> FunctionRegistry:
+    """The pipeline's functions; `sum_n` with its inverse or without (its code hash differs: the
+    ledger and the headers are built with the registry the passes use)."""
+    registry = FunctionRegistry()
+    registry.map("enrich", "1", factor=3)(enrich)
+    registry.map("tag", "1")(tag)
+    registry.reduce("sum_n", "1", initial=int, inverse=unsum_n if inverse else None)(sum_n)
+    return registry
 
 
 def dumps(v: Any) -> bytes:
@@ -104,15 +120,16 @@ def source_value(i: int, version: int = 0) -> bytes:
 Built = tuple[LedgerIndex, ResultCache, dict[str, bytes], dict[DataRef, bytes], list[LedgerEntry], float]
 
 
-def build(root: Path, n: int, group: int) -> Built:
+def build(registry: FunctionRegistry, root: Path, n: int, group: int) -> Built:
     """The ledger index and value store of the pipeline over n sources: (index, cache, sources,
-    original headers of the enrich outputs, entries in pipeline order, seconds)."""
+    original headers of the enrich and sum_n outputs, entries in pipeline order, seconds)."""
     started = time.perf_counter()
+    enrich, tag, sum_n = registry.get("enrich"), registry.get("tag"), registry.get("sum_n")
     cache = ResultCache(root / "cache")
     signer = CheckpointSigner(Ed25519PrivateKey.from_private_bytes(bytes(32)))
     chain = LedgerChain(LEDGER, signer, checkpoint_every=10_000, dedup_window=1_000)
     index = LedgerIndex(root / "index", LEDGER)
-    e_step, t_step = enrich.step(), tag.step()
+    e_step, t_step, s_step = enrich.step(), tag.step(), sum_n.step()
     sources: dict[str, bytes] = {}
     headers: dict[DataRef, bytes] = {}
     source_stamper, enrich_stamper = SourceStamper(), MapStamper(enrich, verify_input=False)
@@ -131,7 +148,7 @@ def build(root: Path, n: int, group: int) -> Built:
     reduce, group = group > 0, group or n
     for g in range((n + group - 1) // group):
         mids: list[DataRef] = []
-        total = 0
+        state = ReduceState(0)
         for i in range(g * group, min(n, (g + 1) * group)):
             data_id = f"s{i:07d}"
             raw = sources[data_id] = source_value(i)
@@ -142,16 +159,20 @@ def build(root: Path, n: int, group: int) -> Built:
             cache.put_value(mid, mid_value)
             src_header = source_stamper.header(data_id, raw)
             record = InputRecord(raw, [(HEADER_KEY, src_header)], data_id.encode(), "", 0, 0)
-            headers[mid] = enrich_stamper.stamp(record, mid_value)
+            mid_header = headers[mid] = enrich_stamper.stamp(record, mid_value)
             add(Application.of_step(e_step, [src], mid, timestamp_ms=TS, device_id="bench", context=CTX))
             tagged = DataRef.of(f"{data_id}-t", dumps(tag.apply(json.loads(mid_value))))
             add(Application.of_step(t_step, [mid], tagged, timestamp_ms=TS, device_id="bench", context=CTX))
             mids.append(mid)
-            total = sum_n.apply(total, json.loads(mid_value))
+            if reduce:
+                state.add(sum_n, {}, ProvenanceHeader.decode(mid_header), json.loads(mid_value))
         if not reduce:
             continue
-        out = DataRef.of(f"g{g}", dumps(total))
-        add(Application.of_step(sum_n.step(), mids, out, timestamp_ms=TS, device_id="bench", context=CTX))
+        out_value = dumps(state.accumulator)
+        out = DataRef.of(f"g{g}", out_value)
+        cache.put_value(out, out_value)  # the sum's output record, as the OutputIndex reads it
+        headers[out] = state.header(s_step, out.data_id, out_value, out.checksum.algorithm).encode()
+        add(Application.of_step(s_step, mids, out, timestamp_ms=TS, device_id="bench", context=CTX))
         if len(batch) >= 10_000:
             index.apply(batch, batch_size=20_000)
             batch = []
@@ -225,13 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=100_000, help="source records")
     ap.add_argument("--changed-pct", type=float, default=1.0, help="percent of sources changed")
     ap.add_argument("--group", type=int, default=100, help="sources per reduce group (0: no reduce)")
+    ap.add_argument(
+        "--no-inverse",
+        action="store_true",
+        help="register sum_n without its inverse: the selective pass re-folds every input of a sum",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile the selective pass (slower)")
     ap.add_argument("--no-freeze", action="store_true", help="leave the set-up objects to the cyclic GC")
     a = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench-recompute-"))
     try:
-        index, cache, sources, headers, entries, build_s = build(root, a.n, a.group)
+        registry = make_registry(inverse=not a.no_inverse)
+        index, cache, sources, headers, entries, build_s = build(registry, root, a.n, a.group)
         print(f"built: {a.n} sources, {index.size} ledger entries in {build_s:.1f} s")
+        print(f"sum_n: {'without' if a.no_inverse else 'with'} its inverse")
         # The data set is set-up, not work: out of the cyclic GC's way, so that neither pass pays for
         # re-scanning millions of set-up objects at every full collection (both passes benefit).
         if not a.no_freeze:

@@ -32,7 +32,7 @@ from streamprov.ledger.model import DataRef
 from streamprov.lineage import Step
 from streamprov.merkle import length_prefixed
 
-__all__ = ["CacheKey", "ResultCache", "input_hash", "params_hash", "unchanged"]
+__all__ = ["CacheKey", "ResultCache", "input_hash", "node_leaves", "params_hash", "unchanged"]
 
 _RESULT = b"r"
 _VALUE = b"v"
@@ -64,8 +64,9 @@ def input_hash(inputs: Sequence[DataRef]) -> bytes:
     return hashlib.sha256(b"".join(parts)).digest()
 
 
-def _leaves(nodes: Sequence[DataRef]) -> list[bytes]:
-    """`n.leaf_data()` of each node (lp(DataID) lp(algorithm byte) lp(digest)), built inline."""
+def node_leaves(nodes: Sequence[DataRef]) -> list[bytes]:
+    """`n.leaf_data()` of each node (lp(DataID) lp(algorithm byte) lp(digest)), built inline: also
+    the reduce Merkle leaves of the nodes (`streamprov.stamp.reduce_leaf`)."""
     pack, alg = _U32.pack, _ALGORITHM
     found: list[bytes] = []
     for n in nodes:
@@ -75,6 +76,9 @@ def _leaves(nodes: Sequence[DataRef]) -> list[bytes]:
             b"".join((pack(len(data_id)), data_id, alg[checksum.algorithm], pack(len(value)), value))
         )
     return found
+
+
+_leaves = node_leaves
 
 
 class CacheKey(bytes):
@@ -180,6 +184,11 @@ class ResultCache:
     def unforce(self, function_id: str, version: str | None = None) -> None:
         self._db.delete(_FORCED + _prefix(function_id, version)[len(_RESULT) :])
 
+    def forced(self, step: Step) -> bool:
+        """Is the step's function (or its version) forced to recompute (`force`)? Then its earlier
+        outputs are suspect too: an incremental recompute must not start from one."""
+        return self._forced(step)
+
     def _forced(self, step: Step) -> bool:
         fid = step.function_id.encode("utf-8")
         ver = step.function_version.encode("utf-8")
@@ -220,6 +229,12 @@ class ResultCache:
                 latest = self.latest(n)
                 out.append((latest, self.value(latest)))
         return out
+
+    def latest_nodes(self, nodes: Sequence[DataRef]) -> list[DataRef]:
+        """`latest(n)` of each node, values not read (the incremental reduce's unchanged inputs):
+        one multi-get for every node's supersede link; only superseded ones read on."""
+        found = self._get_many([_LATEST + leaf for leaf in _leaves(nodes)])
+        return [n if f is None else self.latest(n) for n, f in zip(nodes, found, strict=True)]
 
     def _get_many(self, keys: list[bytes]) -> list[bytes | None]:
         found: list[bytes | None] = []

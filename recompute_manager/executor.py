@@ -23,18 +23,27 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from recompute_manager.cache import CacheKey, ResultCache, unchanged
+from recompute_manager.cache import CacheKey, ResultCache, node_leaves, unchanged
 from recompute_manager.planner import InputOrigin, InputRef, RecomputePlan, RecomputeTask
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm, matches
-from streamprov.errors import StreamprovError
+from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import HEADER_KEY, ProvenanceHeader, record_fields, scan
 from streamprov.header import PREFIX as HEADER_PREFIX
 from streamprov.ledger.model import DataRef
-from streamprov.lineage import Lineage, StepKind, decode_lineage
-from streamprov.registry import FunctionRegistry
-from streamprov.stamp import InputRecord, MapStamper, ReduceState, SourceStamper
+from streamprov.lineage import Lineage, Step, StepKind, common_prefix, decode_lineage
+from streamprov.merkle import root_of
+from streamprov.registry import FunctionRegistry, RegisteredFunction
+from streamprov.stamp import (
+    InputRecord,
+    MapStamper,
+    ReduceState,
+    SourceStamper,
+    reduce_header,
+    reduce_leaf,
+    reduce_leaves,
+)
 
 if TYPE_CHECKING:
     from recompute_manager.tracing import RecomputeTracing
@@ -60,6 +69,9 @@ PLAN_HEADER = "streamprov.recompute.plan"
 MAX_LINEAGES = 1024
 """Decoded lineages an executor keeps (by their encoded bytes) for the reduce input path."""
 
+
+_MISSING: Any = object()
+"""`Executor._previous`: no usable previous output."""
 
 _In = tuple[bytes, "bytes | ProvenanceHeader", DataRef]
 """An input: value, provenance header (encoded, or decoded when it was built here), node."""
@@ -164,11 +176,15 @@ class Executor:
         sleep: Callable[[float], None] = time.sleep,
         headers: Mapping[DataRef, bytes] | None = None,
         tracing: RecomputeTracing | None = None,
+        incremental: bool = True,
     ) -> None:
         """`headers`: the original provenance headers of stored intermediates (an `OutputIndex`'s),
         so a reduce over them keeps their lineage and sources; without one a stored input counts as
-        an original record. `tracing`: a span per task continuing the superseded record's trace."""
+        an original record. `tracing`: a span per task continuing the superseded record's trace.
+        `incremental`: recompute a reduce whose function has an inverse from its previous output
+        when it can (`_incremental`); False always re-folds every input."""
         self.registry = registry
+        self.incremental = incremental
         self.tracing = tracing
         self.headers: Mapping[DataRef, bytes] = headers if headers is not None else {}
         self.sources = sources
@@ -229,24 +245,35 @@ class Executor:
         from one stage and share it (the per-record fields are read with `record_fields`)."""
         if raw[: len(HEADER_PREFIX)] != HEADER_PREFIX:
             return ProvenanceHeader.decode(raw)
-        encoded = raw[scan(raw)[3] :]
+        lineage = self._lineage(raw[scan(raw)[3] :])
+        f = record_fields(raw)
+        return ProvenanceHeader(f.data_id, f.checksum, f.source_checksum, f.timestamp_ms, lineage)
+
+    def _lineage(self, encoded: bytes) -> Lineage:
+        """`decode_lineage`, each distinct encoded lineage decoded once (kept by its bytes)."""
         lineage = self._lineages.get(encoded)
         if lineage is None:
             if len(self._lineages) >= MAX_LINEAGES:
                 self._lineages.clear()
             lineage = self._lineages[encoded] = decode_lineage(encoded)
-        f = record_fields(raw)
-        return ProvenanceHeader(f.data_id, f.checksum, f.source_checksum, f.timestamp_ms, lineage)
+        return lineage
 
     # -- one attempt ---------------------------------------------------------------------------------
     def execute(
         self, task: RecomputeTask, outputs: Mapping[str, Recomputed], attempts: int = 1
     ) -> Recomputed:
         """Run a task once; raises `ExecutionError` (or what the function raised)."""
+        fast = self._incremental(task, outputs) if self.incremental and self.cache is not None else None
+        if fast is not None:
+            value, header, node_refs, cached = fast
+            applied: list[Applied] = [
+                (header, tuple(node_refs), DataRef.of(task.data_id, value, self.algorithm))
+            ]
+            return self._finish(task, value, header, cached, attempts, applied)
         ins = self._inputs(task.inputs, outputs)
         value, header, node_refs = b"", b"", [n for _, _, n in ins]
         cached = False
-        applied: list[Applied] = []
+        applied = []
         for step in task.steps:
             fn = self.registry.get(step.function_id, step.function_version)
             params = step.params
@@ -285,6 +312,17 @@ class Executor:
             node = DataRef.of(task.data_id, value, self.algorithm)
             applied.append((header, tuple(node_refs), node))
             ins, node_refs = [(value, header, node)], [node]
+        return self._finish(task, value, header, cached, attempts, applied)
+
+    def _finish(
+        self,
+        task: RecomputeTask,
+        value: bytes,
+        header: bytes,
+        cached: bool,
+        attempts: int,
+        applied: list[Applied],
+    ) -> Recomputed:
         same = unchanged(task.previous_output, value)
         if self.cache is not None:
             new_node = DataRef.of(task.data_id, value, task.previous_output.algorithm)
@@ -292,6 +330,207 @@ class Executor:
             if not same:
                 self.cache.supersede(task.previous_node, new_node, header)
         return Recomputed(task, value, header, same, cached, attempts, applied=tuple(applied))
+
+    # -- incremental reduce ----------------------------------------------------------------------------
+    def _incremental(
+        self, task: RecomputeTask, outputs: Mapping[str, Recomputed]
+    ) -> tuple[bytes, bytes, list[DataRef], bool] | None:
+        """A one-step REDUCE task whose function has an inverse, from its previous output: (value,
+        header, input nodes, cached), or None for the full fold.
+
+        The previous output (the ledger's, `task.previous_node`) was folded from exactly the nodes
+        the task's InputRefs name (a TASK or STORED ref names the original input; `_previous` checks
+        it against the previous header's input digest). So the new value
+        is `inverse` of each changed input's old value, then `fn` of its new value, applied to the
+        previous value: only changed inputs' values are read. Changed: a TASK input whose output
+        differs, or a STORED one superseded since (its latest version). The unchanged ones are read
+        as the full fold reads them for the header (the same headers: `self.headers`, else the one a
+        recompute stamped), but only their header: the input digest, sources root and lineage need
+        every input's leaf, in order, so the header is the one the full fold stamps.
+
+        None (full fold) when: a SOURCE input (its ref names the new version only), nothing is
+        STORED, the function (version) is forced, a stored input has no header (the full fold
+        derives it from the value), the previous output's value or header is missing, its header's
+        reduce step is not this function (id, version, code hash, parameters, window) or its input
+        digest is not over exactly the task's original input nodes in order (count and Merkle
+        root), or an old value (or a superseded input's new value) is missing or does not match its
+        checksum. An unchanged input's value is not read, so it need not be in the value store.
+        """
+        if len(task.steps) != 1 or task.steps[0].kind is not StepKind.REDUCE:
+            return None
+        cache = self.cache
+        assert cache is not None
+        step = task.steps[0]
+        fn = self.registry.get(step.function_id, step.function_version)
+        refs = task.inputs
+        if fn.inverse is None or fn.initial is None or fn.kind is not StepKind.REDUCE:
+            return None
+        if any(r.origin is InputOrigin.SOURCE for r in refs) or cache.forced(step):
+            return None
+        stored = [r.node for r in refs if r.origin is InputOrigin.STORED]
+        if not stored:
+            return None
+        gathered = self._changed_inputs(refs, stored, outputs)
+        if gathered is None:
+            return None
+        nodes, headers, old, new = gathered
+        params = step.params
+        key = CacheKey.of(step, nodes)
+        hit = cache.get(step, nodes, key=key)
+        if hit is None:
+            accumulator = self._previous(task, fn.step(params))
+            if accumulator is _MISSING:
+                return None
+            accumulator = self._replace(fn, params, accumulator, old, new)
+            if accumulator is _MISSING:
+                return None
+            value = self.serde.dumps(accumulator)
+        else:
+            value = hit
+        window = None
+        if step.inputs is not None and step.inputs.window_start is not None:
+            window = (step.inputs.window_start, step.inputs.window_end or 0)
+        digest, upstream = self._provenance(headers)
+        header_bytes = reduce_header(
+            fn.step(params), task.data_id, value, self.algorithm, window, digest, upstream
+        ).encode()
+        if hit is None:
+            cache.put(step, nodes, value, key=key)
+        return value, header_bytes, nodes, hit is not None
+
+    def _provenance(
+        self, headers: list[bytes | ProvenanceHeader]
+    ) -> tuple[tuple[int, bytes, bytes], Lineage | None]:
+        """What `ReduceState` derives from the inputs' headers for the output header, in order:
+        ((count, inputs Merkle root, sources Merkle root), the lineage they share). Encoded headers
+        are read in place (`reduce_leaves`); a run of inputs with one encoded lineage (a stage's
+        outputs) decodes and compares it once."""
+        inputs: list[bytes] = []
+        sources: list[bytes] = []
+        upstream: Lineage | None = None
+        merged: bytes | None = None  # the encoded lineage last merged into `upstream`
+        for h in headers:
+            found = reduce_leaves(h) if isinstance(h, bytes) else None
+            if found is None:
+                d = h if isinstance(h, ProvenanceHeader) else self._decode(h)
+                inputs.append(reduce_leaf(d.data_id, d.checksum))
+                sources.append(reduce_leaf(d.data_id, d.source_checksum))
+                lineage, merged = d.lineage, None
+            else:
+                leaf, source, encoded = found
+                inputs.append(leaf)
+                sources.append(source)
+                if encoded == merged:
+                    continue
+                lineage, merged = self._lineage(encoded), encoded
+            if upstream is None:
+                upstream = lineage
+            elif lineage is not upstream:
+                upstream = common_prefix([upstream, lineage])
+        return (len(inputs), root_of(inputs), root_of(sources)), upstream
+
+    def _changed_inputs(
+        self, refs: tuple[InputRef, ...], stored: list[DataRef], outputs: Mapping[str, Recomputed]
+    ) -> tuple[list[DataRef], list[bytes | ProvenanceHeader], list[DataRef], list[bytes | DataRef]] | None:
+        """(every input's node, every input's header, the changed inputs' old nodes, their new value
+        or, for a superseded stored input, new node), or None when a stored input has no header."""
+        cache = self.cache
+        assert cache is not None
+        latest = iter(cache.latest_nodes(stored))
+        nodes: list[DataRef] = []
+        headers: list[bytes | ProvenanceHeader] = []
+        old: list[DataRef] = []  # the changed inputs' previous versions, in input order
+        new: list[bytes | DataRef] = []  # their new value (a task's output) or node (superseded)
+        for r in refs:
+            if r.origin is InputOrigin.TASK:
+                done = outputs.get(r.from_task or "")
+                if done is None:
+                    raise ExecutionError(f"input {r.node.describe()}: task {r.from_task} has not run")
+                node, header = done.node, done.header
+                if node != r.node:
+                    old.append(r.node)
+                    new.append(done.value)
+            else:
+                node = next(latest)
+                found = self.headers.get(node)
+                if found is None and node != r.node:
+                    found = cache.header(node)
+                if found is None:
+                    return None
+                header = found
+                if node != r.node:
+                    old.append(r.node)
+                    new.append(node)
+            nodes.append(node)
+            headers.append(header)
+        return nodes, headers, old, new
+
+    def _replace(
+        self,
+        fn: RegisteredFunction,
+        params: Mapping[str, Any],
+        accumulator: Any,
+        old: list[DataRef],
+        new: list[bytes | DataRef],
+    ) -> Any:
+        """`accumulator` with each old input retracted, then each new one folded in (old values and
+        superseded inputs' new values read from the value store, checked against their checksums);
+        `_MISSING` when one is not there."""
+        cache = self.cache
+        assert cache is not None
+        reads = [n for n in new if isinstance(n, DataRef)]
+        wanted = [*old, *reads]
+        found = cache.values(wanted)
+        checked: list[bytes] = []
+        for n, v in zip(wanted, found, strict=True):
+            if v is None or not matches(n.checksum, v):
+                return _MISSING
+            checked.append(v)
+        old_values, fresh = checked[: len(old)], iter(checked[len(old) :])
+        new_values = [n if isinstance(n, bytes) else next(fresh) for n in new]
+        loads = self.serde.loads
+        for v in old_values:
+            accumulator = fn.retract(accumulator, loads(v), params=params)
+        for v in new_values:
+            accumulator = fn.apply(accumulator, loads(v), params=params)
+        return accumulator
+
+    def _previous(self, task: RecomputeTask, want: Step) -> Any:
+        """The previous output's accumulator (deserialised value), or `_MISSING` when its value or
+        header is not stored, or its header's reduce step is not `want` in the task's window, folded
+        over exactly the task's original input nodes (`InputRef.node`), in order: the input
+        digest's count and Merkle root are checked, so the retracted values are the folded ones."""
+        cache = self.cache
+        assert cache is not None
+        prev = task.previous_node
+        raw = self.headers.get(prev)
+        if raw is None:
+            raw = cache.header(prev)
+        if raw is None:
+            return _MISSING
+        try:
+            lineage = self._decode(raw).lineage
+        except HeaderError:
+            return _MISSING
+        last = lineage[-1] if lineage else None
+        window = task.steps[0].inputs
+        if (
+            last is None
+            or last.kind is not StepKind.REDUCE
+            or (last.function_id, last.function_version, last.code_hash, last.parameters)
+            != (want.function_id, want.function_version, want.code_hash, want.parameters)
+            or last.inputs is None
+            or last.inputs.count != len(task.inputs)
+            or (last.inputs.window_start, last.inputs.window_end)
+            != ((None, None) if window is None else (window.window_start, window.window_end))
+        ):
+            return _MISSING
+        if root_of(node_leaves([r.node for r in task.inputs])) != last.inputs.merkle_root:
+            return _MISSING
+        value = cache.value(prev)
+        if value is None or not matches(prev.checksum, value):
+            return _MISSING
+        return self.serde.loads(value)
 
     # -- retries -------------------------------------------------------------------------------------
     def run(

@@ -40,6 +40,22 @@ def merkle_root(leaves: list[bytes]) -> bytes:
     return node_hash(merkle_root(leaves[:split]), merkle_root(leaves[split:]))
 
 
+def root_of(leaves: Sequence[bytes]) -> bytes:
+    """`merkle_root(leaves)` (what a `MerkleAccumulator` fed them returns), built bottom-up a level
+    at a time: every leaf hashed, then adjacent pairs, an odd last node carried up unchanged (the
+    RFC 6962 shape). For a list at hand: no per-leaf Python frame."""
+    if not leaves:
+        return _EMPTY_ROOT
+    sha256 = hashlib.sha256
+    level = [sha256(b"\x00" + leaf).digest() for leaf in leaves]
+    while len(level) > 1:
+        paired = [sha256(b"\x01" + a + b).digest() for a, b in zip(level[::2], level[1::2], strict=False)]
+        if len(level) & 1:
+            paired.append(level[-1])
+        level = paired
+    return level[0]
+
+
 def fold_frontier(frontier: Sequence[bytes]) -> bytes:
     """The root of a tree from its frontier (perfect subtree roots, leftmost first)."""
     if not frontier:

@@ -20,17 +20,30 @@ from typing import Any
 
 from streamprov.errors import FunctionNotFoundError, RegistryError
 from streamprov.lineage import InputDigest, Step, StepKind
+from streamprov.merkle import length_prefixed
 
 CODE_HASH_SIZE = 16
 
 
-def code_hash(func: Callable[..., Any]) -> bytes:
+def code_hash(func: Callable[..., Any], inverse: Callable[..., Any] | None = None) -> bytes:
     """First 16 bytes of SHA-256 over the function's normalised source.
 
     The source is parsed and dumped as an AST without decorators, positions or comments, so
     reformatting or moving a function does not change its hash but changing what it does does.
     Without source (built-ins, REPL lambdas) the bytecode is hashed instead.
+
+    A reduce's `inverse` is part of what it does (the incremental recompute replays it): with one,
+    the hash is over a tag and both materials, length-prefixed; without one it is the function's hash
+    alone, as it always was.
     """
+    if inverse is None:
+        return hashlib.sha256(_material(func)).digest()[:CODE_HASH_SIZE]
+    both = length_prefixed(b"reduce+inverse", _material(func), _material(inverse))
+    return hashlib.sha256(both).digest()[:CODE_HASH_SIZE]
+
+
+def _material(func: Callable[..., Any]) -> bytes:
+    """What `code_hash` hashes: the normalised AST dump, else the bytecode material."""
     try:
         source = textwrap.dedent(inspect.getsource(func))
         tree = ast.parse(source)
@@ -45,11 +58,10 @@ def code_hash(func: Callable[..., Any]) -> bytes:
             )
             if is_docstring:  # a docstring edit is not a code change
                 node.body = node.body[1:] or [ast.Pass()]
-        material = ast.dump(node, include_attributes=False).encode()
+        return ast.dump(node, include_attributes=False).encode()
     except (OSError, TypeError, SyntaxError, IndexError):
         code = getattr(func, "__code__", None)
-        material = _bytecode_material(code) if code is not None else repr(func).encode()
-    return hashlib.sha256(material).digest()[:CODE_HASH_SIZE]
+        return _bytecode_material(code) if code is not None else repr(func).encode()
 
 
 def _bytecode_material(code: CodeType) -> bytes:
@@ -75,6 +87,14 @@ class RegisteredFunction:
     """Parameters applied unless a step overrides them (left out of the hash: a mapping is unhashable)."""
     initial: Callable[[], Any] | None = None
     """REDUCE only: a factory for the empty accumulator."""
+    inverse: Callable[..., Any] | None = None
+    """REDUCE only, optional: `inverse(accumulator, value, **params) -> accumulator` takes one input
+    back out, so that `fn(inverse(acc, old), new)` is the fold with `old` replaced by `new` (the fold
+    is then order-insensitive: a sum, a count; not a float sum, whose rounding depends on order). The
+    executor then recomputes a reduce with few changed inputs from its previous output, which it
+    reads back through the serde: the accumulator must survive `loads(dumps(acc))` unchanged for
+    `fn` and `inverse` (an int or a dict of str keys does; a tuple or a set does not). Part of the
+    code hash."""
 
     def step(self, params: Mapping[str, Any] | None = None, inputs: InputDigest | None = None) -> Step:
         merged = {**self.default_params, **(params or {})}
@@ -82,6 +102,12 @@ class RegisteredFunction:
 
     def apply(self, *args: Any, params: Mapping[str, Any] | None = None) -> Any:
         return self.func(*args, **{**self.default_params, **(params or {})})
+
+    def retract(self, accumulator: Any, value: Any, params: Mapping[str, Any] | None = None) -> Any:
+        """`inverse(accumulator, value)`: the accumulator without `value` (needs an inverse)."""
+        if self.inverse is None:
+            raise RegistryError(f"reduce function {self.function_id!r} has no inverse")
+        return self.inverse(accumulator, value, **{**self.default_params, **(params or {})})
 
 
 class FunctionRegistry:
@@ -100,9 +126,12 @@ class FunctionRegistry:
         kind: StepKind = StepKind.MAP,
         params: Mapping[str, Any] | None = None,
         initial: Callable[[], Any] | None = None,
+        inverse: Callable[..., Any] | None = None,
     ) -> RegisteredFunction:
         if not function_id or not version:
             raise RegistryError("a function needs a non-empty id and version")
+        if inverse is not None and kind is not StepKind.REDUCE:
+            raise RegistryError(f"only a reduce function takes an inverse ({function_id!r} is a {kind.name})")
         if kind is StepKind.REDUCE and initial is None:
             raise RegistryError(
                 f"reduce function {function_id!r} needs initial=<factory of the empty accumulator>"
@@ -112,9 +141,10 @@ class FunctionRegistry:
             version,
             kind,
             func,
-            code_hash(func),
+            code_hash(func, inverse),
             MappingProxyType(dict(params or {})),
             initial,
+            inverse,
         )
         existing = self._by_key.get((function_id, version))
         if existing is not None and existing.code_hash != entry.code_hash:
@@ -133,11 +163,18 @@ class FunctionRegistry:
         return lambda fn: self.add(fn, function_id, version, kind=StepKind.MAP, params=params)
 
     def reduce(
-        self, function_id: str, version: str, *, initial: Callable[[], Any], **params: Any
+        self,
+        function_id: str,
+        version: str,
+        *,
+        initial: Callable[[], Any],
+        inverse: Callable[..., Any] | None = None,
+        **params: Any,
     ) -> Callable[[Callable[..., Any]], RegisteredFunction]:
-        """Decorator: register `fn(accumulator, value, **params) -> accumulator`."""
+        """Decorator: register `fn(accumulator, value, **params) -> accumulator`, optionally with its
+        `inverse(accumulator, value, **params) -> accumulator` (see `RegisteredFunction.inverse`)."""
         return lambda fn: self.add(
-            fn, function_id, version, kind=StepKind.REDUCE, params=params, initial=initial
+            fn, function_id, version, kind=StepKind.REDUCE, params=params, initial=initial, inverse=inverse
         )
 
     def get(self, function_id: str, version: str | None = None) -> RegisteredFunction:

@@ -204,6 +204,78 @@ def reduce_leaf(data_id: str, checksum: Checksum) -> bytes:
     return length_prefixed(data_id.encode("utf-8"), bytes([checksum.algorithm]), checksum.value)
 
 
+_ALGORITHM_LEAF = tuple(length_prefixed(bytes((int(a),))) for a in ChecksumAlgorithm)
+"""lp(algorithm byte) by the algorithm's index in the header encoding (as `_checksum_at` reads it)."""
+_PREFIX_LEN = len(PREFIX)
+
+
+def reduce_leaves(raw: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """Of one reduce input's encoded header, read in place (`scan`, no objects): its `reduce_leaf`
+    (DataID, checksum), its sources leaf (DataID, source checksum) and its encoded lineage; None for
+    a header of another schema version (decode that one). Raises `HeaderError` for a malformed one."""
+    if raw[:_PREFIX_LEN] != PREFIX:
+        return None
+    source_start, source_end, id_start, lineage_at = scan(raw)
+    _, data_at = avro.read_long(raw, id_start)
+    data_id = raw[data_at:lineage_at]
+    head = len(data_id).to_bytes(4, "big") + data_id
+    p = _PREFIX_LEN
+    leaf = b"".join(
+        (
+            head,
+            _ALGORITHM_LEAF[raw[p] >> 1],
+            (source_start - p - 2).to_bytes(4, "big"),
+            raw[p + 2 : source_start],
+        )
+    )
+    source = b"".join(
+        (
+            head,
+            _ALGORITHM_LEAF[raw[source_start] >> 1],
+            (source_end - source_start - 2).to_bytes(4, "big"),
+            raw[source_start + 2 : source_end],
+        )
+    )
+    return leaf, source, raw[lineage_at:]
+
+
+def reduce_header(
+    step: Step,
+    data_id: str,
+    output_value: bytes,
+    algorithm: ChecksumAlgorithm,
+    window: tuple[int, int] | None,
+    digest: tuple[int, bytes, bytes],
+    upstream: Lineage | None,
+) -> ProvenanceHeader:
+    """A reduce output's header: `digest` = (input count, inputs Merkle root, sources Merkle root),
+    `upstream` the lineage its inputs share. The reduce step carries the input digest, never the
+    input list. `ReduceState.header`, and the incremental recompute's (which builds the roots from
+    the inputs' encoded headers)."""
+    count, inputs_root, sources_root = digest
+    input_digest = InputDigest(
+        count,
+        inputs_root,
+        window[0] if window else None,
+        window[1] if window else None,
+    )
+    reduce_step = Step(
+        step.kind,
+        step.function_id,
+        step.function_version,
+        step.code_hash,
+        step.parameters,
+        input_digest,
+    )
+    return ProvenanceHeader(
+        data_id,
+        compute(algorithm, output_value),
+        Checksum(ChecksumAlgorithm.SHA256, sources_root),
+        now_ms(),
+        (*(upstream or ()), reduce_step),
+    )
+
+
 @dataclass
 class ReduceState:
     """Accumulated state of one reduce group (key, window): the value and a bounded input digest.
@@ -227,9 +299,11 @@ class ReduceState:
         self.accumulator = function.apply(self.accumulator, value, params=params)
         self.inputs.add(reduce_leaf(header.data_id, header.checksum))
         self.sources.add(reduce_leaf(header.data_id, header.source_checksum))
-        self.upstream = (
-            header.lineage if self.upstream is None else common_prefix([self.upstream, header.lineage])
-        )
+        lineage = header.lineage
+        if self.upstream is None:
+            self.upstream = lineage
+        elif lineage is not self.upstream:  # the same (shared, decoded once) lineage: no change
+            self.upstream = common_prefix([self.upstream, lineage])
         self.last_timestamp_ms = max(self.last_timestamp_ms, header.timestamp_ms)
 
     @property
@@ -245,27 +319,8 @@ class ReduceState:
         window: tuple[int, int] | None = None,
     ) -> ProvenanceHeader:
         """The output header: the reduce step carries the input digest, never the input list."""
-        digest_ = InputDigest(
-            self.inputs.count,
-            self.inputs.root(),
-            window[0] if window else None,
-            window[1] if window else None,
-        )
-        reduce_step = Step(
-            step.kind,
-            step.function_id,
-            step.function_version,
-            step.code_hash,
-            step.parameters,
-            digest_,
-        )
-        return ProvenanceHeader(
-            data_id,
-            compute(algorithm, output_value),
-            Checksum(ChecksumAlgorithm.SHA256, self.sources.root()),
-            now_ms(),
-            (*(self.upstream or ()), reduce_step),
-        )
+        digest_ = (self.inputs.count, self.inputs.root(), self.sources.root())
+        return reduce_header(step, data_id, output_value, algorithm, window, digest_, self.upstream)
 
 
 _EMPTY_LINEAGE = encode_lineage(())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from streamprov.merkle import (
     length_prefixed,
     merkle_root,
     node_hash,
+    root_of,
 )
 from streamprov.reduce import LateRecordError, WindowedReducer
 from streamprov.registry import FunctionRegistry, RegisteredFunction
@@ -451,3 +453,13 @@ def test_reducer_model(script, shape) -> None:
     assert emitted == sorted(emitted) and len(set(emitted)) == len(emitted)
     rest = {(o.key, o.window[0]): o.value for o in r.close_all()}
     assert rest == accepted
+
+
+def test_root_of_a_leaf_list_equals_the_reference_and_the_accumulator() -> None:
+    rng = random.Random(7)
+    for n in [*range(0, 40), 63, 64, 65, 100, 127, 128, 129]:
+        leaves = [rng.randbytes(rng.randrange(0, 9)) for _ in range(n)]
+        acc = MerkleAccumulator()
+        for leaf in leaves:
+            acc.add(leaf)
+        assert root_of(leaves) == merkle_root(leaves) == acc.root(), n

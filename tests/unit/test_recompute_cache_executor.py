@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from recompute_manager.executor import (
     Recomputed,
     RetryPolicy,
 )
-from recompute_manager.planner import Coordinates, plan_for_change, plan_from_applications
+from recompute_manager.planner import Coordinates, plan_for_change, plan_for_changes, plan_from_applications
 from recompute_manager.policy import Cause
 from streamprov.agents.dead_letter import REASON_HEADER
 from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
@@ -28,6 +29,7 @@ from streamprov.ledger import Application, ApplicationKind, Applied, DataRef, Le
 from streamprov.lineage import InputDigest, Step, StepKind
 from streamprov.merkle import length_prefixed
 from streamprov.registry import FunctionRegistry
+from streamprov.stamp import ReduceState
 
 
 def registry() -> FunctionRegistry:
@@ -316,3 +318,275 @@ def test_reduce_inputs_decode_like_the_header_decoder(tmp_path: Path) -> None:
     assert len(ex._lineages) == 4  # (), (double,), (double, inc), (total,)
     with pytest.raises(HeaderError):
         ex._decode(b"not a header")
+
+
+# --- incremental reduce (a reduce with an inverse, recomputed from its previous output) ---------------
+
+CALLS = {"fold": 0, "inverse": 0}
+
+
+def counted_sum(acc: int, x: int) -> int:
+    CALLS["fold"] += 1
+    return acc + x
+
+
+def counted_unsum(acc: int, x: int) -> int:
+    CALLS["inverse"] += 1
+    return acc - x
+
+
+def inverse_registry() -> FunctionRegistry:
+    reg = registry()
+    reg.add(counted_sum, "isum", "1", kind=StepKind.REDUCE, initial=lambda: 0, inverse=counted_unsum)
+    return reg
+
+
+_XS = [ref(f"x{i}", i + 1) for i in range(4)]
+_DS = [ref(f"x{i}", 2 * (i + 1)) for i in range(4)]
+_T = ref("t", 20)
+
+
+def _isum_ledger(tmp_path: Path, reg: FunctionRegistry) -> LedgerIndex:
+    """x0..x3 (1..4) -> double -> d0..d3 (2..8) -> isum -> t (20), windowed. As a pipeline records
+    them: a map keeps its input's DataID (d_i is x_i's next node), so the reduce header's input
+    digest is over the ledger's input nodes (`Application.check_input_digest`)."""
+    apps = [Application.of_source(x, timestamp_ms=1) for x in _XS]
+    apps += [app(reg, "double", [x], d) for x, d in zip(_XS, _DS, strict=True)]
+    apps.append(app(reg, "isum", _DS, _T))
+    idx = LedgerIndex(tmp_path / "idx", LEDGER)
+    idx.catch_up(build(apps))
+    return idx
+
+
+def _sources() -> dict[str, bytes]:
+    return {x.data_id: str(i + 1).encode() for i, x in enumerate(_XS)}
+
+
+def _fill(
+    cache: ResultCache, original: dict[str, Recomputed], missing: tuple[DataRef, ...] = ()
+) -> dict[DataRef, bytes]:
+    """What an OutputIndex fills: every output's value (value store, but `missing`'s) and original
+    header."""
+    for node in [*_DS, _T]:
+        if node not in missing:
+            cache.put_value(node, original[node.data_id].value)
+    return {node: original[node.data_id].header for node in [*_DS, _T]}
+
+
+def _no_ts(raw: bytes) -> bytes:
+    """The header bytes with the timestamp zeroed (the only field two runs may stamp differently)."""
+    h = ProvenanceHeader.decode(raw)
+    return ProvenanceHeader(h.data_id, h.checksum, h.source_checksum, 0, h.lineage).encode()
+
+
+Setup = Any  # (cache, original) -> headers to give the executor, the value store filled
+
+
+def _run_both(
+    tmp_path: Path,
+    plans: list[list[ChangeEvent]],
+    new_sources: list[dict[str, bytes]],
+    setup: Setup = None,
+    *,
+    scratch_header: bool = True,
+) -> tuple[dict[str, Recomputed], dict[str, Recomputed], dict[str, int]]:
+    """Run the same plans (in order) once with the incremental reduce and once with the full fold,
+    each on its own value store filled alike: ({data_id: result} of the last plan, incremental and
+    full) and the fold/inverse calls of the incremental run's last plan. Both equal a replay from
+    scratch too (its header only with `scratch_header`: a withheld input header changes it)."""
+    reg = inverse_registry()
+    runs: list[dict[str, Recomputed]] = []
+    calls: dict[str, int] = {}
+    with _isum_ledger(tmp_path, reg) as idx:
+        original = _replay_all(idx, reg, _sources())  # what the pipeline wrote
+        for incremental in (True, False):
+            sources = _sources()
+            with ResultCache(tmp_path / f"cache-{incremental}") as cache:
+                headers = (setup or _fill)(cache, original)
+                for events, changed in zip(plans, new_sources, strict=True):
+                    sources.update(changed)
+                    ex = Executor(reg, sources, cache=cache, headers=headers, incremental=incremental)
+                    CALLS.update(fold=0, inverse=0)
+                    result = ex.run_plan(plan_for_changes(idx, events))
+                    assert not result.dead, result.dead
+                if incremental:
+                    calls = dict(CALLS)
+                runs.append({r.task.data_id: r for r in result.recomputed})
+        scratch = _replay_all(idx, reg, sources)  # from scratch on the final sources
+    fast, full = runs
+    assert fast.keys() == full.keys()
+    for data_id, r in fast.items():
+        assert r.value == full[data_id].value == scratch[data_id].value
+        assert _no_ts(r.header) == _no_ts(full[data_id].header)
+        assert _no_ts(r.header) == _no_ts(scratch[data_id].header) or not scratch_header
+        assert [(_no_ts(h), i, o) for h, i, o in r.applied] == [
+            (_no_ts(h), i, o) for h, i, o in full[data_id].applied
+        ]
+        assert (r.unchanged, r.cached) == (full[data_id].unchanged, full[data_id].cached)
+    return fast, full, calls
+
+
+def test_incremental_reduce_one_changed_input_equals_the_full_fold(tmp_path: Path) -> None:
+    fast, _, calls = _run_both(tmp_path, [[change("x3", 4, 50)]], [{"x3": b"50"}])
+    assert fast["t"].value == b"112"  # 2 + 4 + 6 + 100
+    assert calls == {"fold": 1, "inverse": 1}  # 8 out, 100 in: the three unchanged inputs not folded
+    step = ProvenanceHeader.decode(fast["t"].header).lineage[-1]
+    assert step.inputs is not None and step.inputs.count == 4
+    assert (step.inputs.window_start, step.inputs.window_end) == (0, 60_000)
+
+
+def test_incremental_reduce_several_changed_inputs_equals_the_full_fold(tmp_path: Path) -> None:
+    events = [change("x0", 1, 10), change("x2", 3, 7)]
+    fast, _, calls = _run_both(tmp_path, [events], [{"x0": b"10", "x2": b"7"}])
+    assert fast["t"].value == b"46"  # 20 + 4 + 14 + 8
+    assert calls == {"fold": 2, "inverse": 2}
+
+
+def test_incremental_reduce_with_a_superseded_stored_input_equals_the_full_fold(tmp_path: Path) -> None:
+    """A first plan corrects d3 (8 -> 100); a second, planned apart, changes x0: the ledger still
+    names d3's original as t's input (STORED), which the value store says was superseded."""
+    plans = [[change("x3", 4, 50)], [change("x0", 1, 10)]]
+    fast, _, calls = _run_both(tmp_path, plans, [{"x3": b"50"}, {"x0": b"10"}])
+    assert fast["t"].value == b"130"  # 20 + 4 + 6 + 100
+    assert calls == {"fold": 2, "inverse": 2}  # d0 and d3 replaced, from t's original value 20
+
+
+def _header_with(raw: bytes, **changes: Any) -> bytes:
+    """`raw` with its last (reduce) step changed: Step fields, or count/merkle_root/window_*."""
+    h = ProvenanceHeader.decode(raw)
+    last = h.lineage[-1]
+    assert last.inputs is not None
+    digest = {k: changes.pop(k) for k in list(changes) if k in InputDigest.__dataclass_fields__}
+    inputs = dataclasses.replace(last.inputs, **digest)
+    step = dataclasses.replace(last, inputs=inputs, **changes)
+    return ProvenanceHeader(
+        h.data_id, h.checksum, h.source_checksum, h.timestamp_ms, (*h.lineage[:-1], step)
+    ).encode()
+
+
+def _mutated_previous(**changes: Any) -> Setup:
+    def setup(cache: ResultCache, original: dict[str, Recomputed]) -> dict[DataRef, bytes]:
+        headers = _fill(cache, original)
+        return {**headers, _T: _header_with(headers[_T], **changes)}
+
+    return setup
+
+
+def _without(node: DataRef, *, header: bool = False, value: bool = False, wrong: bytes = b"") -> Setup:
+    """`node`'s header left out, its value not stored, or a wrong value stored under it."""
+
+    def setup(cache: ResultCache, original: dict[str, Recomputed]) -> dict[DataRef, bytes]:
+        headers = _fill(cache, original, (node,) if value else ())
+        if wrong:
+            cache.put_value(node, wrong)
+        return {k: v for k, v in headers.items() if not (header and k == node)}
+
+    return setup
+
+
+def _forced(cache: ResultCache, original: dict[str, Recomputed]) -> dict[DataRef, bytes]:
+    cache.force("isum", "1")
+    return _fill(cache, original)
+
+
+FALLBACKS: dict[str, Setup] = {
+    "forced": _forced,
+    "previous header missing": _without(_T, header=True),
+    "previous value missing": _without(_T, value=True),
+    "previous value wrong": _without(_T, wrong=b"21"),
+    "stored input without header": _without(_DS[0], header=True),
+    "old value missing": _without(_DS[3], value=True),
+    "old value wrong": _without(_DS[3], wrong=b"9"),
+    "code hash": _mutated_previous(code_hash=b"c" * 16),
+    "version": _mutated_previous(function_version="0"),
+    "parameters": _mutated_previous(parameters=(("k", "1"),)),
+    "count": _mutated_previous(count=5),
+    "merkle root": _mutated_previous(merkle_root=b"r" * 32),
+    "window": _mutated_previous(window_end=1),
+    "not a reduce": _mutated_previous(kind=StepKind.MAP),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_incremental_reduce_falls_back_to_the_full_fold(tmp_path: Path, case: str) -> None:
+    withheld = case == "stored input without header"  # both folds count it as an original record
+    fast, _, calls = _run_both(
+        tmp_path, [[change("x3", 4, 50)]], [{"x3": b"50"}], FALLBACKS[case], scratch_header=not withheld
+    )
+    assert fast["t"].value == b"112"
+    assert calls == {"fold": 4, "inverse": 0}
+
+
+def test_incremental_reduce_falls_back_for_a_superseded_input_whose_new_value_is_missing(
+    tmp_path: Path,
+) -> None:
+    """The second plan reads d3's superseding version (the first plan's output) from the value store."""
+
+    def setup(cache: ResultCache, original: dict[str, Recomputed]) -> dict[DataRef, bytes]:
+        headers = _fill(cache, original)
+        stale = ResultCache.put_value
+
+        def put_value(self: ResultCache, node: DataRef, value: bytes) -> None:  # d3's new version: lost
+            if node.data_id != "x3":
+                stale(self, node, value)
+
+        cache.put_value = put_value.__get__(cache)  # type: ignore[method-assign]
+        return headers
+
+    plans = [[change("x3", 4, 50)], [change("x0", 1, 10)]]
+    with pytest.raises(AssertionError, match="not in the value store"):  # the full fold dead-letters
+        _run_both(tmp_path, plans, [{"x3": b"50"}, {"x0": b"10"}], setup)
+
+
+def test_incremental_reduce_falls_back_for_source_inputs_and_without_an_inverse(tmp_path: Path) -> None:
+    reg = inverse_registry()
+    apps = [
+        Application.of_source(ref("a", 1), timestamp_ms=1),
+        Application.of_source(ref("b", 2), timestamp_ms=1),
+        app(reg, "isum", [ref("a", 1), ref("b", 2)], ref("ab", 3)),  # SOURCE inputs only
+        app(reg, "total", [ref("a", 1), ref("b", 2)], ref("ab2", 3)),  # no inverse
+    ]
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx, ResultCache(tmp_path / "c") as cache:
+        idx.catch_up(build(apps))
+        original = _replay_all(idx, reg, {"a": b"1", "b": b"2"})
+        headers = {n: original[n.data_id].header for n in (ref("ab", 3), ref("ab2", 3))}
+        for n in headers:
+            cache.put_value(n, original[n.data_id].value)
+        CALLS.update(fold=0, inverse=0)
+        result = Executor(reg, {"a": b"10", "b": b"2"}, cache=cache, headers=headers).run_plan(
+            plan_for_change(idx, change("a", 1, 10))
+        )
+    assert {r.task.data_id: r.value for r in result.changed} == {"ab": b"12", "ab2": b"12"}
+    assert CALLS == {"fold": 2, "inverse": 0}
+
+
+def test_incremental_header_digest_equals_the_reduce_state_of_the_decoded_headers() -> None:
+    """`Executor._provenance` (encoded headers read in place) against `ReduceState.add` over the
+    decoded headers: count, both Merkle roots and the shared lineage, for mixed lineages, both
+    checksum algorithms, long and non-ASCII DataIDs, and headers given decoded."""
+    a = Step.create(StepKind.MAP, "a", "1", b"c" * 16, {})
+    b = Step.create(StepKind.MAP, "b", "1", b"d" * 16, {"k": 2})
+    sha = ChecksumAlgorithm.SHA256
+    raws: list[bytes | ProvenanceHeader] = [
+        ProvenanceHeader("x", compute(sha, b"1"), compute(sha, b"0"), 5, (a, b)),
+        ProvenanceHeader(
+            "ü" * 40, compute(ChecksumAlgorithm.CRC32C, b"2"), compute(sha, b"0"), 6, (a, b)
+        ).encode(),
+        ProvenanceHeader(
+            "y", compute(ChecksumAlgorithm.CRC32C, b"3"), compute(sha, b"1"), 7, (a, b)
+        ).encode(),
+        ProvenanceHeader(
+            "z" * 70, compute(sha, b"4"), compute(ChecksumAlgorithm.CRC32C, b"4"), 8, (a,)
+        ).encode(),
+        ProvenanceHeader.for_source("s", b"5").encode(),
+    ]
+    ex = Executor(registry(), {})
+    for k in range(1, len(raws) + 1):
+        for order in (raws[:k], raws[:k][::-1]):
+            state = ReduceState(0)
+            for raw in order:
+                decoded = raw if isinstance(raw, ProvenanceHeader) else ProvenanceHeader.decode(raw)
+                state.add(registry().get("total"), {}, decoded, 1)
+            digest, upstream = ex._provenance(list(order))
+            assert digest == (state.count, state.inputs.root(), state.sources.root())
+            assert upstream == state.upstream

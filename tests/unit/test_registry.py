@@ -354,3 +354,90 @@ def test_function_not_found_lists_what_is_registered() -> None:
     assert isinstance(info.value, RegistryError) and isinstance(info.value, StreamprovError)
     with pytest.raises(FunctionNotFoundError, match="no function missing@1 is registered"):
         reg.for_step(Step.create(StepKind.MAP, "missing", "1", b"", {}))
+
+
+# --- a reduce's inverse -------------------------------------------------------------------------------
+
+SUM = """
+def total(acc, value, scale=1):
+    return acc + value * scale
+
+
+def untotal(acc, value, scale=1):
+    return acc - value * scale
+
+
+def untotal_reformatted(acc,  value, scale = 1):  # named untotal by one test
+    # the same code
+    return (acc - value * scale)
+
+
+def untotal_other(acc, value, scale=1):
+    return acc - value
+"""
+
+
+def _ast_material(source: str, name: str) -> bytes:
+    """The documented `code_hash` material of a function without decorators or docstring."""
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return ast.dump(node, include_attributes=False).encode()
+
+
+def test_only_a_reduce_takes_an_inverse(tmp_path: Path) -> None:
+    m = load(tmp_path, SUM)
+    reg = FunctionRegistry()
+    with pytest.raises(RegistryError, match="only a reduce function takes an inverse"):
+        reg.add(m.total, "total", "1", inverse=m.untotal)  # kind defaults to MAP
+    assert len(reg) == 0
+    fn = reg.add(m.total, "total", "1", kind=StepKind.REDUCE, initial=int, inverse=m.untotal)
+    assert fn.inverse is m.untotal and len(reg) == 1
+
+
+def test_inverse_retracts_with_the_merged_params(tmp_path: Path) -> None:
+    m = load(tmp_path, SUM)
+    reg = FunctionRegistry()
+    fn = reg.reduce("total", "1", initial=int, inverse=m.untotal, scale=10)(m.total)
+    assert fn.kind is StepKind.REDUCE and fn.inverse is m.untotal
+    acc = fn.apply(fn.apply(0, 1), 2)
+    assert acc == 30
+    assert fn.retract(acc, 1) == 20
+    assert fn.retract(acc, 1, params={"scale": 1}) == 29
+    plain = reg.reduce("plain", "1", initial=int)(m.total)
+    with pytest.raises(RegistryError, match="has no inverse"):
+        plain.retract(1, 1)
+
+
+def test_code_hash_with_an_inverse(tmp_path: Path) -> None:
+    m = load(tmp_path, SUM)
+    source = textwrap.dedent(SUM)
+    # Without an inverse: the function's hash alone, as before (the documented definition).
+    alone = hashlib.sha256(_ast_material(source, "total")).digest()[:16]
+    assert code_hash(m.total) == code_hash(m.total, None) == alone
+    assert FunctionRegistry().reduce("t", "1", initial=int)(m.total).code_hash == alone
+    # With one: over a tag and both materials, length-prefixed.
+    both = b"".join(
+        len(p).to_bytes(4, "big") + p
+        for p in (b"reduce+inverse", _ast_material(source, "total"), _ast_material(source, "untotal"))
+    )
+    with_inverse = FunctionRegistry().reduce("t", "1", initial=int, inverse=m.untotal)(m.total)
+    assert with_inverse.code_hash == code_hash(m.total, m.untotal) == hashlib.sha256(both).digest()[:16]
+    assert with_inverse.code_hash != alone
+    # The inverse is part of the code: a changed inverse changes the hash, a reformatted one does not.
+    assert code_hash(m.total, m.untotal_other) != with_inverse.code_hash
+    reformatted = SUM.replace("def untotal(", "def untotal_old(").replace(
+        "def untotal_reformatted(", "def untotal("
+    )
+    assert code_hash(m.total, load(tmp_path, reformatted).untotal) == with_inverse.code_hash
+    # The function and its inverse are not interchangeable.
+    assert code_hash(m.untotal, m.total) != code_hash(m.total, m.untotal)
+
+
+def test_re_registering_with_another_inverse_needs_a_version_bump(tmp_path: Path) -> None:
+    m = load(tmp_path, SUM)
+    reg = FunctionRegistry()
+    reg.add(m.total, "total", "1", kind=StepKind.REDUCE, initial=int, inverse=m.untotal)
+    reg.add(load(tmp_path, SUM).total, "total", "1", kind=StepKind.REDUCE, initial=int, inverse=m.untotal)
+    with pytest.raises(RegistryError, match="bump the version"):
+        reg.add(m.total, "total", "1", kind=StepKind.REDUCE, initial=int, inverse=m.untotal_other)
+    with pytest.raises(RegistryError, match="bump the version"):
+        reg.add(m.total, "total", "1", kind=StepKind.REDUCE, initial=int)  # inverse dropped
