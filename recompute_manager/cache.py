@@ -103,12 +103,8 @@ def _prefix(function_id: str, version: str | None) -> bytes:
 
 
 def unchanged(previous: Checksum, output: bytes) -> bool:
-    """Superseded versions (`supersede` / `latest`): when a recompute replaces an output, the old node points
-    at the new one (and the new one's header is kept), so a later plan that reads the old node as an
-    unaffected intermediate (its ledger entry still names the original) reads the corrected value:
-    two changes under one reduce, planned apart, both count.
-
-    Early cut-off: the recomputed output equals the original one (same checksum)."""
+    """Early cut-off: the recomputed output equals the original one (same checksum), so what derives
+    from it needs no recompute."""
     return digest(previous.algorithm, output) == previous.value
 
 

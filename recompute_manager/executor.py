@@ -490,7 +490,11 @@ class Executor:
         new_values = [n if isinstance(n, bytes) else next(fresh) for n in new]
         loads = self.serde.loads
         for v in old_values:
-            accumulator = fn.retract(accumulator, loads(v), params=params)
+            try:
+                accumulator = fn.retract(accumulator, loads(v), params=params)
+            except Exception as exc:  # the user's inverse; the full fold does not need it
+                log.warning("inverse of %s failed (%r): recomputing with the full fold", fn.function_id, exc)
+                return _MISSING
         for v in new_values:
             accumulator = fn.apply(accumulator, loads(v), params=params)
         return accumulator

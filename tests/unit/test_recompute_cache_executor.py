@@ -330,8 +330,13 @@ def counted_sum(acc: int, x: int) -> int:
     return acc + x
 
 
+INVERSE_FAILS = {"on": False}
+
+
 def counted_unsum(acc: int, x: int) -> int:
     CALLS["inverse"] += 1
+    if INVERSE_FAILS["on"]:
+        raise ValueError("cannot retract")
     return acc - x
 
 
@@ -515,6 +520,16 @@ def test_incremental_reduce_falls_back_to_the_full_fold(tmp_path: Path, case: st
     )
     assert fast["t"].value == b"112"
     assert calls == {"fold": 4, "inverse": 0}
+
+
+def test_incremental_reduce_falls_back_when_the_inverse_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's inverse failing is no reason to dead-letter: the full fold does not need it."""
+    monkeypatch.setitem(INVERSE_FAILS, "on", True)
+    fast, _, calls = _run_both(tmp_path, [[change("x3", 4, 50)]], [{"x3": b"50"}])
+    assert fast["t"].value == b"112"
+    assert calls == {"fold": 4, "inverse": 1}  # tried once, then every input folded
 
 
 def test_incremental_reduce_falls_back_for_a_superseded_input_whose_new_value_is_missing(
