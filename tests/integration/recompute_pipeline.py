@@ -9,6 +9,7 @@ in the ledger. `change_source` gives one source record a new value and lets the 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,19 +107,26 @@ def build_pipeline(
     return p
 
 
-def detector(bootstrap: str, p: Pipeline, group: str, tmp: Path, writer: Any) -> ChangeDetector:
-    return ChangeDetector(
-        {"bootstrap.servers": bootstrap, "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
-        group_id=group,
-        source_topics=p.src,
-        changes_topic=p.changes,
-        index=LedgerIndex(tmp / "detector-index", LEDGER, verifier=verifier()),
-        ledger=KafkaLedgerReader(bootstrap, p.ledger, idle_timeout_s=20.0),
-        state_dir=tmp / "detector-state",
-        writer=writer,
-        context=CTX,
-        device_id="detector-0",
-    )
+@contextmanager
+def detector(bootstrap: str, p: Pipeline, group: str, tmp: Path, writer: Any) -> Iterator[ChangeDetector]:
+    """The detector and its ledger index (the caller's to close: closed after the detector, so the
+    next detector on `tmp` can open it)."""
+    with (
+        LedgerIndex(tmp / "detector-index", LEDGER, verifier=verifier()) as index,
+        ChangeDetector(
+            {"bootstrap.servers": bootstrap, "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+            group_id=group,
+            source_topics=p.src,
+            changes_topic=p.changes,
+            index=index,
+            ledger=KafkaLedgerReader(bootstrap, p.ledger, idle_timeout_s=20.0),
+            state_dir=tmp / "detector-state",
+            writer=writer,
+            context=CTX,
+            device_id="detector-0",
+        ) as d,
+    ):
+        yield d
 
 
 def change_source(
