@@ -4,19 +4,27 @@ Two stages, each its own consumer group, each committing its input offsets insid
 that publishes its output:
 
 1. Planning (group `group_id`, over the alerts and changes topics, read_committed). Per batch: bring
-   the ledger index and the output coordinates up to date, then per cause plan (`plan_for_alert` /
-   `plan_for_change`) and ask the topic's policy (`TopicPolicy`; a change event is judged by its
-   source topic's settings). A plan that runs is cut into independent units (`units.split_units`)
-   and published in ONE transaction per batch: each unit as one record on the tasks topic (keyed by
-   its sink DataID), a `planned` progress record per plan, and the consumed offsets. Refusals are
-   reported on the progress topic with their reason; a `needs_approval` plan also leaves its units
-   there for `streamprov recompute approve`. Rate-limited decisions wait (stop-aware, bounded) and
-   are decided again.
+   the ledger index and the output coordinates up to date, then per cause plan it alone
+   (`plan_for_alert` / `plan_for_change`) and ask the topic's policy with that plan's size
+   (`TopicPolicy`; a change event is judged by its source topic's settings). Rate-limited decisions
+   wait (stop-aware, bounded) and are decided again. An alert that runs is its own plan; the change
+   events of the batch that run (of any source topic) are planned again TOGETHER as ONE plan
+   (`plan_for_changes`: a reduce reached by several of them is one task reading all their
+   corrections, not one per event; its cause is a `changes` tree of the events' decisions, its units
+   carry the first event's trace context; a single event keeps its own plan and ids; the merged plan
+   falls back to the per-event plans if it cannot be made or has a unit too large to publish). A plan
+   that runs is cut into independent units (`units.split_units`) and published in ONE transaction per
+   batch: each unit as one record on the tasks topic (keyed by its sink DataID), a `planned` progress
+   record per plan, and the consumed offsets. Refusals are reported per event on the progress topic
+   with their reason; a `needs_approval` plan also leaves its units there for
+   `streamprov recompute approve`.
 2. Execution (group `<group_id>-workers`, over the tasks topic): `workers` threads per process, and
    every replica adds its own (`worker.UnitWorker`): one unit per transaction with its progress
    record and its tasks-topic offset.
 
-A crash anywhere replays from the last commit: plan, unit and task ids are deterministic, results
+A crash anywhere replays from the last commit: plan, unit and task ids are deterministic (a replayed
+batch may be cut differently, so the change events planned together, and that plan's id, may differ;
+nothing of the uncommitted plan was published), results
 are cached, superseded versions are written only once committed (`views`), so the committed output
 is the same as without the crash. SIGTERM/SIGINT (`stop()`) end both stages after the current
 batch / unit.
@@ -38,8 +46,15 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from recompute_manager.executor import Executor, RetryPolicy
 from recompute_manager.outputs import where
-from recompute_manager.planner import RecomputePlan, plan_for_alert, plan_for_change
-from recompute_manager.policy import Action, Decision, TopicPolicy, trigger_of_alert, trigger_of_change
+from recompute_manager.planner import RecomputePlan, plan_for_alert, plan_for_change, plan_for_changes
+from recompute_manager.policy import (
+    Action,
+    Cause,
+    Decision,
+    TopicPolicy,
+    trigger_of_alert,
+    trigger_of_change,
+)
 from recompute_manager.priority import PlainRecord, PriorityPublisher
 from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress, pending_key
 from recompute_manager.tracing import TraceHeaders, cause_headers
@@ -453,6 +468,7 @@ class RecomputeManager:
         planned: list[RecomputeUnit] = []
         decisions: list[str] = []
         offsets: dict[tuple[str, int], int] = {}
+        together: list[_Run] = []
         for msg in msgs:
             at = where(msg)
             offsets[(at.topic, at.partition)] = at.offset + 1
@@ -462,10 +478,20 @@ class RecomputeManager:
                 plain.append(handled)
                 self._stats.malformed += 1
                 continue
-            records, units, state = self._planned(*handled, cause_headers(msg.headers()))
+            plan, decision, event = handled
+            trace = cause_headers(msg.headers())
+            if event is not None and decision.runs and plan.tasks:
+                together.append(_Run(event, plan, decision, trace))  # planned with the batch's others
+                continue
+            records, units, state = self._planned(plan, decision, trace)
             plain += records
             planned += units
             decisions.append(state)
+        if together:
+            records, units, states = self._planned_together(together)
+            plain += records
+            planned += units
+            decisions += states
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         with self._pending_lock:  # before the commit: a worker may finish a unit right after it
             self._pending.update(u.unit_id for u in planned)
@@ -484,13 +510,16 @@ class RecomputeManager:
         for state in decisions:
             self._stats.decisions[state] = self._stats.decisions.get(state, 0) + 1
 
-    def _cause(self, msg: Message, is_alert: bool) -> tuple[RecomputePlan, Decision] | PlainRecord:
-        """The plan and the policy's decision, or, for an alert or change event that does not decode
-        or cannot be planned, its dead-letter record (committed with the batch: never replayed, never
-        lost)."""
+    def _cause(
+        self, msg: Message, is_alert: bool
+    ) -> tuple[RecomputePlan, Decision, ChangeEvent | None] | PlainRecord:
+        """The cause's own plan, the policy's decision on it (judged by that plan's size) and the
+        change event (None: an alert); or, for an alert or change event that does not decode or cannot
+        be planned, its dead-letter record (committed with the batch: never replayed, never lost)."""
         raw = msg.value() or b""
         now = time.monotonic()
         trigger: RecomputeTrigger | None
+        event: ChangeEvent | None = None
         reason = DeadLetterReason.DESERIALIZATION_ERROR
         try:
             if is_alert:
@@ -531,7 +560,59 @@ class RecomputeManager:
             decision = policy.decide(
                 trigger, decision.data_id, decision.cause, time.monotonic(), tasks=len(plan)
             )
-        return plan, decision
+        return plan, decision, event
+
+    def _planned_together(self, runs: list[_Run]) -> tuple[list[PlainRecord], list[RecomputeUnit], list[str]]:
+        """The change events of one batch that the policy let run, as ONE plan (`plan_for_changes`:
+        one ledger traversal; a node several of them reach, e.g. a reduce over several changed sources,
+        is one task reading all their corrections). One event is its own plan (same ids as alone).
+        Its cause names every event's decision; its units carry the first event's trace context that
+        has one (a unit record links its task spans to one cause). Returns the records, the units that
+        run and one state per event. Falls back to each event's own plan when the merged plan cannot
+        be made or has a unit too large to publish."""
+        if len(runs) == 1:
+            r = runs[0]
+            records, units, state = self._planned(r.plan, r.decision, r.trace)
+            return records, units, [state]
+        subjects = list(dict.fromkeys(r.decision.data_id for r in runs))
+        topics = {r.decision.topic for r in runs}
+        cause = Cause("changes", f"{len(runs)} change events", "", tuple(r.decision.cause for r in runs))
+        try:
+            with self.views.lock:
+                plan = plan_for_changes(
+                    self.views.index,
+                    [r.event for r in runs],
+                    supersedes=self.views.outputs.locations,
+                    cause=cause,
+                )
+        except (StreamprovError, ValueError) as exc:  # each one planned alone: they still can
+            log.warning("%d change events not planned together (%s): each runs its own plan", len(runs), exc)
+            plan = None
+        if plan is not None:
+            more = f", ... ({len(subjects)} in all)" if len(subjects) > 3 else ""
+            decision = Decision(
+                Action.RECOMPUTE,
+                topics.pop() if len(topics) == 1 else "",
+                ", ".join(subjects[:3]) + more,
+                f"{len(runs)} change events planned together: recompute {len(plan.tasks)} task(s)",
+                cause,
+            )
+            trace = next((r.trace for r in runs if r.trace), ())
+            records, units, state = self._planned(plan, decision, trace)
+            if state != "too_large":
+                return records, units, [state] * len(runs)
+            log.warning(
+                "plan %s of %d change events is too large: each runs its own plan",
+                plan.plan_id[:12],
+                len(runs),
+            )
+        out: tuple[list[PlainRecord], list[RecomputeUnit], list[str]] = ([], [], [])
+        for r in runs:
+            records, units, state = self._planned(r.plan, r.decision, r.trace)
+            out[0].extend(records)
+            out[1].extend(units)
+            out[2].append(state)
+        return out
 
     def _planned(
         self, plan: RecomputePlan, decision: Decision, trace: TraceHeaders = ()
@@ -590,6 +671,16 @@ class RecomputeManager:
         else:
             log.info("plan %s not run: %s (%s)", plan.plan_id[:12], state, reason)
         return records, run, state
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """A change event the policy let run, with its own plan and its trace headers."""
+
+    event: ChangeEvent
+    plan: RecomputePlan
+    decision: Decision
+    trace: TraceHeaders
 
 
 def _skip(msg: Message) -> bool:

@@ -7,6 +7,7 @@ cleanly on SIGTERM, and a record on the tasks topic that is not a unit is dead-l
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,15 +21,22 @@ import processor_fns
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from kafka_support import FAST_GROUP_CONFIG, Record, consume_all, create_topic, produce, record_view
+from ledger_pipeline import ledger_writer, value
 from ledger_support import LEDGER, signer, verifier
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from recompute_pipeline import build_pipeline, change_source, priority_topics  # noqa: F401 - fixture
+from recompute_pipeline import (  # noqa: F401 - fixture
+    build_pipeline,
+    change_source,
+    detector,
+    priority_topics,
+)
 from typer.testing import CliRunner
 
 from recompute_manager.executor import SUPERSEDES_HEADER
 from recompute_manager.service import ManagerSettings, Progress, RecomputeManager
 from recompute_manager.units import UNIT_PREFIX, RecomputeUnit
 from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HEADER
+from streamprov.changes import ChangeEvent
 from streamprov.checksum import matches
 from streamprov.cli import app
 from streamprov.config.models import TelemetrySettings
@@ -37,6 +45,7 @@ from streamprov.ledger import DataRef, Origin, verify_ledger
 from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.ledger.requests import decode_request
 from streamprov.ledger.sequencer import LedgerSequencer
+from streamprov.producer import ProvenanceProducer
 from streamprov.signing import HmacSigner, Verifier
 from streamprov.telemetry.setup import build_telemetry
 
@@ -170,6 +179,80 @@ def test_service_recomputes_a_change_exactly_once(
     out = CliRunner().invoke(app, ["recompute", "status", plan.plan_id[:12], "--config", str(config)])
     assert out.exit_code == 0, out.output
     assert " done " in out.output and "[####################] 100% 3/3 tasks, 1/1 units" in out.output
+
+
+def test_changes_consumed_together_are_one_plan_and_a_shared_reduce_runs_once(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    unique_group: Any,
+    tmp_path: Path,
+    priority_topics: list[str],  # noqa: F811
+) -> None:
+    """Two sources of one reduce group change; both change events are on the changes topic before the
+    manager starts, so the planner consumes them in one batch: ONE plan (both enrich -> tag chains and
+    the group's sum, one unit), the sum recomputed once with both corrections, each map output once."""
+    bootstrap = kafka_bootstrap
+    detector_group = unique_group()
+    p = build_pipeline(bootstrap, new_topic, unique_group, tmp_path, detector_group)
+    for t in p.outputs:
+        priority_topics.append(create_topic(bootstrap, p.priority(t), partitions=2))
+    changed = {"id-011": 2011, "id-015": 2015}  # both in group g3 (n % 4), before and after
+    producer = ProvenanceProducer({"bootstrap.servers": bootstrap})
+    for data_id, n in changed.items():
+        producer.produce(p.src, value(n), data_id)
+    assert producer.flush(30) == 0
+    with (
+        ledger_writer(bootstrap, p.ledger) as writer,
+        detector(bootstrap, p, detector_group, tmp_path, writer) as d,
+    ):
+        seen = d.run(max_records=2, idle_timeout_s=20)
+        assert (seen.changed, seen.events) == (2, 2)
+    events = consume_all(bootstrap, p.changes, expected=2, timeout_s=30, grace_s=0.3)
+    assert {ChangeEvent.decode(m.value()).source.data_id for m in events} == set(changed)  # type: ignore[union-attr]
+
+    progress = new_topic(prefix="progress")
+    settings = ManagerSettings(
+        kafka={"bootstrap.servers": bootstrap},
+        group_id=unique_group("rm"),
+        alerts_topic=new_topic(prefix="alerts"),
+        changes_topic=p.changes,
+        tasks_topic=new_topic(2, prefix="tasks"),
+        progress_topic=progress,
+        dead_letter_topic=new_topic(),
+        ledger_topic=p.ledger,
+        ledger_id=LEDGER,
+        sources=(p.src,),
+        outputs=tuple(p.outputs),
+        state_dir=tmp_path / "rm",
+        consumer_config=FAST_GROUP_CONFIG,
+    )
+    with RecomputeManager(settings, processor_fns.registry) as manager:
+        stats = manager.run(max_causes=2, idle_timeout_s=60)
+    assert (stats.causes, stats.plans_run, stats.units_planned, stats.units_done) == (2, 1, 1, 1)
+    assert (stats.tasks_recomputed, stats.published, stats.dead_letters) == (5, 5, 0)  # not 6: one sum
+    assert stats.decisions == {"planned": 2}
+
+    reports = consume_all(bootstrap, progress, expected=2, timeout_s=30, grace_s=0.5)
+    got = {(r.unit, r.state): r for r in (Progress.decode(m.value()) for m in reports)}
+    assert set(got) == {(-1, "planned"), (0, "done")}
+    plan = got[(-1, "planned")]
+    assert (plan.total, plan.units, plan.cause) == (5, 1, "changes")
+    [task_record] = consume_all(bootstrap, settings.tasks_topic, expected=1, timeout_s=10, grace_s=0.3)
+    unit = RecomputeUnit.decode(task_record.value())
+    assert unit.plan_id == plan.plan_id and len(unit.cause.causes) == 2
+    assert sorted(t.steps[0].function_id for t in unit.tasks) == ["enrich", "enrich", "sum_n", "tag", "tag"]
+
+    # each map output once, the group's sum once, with both new values in it
+    for topic, count in ((p.mid, 2), (p.tagged, 2)):
+        got_values = [
+            json.loads(m.value())
+            for m in consume_all(bootstrap, p.priority(topic), expected=count + 1, timeout_s=5)
+        ]
+        assert sorted(v["n"] for v in got_values) == sorted(changed.values())
+    [total] = consume_all(bootstrap, p.priority(p.sums), expected=2, timeout_s=5)
+    group = {n: n for n in range(40) if n % 4 == 3} | {11: 2011, 15: 2015}
+    assert json.loads(total.value()) == sum(group.values())
+    assert dict(total.headers() or [])[SUPERSEDES_HEADER].startswith(f"{p.sums}/".encode())
 
 
 def test_cli_run_stops_on_sigterm(kafka_bootstrap: str, new_topic: Any, tmp_path: Path) -> None:
