@@ -59,7 +59,7 @@ def input_hash(inputs: Sequence[DataRef]) -> bytes:
     covers every input)."""
     pack = _U32.pack
     parts: list[bytes] = []
-    for leaf in _leaves(inputs):
+    for leaf in node_leaves(inputs):
         parts += (pack(len(leaf)), leaf)
     return hashlib.sha256(b"".join(parts)).digest()
 
@@ -76,9 +76,6 @@ def node_leaves(nodes: Sequence[DataRef]) -> list[bytes]:
             b"".join((pack(len(data_id)), data_id, alg[checksum.algorithm], pack(len(value)), value))
         )
     return found
-
-
-_leaves = node_leaves
 
 
 class CacheKey(bytes):
@@ -138,7 +135,7 @@ class ResultCache:
     ) -> bytes | None:
         """The cached output, or None (a miss, `force`, or the function is forced to recompute).
         `key`: `CacheKey.of(step, inputs)` when the caller has it already (it hashes every input)."""
-        if force or self._forced(step):
+        if force or self.forced(step):
             self.misses += 1
             return None
         value = self._db.get(key if key is not None else CacheKey.of(step, inputs))
@@ -183,9 +180,6 @@ class ResultCache:
     def forced(self, step: Step) -> bool:
         """Is the step's function (or its version) forced to recompute (`force`)? Then its earlier
         outputs are suspect too: an incremental recompute must not start from one."""
-        return self._forced(step)
-
-    def _forced(self, step: Step) -> bool:
         fid = step.function_id.encode("utf-8")
         ver = step.function_version.encode("utf-8")
         return (
@@ -205,7 +199,7 @@ class ResultCache:
         """`value` of each node, in order, by RocksDB multi-gets."""
         return [
             None if v is None else bytes(v)
-            for v in self._get_many([_VALUE + leaf for leaf in _leaves(nodes)])
+            for v in self._get_many([_VALUE + leaf for leaf in node_leaves(nodes)])
         ]
 
     def latest_values(self, nodes: Sequence[DataRef]) -> list[tuple[DataRef, bytes | None]]:
@@ -213,7 +207,7 @@ class ResultCache:
         both the supersede link and the value of every node; only superseded ones read on (through
         `latest`). It reads the stored links as `latest` does: a subclass that answers `latest` from
         elsewhere must override this too."""
-        leaves = _leaves(nodes)
+        leaves = node_leaves(nodes)
         found = self._get_many([_LATEST + leaf for leaf in leaves] + [_VALUE + leaf for leaf in leaves])
         half = len(leaves)
         out: list[tuple[DataRef, bytes | None]] = []
@@ -229,7 +223,7 @@ class ResultCache:
     def latest_nodes(self, nodes: Sequence[DataRef]) -> list[DataRef]:
         """`latest(n)` of each node, values not read (the incremental reduce's unchanged inputs):
         one multi-get for every node's supersede link; only superseded ones read on."""
-        found = self._get_many([_LATEST + leaf for leaf in _leaves(nodes)])
+        found = self._get_many([_LATEST + leaf for leaf in node_leaves(nodes)])
         return [n if f is None else self.latest(n) for n, f in zip(nodes, found, strict=True)]
 
     def _get_many(self, keys: list[bytes]) -> list[bytes | None]:

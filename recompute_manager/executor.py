@@ -375,10 +375,11 @@ class Executor:
             return None
         nodes, headers, old, new = gathered
         params = step.params
+        want = fn.step(params)
         key = CacheKey.of(step, nodes)
         hit = cache.get(step, nodes, key=key)
         if hit is None:
-            accumulator = self._previous(task, fn.step(params))
+            accumulator = self._previous(task, want)
             if accumulator is _MISSING:
                 return None
             accumulator = self._replace(fn, params, accumulator, old, new)
@@ -392,7 +393,7 @@ class Executor:
             window = (step.inputs.window_start, step.inputs.window_end or 0)
         digest, upstream = self._provenance(headers)
         header_bytes = reduce_header(
-            fn.step(params), task.data_id, value, self.algorithm, window, digest, upstream
+            want, task.data_id, value, self.algorithm, window, digest, upstream
         ).encode()
         if hit is None:
             cache.put(step, nodes, value, key=key)
