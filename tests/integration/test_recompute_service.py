@@ -25,6 +25,7 @@ from ledger_pipeline import ledger_writer, value
 from ledger_support import LEDGER, signer, verifier
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from recompute_pipeline import (  # noqa: F401 - fixture
+    Pipeline,
     build_pipeline,
     change_source,
     detector,
@@ -65,6 +66,18 @@ def _committed(bootstrap: str, group: str, topic: str, partition: int = 0) -> in
         probe.close()
 
 
+def _pipeline(
+    bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path, created: list[str]
+) -> tuple[Pipeline, str]:
+    """The recompute pipeline (its detector's group) and the priority topics of its outputs (added
+    to `created`: the `priority_topics` fixture deletes them)."""
+    detector_group = unique_group()
+    p = build_pipeline(bootstrap, new_topic, unique_group, tmp_path, detector_group)
+    for t in p.outputs:
+        created.append(create_topic(bootstrap, p.priority(t), partitions=2))
+    return p, detector_group
+
+
 def test_service_recomputes_a_change_exactly_once(
     kafka_bootstrap: str,
     new_topic: Any,
@@ -73,10 +86,7 @@ def test_service_recomputes_a_change_exactly_once(
     priority_topics: list[str],  # noqa: F811
 ) -> None:
     bootstrap = kafka_bootstrap
-    detector_group = unique_group()
-    p = build_pipeline(bootstrap, new_topic, unique_group, tmp_path, detector_group)
-    for t in p.outputs:
-        priority_topics.append(create_topic(bootstrap, p.priority(t), partitions=2))
+    p, detector_group = _pipeline(bootstrap, new_topic, unique_group, tmp_path, priority_topics)
     alerts, progress, dead = new_topic(prefix="alerts"), new_topic(prefix="progress"), new_topic()
     tasks = new_topic(2, prefix="tasks")
     requests = new_topic(1, prefix="ledger-req")
@@ -192,10 +202,7 @@ def test_changes_consumed_together_are_one_plan_and_a_shared_reduce_runs_once(
     manager starts, so the planner consumes them in one batch: ONE plan (both enrich -> tag chains and
     the group's sum, one unit), the sum recomputed once with both corrections, each map output once."""
     bootstrap = kafka_bootstrap
-    detector_group = unique_group()
-    p = build_pipeline(bootstrap, new_topic, unique_group, tmp_path, detector_group)
-    for t in p.outputs:
-        priority_topics.append(create_topic(bootstrap, p.priority(t), partitions=2))
+    p, detector_group = _pipeline(bootstrap, new_topic, unique_group, tmp_path, priority_topics)
     changed = {"id-011": 2011, "id-015": 2015}  # both in group g3 (n % 4), before and after
     producer = ProvenanceProducer({"bootstrap.servers": bootstrap})
     for data_id, n in changed.items():
