@@ -76,6 +76,7 @@ key; "checkpoints": that key only; "": none).
 {{- $path := "/etc/streamprov/streamprov.yaml" -}}
 validator:
   name: validator
+  kind: Deployment
   args: ["validator", "run", "--config", {{ $path | quote }}]
   httpPort: {{ index $validator "http_port" | default 8080 | int }}
   metricsPort: {{ index $validator "metrics_port" | default 9464 | int }}
@@ -83,6 +84,8 @@ validator:
   signs: ""
 recomputeManager:
   name: recompute-manager
+  # a StatefulSet: stable pod names are its replica ids (see deployments.yaml)
+  kind: StatefulSet
   args: ["recompute-manager", "run", "--config", {{ $path | quote }}]
   httpPort: {{ index $recompute "http_port" | default 8081 | int }}
   metricsPort: {{ index $recompute "metrics_port" | default 9465 | int }}
@@ -90,6 +93,7 @@ recomputeManager:
   signs: records
 changes:
   name: change-detector
+  kind: Deployment
   args:
     - changes
     - run
@@ -105,6 +109,7 @@ changes:
   signs: ""
 sequencer:
   name: ledger-sequencer
+  kind: Deployment
   args:
     - ledger
     - sequencer
