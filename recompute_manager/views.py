@@ -33,7 +33,7 @@ from confluent_kafka.admin import AdminClient
 
 from recompute_manager.cache import ResultCache
 from recompute_manager.executor import SUPERSEDES_HEADER
-from recompute_manager.outputs import OutputIndex, SourceIndex, TopicReader
+from recompute_manager.outputs import READER_GROUP, OutputIndex, SourceIndex, TopicReader
 from recompute_manager.planner import Coordinates
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import ProvenanceHeader, now_ms
@@ -150,7 +150,9 @@ class SupersededIndex:
             if meta is not None and meta.error is None and meta.partitions:
                 found.append(topic)
         if found:
-            self._readers.append(TopicReader(self.config, found))  # one consumer for all of them
+            self._readers.append(
+                TopicReader(self.config, found, group_id=READER_GROUP)
+            )  # one consumer for all
         self._missing = [t for t in self._missing if t not in found]
         if self._missing:
             log.info("priority topics not there yet: %s", ", ".join(self._missing))

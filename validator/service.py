@@ -45,6 +45,7 @@ from streamprov.agents.kafka_io import (
     RebalanceEvents,
     TopicPartitionKey,
     kafka_error,
+    missing_topics,
     produce_blocking,
     seek_retrying,
 )
@@ -312,19 +313,17 @@ class Validator:
 
     def _check_topics(self) -> None:
         s = self.settings
-        wanted = [s.alerts_topic, s.dead_letter_topic]
-        try:
-            md = self._producer.list_topics(timeout=min(10.0, s.operation_timeout_s))
-        except KafkaException as exc:
-            log.warning("cannot list topics (%s): not checking that they exist", kafka_error(exc).str())
-            return
-        missing = [t for t in wanted if t not in md.topics]
+        missing, absent = missing_topics(
+            self._producer,
+            (s.alerts_topic, s.dead_letter_topic),
+            s.topics,
+            timeout_s=min(10.0, s.operation_timeout_s),
+        )
         if missing:
             raise ValidatorConfigError(
                 f"topic(s) {', '.join(missing)} do not exist: create the alerts and dead-letter topics "
                 "(streams: in streamprov.yaml) before starting the Validator"
             )
-        absent = [t for t in s.topics if t not in md.topics]
         if absent:
             log.warning("output topic(s) %s do not exist yet: waiting for them", ", ".join(absent))
 

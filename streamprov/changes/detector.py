@@ -61,7 +61,13 @@ from confluent_kafka import (
 )
 from rocksdict import Options, Rdict, WriteBatch
 
-from streamprov.agents.kafka_io import kafka_error, seek_retrying
+from streamprov.agents.kafka_io import (
+    TopicMissingError,
+    TopicReader,
+    TopicReadTimeoutError,
+    kafka_error,
+    seek_retrying,
+)
 from streamprov.changes.event import (
     DEFAULT_MAX_OUTPUTS,
     ChangeEvent,
@@ -96,7 +102,6 @@ _REPORTED = b"F"
 _SYNCED = b"R"
 _ALGORITHMS = tuple(ChecksumAlgorithm)
 _TP = tuple[str, int]
-_NO_TOPIC = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC)
 
 
 class ChangeDetectorError(StreamprovError):
@@ -710,55 +715,19 @@ class ChangeDetector:
         """A state without the reported function changes (a fresh state dir, an emptyDir after a pod
         was replaced): rebuild them from the `function_changed` events on the changes topic, so they
         are not reported (and recomputed) again. Events past the topic's retention are reported again."""
-        consumer = Consumer(
-            {
-                **self._reader_settings,
-                "group.id": f"streamprov-changes-reader-{uuid.uuid4().hex[:12]}",  # never joined
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest",
-            }
-        )
+        topic = self.changes_topic
         marked = read = 0
+        reader: TopicReader | None = None
         try:
-            md = consumer.list_topics(self.changes_topic, timeout=self.operation_timeout_s)
-            meta = md.topics.get(self.changes_topic)
-            if meta is not None and meta.error is not None and meta.error.code() in _NO_TOPIC:
-                log.info(
-                    "changes topic %s not there: no reported function changes to rebuild", self.changes_topic
-                )
-                return
-            if meta is None or meta.error is not None:
-                raise ChangeDetectorError(
-                    f"cannot read the changes topic {self.changes_topic}: {meta and meta.error}"
-                )
-            left = set()
-            for p in meta.partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self.changes_topic, p), timeout=self.operation_timeout_s
-                )
-                if high > low:
-                    left.add(p)
-            consumer.assign([TopicPartition(self.changes_topic, p, OFFSET_BEGINNING) for p in sorted(left)])
-            deadline = time.monotonic() + self.operation_timeout_s
-            while left:
-                if self.heartbeat is not None:
-                    self.heartbeat()
-                messages = consumer.consume(500, min(1.0, self.operation_timeout_s))
-                if messages:
-                    deadline = time.monotonic() + self.operation_timeout_s
-                elif time.monotonic() > deadline:
-                    raise ChangeDetectorError(f"nothing came from {self.changes_topic} for too long")
-                for msg in messages:
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            left.discard(msg.partition() or 0)
-                        elif err.fatal():
-                            raise ChangeDetectorError(f"reading {self.changes_topic}: {err.str()}", err)
-                        continue
-                    read += 1
+            reader = TopicReader(
+                self._reader_settings,
+                [topic],
+                group_id=f"streamprov-changes-reader-{uuid.uuid4().hex[:12]}",  # never joined
+                timeout_s=self.operation_timeout_s,
+            )
+            for batch in reader.read(wait_s=self.operation_timeout_s, idle=True, beat=self.heartbeat):
+                read += len(batch)
+                for msg in batch:
                     value: bytes | None = msg.value()
                     try:
                         event = None if value is None else ChangeEvent.decode(value)
@@ -767,13 +736,16 @@ class ChangeDetector:
                     if event is not None and event.function is not None:
                         self.state.mark_reported(event.function)
                         marked += 1
-        except KafkaException as exc:
-            raise ChangeDetectorError(
-                f"cannot read the changes topic {self.changes_topic}: {exc}", kafka_error(exc)
-            ) from exc
+        except TopicMissingError:
+            log.info("changes topic %s not there: no reported function changes to rebuild", topic)
+            return
+        except TopicReadTimeoutError as exc:
+            raise ChangeDetectorError(f"nothing came from {topic} for too long") from exc
+        except (KafkaException, StreamprovError) as exc:  # StreamprovError: the topic is not available
+            err = kafka_error(exc) if isinstance(exc, KafkaException) else None
+            raise ChangeDetectorError(f"cannot read the changes topic {topic}: {exc}", err) from exc
         finally:
-            consumer.close()
-        self.state.mark_reported_synced(self.changes_topic)
-        log.info(
-            "reported function changes rebuilt from %s: %d of %d events", self.changes_topic, marked, read
-        )
+            if reader is not None:
+                reader.close()
+        self.state.mark_reported_synced(topic)
+        log.info("reported function changes rebuilt from %s: %d of %d events", topic, marked, read)

@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 
 from streamprov.agents.health import HttpEndpoints
-from streamprov.agents.kafka_io import kafka_error
+from streamprov.agents.kafka_io import kafka_error, missing_topics
 from streamprov.agents.lifecycle import ServiceState, beating, close_probes, serve_probes, stall_limit
 from streamprov.changes.detector import ChangeDetector, ChangeDetectorError, DetectorStats
 from streamprov.changes.event import DEFAULT_MAX_OUTPUTS
@@ -253,19 +252,17 @@ class ChangeService:
 
     def _check_topics(self) -> None:
         s = self.settings
-        try:
-            admin = AdminClient({k: v for k, v in s.kafka.items() if k not in _CONSUMER_ONLY})
-            md = admin.list_topics(timeout=min(10.0, s.operation_timeout_s))
-        except KafkaException as exc:
-            log.warning("cannot list topics (%s): not checking that they exist", kafka_error(exc).str())
-            return
-        missing = [t for t in (s.changes_topic, s.ledger_topic) if t not in md.topics]
+        missing, absent = missing_topics(
+            {k: v for k, v in s.kafka.items() if k not in _CONSUMER_ONLY},
+            (s.changes_topic, s.ledger_topic),
+            s.sources,
+            timeout_s=min(10.0, s.operation_timeout_s),
+        )
         if missing:
             raise ChangeServiceConfigError(
                 f"topic(s) {', '.join(missing)} do not exist: create the changes topic and the ledger "
                 "topic (streams.changes, streams.ledger in streamprov.yaml) before starting the detector"
             )
-        absent = [t for t in s.sources if t not in md.topics]
         if absent:
             log.warning("source topic(s) %s do not exist yet: watched once they appear", ", ".join(absent))
 

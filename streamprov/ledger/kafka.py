@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from streamprov.agents.kafka_io import list_all_topics
 from streamprov.ledger.chain import ChainState, resume_state
 from streamprov.ledger.codec import encode_record, record_key, stored
 from streamprov.ledger.errors import (
@@ -84,8 +85,7 @@ def create_ledger_topic(
 def check_topic_exists(config: dict[str, Any], topic: str, timeout_s: float, *, what: str) -> Any:
     """The topic's metadata; raises `LedgerError` when it does not exist (a transaction producing to
     a missing topic fails every time it is retried: better refused at start)."""
-    # all topics: a metadata request naming the topic may auto-create it (auto.create.topics.enable)
-    md = AdminClient(config).list_topics(timeout=timeout_s).topics.get(topic)
+    md = list_all_topics(config, timeout_s).get(topic)  # all: naming the topic may create it
     if md is None or md.error is not None:
         raise LedgerError(f"{what} {topic} is not available: {md.error if md else 'unknown topic'}")
     return md
