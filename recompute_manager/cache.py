@@ -32,7 +32,15 @@ from streamprov.ledger.model import DataRef
 from streamprov.lineage import Step
 from streamprov.merkle import length_prefixed
 
-__all__ = ["CacheKey", "ResultCache", "input_hash", "node_leaves", "params_hash", "unchanged"]
+__all__ = [
+    "CacheKey",
+    "ResultCache",
+    "input_hash",
+    "leaves_hash",
+    "node_leaves",
+    "params_hash",
+    "unchanged",
+]
 
 _RESULT = b"r"
 _VALUE = b"v"
@@ -57,9 +65,14 @@ def input_hash(inputs: Sequence[DataRef]) -> bytes:
     """SHA-256 over the inputs' leaves (length-prefixed DataID, algorithm, digest), in order:
     `SHA-256(length_prefixed(*(r.leaf_data() for r in inputs)))`, built in one pass (a reduce's key
     covers every input)."""
+    return leaves_hash(node_leaves(inputs))
+
+
+def leaves_hash(leaves: Sequence[bytes]) -> bytes:
+    """`input_hash` of the inputs whose `node_leaves` these are."""
     pack = _U32.pack
     parts: list[bytes] = []
-    for leaf in node_leaves(inputs):
+    for leaf in leaves:
         parts += (pack(len(leaf)), leaf)
     return hashlib.sha256(b"".join(parts)).digest()
 
@@ -83,13 +96,18 @@ class CacheKey(bytes):
 
     @classmethod
     def of(cls, step: Step, inputs: Sequence[DataRef]) -> CacheKey:
+        return cls.of_leaves(step, node_leaves(inputs))
+
+    @classmethod
+    def of_leaves(cls, step: Step, leaves: Sequence[bytes]) -> CacheKey:
+        """`of` the inputs whose `node_leaves` these are (a caller that built them already)."""
         return cls(
             _RESULT
             + length_prefixed(
                 step.function_id.encode("utf-8"),
                 step.function_version.encode("utf-8"),
                 params_hash(step.parameters),
-                input_hash(inputs),
+                leaves_hash(leaves),
             )
         )
 
@@ -220,10 +238,12 @@ class ResultCache:
                 out.append((latest, self.value(latest)))
         return out
 
-    def latest_nodes(self, nodes: Sequence[DataRef]) -> list[DataRef]:
+    def latest_nodes(self, nodes: Sequence[DataRef], leaves: Sequence[bytes] | None = None) -> list[DataRef]:
         """`latest(n)` of each node, values not read (the incremental reduce's unchanged inputs):
-        one multi-get for every node's supersede link; only superseded ones read on."""
-        found = self._get_many([_LATEST + leaf for leaf in node_leaves(nodes)])
+        one multi-get for every node's supersede link; only superseded ones read on. `leaves`: the
+        nodes' `node_leaves` when the caller has them."""
+        keyed = node_leaves(nodes) if leaves is None else leaves
+        found = self._get_many([_LATEST + leaf for leaf in keyed])
         return [n if f is None else self.latest(n) for n, f in zip(nodes, found, strict=True)]
 
     def _get_many(self, keys: list[bytes]) -> list[bytes | None]:

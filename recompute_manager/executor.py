@@ -33,7 +33,7 @@ from streamprov.header import HEADER_KEY, ProvenanceHeader, record_fields, scan
 from streamprov.header import PREFIX as HEADER_PREFIX
 from streamprov.ledger.model import DataRef
 from streamprov.lineage import Lineage, Step, StepKind, common_prefix, decode_lineage
-from streamprov.merkle import root_of
+from streamprov.merkle import levels_of, root_of, root_with
 from streamprov.registry import FunctionRegistry, RegisteredFunction
 from streamprov.stamp import (
     InputRecord,
@@ -350,11 +350,16 @@ class Executor:
 
         None (full fold) when: a SOURCE input (its ref names the new version only), nothing is
         STORED, the function (version) is forced, a stored input has no header (the full fold
-        derives it from the value), the previous output's value or header is missing, its header's
-        reduce step is not this function (id, version, code hash, parameters, window) or its input
-        digest is not over exactly the task's original input nodes in order (count and Merkle
-        root), or an old value (or a superseded input's new value) is missing or does not match its
-        checksum. An unchanged input's value is not read, so it need not be in the value store.
+        derives it from the value) or an input's header names another (DataID, checksum) than its
+        node (the full fold digests the headers; this path the nodes), the previous output's value
+        or header is missing, its header's reduce step is not this function (id, version, code
+        hash, parameters, window) or its input digest is not over exactly the task's original input
+        nodes in order (count and Merkle root), or an old value (or a superseded input's new value)
+        is missing or does not match its checksum. An unchanged input's value is not read, so it
+        need not be in the value store.
+
+        The new inputs root is the old one (over the original nodes, built once: `_previous` checks
+        it) with the changed inputs' leaves replaced, in O(log n) hashes each (`root_with`).
         """
         if len(task.steps) != 1 or task.steps[0].kind is not StepKind.REDUCE:
             return None
@@ -370,19 +375,30 @@ class Executor:
         stored = [r.node for r in refs if r.origin is InputOrigin.STORED]
         if not stored:
             return None
-        gathered = self._changed_inputs(refs, stored, outputs)
+        old_leaves = node_leaves([r.node for r in refs])
+        gathered = self._changed_inputs(refs, old_leaves, outputs)
         if gathered is None:
             return None
-        nodes, headers, old, new = gathered
+        nodes, headers, changed = gathered
+        leaves = list(old_leaves)
+        replaced = dict(zip(changed, node_leaves([nodes[i] for i in changed]), strict=True))
+        for i, leaf in replaced.items():
+            leaves[i] = leaf
+        provenance = self._provenance(headers, leaves)
+        if provenance is None:
+            return None
+        sources_root, upstream = provenance
+        old_tree = levels_of(old_leaves)
         params = step.params
         want = fn.step(params)
-        key = CacheKey.of(step, nodes)
+        key = CacheKey.of_leaves(step, leaves)
         hit = cache.get(step, nodes, key=key)
         if hit is None:
-            accumulator = self._previous(task, want)
+            accumulator = self._previous(task, want, old_tree[-1][0])
             if accumulator is _MISSING:
                 return None
-            accumulator = self._replace(fn, params, accumulator, old, new)
+            old = [refs[i].node for i in changed]
+            accumulator = self._replace(fn, params, accumulator, old, list(changed.values()))
             if accumulator is _MISSING:
                 return None
             value = self.serde.dumps(accumulator)
@@ -391,7 +407,7 @@ class Executor:
         window = None
         if step.inputs is not None and step.inputs.window_start is not None:
             window = (step.inputs.window_start, step.inputs.window_end or 0)
-        digest, upstream = self._provenance(headers)
+        digest = (len(leaves), root_with(old_tree, replaced), sources_root)
         header_bytes = reduce_header(
             want, task.data_id, value, self.algorithm, window, digest, upstream
         ).encode()
@@ -400,26 +416,28 @@ class Executor:
         return value, header_bytes, nodes, hit is not None
 
     def _provenance(
-        self, headers: list[bytes | ProvenanceHeader]
-    ) -> tuple[tuple[int, bytes, bytes], Lineage | None]:
-        """What `ReduceState` derives from the inputs' headers for the output header, in order:
-        ((count, inputs Merkle root, sources Merkle root), the lineage they share). Encoded headers
-        are read in place (`reduce_leaves`); a run of inputs with one encoded lineage (a stage's
-        outputs) decodes and compares it once."""
-        inputs: list[bytes] = []
+        self, headers: list[bytes | ProvenanceHeader], leaves: list[bytes]
+    ) -> tuple[bytes, Lineage | None] | None:
+        """What `ReduceState` derives from the inputs' headers for the output header, besides the
+        inputs root: (sources Merkle root, the lineage they share); None when a header's (DataID,
+        checksum) is not its input node's (`leaves`: the nodes' `node_leaves`), as the inputs root
+        is built from the nodes. Encoded headers are read in place (`reduce_leaves`); a run of
+        inputs with one encoded lineage (a stage's outputs) decodes and compares it once."""
         sources: list[bytes] = []
         upstream: Lineage | None = None
         merged: bytes | None = None  # the encoded lineage last merged into `upstream`
-        for h in headers:
+        for h, node_leaf in zip(headers, leaves, strict=True):
             found = reduce_leaves(h) if isinstance(h, bytes) else None
             if found is None:
                 d = h if isinstance(h, ProvenanceHeader) else self._decode(h)
-                inputs.append(reduce_leaf(d.data_id, d.checksum))
+                if reduce_leaf(d.data_id, d.checksum) != node_leaf:
+                    return None
                 sources.append(reduce_leaf(d.data_id, d.source_checksum))
                 lineage, merged = d.lineage, None
             else:
                 leaf, source, encoded = found
-                inputs.append(leaf)
+                if leaf != node_leaf:
+                    return None
                 sources.append(source)
                 if encoded == merged:
                     continue
@@ -428,29 +446,29 @@ class Executor:
                 upstream = lineage
             elif lineage is not upstream:
                 upstream = common_prefix([upstream, lineage])
-        return (len(inputs), root_of(inputs), root_of(sources)), upstream
+        return root_of(sources), upstream
 
     def _changed_inputs(
-        self, refs: tuple[InputRef, ...], stored: list[DataRef], outputs: Mapping[str, Recomputed]
-    ) -> tuple[list[DataRef], list[bytes | ProvenanceHeader], list[DataRef], list[bytes | DataRef]] | None:
-        """(every input's node, every input's header, the changed inputs' old nodes, their new value
-        or, for a superseded stored input, new node), or None when a stored input has no header."""
+        self, refs: tuple[InputRef, ...], leaves: list[bytes], outputs: Mapping[str, Recomputed]
+    ) -> tuple[list[DataRef], list[bytes | ProvenanceHeader], dict[int, bytes | DataRef]] | None:
+        """(every input's node, every input's header, position -> new value (a task's output) or
+        new node (a superseded stored input) of each changed input), or None when a stored input has
+        no header. `leaves`: the `node_leaves` of the refs' nodes."""
         cache = self.cache
         assert cache is not None
-        latest = iter(cache.latest_nodes(stored))
+        at = [i for i, r in enumerate(refs) if r.origin is InputOrigin.STORED]
+        latest = iter(cache.latest_nodes([refs[i].node for i in at], [leaves[i] for i in at]))
         nodes: list[DataRef] = []
         headers: list[bytes | ProvenanceHeader] = []
-        old: list[DataRef] = []  # the changed inputs' previous versions, in input order
-        new: list[bytes | DataRef] = []  # their new value (a task's output) or node (superseded)
-        for r in refs:
+        changed: dict[int, bytes | DataRef] = {}
+        for i, r in enumerate(refs):
             if r.origin is InputOrigin.TASK:
                 done = outputs.get(r.from_task or "")
                 if done is None:
                     raise ExecutionError(f"input {r.node.describe()}: task {r.from_task} has not run")
                 node, header = done.node, done.header
                 if node != r.node:
-                    old.append(r.node)
-                    new.append(done.value)
+                    changed[i] = done.value
             else:
                 node = next(latest)
                 found = self.headers.get(node)
@@ -460,11 +478,10 @@ class Executor:
                     return None
                 header = found
                 if node != r.node:
-                    old.append(r.node)
-                    new.append(node)
+                    changed[i] = node
             nodes.append(node)
             headers.append(header)
-        return nodes, headers, old, new
+        return nodes, headers, changed
 
     def _replace(
         self,
@@ -500,11 +517,12 @@ class Executor:
             accumulator = fn.apply(accumulator, loads(v), params=params)
         return accumulator
 
-    def _previous(self, task: RecomputeTask, want: Step) -> Any:
+    def _previous(self, task: RecomputeTask, want: Step, inputs_root: bytes) -> Any:
         """The previous output's accumulator (deserialised value), or `_MISSING` when its value or
         header is not stored, or its header's reduce step is not `want` in the task's window, folded
         over exactly the task's original input nodes (`InputRef.node`), in order: the input
-        digest's count and Merkle root are checked, so the retracted values are the folded ones."""
+        digest's count and Merkle root (`inputs_root`, over those nodes) are checked, so the
+        retracted values are the folded ones."""
         cache = self.cache
         assert cache is not None
         prev = task.previous_node
@@ -530,7 +548,7 @@ class Executor:
             != ((None, None) if window is None else (window.window_start, window.window_end))
         ):
             return _MISSING
-        if root_of(node_leaves([r.node for r in task.inputs])) != last.inputs.merkle_root:
+        if inputs_root != last.inputs.merkle_root:
             return _MISSING
         value = cache.value(prev)
         if value is None or not matches(prev.checksum, value):

@@ -42,18 +42,47 @@ def merkle_root(leaves: list[bytes]) -> bytes:
 
 def root_of(leaves: Sequence[bytes]) -> bytes:
     """`merkle_root(leaves)` (what a `MerkleAccumulator` fed them returns), built bottom-up a level
-    at a time: every leaf hashed, then adjacent pairs, an odd last node carried up unchanged (the
-    RFC 6962 shape). For a list at hand: no per-leaf Python frame."""
-    if not leaves:
-        return _EMPTY_ROOT
+    at a time (`levels_of`): for a list at hand, no per-leaf Python frame."""
+    return levels_of(leaves)[-1][0] if leaves else _EMPTY_ROOT
+
+
+def levels_of(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Every level of the RFC 6962 tree over `leaves` (raw leaf data), leaf hashes first, the root
+    last (alone): adjacent pairs hashed, an odd last node carried up unchanged. Kept whole so that
+    `root_with` can replace a few leaves in O(log n) hashes each. `[[]]` for no leaves."""
     sha256 = hashlib.sha256
     level = [sha256(b"\x00" + leaf).digest() for leaf in leaves]
+    levels = [level]
     while len(level) > 1:
         paired = [sha256(b"\x01" + a + b).digest() for a, b in zip(level[::2], level[1::2], strict=False)]
         if len(level) & 1:
             paired.append(level[-1])
         level = paired
-    return level[0]
+        levels.append(level)
+    return levels
+
+
+def root_with(levels: Sequence[Sequence[bytes]], replaced: dict[int, bytes]) -> bytes:
+    """The root of the tree `levels` (`levels_of`) describes, with the leaves at the positions of
+    `replaced` (position -> raw leaf data) replaced: only their paths are rehashed, the levels are
+    not modified. Equal to `root_of` of the replaced leaf list."""
+    if not replaced:
+        return levels[-1][0] if levels[0] else _EMPTY_ROOT
+    width = len(levels[0])
+    if any(not 0 <= i < width for i in replaced):
+        raise StreamprovError(f"a replaced leaf is outside a tree of {width} leaves")
+    sha256 = hashlib.sha256
+    changed = {i: sha256(b"\x00" + leaf).digest() for i, leaf in replaced.items()}
+    for below in levels[:-1]:
+        up: dict[int, bytes] = {}
+        for j in {i >> 1 for i in changed}:
+            left = changed.get(2 * j, below[2 * j])
+            if 2 * j + 1 < len(below):
+                up[j] = sha256(b"\x01" + left + changed.get(2 * j + 1, below[2 * j + 1])).digest()
+            else:  # the odd last node, carried up
+                up[j] = left
+        changed = up
+    return changed[0]
 
 
 def fold_frontier(frontier: Sequence[bytes]) -> bytes:

@@ -19,9 +19,11 @@ from streamprov.merkle import (
     MerkleAccumulator,
     leaf_hash,
     length_prefixed,
+    levels_of,
     merkle_root,
     node_hash,
     root_of,
+    root_with,
 )
 from streamprov.reduce import LateRecordError, WindowedReducer
 from streamprov.registry import FunctionRegistry, RegisteredFunction
@@ -463,3 +465,23 @@ def test_root_of_a_leaf_list_equals_the_reference_and_the_accumulator() -> None:
         for leaf in leaves:
             acc.add(leaf)
         assert root_of(leaves) == merkle_root(leaves) == acc.root(), n
+
+
+def test_root_with_replaced_leaves_equals_the_root_of_the_replaced_list() -> None:
+    """`root_with` rehashes only the replaced leaves' paths; the result is the reference root of the
+    list with those leaves replaced, for every tree shape (odd carries included) and any set of
+    positions, and the levels are left as they were."""
+    rng = random.Random(11)
+    for n in [*range(1, 34), 63, 64, 65, 100, 129]:
+        leaves = [rng.randbytes(rng.randrange(1, 9)) for _ in range(n)]
+        levels = levels_of(leaves)
+        before = [list(level) for level in levels]
+        assert levels[-1] == [merkle_root(leaves)]
+        for k in {0, 1, min(2, n), n // 2, n}:
+            replaced = {i: rng.randbytes(5) for i in rng.sample(range(n), k)}
+            expected = merkle_root([replaced.get(i, leaf) for i, leaf in enumerate(leaves)])
+            assert root_with(levels, replaced) == expected, (n, sorted(replaced))
+        assert levels == before
+    assert root_with(levels_of([]), {}) == merkle_root([])
+    with pytest.raises(StreamprovError, match="outside"):
+        root_with(levels_of([b"a", b"b"]), {2: b"c"})

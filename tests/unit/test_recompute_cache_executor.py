@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from ledger_support import LEDGER, build
 
-from recompute_manager.cache import CacheKey, ResultCache, input_hash, unchanged
+from recompute_manager.cache import CacheKey, ResultCache, input_hash, node_leaves, unchanged
 from recompute_manager.executor import (
     SUPERSEDES_HEADER,
     DeadLetter,
@@ -27,7 +27,7 @@ from streamprov.errors import HeaderError
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.ledger import Application, ApplicationKind, Applied, DataRef, LedgerIndex
 from streamprov.lineage import InputDigest, Step, StepKind
-from streamprov.merkle import length_prefixed
+from streamprov.merkle import length_prefixed, root_of
 from streamprov.registry import FunctionRegistry
 from streamprov.stamp import ReduceState
 
@@ -602,6 +602,19 @@ def test_incremental_header_digest_equals_the_reduce_state_of_the_decoded_header
             for raw in order:
                 decoded = raw if isinstance(raw, ProvenanceHeader) else ProvenanceHeader.decode(raw)
                 state.add(registry().get("total"), {}, decoded, 1)
-            digest, upstream = ex._provenance(list(order))
-            assert digest == (state.count, state.inputs.root(), state.sources.root())
+            headers = [
+                raw if isinstance(raw, ProvenanceHeader) else ProvenanceHeader.decode(raw) for raw in order
+            ]
+            leaves = node_leaves([DataRef(h.data_id, h.checksum) for h in headers])
+            found = ex._provenance(list(order), leaves)
+            assert found is not None
+            sources_root, upstream = found
+            assert (len(leaves), root_of(leaves), sources_root) == (
+                state.count,
+                state.inputs.root(),
+                state.sources.root(),
+            )
             assert upstream == state.upstream
+            # a header that does not describe its input node: not digested from the nodes
+            other = node_leaves([DataRef(headers[-1].data_id, compute(sha, b"other"))])
+            assert ex._provenance(list(order), [*leaves[:-1], *other]) is None
