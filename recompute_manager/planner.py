@@ -18,6 +18,7 @@ Tasks are keyed by the DataID of their output, so one DataID's tasks stay ordere
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import io
@@ -223,6 +224,10 @@ class RecomputePlan:
     truncated: bool
     """The ledger query hit its limit: the plan is not the whole affected sub-graph."""
     cyclic: bool
+    event_tasks: tuple[int, ...] = ()
+    """Of a plan for change events (`plan_for_changes`): how many tasks each event's own plan
+    (`plan_for_change`) has, in event order, so a policy can judge each event without planning it
+    again. Without a limit (`truncated` False) each is exact."""
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -455,18 +460,21 @@ def plan_for_changes(
     latest: dict[str, DataRef | None] = {}
     upgrade: dict[str, tuple[str, bytes]] = {}
     functions: dict[bytes, None] = {}
+    own: list[tuple[tuple[DataRef, ...], tuple[bytes, ...]]] = []  # each event's roots
     for event in events:
         if event.source is not None:
             s = event.source
             roots.setdefault(s.previous_node, None)
+            own.append(((s.previous_node,), ()))
             deleted = event.kind is ChangeKind.SOURCE_DELETED or s.current is None
             latest[s.data_id] = None if deleted else s.current_node
         elif event.function is not None:
             f = event.function
-            for eid in lookup.applications_of(
-                f.function_id, f.previous_version, f.previous_code_hash or None
-            ):
-                functions.setdefault(eid, None)
+            applied = tuple(
+                lookup.applications_of(f.function_id, f.previous_version, f.previous_code_hash or None)
+            )
+            functions.update(dict.fromkeys(applied))
+            own.append(((), applied))
             upgrade[f.function_id] = (f.current_version, f.current_code_hash)
         else:
             raise PlanError(f"change event {event.change_id} names neither a source nor a function")
@@ -493,7 +501,7 @@ def plan_for_changes(
     if cause is None:
         causes = tuple(cause_of_change(e) for e in events)
         cause = causes[0] if len(causes) == 1 else Cause("changes", f"{len(ids)} change events", "", causes)
-    return plan_from_applications(
+    plan = plan_from_applications(
         lookup,
         applications,
         cause_id="\n".join(ids),
@@ -506,3 +514,35 @@ def plan_for_changes(
         created_at_ms=created_at_ms,
         upgrade=upgrade or None,
     )
+    return dataclasses.replace(plan, event_tasks=_own_tasks(applications, own))
+
+
+def _own_tasks(
+    applications: Sequence[Applied], roots: Sequence[tuple[tuple[DataRef, ...], tuple[bytes, ...]]]
+) -> tuple[int, ...]:
+    """For each (root nodes, root applications): the non-SOURCE applications among `applications`
+    reachable from them (the roots' consumers, those consumers' outputs' consumers, ...; a root
+    application counts itself): the tasks of that root's own plan, as `downstream` finds the same
+    edges among the union of every root's downstream."""
+    consumers: dict[DataRef, list[int]] = {}
+    at: dict[bytes, int] = {}
+    for i, a in enumerate(applications):
+        at[a.entry.entry_id] = i
+        for ref in dict.fromkeys(a.entry.application.inputs):
+            consumers.setdefault(ref, []).append(i)
+    counts: list[int] = []
+    for nodes, entry_ids in roots:
+        seen = {at[e] for e in entry_ids if e in at}
+        queue = [applications[i].entry.application.output for i in seen] + list(nodes)
+        reached: set[DataRef] = set(queue)
+        while queue:  # each node is queued once
+            for i in consumers.get(queue.pop(), ()):
+                if i in seen:
+                    continue
+                seen.add(i)
+                out = applications[i].entry.application.output
+                if out not in reached:
+                    reached.add(out)
+                    queue.append(out)
+        counts.append(sum(applications[i].entry.application.kind is not ApplicationKind.SOURCE for i in seen))
+    return tuple(counts)

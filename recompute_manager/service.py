@@ -4,20 +4,23 @@ Two stages, each its own consumer group, each committing its input offsets insid
 that publishes its output:
 
 1. Planning (group `group_id`, over the alerts and changes topics, read_committed). Per batch: bring
-   the ledger index and the output coordinates up to date, then per cause plan it alone
-   (`plan_for_alert` / `plan_for_change`) and ask the topic's policy with that plan's size
-   (`TopicPolicy`; a change event is judged by its source topic's settings). Rate-limited decisions
+   the ledger index and the output coordinates up to date, then plan the batch's change events
+   TOGETHER once (`plan_for_changes`, which also says how many tasks each event's own plan has),
+   and per cause ask the topic's policy with its own plan's size (`TopicPolicy`; a change event is
+   judged by its source topic's settings; an alert, and a change event of a batch that could not be
+   planned together, is planned alone: `plan_for_alert` / `plan_for_change`). Rate-limited decisions
    wait (stop-aware, bounded) and are decided again. An alert that runs is its own plan; the change
-   events of the batch that run (of any source topic) are planned again TOGETHER as ONE plan
-   (`plan_for_changes`: a reduce reached by several of them is one task reading all their
-   corrections, not one per event; its cause is a `changes` tree of the events' decisions, its units
-   carry the first event's trace context; a single event keeps its own plan and ids; the merged plan
-   falls back to the per-event plans if it cannot be made or has a unit too large to publish). A plan
-   that runs is cut into independent units (`units.split_units`) and published in ONE transaction per
-   batch: each unit as one record on the tasks topic (keyed by its sink DataID), a `planned` progress
-   record per plan, and the consumed offsets. Refusals are reported per event on the progress topic
-   with their reason; a `needs_approval` plan also leaves its units there for
-   `streamprov recompute approve`.
+   events of the batch that run (of any source topic) run as ONE plan: the batch's plan when all of
+   them run, else one planned for those that do (a reduce reached by several of them is one task
+   reading all their corrections, not one per event; its cause is a `changes` tree of the events'
+   decisions, its units carry the first event's trace context; a single event keeps its own plan and
+   ids; the merged plan falls back to per-event plans if it cannot be made or has a unit too large to
+   publish). A change event that does not run (refused, waiting for approval) is reported with its
+   own plan. A plan that runs is cut into independent units (`units.split_units`) and published in
+   ONE transaction per batch: each unit as one record on the tasks topic (keyed by its sink DataID),
+   a `planned` progress record per plan, and the consumed offsets. Refusals are reported per event
+   on the progress topic with their reason; a `needs_approval` plan also leaves its units there
+   for `streamprov recompute approve`.
 2. Execution (group `<group_id>-workers`, over the tasks topic): `workers` threads per process, and
    every replica adds its own (`worker.UnitWorker`): one unit per transaction with its progress
    record and its tasks-topic offset.
@@ -195,6 +198,9 @@ class ManagerSettings:
 @dataclass
 class ManagerStats:
     causes: int = 0
+    ledger_plans: int = 0
+    """Plans made from the ledger index (each a traversal; the planner's main cost): one per batch of
+    change events, one per alert, plus one for each event or subset that cannot use the batch's."""
     plans_run: int = 0
     """Plans published to the workers (as units)."""
     units_planned: int = 0
@@ -469,26 +475,28 @@ class RecomputeManager:
         decisions: list[str] = []
         offsets: dict[tuple[str, int], int] = {}
         together: list[_Run] = []
+        batch = self._batch_plan(msgs)
         for msg in msgs:
             at = where(msg)
             offsets[(at.topic, at.partition)] = at.offset + 1
             self._stats.causes += 1
-            handled = self._cause(msg, at.topic == s.alerts_topic)
+            handled = self._cause(msg, at.topic == s.alerts_topic, batch)
             if isinstance(handled, PlainRecord):  # not a cause it can plan: kept, with the reason
                 plain.append(handled)
                 self._stats.malformed += 1
                 continue
             plan, decision, event = handled
             trace = cause_headers(msg.headers())
-            if event is not None and decision.runs and plan.tasks:
-                together.append(_Run(event, plan, decision, trace))  # planned with the batch's others
+            if event is not None and decision.runs and (plan is None or plan.tasks):
+                together.append(_Run(event, plan, decision, trace, msg))  # planned with the batch's others
                 continue
+            assert plan is not None  # `_cause` plans alone every cause that does not run with the batch
             records, units, state = self._planned(plan, decision, trace)
             plain += records
             planned += units
             decisions.append(state)
         if together:
-            records, units, states = self._planned_together(together)
+            records, units, states = self._planned_together(together, batch)
             plain += records
             planned += units
             decisions += states
@@ -510,43 +518,70 @@ class RecomputeManager:
         for state in decisions:
             self._stats.decisions[state] = self._stats.decisions.get(state, 0) + 1
 
+    def _batch_plan(self, msgs: list[Message]) -> _BatchPlan | None:
+        """The batch's change events (those that decode) planned together once (`plan_for_changes`),
+        with each event's own plan size (`RecomputePlan.event_tasks`), so that neither the policy nor
+        the merged plan of the events that run plans them again; None for fewer than two events or
+        when the batch cannot be planned together (each event is then planned alone)."""
+        changes = self.settings.changes_topic
+        events: list[ChangeEvent] = []
+        for msg in msgs:
+            if msg.topic() != changes:
+                continue
+            try:
+                events.append(ChangeEvent.decode(msg.value() or b""))
+            except (StreamprovError, ValueError):
+                continue  # dead-lettered by `_cause`
+        if len(events) < 2:
+            return None
+        try:
+            with self.views.lock:
+                plan = plan_for_changes(self.views.index, events, supersedes=self.views.outputs.locations)
+                self._stats.ledger_plans += 1
+        except (StreamprovError, ValueError) as exc:
+            log.warning("%d change events not planned together (%s): each is planned alone", len(events), exc)
+            return None
+        return _BatchPlan(plan, {e.change_id: n for e, n in zip(events, plan.event_tasks, strict=True)})
+
     def _cause(
-        self, msg: Message, is_alert: bool
-    ) -> tuple[RecomputePlan, Decision, ChangeEvent | None] | PlainRecord:
+        self, msg: Message, is_alert: bool, batch: _BatchPlan | None = None
+    ) -> tuple[RecomputePlan | None, Decision, ChangeEvent | None] | PlainRecord:
         """The cause's own plan, the policy's decision on it (judged by that plan's size) and the
         change event (None: an alert); or, for an alert or change event that does not decode or cannot
-        be planned, its dead-letter record (committed with the batch: never replayed, never lost)."""
+        be planned, its dead-letter record (committed with the batch: never replayed, never lost).
+        A change event of `batch` that runs has no plan of its own (None): its size is the batch
+        plan's count, and it runs in a plan of the batch's events (`_planned_together`)."""
         raw = msg.value() or b""
         now = time.monotonic()
         trigger: RecomputeTrigger | None
         event: ChangeEvent | None = None
         reason = DeadLetterReason.DESERIALIZATION_ERROR
+        plan: RecomputePlan | None = None
         try:
             if is_alert:
                 alert = Alert.decode(raw)
                 reason = DeadLetterReason.PROCESSING_ERROR
                 with self.views.lock:
                     plan = plan_for_alert(self.views.index, alert)
+                    self._stats.ledger_plans += 1
+                tasks = len(plan)
                 policy = self.policy(alert.topic)
-                decision = policy.on_alert(alert, now, tasks=len(plan))
+                decision = policy.on_alert(alert, now, tasks=tasks)
                 trigger = trigger_of_alert(alert)
             else:
                 event = ChangeEvent.decode(raw)
                 reason = DeadLetterReason.PROCESSING_ERROR
-                with self.views.lock:
-                    plan = plan_for_change(self.views.index, event, supersedes=self.views.outputs.locations)
+                own = batch.event_tasks.get(event.change_id) if batch is not None else None
+                if own is None:
+                    plan = self._plan_alone(event)
+                    own = len(plan)
+                tasks = own
                 topic = event.source.topic if event.source is not None else ""
                 policy = self.policy(topic)
-                decision = policy.on_change(event, now, tasks=len(plan))
+                decision = policy.on_change(event, now, tasks=tasks)
                 trigger = trigger_of_change(event)
         except (StreamprovError, ValueError) as exc:
-            at = where(msg)
-            source = source_of(at.topic, at.partition, at.offset)
-            log.warning(
-                "%s %s dead-lettered (%s): %s", "alert" if is_alert else "change event", source, reason, exc
-            )
-            headers = dead_letter_headers(message_headers(msg), reason, exc, source)
-            return PlainRecord(self.settings.dead_letter_topic, msg.key(), raw, tuple(headers))
+            return self._dead_letter(msg, "alert" if is_alert else "change event", reason, exc)
         waits = 0
         while (
             decision.action is Action.RATE_LIMITED
@@ -557,37 +592,61 @@ class RecomputeManager:
             self._stop.wait(min(decision.retry_after_s, 5.0))
             waits += 1
             # the trigger passed already: decide again without counting the alert a second time
-            decision = policy.decide(
-                trigger, decision.data_id, decision.cause, time.monotonic(), tasks=len(plan)
-            )
+            decision = policy.decide(trigger, decision.data_id, decision.cause, time.monotonic(), tasks=tasks)
+        if plan is None and event is not None and not (decision.runs and tasks):
+            try:  # refused, waiting for approval, nothing to do: reported with its own plan
+                plan = self._plan_alone(event)
+            except (StreamprovError, ValueError) as exc:
+                return self._dead_letter(msg, "change event", DeadLetterReason.PROCESSING_ERROR, exc)
         return plan, decision, event
 
-    def _planned_together(self, runs: list[_Run]) -> tuple[list[PlainRecord], list[RecomputeUnit], list[str]]:
+    def _plan_alone(self, event: ChangeEvent) -> RecomputePlan:
+        with self.views.lock:
+            plan = plan_for_change(self.views.index, event, supersedes=self.views.outputs.locations)
+        self._stats.ledger_plans += 1
+        return plan
+
+    def _dead_letter(self, msg: Message, what: str, reason: DeadLetterReason, exc: Exception) -> PlainRecord:
+        at = where(msg)
+        source = source_of(at.topic, at.partition, at.offset)
+        log.warning("%s %s dead-lettered (%s): %s", what, source, reason, exc)
+        headers = dead_letter_headers(message_headers(msg), reason, exc, source)
+        return PlainRecord(self.settings.dead_letter_topic, msg.key(), msg.value() or b"", tuple(headers))
+
+    def _planned_together(
+        self, runs: list[_Run], batch: _BatchPlan | None
+    ) -> tuple[list[PlainRecord], list[RecomputeUnit], list[str]]:
         """The change events of one batch that the policy let run, as ONE plan (`plan_for_changes`:
         one ledger traversal; a node several of them reach, e.g. a reduce over several changed sources,
-        is one task reading all their corrections). One event is its own plan (same ids as alone).
+        is one task reading all their corrections): the batch's plan itself when every event of the
+        batch runs, else planned for those that do. One event is its own plan (same ids as alone).
         Its cause names every event's decision; its units carry the first event's trace context that
         has one (a unit record links its task spans to one cause). Returns the records, the units that
-        run and one state per event. Falls back to each event's own plan when the merged plan cannot
-        be made or has a unit too large to publish."""
+        run and one state per event planned (an event that cannot be planned alone is dead-lettered).
+        Falls back to each event's own plan when the merged plan cannot be made or has a unit too
+        large to publish."""
         if len(runs) == 1:
-            r = runs[0]
-            records, units, state = self._planned(r.plan, r.decision, r.trace)
-            return records, units, [state]
+            return self._planned_alone(runs)
         subjects = list(dict.fromkeys(r.decision.data_id for r in runs))
         topics = {r.decision.topic for r in runs}
         cause = Cause("changes", f"{len(runs)} change events", "", tuple(r.decision.cause for r in runs))
-        try:
-            with self.views.lock:
-                plan = plan_for_changes(
-                    self.views.index,
-                    [r.event for r in runs],
-                    supersedes=self.views.outputs.locations,
-                    cause=cause,
+        plan: RecomputePlan | None = None
+        if batch is not None and batch.plan.cause == cause:  # every event of the batch runs
+            plan = batch.plan
+        else:
+            try:
+                with self.views.lock:
+                    plan = plan_for_changes(
+                        self.views.index,
+                        [r.event for r in runs],
+                        supersedes=self.views.outputs.locations,
+                        cause=cause,
+                    )
+                self._stats.ledger_plans += 1
+            except (StreamprovError, ValueError) as exc:  # each one planned alone: they still can
+                log.warning(
+                    "%d change events not planned together (%s): each runs its own plan", len(runs), exc
                 )
-        except (StreamprovError, ValueError) as exc:  # each one planned alone: they still can
-            log.warning("%d change events not planned together (%s): each runs its own plan", len(runs), exc)
-            plan = None
         if plan is not None:
             more = f", ... ({len(subjects)} in all)" if len(subjects) > 3 else ""
             decision = Decision(
@@ -606,9 +665,23 @@ class RecomputeManager:
                 plan.plan_id[:12],
                 len(runs),
             )
+        return self._planned_alone(runs)
+
+    def _planned_alone(self, runs: list[_Run]) -> tuple[list[PlainRecord], list[RecomputeUnit], list[str]]:
+        """Each run with its own plan (made now when the batch plan stood in for it)."""
         out: tuple[list[PlainRecord], list[RecomputeUnit], list[str]] = ([], [], [])
         for r in runs:
-            records, units, state = self._planned(r.plan, r.decision, r.trace)
+            plan = r.plan
+            if plan is None:
+                try:
+                    plan = self._plan_alone(r.event)
+                except (StreamprovError, ValueError) as exc:
+                    out[0].append(
+                        self._dead_letter(r.msg, "change event", DeadLetterReason.PROCESSING_ERROR, exc)
+                    )
+                    self._stats.malformed += 1
+                    continue
+            records, units, state = self._planned(plan, r.decision, r.trace)
             out[0].extend(records)
             out[1].extend(units)
             out[2].append(state)
@@ -675,12 +748,22 @@ class RecomputeManager:
 
 @dataclass(frozen=True, slots=True)
 class _Run:
-    """A change event the policy let run, with its own plan and its trace headers."""
+    """A change event the policy let run, with its own plan (None: not made, the batch plan stood
+    in for it), its trace headers and its record (to dead-letter it)."""
 
     event: ChangeEvent
-    plan: RecomputePlan
+    plan: RecomputePlan | None
     decision: Decision
     trace: TraceHeaders
+    msg: Message
+
+
+@dataclass(frozen=True)
+class _BatchPlan:
+    """A batch's change events planned together, and each event's own plan size by change id."""
+
+    plan: RecomputePlan
+    event_tasks: dict[str, int]
 
 
 def _skip(msg: Message) -> bool:

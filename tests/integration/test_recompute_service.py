@@ -236,6 +236,7 @@ def test_changes_consumed_together_are_one_plan_and_a_shared_reduce_runs_once(
     with RecomputeManager(settings, processor_fns.registry) as manager:
         stats = manager.run(max_causes=2, idle_timeout_s=60)
     assert (stats.causes, stats.plans_run, stats.units_planned, stats.units_done) == (2, 1, 1, 1)
+    assert stats.ledger_plans == 1  # the batch's plan: the policy judged each event by its count in it
     assert (stats.tasks_recomputed, stats.published, stats.dead_letters) == (5, 5, 0)  # not 6: one sum
     assert stats.decisions == {"planned": 2}
 

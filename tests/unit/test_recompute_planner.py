@@ -213,3 +213,24 @@ def test_planned_tasks_are_what_their_records_decode_to(tmp_path: Path) -> None:
     (reduce_, *_) = [t for t in plan.tasks if t.steps[0].function_id == "sum"]
     digest = reduce_.steps[0].inputs
     assert digest is not None and (digest.window_start, digest.window_end) == (0, 60_000)
+
+
+def test_a_batch_plan_says_how_many_tasks_each_event_plans_alone(tmp_path: Path) -> None:
+    """`event_tasks`: the policy judges each event of a batch by its own plan's size without planning
+    it again; each count is `len(plan_for_change(event))`, for shared reduces, function changes,
+    two versions of one source and a deletion."""
+    fc = FunctionChange("map1", "1", b"map1".ljust(16, b"."), "2", b"new-code")
+    batches = [
+        [_change("g0-s0", "v0", "v9"), _change("g0-s2", "v0", "v8", 8)],
+        [_change("g0-s0", "v0", "v9"), ChangeEvent.for_function(fc, EMPTY_IMPACT, 3)],
+        [_change("g0-s1", "v0", "v1"), _change("g0-s1", "v1", "v2", 8), _change("g1-s1", "v0", None, 9)],
+        [ChangeEvent.for_function(fc, EMPTY_IMPACT, 3), _change("g1-s0", "v0", "v5")],
+    ]
+    with _index(tmp_path) as idx:
+        for events in batches:
+            plan = plan_for_changes(idx, events, created_at_ms=1)
+            alone = [len(plan_for_change(idx, e, created_at_ms=1)) for e in events]
+            assert list(plan.event_tasks) == alone, [e.change_id for e in events]
+            assert all(alone) or events is batches[2]
+        shared = plan_for_changes(idx, batches[0], created_at_ms=1)
+    assert sum(shared.event_tasks) == 8 and len(shared) == 6  # the shared reduce and publish count twice
