@@ -230,8 +230,10 @@ class TopicReader:
         self._consumer = Consumer(settings)
         self._tps: list[TopicPartition] = []
         try:
-            for topic in topics:
-                meta = self._consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            wanted = list(topics)
+            found = list_all_topics(self._consumer, timeout_s) if wanted else {}
+            for topic in wanted:
+                meta = found.get(topic)
                 if meta is None or (meta.error is None and not meta.partitions):
                     raise TopicMissingError(f"topic {topic!r} does not exist")
                 if meta.error is not None:
