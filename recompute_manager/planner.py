@@ -225,9 +225,9 @@ class RecomputePlan:
     """The ledger query hit its limit: the plan is not the whole affected sub-graph."""
     cyclic: bool
     event_tasks: tuple[int, ...] = ()
-    """Of a plan for change events (`plan_for_changes`): how many tasks each event's own plan
-    (`plan_for_change`) has, in event order, so a policy can judge each event without planning it
-    again. Without a limit (`truncated` False) each is exact."""
+    """Of a plan for change events (`plan_for_changes(count_each=True)`): how many tasks each
+    event's own plan (`plan_for_change`) has, in event order, so a policy can judge each event
+    without planning it again. Without a limit (`truncated` False) each is exact."""
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -438,9 +438,12 @@ def plan_for_changes(
     limit: int | None = None,
     created_at_ms: int | None = None,
     supersedes: Mapping[DataRef, Coordinates] | None = None,
+    count_each: bool = False,
 ) -> RecomputePlan:
     """ONE plan for a batch of change events (in the order they were consumed): the union of what
-    each one affects, every application once, in dependency order.
+    each one affects, every application once, in dependency order. `count_each`: also say how many
+    tasks each event's own plan has (`RecomputePlan.event_tasks`; one more pass over every input of
+    the plan's applications, far less than planning each event alone).
 
     Sources: everything derived from each changed source's old version, replayed on the newest
     version the batch names for that DataID (the last event about it wins; after a deletion there is
@@ -514,7 +517,7 @@ def plan_for_changes(
         created_at_ms=created_at_ms,
         upgrade=upgrade or None,
     )
-    return dataclasses.replace(plan, event_tasks=_own_tasks(applications, own))
+    return dataclasses.replace(plan, event_tasks=_own_tasks(applications, own)) if count_each else plan
 
 
 def _own_tasks(

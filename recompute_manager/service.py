@@ -536,7 +536,9 @@ class RecomputeManager:
             return None
         try:
             with self.views.lock:
-                plan = plan_for_changes(self.views.index, events, supersedes=self.views.outputs.locations)
+                plan = plan_for_changes(
+                    self.views.index, events, supersedes=self.views.outputs.locations, count_each=True
+                )
                 self._stats.ledger_plans += 1
         except (StreamprovError, ValueError) as exc:
             log.warning("%d change events not planned together (%s): each is planned alone", len(events), exc)

@@ -228,9 +228,10 @@ def test_a_batch_plan_says_how_many_tasks_each_event_plans_alone(tmp_path: Path)
     ]
     with _index(tmp_path) as idx:
         for events in batches:
-            plan = plan_for_changes(idx, events, created_at_ms=1)
+            plan = plan_for_changes(idx, events, created_at_ms=1, count_each=True)
+            assert plan_for_changes(idx, events, created_at_ms=1).event_tasks == ()  # not asked for
             alone = [len(plan_for_change(idx, e, created_at_ms=1)) for e in events]
             assert list(plan.event_tasks) == alone, [e.change_id for e in events]
             assert all(alone) or events is batches[2]
-        shared = plan_for_changes(idx, batches[0], created_at_ms=1)
+        shared = plan_for_changes(idx, batches[0], created_at_ms=1, count_each=True)
     assert sum(shared.event_tasks) == 8 and len(shared) == 6  # the shared reduce and publish count twice
