@@ -10,10 +10,10 @@ needs, the way the Validator has it (`streamprov.agents.lifecycle`):
 * the loop: one detector batch per turn (consume, detect, emit, store, commit), a progress line in
   the log every `progress_interval_s`;
 * a batch that fails (the ledger cannot be read, a change event not delivered) is never skipped:
-  the consumer goes back to the offsets its local state ends at (`ChangeDetector.rewind`) and the
-  batch is tried again after a backoff (stop-aware, doubling up to 30 s). When that rewind fails
-  too, it is tried again before anything else, and counts as a failure: nothing is consumed past a
-  failed batch. After `max_consecutive_failures` in a row the service stops with an error (the
+  it is tried again after a backoff (stop-aware, doubling up to 30 s), and the detector's next
+  `step()` first goes back to the offsets its local state ends at (`ChangeDetector.rewind`). A
+  rewind that fails fails that step, and counts as a failure: nothing is consumed past a failed
+  batch. After `max_consecutive_failures` in a row the service stops with an error (the
   orchestrator restarts it). A fatal Kafka error stops it at once;
 * SIGTERM/SIGINT (`stop()`): the current batch is finished and committed, then `run()` returns.
 
@@ -185,9 +185,6 @@ class ChangeService:
         self.detector.heartbeat = self.state.beat
         self._http: list[HttpEndpoints] = []
         self._failures = 0
-        self._must_rewind = False
-        """A unit of work failed and the detector is not back at its stored offsets yet: rewind before
-        anything else consumes (the position may be past the failed batch)."""
 
     # -- lifecycle -------------------------------------------------------------------------------------
     @property
@@ -297,11 +294,10 @@ class ChangeService:
         return self.detector.stats
 
     def _guarded(self, work: Any) -> int:
-        """Run one unit of work; a failure rewinds, backs off and counts (see the module docs). After a
-        failure whose rewind failed too, the rewind is retried first: no batch is read past a failed one."""
+        """Run one unit of work; a failure backs off and counts (see the module docs). No batch is read
+        past a failed one: the detector's `step()` rewinds to its stored offsets first (and a rewind
+        that fails is a failure of that step)."""
         try:
-            if self._must_rewind:
-                self._rewind()
             done = int(work() or 0)
         except (ChangeDetectorError, LedgerError) as exc:
             self._failed(exc)
@@ -323,20 +319,9 @@ class ChangeService:
             raise ChangeDetectorError(f"{self._failures} batches in a row failed (last: {exc})") from exc
         delay = min(MAX_BACKOFF_S, s.retry_backoff_s * 2 ** (self._failures - 1))
         log.warning("batch failed (%s): trying it again in %.1f s (%d in a row)", exc, delay, self._failures)
-        self._must_rewind = True
-        try:
-            self._rewind()
-        except (
-            ChangeDetectorError
-        ) as rewind_exc:  # e.g. the broker is still away: again before the next batch
-            log.warning("%s: rewinding again before the next batch", rewind_exc)
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline and self.state.beat():  # stop-aware, still alive
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-
-    def _rewind(self) -> None:
-        self.detector.rewind()
-        self._must_rewind = False
 
     def _check_functions(self) -> int:
         assert self.registry is not None
