@@ -6,6 +6,11 @@ checksum to show the dead-letter path. Then the records are read back and their 
 and the lineage of one reduce output is re-derived from the records it digests. Both steps record
 every application in a provenance ledger (its own topic); the ledger is verified and the lineage of
 the same output is shown again, this time from the ledger, back to the source readings.
+
+Then the other half of the product, on the same pipeline (`streamprov.demo_recompute`): a sensor-a
+reading is corrected at the source and a map output is corrupted in flight; the Validator reports
+both, the change detector emits the correction's change event with its impact set from the ledger,
+and the Recompute Manager recomputes only those outputs and publishes them to the priority topics.
 """
 
 from __future__ import annotations
@@ -116,6 +121,12 @@ def run_demo(bootstrap_servers: str | None, records: int, *, echo: Echo) -> None
         maxima = _show(bootstrap_servers, topics, sources, records, echo)
         if public_key and maxima:
             _show_ledger(bootstrap_servers, topics, public_key, maxima[0], echo)
+        if records >= 2:  # the correction is a sensor-a reading, the corruption a sensor-b one
+            from streamprov.demo_recompute import RepairDemo, run_repair_stages  # noqa: PLC0415 - imports demo
+
+            run_repair_stages(RepairDemo(bootstrap_servers, topics, run_id, records, public_key), echo)
+        else:
+            echo("\n(stages 4-6 need at least 2 readings: skipped)")
         if embedded:
             echo("\nStopping the embedded broker (its topics go with it).")
         else:
@@ -253,11 +264,11 @@ def _show(
     dead = _read(bootstrap, topics.dead_letters, 10)
 
     echo("\n--- a source record, then the map output derived from it ---")
-    _print_record(source_msgs[0], echo)
-    _print_record(mapped[0], echo)
+    print_record(source_msgs[0], echo)
+    print_record(mapped[0], echo)
     echo("\n--- reduce outputs ---")
     for msg in maxima:
-        _print_record(msg, echo)
+        print_record(msg, echo)
     if maxima:
         _print_lineage(maxima[0], mapped, echo)
     echo("\n--- dead letters ---")
@@ -301,7 +312,7 @@ def _show_ledger(bootstrap: str, topics: DemoTopics, public_key: bytes, output: 
     echo(to_tree(LineageGraph.of_upstream([lineage])))
 
 
-def _print_record(msg: Message, echo: Echo) -> None:
+def print_record(msg: Message, echo: Echo) -> None:
     header = ProvenanceHeader.from_headers(message_headers(msg))
     echo(f"\n{msg.topic()}  key={as_text(msg.key())}  value={as_text(msg.value())}")
     if header is None:
