@@ -18,7 +18,6 @@ Tasks are keyed by the DataID of their output, so one DataID's tasks stay ordere
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import hashlib
 import io
@@ -45,12 +44,14 @@ from validator.alerts import Alert, AlertKind
 __all__ = [
     "PREFIX",
     "SCHEMA",
+    "ChangeBatch",
     "Coordinates",
     "InputOrigin",
     "InputRef",
     "PlanError",
     "RecomputePlan",
     "RecomputeTask",
+    "changes_cause",
     "plan_for_alert",
     "plan_for_change",
     "plan_for_changes",
@@ -224,10 +225,6 @@ class RecomputePlan:
     truncated: bool
     """The ledger query hit its limit: the plan is not the whole affected sub-graph."""
     cyclic: bool
-    event_tasks: tuple[int, ...] = ()
-    """Of a plan for change events (`plan_for_changes(count_each=True)`): how many tasks each
-    event's own plan (`plan_for_change`) has, in event order, so a policy can judge each event
-    without planning it again. Without a limit (`truncated` False) each is exact."""
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -438,12 +435,9 @@ def plan_for_changes(
     limit: int | None = None,
     created_at_ms: int | None = None,
     supersedes: Mapping[DataRef, Coordinates] | None = None,
-    count_each: bool = False,
 ) -> RecomputePlan:
     """ONE plan for a batch of change events (in the order they were consumed): the union of what
-    each one affects, every application once, in dependency order. `count_each`: also say how many
-    tasks each event's own plan has (`RecomputePlan.event_tasks`; one more pass over every input of
-    the plan's applications, far less than planning each event alone).
+    each one affects, every application once, in dependency order.
 
     Sources: everything derived from each changed source's old version, replayed on the newest
     version the batch names for that DataID (the last event about it wins; after a deletion there is
@@ -455,97 +449,205 @@ def plan_for_changes(
     One traversal of the ledger for all source versions and one for all function applications;
     `limit` bounds each. The plan id covers the events' change ids in order, so a redelivered batch
     plans the same ids; a batch of one event is `plan_for_change` of it. `cause` defaults to the
-    event's cause, or for several a `changes` cause with one sub-cause per event.
+    event's cause, or for several a `changes` cause with one sub-cause per event
+    (`changes_cause`). `ChangeBatch` also plans any subset of the events without traversing again.
     """
-    if not events:
-        raise PlanError("no change events to plan")
-    roots: dict[DataRef, None] = {}
+    batch = ChangeBatch.of(
+        lookup, events, topic=topic, limit=limit, created_at_ms=created_at_ms, supersedes=supersedes
+    )
+    return batch.plan(cause=cause)
+
+
+def changes_cause(causes: Sequence[Cause]) -> Cause:
+    """The cause of a plan of several change events: one sub-cause per event (one: that one)."""
+    return (
+        causes[0] if len(causes) == 1 else Cause("changes", f"{len(causes)} change events", "", tuple(causes))
+    )
+
+
+_Roots = tuple[tuple[DataRef, ...], tuple[bytes, ...]]
+"""One change event's roots in the ledger: (old source versions, applications of the old function)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ChangeBatch:
+    """Change events and what they affect, from ONE traversal of the ledger: the plan of all of them
+    (`plan_for_changes`), of one (`plan_for_change`'s plan, same ids) or of any subset, and how many
+    tasks each event's own plan has, without traversing again: an event's own plan is what it reaches
+    among the batch's applications (the batch's set is closed under consumers, so the same set
+    `downstream` finds for it alone). With a `limit` that cut the traversal short (`truncated`), a
+    subset is planned with its own traversal instead."""
+
+    lookup: LedgerIndex
+    events: tuple[ChangeEvent, ...]
+    roots: tuple[_Roots, ...]
+    applications: tuple[Applied, ...]
+    """Everything the events affect, in dependency order."""
+    truncated: bool
+    cyclic: bool
+    topic: str = ""
+    limit: int | None = None
+    created_at_ms: int | None = None
+    supersedes: Mapping[DataRef, Coordinates] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        lookup: LedgerIndex,
+        events: Sequence[ChangeEvent],
+        *,
+        topic: str = "",
+        limit: int | None = None,
+        created_at_ms: int | None = None,
+        supersedes: Mapping[DataRef, Coordinates] | None = None,
+    ) -> ChangeBatch:
+        """Traverse the ledger once for `events` (raises `PlanError` for none, or an event naming
+        neither a source nor a function)."""
+        if not events:
+            raise PlanError("no change events to plan")
+        sources: dict[DataRef, None] = {}
+        functions: dict[bytes, None] = {}
+        roots: list[_Roots] = []
+        for event in events:
+            if event.source is not None:
+                sources.setdefault(event.source.previous_node, None)
+                roots.append(((event.source.previous_node,), ()))
+            elif event.function is not None:
+                f = event.function
+                applied = tuple(
+                    lookup.applications_of(f.function_id, f.previous_version, f.previous_code_hash or None)
+                )
+                functions.update(dict.fromkeys(applied))
+                roots.append(((), applied))
+            else:
+                raise PlanError(f"change event {event.change_id} names neither a source nor a function")
+        results = []
+        if sources:
+            results.append(downstream(lookup, sources, limit=limit))
+        if functions:
+            results.append(downstream_of_applications(lookup, functions, limit=limit))
+        if len(results) == 1:
+            applications, cyclic = results[0].applications, results[0].cyclic
+        else:
+            found: dict[bytes, Applied] = {}
+            for r in results:
+                for a in r.applications:
+                    found.setdefault(a.entry.entry_id, a)
+            applications, cyclic = dependency_order(found.values())
+            cyclic = cyclic or any(r.cyclic for r in results)
+        return cls(
+            lookup,
+            tuple(events),
+            tuple(roots),
+            applications,
+            any(r.truncated for r in results),
+            cyclic,
+            topic,
+            limit,
+            created_at_ms,
+            supersedes,
+        )
+
+    def plan(self, which: Sequence[int] | None = None, *, cause: Cause | None = None) -> RecomputePlan:
+        """The plan of the events at positions `which` (None: all), in batch order; the same plan (same
+        ids) as `plan_for_changes` of those events, `plan_for_change` for one. `cause` defaults to
+        theirs (`changes_cause`)."""
+        picked = list(range(len(self.events))) if which is None else sorted(set(which))
+        if not picked or picked[-1] >= len(self.events) or picked[0] < 0:
+            raise PlanError(f"no such events in a batch of {len(self.events)}: {which}")
+        events = [self.events[i] for i in picked]
+        if len(picked) == len(self.events):
+            applications, cyclic, truncated = self.applications, self.cyclic, self.truncated
+        elif self.truncated:  # the union was cut short: the subset's own traversal is exact
+            return ChangeBatch.of(
+                self.lookup,
+                events,
+                topic=self.topic,
+                limit=self.limit,
+                created_at_ms=self.created_at_ms,
+                supersedes=self.supersedes,
+            ).plan(cause=cause)
+        else:
+            reached = self._reached()
+            union = set().union(*(reached[i] for i in picked))
+            applications, cyclic = dependency_order(self.applications[i] for i in sorted(union))
+            truncated = False
+        replace, upgrade = _replacements(events)
+        ids = list(dict.fromkeys(e.change_id for e in events))
+        return plan_from_applications(
+            self.lookup,
+            applications,
+            cause_id="\n".join(ids),
+            cause=cause if cause is not None else changes_cause([cause_of_change(e) for e in events]),
+            topic=self.topic,
+            replace=replace,
+            supersedes=self.supersedes,
+            truncated=truncated,
+            cyclic=cyclic,
+            created_at_ms=self.created_at_ms,
+            upgrade=upgrade or None,
+        )
+
+    def own_tasks(self) -> tuple[int, ...]:
+        """How many tasks each event's own plan (`plan_for_change`) has, in event order: what a policy
+        judges each event by. Exact unless `truncated`."""
+        reached = self._reached()
+        kinds = [a.entry.application.kind is not ApplicationKind.SOURCE for a in self.applications]
+        return tuple(sum(kinds[i] for i in seen) for seen in reached)
+
+    def _reached(self) -> tuple[frozenset[int], ...]:
+        """For each event: the positions in `applications` it reaches (its roots' consumers, their
+        outputs' consumers, ...; a root application itself). One pass over every input, kept."""
+        cached: tuple[frozenset[int], ...] | None = self.__dict__.get("_reached_sets")
+        if cached is not None:
+            return cached
+        applications = self.applications
+        consumers: dict[DataRef, list[int]] = {}
+        at: dict[bytes, int] = {}
+        for i, a in enumerate(applications):
+            at[a.entry.entry_id] = i
+            for ref in dict.fromkeys(a.entry.application.inputs):
+                consumers.setdefault(ref, []).append(i)
+        found: list[frozenset[int]] = []
+        for nodes, entry_ids in self.roots:
+            seen = {at[e] for e in entry_ids if e in at}
+            queue = [applications[i].entry.application.output for i in seen] + list(nodes)
+            outputs: set[DataRef] = set(queue)
+            while queue:  # each node is queued once
+                for i in consumers.get(queue.pop(), ()):
+                    if i in seen:
+                        continue
+                    seen.add(i)
+                    out = applications[i].entry.application.output
+                    if out not in outputs:
+                        outputs.add(out)
+                        queue.append(out)
+            found.append(frozenset(seen))
+        result = tuple(found)
+        object.__setattr__(self, "_reached_sets", result)  # frozen: computed once, on demand
+        return result
+
+
+def _replacements(
+    events: Sequence[ChangeEvent],
+) -> tuple[dict[DataRef, DataRef], dict[str, tuple[str, bytes]]]:
+    """(old source version -> the newest version the events name for its DataID (none after a
+    deletion), function id -> the (version, code hash) the last event about it names)."""
+    olds: dict[DataRef, None] = {}
     latest: dict[str, DataRef | None] = {}
     upgrade: dict[str, tuple[str, bytes]] = {}
-    functions: dict[bytes, None] = {}
-    own: list[tuple[tuple[DataRef, ...], tuple[bytes, ...]]] = []  # each event's roots
     for event in events:
         if event.source is not None:
             s = event.source
-            roots.setdefault(s.previous_node, None)
-            own.append(((s.previous_node,), ()))
+            olds.setdefault(s.previous_node, None)
             deleted = event.kind is ChangeKind.SOURCE_DELETED or s.current is None
             latest[s.data_id] = None if deleted else s.current_node
         elif event.function is not None:
             f = event.function
-            applied = tuple(
-                lookup.applications_of(f.function_id, f.previous_version, f.previous_code_hash or None)
-            )
-            functions.update(dict.fromkeys(applied))
-            own.append(((), applied))
             upgrade[f.function_id] = (f.current_version, f.current_code_hash)
-        else:
-            raise PlanError(f"change event {event.change_id} names neither a source nor a function")
     replace: dict[DataRef, DataRef] = {}
-    for old in roots:
+    for old in olds:
         current = latest.get(old.data_id)
         if current is not None:
             replace[old] = current
-    results = []
-    if roots:
-        results.append(downstream(lookup, roots, limit=limit))
-    if functions:
-        results.append(downstream_of_applications(lookup, functions, limit=limit))
-    if len(results) == 1:
-        applications, cyclic = results[0].applications, results[0].cyclic
-    else:
-        found: dict[bytes, Applied] = {}
-        for r in results:
-            for a in r.applications:
-                found.setdefault(a.entry.entry_id, a)
-        applications, cyclic = dependency_order(found.values())
-        cyclic = cyclic or any(r.cyclic for r in results)
-    ids = list(dict.fromkeys(e.change_id for e in events))
-    if cause is None:
-        causes = tuple(cause_of_change(e) for e in events)
-        cause = causes[0] if len(causes) == 1 else Cause("changes", f"{len(ids)} change events", "", causes)
-    plan = plan_from_applications(
-        lookup,
-        applications,
-        cause_id="\n".join(ids),
-        cause=cause,
-        topic=topic,
-        replace=replace,
-        supersedes=supersedes,
-        truncated=any(r.truncated for r in results),
-        cyclic=cyclic,
-        created_at_ms=created_at_ms,
-        upgrade=upgrade or None,
-    )
-    return dataclasses.replace(plan, event_tasks=_own_tasks(applications, own)) if count_each else plan
-
-
-def _own_tasks(
-    applications: Sequence[Applied], roots: Sequence[tuple[tuple[DataRef, ...], tuple[bytes, ...]]]
-) -> tuple[int, ...]:
-    """For each (root nodes, root applications): the non-SOURCE applications among `applications`
-    reachable from them (the roots' consumers, those consumers' outputs' consumers, ...; a root
-    application counts itself): the tasks of that root's own plan, as `downstream` finds the same
-    edges among the union of every root's downstream."""
-    consumers: dict[DataRef, list[int]] = {}
-    at: dict[bytes, int] = {}
-    for i, a in enumerate(applications):
-        at[a.entry.entry_id] = i
-        for ref in dict.fromkeys(a.entry.application.inputs):
-            consumers.setdefault(ref, []).append(i)
-    counts: list[int] = []
-    for nodes, entry_ids in roots:
-        seen = {at[e] for e in entry_ids if e in at}
-        queue = [applications[i].entry.application.output for i in seen] + list(nodes)
-        reached: set[DataRef] = set(queue)
-        while queue:  # each node is queued once
-            for i in consumers.get(queue.pop(), ()):
-                if i in seen:
-                    continue
-                seen.add(i)
-                out = applications[i].entry.application.output
-                if out not in reached:
-                    reached.add(out)
-                    queue.append(out)
-        counts.append(sum(applications[i].entry.application.kind is not ApplicationKind.SOURCE for i in seen))
-    return tuple(counts)
+    return replace, upgrade

@@ -49,10 +49,16 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from recompute_manager.executor import Executor, RetryPolicy
 from recompute_manager.outputs import where
-from recompute_manager.planner import RecomputePlan, plan_for_alert, plan_for_change, plan_for_changes
+from recompute_manager.planner import (
+    ChangeBatch,
+    RecomputePlan,
+    changes_cause,
+    plan_for_alert,
+    plan_for_change,
+    plan_for_changes,
+)
 from recompute_manager.policy import (
     Action,
-    Cause,
     Decision,
     TopicPolicy,
     trigger_of_alert,
@@ -475,12 +481,12 @@ class RecomputeManager:
         decisions: list[str] = []
         offsets: dict[tuple[str, int], int] = {}
         together: list[_Run] = []
-        batch = self._batch_plan(msgs)
-        for msg in msgs:
+        changes = self._changes(msgs)
+        for k, msg in enumerate(msgs):
             at = where(msg)
             offsets[(at.topic, at.partition)] = at.offset + 1
             self._stats.causes += 1
-            handled = self._cause(msg, at.topic == s.alerts_topic, batch)
+            handled = self._cause(msg, at.topic == s.alerts_topic, changes, k)
             if isinstance(handled, PlainRecord):  # not a cause it can plan: kept, with the reason
                 plain.append(handled)
                 self._stats.malformed += 1
@@ -488,7 +494,8 @@ class RecomputeManager:
             plan, decision, event = handled
             trace = cause_headers(msg.headers())
             if event is not None and decision.runs and (plan is None or plan.tasks):
-                together.append(_Run(event, plan, decision, trace, msg))  # planned with the batch's others
+                position = changes.at.get(k) if changes is not None else None
+                together.append(_Run(event, plan, decision, trace, msg, position))  # with the batch's others
                 continue
             assert plan is not None  # `_cause` plans alone every cause that does not run with the batch
             records, units, state = self._planned(plan, decision, trace)
@@ -496,7 +503,7 @@ class RecomputeManager:
             planned += units
             decisions.append(state)
         if together:
-            records, units, states = self._planned_together(together, batch)
+            records, units, states = self._planned_together(together, changes)
             plain += records
             planned += units
             decisions += states
@@ -518,41 +525,44 @@ class RecomputeManager:
         for state in decisions:
             self._stats.decisions[state] = self._stats.decisions.get(state, 0) + 1
 
-    def _batch_plan(self, msgs: list[Message]) -> _BatchPlan | None:
-        """The batch's change events (those that decode) planned together once (`plan_for_changes`),
-        with each event's own plan size (`RecomputePlan.event_tasks`), so that neither the policy nor
-        the merged plan of the events that run plans them again; None for fewer than two events or
-        when the batch cannot be planned together (each event is then planned alone)."""
-        changes = self.settings.changes_topic
+    def _changes(self, msgs: list[Message]) -> _Changes | None:
+        """The batch's change events (those that decode) from ONE traversal of the ledger
+        (`ChangeBatch`): each event's own plan size for the policy, and the plan of the events that
+        run, or of one event, without traversing again; None for fewer than two events or when they
+        cannot be planned together (each event is then planned alone)."""
+        changes_topic = self.settings.changes_topic
         events: list[ChangeEvent] = []
-        for msg in msgs:
-            if msg.topic() != changes:
+        at: dict[int, int] = {}
+        for k, msg in enumerate(msgs):
+            if msg.topic() != changes_topic:
                 continue
             try:
-                events.append(ChangeEvent.decode(msg.value() or b""))
+                event = ChangeEvent.decode(msg.value() or b"")
             except (StreamprovError, ValueError):
                 continue  # dead-lettered by `_cause`
+            at[k] = len(events)
+            events.append(event)
         if len(events) < 2:
             return None
         try:
             with self.views.lock:
-                plan = plan_for_changes(
-                    self.views.index, events, supersedes=self.views.outputs.locations, count_each=True
-                )
-                self._stats.ledger_plans += 1
+                batch = ChangeBatch.of(self.views.index, events, supersedes=self.views.outputs.locations)
+                own = batch.own_tasks()
+            self._stats.ledger_plans += 1
         except (StreamprovError, ValueError) as exc:
             log.warning("%d change events not planned together (%s): each is planned alone", len(events), exc)
             return None
-        return _BatchPlan(plan, {e.change_id: n for e, n in zip(events, plan.event_tasks, strict=True)})
+        return _Changes(batch, at, own)
 
     def _cause(
-        self, msg: Message, is_alert: bool, batch: _BatchPlan | None = None
+        self, msg: Message, is_alert: bool, changes: _Changes | None = None, k: int = -1
     ) -> tuple[RecomputePlan | None, Decision, ChangeEvent | None] | PlainRecord:
         """The cause's own plan, the policy's decision on it (judged by that plan's size) and the
         change event (None: an alert); or, for an alert or change event that does not decode or cannot
         be planned, its dead-letter record (committed with the batch: never replayed, never lost).
-        A change event of `batch` that runs has no plan of its own (None): its size is the batch
-        plan's count, and it runs in a plan of the batch's events (`_planned_together`)."""
+        A change event of `changes` (message `k` of the batch) that runs has no plan of its own
+        (None): its size is its count in the batch, and it runs in a plan of the batch's events
+        (`_planned_together`)."""
         raw = msg.value() or b""
         now = time.monotonic()
         trigger: RecomputeTrigger | None
@@ -573,11 +583,12 @@ class RecomputeManager:
             else:
                 event = ChangeEvent.decode(raw)
                 reason = DeadLetterReason.PROCESSING_ERROR
-                own = batch.event_tasks.get(event.change_id) if batch is not None else None
-                if own is None:
+                position = changes.at.get(k) if changes is not None else None
+                if changes is None or position is None:
                     plan = self._plan_alone(event)
-                    own = len(plan)
-                tasks = own
+                    tasks = len(plan)
+                else:
+                    tasks = changes.own[position]
                 topic = event.source.topic if event.source is not None else ""
                 policy = self.policy(topic)
                 decision = policy.on_change(event, now, tasks=tasks)
@@ -597,10 +608,17 @@ class RecomputeManager:
             decision = policy.decide(trigger, decision.data_id, decision.cause, time.monotonic(), tasks=tasks)
         if plan is None and event is not None and not (decision.runs and tasks):
             try:  # refused, waiting for approval, nothing to do: reported with its own plan
-                plan = self._plan_alone(event)
+                plan = self._own_plan(event, changes, changes.at.get(k) if changes is not None else None)
             except (StreamprovError, ValueError) as exc:
                 return self._dead_letter(msg, "change event", DeadLetterReason.PROCESSING_ERROR, exc)
         return plan, decision, event
+
+    def _own_plan(self, event: ChangeEvent, changes: _Changes | None, position: int | None) -> RecomputePlan:
+        """An event's own plan: from its batch's traversal when it has one (no ledger query)."""
+        if changes is None or position is None:
+            return self._plan_alone(event)
+        with self.views.lock:
+            return changes.batch.plan([position])
 
     def _plan_alone(self, event: ChangeEvent) -> RecomputePlan:
         with self.views.lock:
@@ -616,39 +634,38 @@ class RecomputeManager:
         return PlainRecord(self.settings.dead_letter_topic, msg.key(), msg.value() or b"", tuple(headers))
 
     def _planned_together(
-        self, runs: list[_Run], batch: _BatchPlan | None
+        self, runs: list[_Run], changes: _Changes | None
     ) -> tuple[list[PlainRecord], list[RecomputeUnit], list[str]]:
-        """The change events of one batch that the policy let run, as ONE plan (`plan_for_changes`:
-        one ledger traversal; a node several of them reach, e.g. a reduce over several changed sources,
-        is one task reading all their corrections): the batch's plan itself when every event of the
-        batch runs, else planned for those that do. One event is its own plan (same ids as alone).
-        Its cause names every event's decision; its units carry the first event's trace context that
-        has one (a unit record links its task spans to one cause). Returns the records, the units that
-        run and one state per event planned (an event that cannot be planned alone is dead-lettered).
-        Falls back to each event's own plan when the merged plan cannot be made or has a unit too
-        large to publish."""
+        """The change events of one batch that the policy let run, as ONE plan (a node several of them
+        reach, e.g. a reduce over several changed sources, is one task reading all their
+        corrections): planned from the batch's traversal (`ChangeBatch.plan` of their positions: the
+        batch's plan itself when all of them run), else with `plan_for_changes`. One event is its
+        own plan (same ids as alone). Its cause names every event's decision; its units carry the
+        first event's trace context that has one (a unit record links its task spans to one cause).
+        Returns the records, the units that run and one state per event planned (an event that
+        cannot be planned alone is dead-lettered). Falls back to each event's own plan when the
+        merged plan cannot be made or has a unit too large to publish."""
         if len(runs) == 1:
-            return self._planned_alone(runs)
+            return self._planned_alone(runs, changes)
         subjects = list(dict.fromkeys(r.decision.data_id for r in runs))
         topics = {r.decision.topic for r in runs}
-        cause = Cause("changes", f"{len(runs)} change events", "", tuple(r.decision.cause for r in runs))
+        cause = changes_cause([r.decision.cause for r in runs])
+        positions = [r.position for r in runs]
         plan: RecomputePlan | None = None
-        if batch is not None and batch.plan.cause == cause:  # every event of the batch runs
-            plan = batch.plan
-        else:
-            try:
-                with self.views.lock:
+        try:
+            with self.views.lock:
+                if changes is not None and all(p is not None for p in positions):
+                    plan = changes.batch.plan([p for p in positions if p is not None], cause=cause)
+                else:
                     plan = plan_for_changes(
                         self.views.index,
                         [r.event for r in runs],
                         supersedes=self.views.outputs.locations,
                         cause=cause,
                     )
-                self._stats.ledger_plans += 1
-            except (StreamprovError, ValueError) as exc:  # each one planned alone: they still can
-                log.warning(
-                    "%d change events not planned together (%s): each runs its own plan", len(runs), exc
-                )
+                    self._stats.ledger_plans += 1
+        except (StreamprovError, ValueError) as exc:  # each one planned alone: they still can
+            log.warning("%d change events not planned together (%s): each runs its own plan", len(runs), exc)
         if plan is not None:
             more = f", ... ({len(subjects)} in all)" if len(subjects) > 3 else ""
             decision = Decision(
@@ -667,17 +684,19 @@ class RecomputeManager:
                 plan.plan_id[:12],
                 len(runs),
             )
-        return self._planned_alone(runs)
+        return self._planned_alone(runs, changes)
 
-    def _planned_alone(self, runs: list[_Run]) -> tuple[list[PlainRecord], list[RecomputeUnit], list[str]]:
-        """Each run with its own plan (made now when the batch plan stood in for it)."""
+    def _planned_alone(
+        self, runs: list[_Run], changes: _Changes | None
+    ) -> tuple[list[PlainRecord], list[RecomputeUnit], list[str]]:
+        """Each run with its own plan (from the batch's traversal when it stood in for it)."""
         out: tuple[list[PlainRecord], list[RecomputeUnit], list[str]] = ([], [], [])
         for r in runs:
             plan = r.plan
             if plan is None:
                 try:
-                    plan = self._plan_alone(r.event)
-                except (StreamprovError, ValueError) as exc:
+                    plan = self._own_plan(r.event, changes, r.position)
+                except (StreamprovError, ValueError) as exc:  # the policy has charged it already
                     out[0].append(
                         self._dead_letter(r.msg, "change event", DeadLetterReason.PROCESSING_ERROR, exc)
                     )
@@ -750,22 +769,26 @@ class RecomputeManager:
 
 @dataclass(frozen=True, slots=True)
 class _Run:
-    """A change event the policy let run, with its own plan (None: not made, the batch plan stood
-    in for it), its trace headers and its record (to dead-letter it)."""
+    """A change event the policy let run: its own plan (None: not made, the batch's traversal stands
+    in for it), its trace headers, its record (to dead-letter it) and its position in the batch's
+    `ChangeBatch` (None: not in one)."""
 
     event: ChangeEvent
     plan: RecomputePlan | None
     decision: Decision
     trace: TraceHeaders
     msg: Message
+    position: int | None
 
 
 @dataclass(frozen=True)
-class _BatchPlan:
-    """A batch's change events planned together, and each event's own plan size by change id."""
+class _Changes:
+    """A batch's change events planned from one traversal: which message is which event (message
+    index -> position), and each event's own plan size."""
 
-    plan: RecomputePlan
-    event_tasks: dict[str, int]
+    batch: ChangeBatch
+    at: dict[int, int]
+    own: tuple[int, ...]
 
 
 def _skip(msg: Message) -> bool:

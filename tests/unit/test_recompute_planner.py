@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+import itertools
+import random
 from pathlib import Path
 
 import fastavro
 import pytest
-from ledger_support import CTX, LEDGER, build, node, pipeline
+from ledger_support import CTX, LEDGER, build, map_app, node, pipeline, reduce_app
 
 from recompute_manager.planner import (
     SCHEMA,
+    ChangeBatch,
     InputOrigin,
     InputRef,
     PlanError,
@@ -215,10 +218,11 @@ def test_planned_tasks_are_what_their_records_decode_to(tmp_path: Path) -> None:
     assert digest is not None and (digest.window_start, digest.window_end) == (0, 60_000)
 
 
-def test_a_batch_plan_says_how_many_tasks_each_event_plans_alone(tmp_path: Path) -> None:
-    """`event_tasks`: the policy judges each event of a batch by its own plan's size without planning
-    it again; each count is `len(plan_for_change(event))`, for shared reduces, function changes,
-    two versions of one source and a deletion."""
+def test_a_change_batch_plans_each_event_and_any_subset_from_one_traversal(tmp_path: Path) -> None:
+    """`ChangeBatch`: the policy judges each event of a batch by its own plan's size, and the events
+    that run are planned, without another ledger traversal: each count is `len(plan_for_change(e))`,
+    each single plan IS `plan_for_change(e)` (same ids), each subset's plan IS `plan_for_changes` of
+    it; for shared reduces, function changes, two versions of one source and a deletion."""
     fc = FunctionChange("map1", "1", b"map1".ljust(16, b"."), "2", b"new-code")
     batches = [
         [_change("g0-s0", "v0", "v9"), _change("g0-s2", "v0", "v8", 8)],
@@ -228,10 +232,79 @@ def test_a_batch_plan_says_how_many_tasks_each_event_plans_alone(tmp_path: Path)
     ]
     with _index(tmp_path) as idx:
         for events in batches:
-            plan = plan_for_changes(idx, events, created_at_ms=1, count_each=True)
-            assert plan_for_changes(idx, events, created_at_ms=1).event_tasks == ()  # not asked for
-            alone = [len(plan_for_change(idx, e, created_at_ms=1)) for e in events]
-            assert list(plan.event_tasks) == alone, [e.change_id for e in events]
-            assert all(alone) or events is batches[2]
-        shared = plan_for_changes(idx, batches[0], created_at_ms=1, count_each=True)
-    assert sum(shared.event_tasks) == 8 and len(shared) == 6  # the shared reduce and publish count twice
+            batch = ChangeBatch.of(idx, events, topic="out", created_at_ms=1)
+            assert batch.plan() == plan_for_changes(idx, events, topic="out", created_at_ms=1)
+            alone = [plan_for_change(idx, e, topic="out", created_at_ms=1) for e in events]
+            assert list(batch.own_tasks()) == [len(p) for p in alone], [e.change_id for e in events]
+            assert [batch.plan([i]) for i in range(len(events))] == alone
+            for pair in itertools.combinations(range(len(events)), 2):
+                some = [events[i] for i in pair]
+                assert batch.plan(pair) == plan_for_changes(idx, some, topic="out", created_at_ms=1)
+        shared = ChangeBatch.of(idx, batches[0], created_at_ms=1)
+        with pytest.raises(PlanError):
+            shared.plan([5])
+        # the shared reduce and publish count twice
+        assert sum(shared.own_tasks()) == 8 and len(shared.plan()) == 6
+
+
+def _random_batch(rng: random.Random, idx_dir: Path) -> tuple[LedgerIndex, list[ChangeEvent]]:
+    """A random small ledger (maps and reduces over versions of six DataIDs, self-loops, duplicate
+    entries, a reduce reading one node twice, SOURCE entries) and 2-4 change events (source changes,
+    deletions, function changes with and without a code hash, a repeated event)."""
+    ids = [f"d{i}" for i in range(6)]
+    nodes = [(d, f"v{j}") for d in ids for j in range(3)]
+    apps = [
+        Application.of_source(node(d, "v0"), timestamp_ms=1, device_id="s", context=CTX)
+        for d in ids
+        if rng.random() < 0.7
+    ]
+    for k in range(rng.randrange(3, 14)):
+        fid, version = rng.choice(["f", "g", "h"]), rng.choice(["1", "2"])
+        if rng.random() < 0.5:
+            i, o = rng.sample(nodes, 2) if rng.random() < 0.9 else [rng.choice(nodes)] * 2
+            apps.append(map_app(fid, node(*i), node(*o), version=version, ts=1 + k))
+        else:
+            ins = [node(*n) for n in rng.sample(nodes, rng.randrange(1, 4))]
+            if rng.random() < 0.2:
+                ins.append(ins[0])
+            apps.append(reduce_app(fid, ins, node(*rng.choice(nodes)), version=version))
+    if rng.random() < 0.3 and len(apps) > 1:
+        apps.append(apps[rng.randrange(len(apps))])
+    idx = LedgerIndex(idx_dir, LEDGER)
+    idx.catch_up(build(apps))
+    events: list[ChangeEvent] = []
+    for e in range(rng.randrange(2, 5)):
+        if rng.random() < 0.6:
+            d = rng.choice(ids)
+            old, new = rng.sample(["v0", "v1", "v2"], 2)
+            current = None if rng.random() < 0.2 else node(d, new).checksum
+            kind = ChangeKind.SOURCE_DELETED if current is None else ChangeKind.SOURCE_CHANGED
+            events.append(
+                ChangeEvent.for_source(
+                    kind, SourceChange("src", 0, e, d, node(d, old).checksum, current), EMPTY_IMPACT, 5
+                )
+            )
+        else:
+            fid = rng.choice(["f", "g", "h"])
+            code = fid.encode().ljust(16, b".") if rng.random() < 0.8 else b""
+            fc = FunctionChange(fid, rng.choice(["1", "2"]), code, "3", b"new")
+            events.append(ChangeEvent.for_function(fc, EMPTY_IMPACT, 3))
+        if rng.random() < 0.15:
+            events.append(events[-1])
+    return idx, events
+
+
+def test_a_change_batch_equals_planning_each_subset_on_random_ledgers(tmp_path: Path) -> None:
+    """`ChangeBatch` against a traversal per subset, on 80 random ledgers (cycles, self-loops, two
+    applications of one output, duplicate entries and events): counts, single plans, subset plans."""
+    rng = random.Random(20261202)
+    for seed in range(80):
+        idx, events = _random_batch(rng, tmp_path / f"idx-{seed}")
+        with idx:
+            batch = ChangeBatch.of(idx, events, created_at_ms=1)
+            alone = [plan_for_change(idx, e, created_at_ms=1) for e in events]
+            assert list(batch.own_tasks()) == [len(p) for p in alone], seed
+            assert [batch.plan([i]) for i in range(len(events))] == alone, seed
+            some = sorted(rng.sample(range(len(events)), rng.randrange(1, len(events) + 1)))
+            expected = plan_for_changes(idx, [events[i] for i in some], created_at_ms=1)
+            assert batch.plan(some) == expected, (seed, some)

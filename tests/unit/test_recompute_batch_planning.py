@@ -1,0 +1,149 @@
+"""The Recompute Manager's planner stage on one consumed batch of change events, without a broker: the
+batch is traversed in the ledger ONCE (`ManagerStats.ledger_plans`) whatever the policy decides for
+each event, every event is decided, planned or dead-lettered, and every offset is committed with the
+records. The manager's Kafka side (consumer, transactional publisher, views) is replaced by stand-ins;
+the ledger index, planner, policy and unit encoding are the real ones. Kafka tests:
+tests/integration/test_recompute_service.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_messages import Msg
+from ledger_support import CTX, LEDGER, build, node, pipeline
+
+from recompute_manager.planner import plan_for_changes
+from recompute_manager.progress import KIND_PENDING, RECORD_HEADER
+from recompute_manager.service import ManagerSettings, ManagerStats, RecomputeManager
+from recompute_manager.units import RecomputeUnit
+from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
+from streamprov.config.models import RecomputeSettings, TopicSettings
+from streamprov.ledger import Application, LedgerIndex
+
+
+class _Outputs:
+    def __init__(self) -> None:
+        self.locations: dict[Any, Any] = {}
+
+
+class _Views:
+    def __init__(self, index: LedgerIndex) -> None:
+        self.index, self.lock, self.outputs = index, threading.RLock(), _Outputs()
+
+    def for_planning(self) -> None:
+        pass
+
+    def mark_fresh(self, _plan_id: str) -> None:
+        pass
+
+
+class _Publisher:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[Any], list[Any]]] = []
+
+    def publish_all(self, _records: Any, *, consumer: Any, offsets: Any, plain: Any) -> None:
+        self.calls.append((list(offsets), list(plain)))
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[LedgerIndex]:
+    apps = pipeline(2, chain_len=2, fan_in=3)
+    apps.append(Application.of_source(node("g0-s1", "v1"), timestamp_ms=2, device_id="src", context=CTX))
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx:
+        idx.catch_up(build(apps))
+        yield idx
+
+
+def _manager(index: LedgerIndex, recompute: RecomputeSettings, *, stopping: bool = False) -> Any:
+    """A RecomputeManager whose planner stage runs on stand-ins (no consumer, no broker)."""
+    m: Any = RecomputeManager.__new__(RecomputeManager)
+    m.settings = ManagerSettings(
+        kafka={},
+        group_id="g",
+        alerts_topic="alerts",
+        changes_topic="changes",
+        tasks_topic="tasks",
+        progress_topic="progress",
+        dead_letter_topic="dlq",
+        ledger_topic="ledger",
+        sources=(),
+        outputs=(),
+        state_dir=Path("/nonexistent"),
+        topic_settings=lambda _t: TopicSettings(recompute=recompute),
+    )
+    m.views, m._stats, m._policies, m._stop = _Views(index), ManagerStats(), {}, threading.Event()
+    m._pending_lock, m._pending, m._publisher, m._consumer = threading.Lock(), set(), _Publisher(), None
+    if stopping:
+        m._stop.set()
+    return m
+
+
+def _change(data_id: str, old: str, new: str, offset: int) -> ChangeEvent:
+    sc = SourceChange("src", 0, offset, data_id, node(data_id, old).checksum, node(data_id, new).checksum)
+    return ChangeEvent.for_source(ChangeKind.SOURCE_CHANGED, sc, EMPTY_IMPACT, 5)
+
+
+def _consume(m: Any, values: list[bytes]) -> tuple[dict[str, int], list[Any], list[Any]]:
+    """One batch through `_batch`: (committed offsets by topic, records published, units on the tasks
+    topic)."""
+    m._batch([Msg(v, t="changes", o=i) for i, v in enumerate(values)])
+    [(offsets, plain)] = m._publisher.calls
+    units = [RecomputeUnit.decode(r.value) for r in plain if r.topic == "tasks"]
+    return {o.topic: o.offset for o in offsets}, plain, units
+
+
+A, B = _change("g0-s0", "v0", "v9", 1), _change("g0-s2", "v0", "v8", 2)
+C = _change("g0-s0", "v0", "v7", 3)  # A's DataID again: a duplicate within the dedup window
+
+
+def test_all_run_one_traversal_and_the_batch_plan_is_published(index: LedgerIndex) -> None:
+    m = _manager(index, RecomputeSettings())
+    offsets, _plain, units = _consume(m, [A.encode(), B.encode()])
+    assert m._stats.ledger_plans == 1 and m._stats.decisions == {"planned": 2}
+    assert offsets == {"changes": 2}
+    together = plan_for_changes(index, [A, B])
+    assert {u.plan_id for u in units} == {together.plan_id}
+    assert sorted(t.task_id for u in units for t in u.tasks) == sorted(t.task_id for t in together.tasks)
+
+
+def test_a_duplicate_is_decided_without_its_own_traversal(index: LedgerIndex) -> None:
+    """C repeats A's DataID: `duplicate`; A and B run as the plan of the two, from the batch's
+    traversal (the same plan a traversal of A and B alone makes)."""
+    m = _manager(index, RecomputeSettings())
+    offsets, _plain, units = _consume(m, [A.encode(), C.encode(), B.encode()])
+    assert m._stats.ledger_plans == 1
+    assert m._stats.decisions == {"planned": 2, "duplicate": 1} and offsets == {"changes": 3}
+    assert {u.plan_id for u in units} == {plan_for_changes(index, [A, B]).plan_id}
+
+
+def test_events_waiting_for_approval_keep_their_own_plans(index: LedgerIndex) -> None:
+    m = _manager(index, RecomputeSettings(max_fanout=1))
+    offsets, plain, units = _consume(m, [A.encode(), B.encode()])
+    assert m._stats.ledger_plans == 1 and m._stats.decisions == {"needs_approval": 2}
+    assert units == [] and offsets == {"changes": 2}
+    pending = {
+        RecomputeUnit.decode(r.value).plan_id for r in plain if (RECORD_HEADER, KIND_PENDING) in r.headers
+    }
+    assert {plan_for_changes(index, [A]).plan_id, plan_for_changes(index, [B]).plan_id} <= pending
+
+
+def test_a_rate_limited_event_on_stop_is_reported_and_the_other_runs_alone(index: LedgerIndex) -> None:
+    m = _manager(index, RecomputeSettings(rate_limit_per_s=0.001), stopping=True)
+    offsets, _plain, units = _consume(m, [A.encode(), B.encode()])
+    assert m._stats.ledger_plans == 1 and m._stats.decisions == {"planned": 1, "rate_limited": 1}
+    assert {u.plan_id for u in units} == {plan_for_changes(index, [A]).plan_id} and offsets == {"changes": 2}
+
+
+def test_garbage_among_change_events_is_dead_lettered_and_the_rest_planned(index: LedgerIndex) -> None:
+    m = _manager(index, RecomputeSettings(dedup_window=timedelta(0)))
+    offsets, plain, units = _consume(m, [A.encode(), b"\x00garbage", B.encode()])
+    assert m._stats.ledger_plans == 1 and m._stats.malformed == 1
+    assert [r.value for r in plain if r.topic == "dlq"] == [b"\x00garbage"]
+    assert {u.plan_id for u in units} == {plan_for_changes(index, [A, B]).plan_id} and offsets == {
+        "changes": 3
+    }
