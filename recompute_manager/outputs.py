@@ -11,6 +11,7 @@ their reader is `streamprov.agents.kafka_io.TopicReader` (re-exported here).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,10 +20,13 @@ from confluent_kafka import Message
 from recompute_manager.cache import ResultCache
 from recompute_manager.planner import Coordinates
 from streamprov.agents.kafka_io import TopicReader
+from streamprov.checksum import matches
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger.model import DataRef
 from streamprov.telemetry.propagation import trace_headers
+
+log = logging.getLogger(__name__)
 
 __all__ = ["READER_GROUP", "OutputIndex", "SourceIndex", "TopicReader", "where"]
 
@@ -55,6 +59,8 @@ class OutputIndex:
         """The original provenance header of each output (for `Executor(headers=)`)."""
         self.trace_headers: dict[DataRef, tuple[tuple[str, bytes], ...]] = {}
         """The `traceparent`/`tracestate` of each output that has one (for `RecomputeTracing`)."""
+        self.mismatched = 0
+        """Records skipped: their value does not match their own header's checksum."""
 
     def catch_up(self, *, max_wait_s: float = 30.0) -> int:
         msgs = self._reader.catch_up(max_wait_s=max_wait_s)
@@ -70,6 +76,12 @@ class OutputIndex:
         except HeaderError:
             return
         if header is None or value is None:
+            return
+        if not matches(header.checksum, value):
+            # corrupted in flight, or a forged copy (the Validator's checksum_mismatch): it must not
+            # stand for the node its header names (its value would poison every recompute reading it)
+            self.mismatched += 1
+            log.warning("%s: value does not match its provenance header's checksum: not indexed", where(msg))
             return
         node = DataRef(header.data_id, header.checksum)
         self.locations[node] = where(msg)

@@ -144,6 +144,7 @@ class PriorityPublisher:
         self.timeout_s = timeout_s
         self.buckets = buckets
         self._producer = Producer(settings)
+        self._closed = False
         self._partitions: dict[str, int] = {}
         self._errors: list[KafkaError] = []
         self._call(self._producer.init_transactions, timeout_s)
@@ -244,7 +245,16 @@ class PriorityPublisher:
         return len(batch)
 
     def close(self) -> None:
+        """Flush what is queued, then release the client (its threads, connections and transactional
+        id) now rather than at garbage collection; idempotent. A transaction still open is aborted
+        (its records are replayed from the committed offsets)."""
+        if self._closed:
+            return
+        self._closed = True
         self._producer.flush(self.timeout_s)
+        close = getattr(self._producer, "close", None)  # not in every confluent-kafka 2.x
+        if close is not None:
+            close()
 
 
 class PriorityConsumer:
