@@ -39,7 +39,7 @@ from recompute_manager.priority import PlainRecord, PriorityPublisher, PriorityR
 from recompute_manager.progress import KIND_PROGRESS, RECORD_HEADER, Progress
 from recompute_manager.units import RecomputeUnit, UnitError
 from recompute_manager.views import Views
-from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
+from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, fit, source_of
 from streamprov.agents.kafka_io import RebalanceEvents, is_fenced, kafka_error, seek_retrying
 from streamprov.agents.processor import FatalProcessorError, FencedError
 from streamprov.errors import StreamprovError
@@ -316,7 +316,8 @@ class UnitWorker:
             exc,
             source_of(at.topic, at.partition, at.offset),
         )
-        record = PlainRecord(s.dead_letter_topic, msg.key(), msg.value() or b"", tuple(headers))
+        value, headers = fit(msg.value() or b"", headers)
+        record = PlainRecord(s.dead_letter_topic, msg.key(), value or b"", tuple(headers))
         try:
             self._publisher.publish_all([], consumer=self._consumer, offsets=offsets, plain=[record])
         except (FencedError, FatalProcessorError):

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple, Protocol
 import crc32c as _crc32c
 
 from streamprov import avro
-from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
+from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, fit, source_of
 from streamprov.checksum import Checksum, ChecksumAlgorithm, digest
 from streamprov.errors import HeaderError, MalformedHeaderError, MissingHeaderError
 from streamprov.header import (
@@ -494,7 +494,8 @@ class Checker:
             headers = dead_letter_headers(m.headers(), reason, exc, where)
         except (TypeError, ValueError):  # headers that are not (key, value) pairs cannot be kept
             headers = dead_letter_headers(None, reason, exc, where)
-        result.dead_letters.append(DeadLetterRecord(m.key(), m.value(), headers))
+        value, headers = fit(m.value(), headers)
+        result.dead_letters.append(DeadLetterRecord(m.key(), value, headers))
         data_id = source_data_id(m.key(), topic, partition, offset)
         if reason is DeadLetterReason.MISSING_HEADER:
             actual = "no header"

@@ -9,7 +9,7 @@ are added: the reason (a stable, machine-readable code), the error text, and whe
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from streamprov.errors import (
     HeaderError,
@@ -24,7 +24,13 @@ from streamprov.stamp import ChecksumMismatchError
 REASON_HEADER = "streamprov.dlq.reason"
 ERROR_HEADER = "streamprov.dlq.error"
 SOURCE_HEADER = "streamprov.dlq.source"
-DLQ_HEADERS = frozenset({REASON_HEADER, ERROR_HEADER, SOURCE_HEADER})
+CUT_HEADER = "streamprov.dlq.cut"
+"""On a dead letter cut to fit (`fit`): what was cut."""
+DLQ_HEADERS = frozenset({REASON_HEADER, ERROR_HEADER, SOURCE_HEADER, CUT_HEADER})
+
+MAX_DEAD_LETTER_BYTES = 900_000
+"""A dead letter's value and headers together stay under this (`fit`): under librdkafka's default
+`message.max.bytes` (1,000,000) and Kafka's default topic limit, with room for framing."""
 
 MAX_ERROR_BYTES = 1024
 """Error text is cut to this size: a header is no place for a whole traceback."""
@@ -97,3 +103,33 @@ def dead_letter_headers(
         (ERROR_HEADER, error_text(error).encode("utf-8")),
         (SOURCE_HEADER, source.encode("utf-8")),
     ]
+
+
+def fit(
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]],
+    limit: int = MAX_DEAD_LETTER_BYTES,
+) -> tuple[bytes | None, list[tuple[str, bytes | None]]]:
+    """A dead letter that can always be stored: (value, headers) as given when together they stay
+    under `limit`; else the dead-letter headers only (reason, error, source), `CUT_HEADER` saying what
+    was cut, and the value's first bytes that still fit. Why: a record near Kafka's size limit plus
+    the dead-letter headers is refused by the producer or the dead-letter topic, and a dead letter
+    that cannot be stored holds back every record after it (the batch is retried forever). The whole
+    record stays where the source header says, for the source topic's retention."""
+    size = len(value or b"") + sum(_header_size(k, v) for k, v in headers)
+    if size <= limit:
+        return value, list(headers)
+    kept = [(k, v) for k, v in headers if k in DLQ_HEADERS and k != CUT_HEADER]
+    note = (
+        f"cut to fit a dead letter: {len(value or b'')} value bytes and {len(headers) - len(kept)} other "
+        f"headers, {size} bytes in all; the whole record is at its source"
+    ).encode()
+    room = limit - len(CUT_HEADER) - len(note) - sum(_header_size(k, v) for k, v in kept)
+    return (None if value is None else value[: max(0, room)]), [*kept, (CUT_HEADER, note)]
+
+
+def _header_size(key: str, value: object) -> int:
+    """Bytes a header takes (a value consumed as something else than bytes counts as its text)."""
+    return len(key) + (
+        len(value) if isinstance(value, bytes | str) else len(str(value)) if value is not None else 0
+    )

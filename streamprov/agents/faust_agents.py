@@ -70,7 +70,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
+from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, fit, source_of
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import Checksum, ChecksumAlgorithm, matches
 from streamprov.errors import ProcessingError, SerdeError, StreamprovError
@@ -138,9 +138,8 @@ def dead_letter(
             source_of(record.topic, record.partition, record.offset),
         )
         headers = list(record.headers or ())
-    return Outgoing(
-        topic, key, value, dead_letter_headers(headers, reason, error, source), timestamp_ms, True
-    )
+    value, fitted = fit(value, dead_letter_headers(headers, reason, error, source))
+    return Outgoing(topic, key, value, fitted, timestamp_ms, True)
 
 
 def check_input(record: InputRecord) -> None:

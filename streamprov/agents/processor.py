@@ -42,7 +42,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, source_of
+from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, fit, source_of
 from streamprov.agents.kafka_io import (
     RebalanceEvents,
     TopicPartitionKey,
@@ -288,7 +288,8 @@ class StepTransform:
         headers = dead_letter_headers(
             msg.headers(), reason or classify(error), error, source_of(topic, partition, offset)
         )
-        return Outgoing(self.dead_letter_topic, msg.key(), msg.value(), headers, dead_letter=True)
+        value, fitted = fit(msg.value(), headers)
+        return Outgoing(self.dead_letter_topic, msg.key(), value, fitted, dead_letter=True)
 
     def _check_header(self, record: InputRecord) -> ProvenanceHeader | None:
         """Validate the input's header before any work, so a bad header is reported as such.

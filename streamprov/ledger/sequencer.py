@@ -25,7 +25,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from streamprov.agents.dead_letter import dead_letter_headers, source_of
+from streamprov.agents.dead_letter import dead_letter_headers, fit, source_of
 from streamprov.agents.health import HttpEndpoints
 from streamprov.agents.kafka_io import RebalanceEvents, kafka_error
 from streamprov.agents.lifecycle import ServiceState, close_probes, serve_probes, stall_limit
@@ -37,6 +37,7 @@ from streamprov.ledger.model import AppTemplate, Checkpoint
 from streamprov.ledger.requests import LedgerRequest, decode_request
 from streamprov.ledger.rows import RowSealer
 from streamprov.ledger.signing import CheckpointSigner
+from streamprov.ledger.writer import DEFAULT_MAX_ENTRY_BYTES, approx_size
 
 __all__ = ["LedgerSequencer", "SequencerStats"]
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 MALFORMED_REQUEST = "malformed_request"
 WRONG_LEDGER = "wrong_ledger"
+ENTRY_TOO_LARGE = "entry_too_large"
+"""A request with an application whose entry would not fit a ledger record (`max_entry_bytes`)."""
 REWIND_ATTEMPTS = 5
 FAILURES_NOT_READY = 3
 """Consecutive failed batches after which the sequencer reports not ready (with the last error)."""
@@ -374,6 +377,16 @@ class LedgerSequencer:
                 problem = f"request for ledger {request.ledger_id!r}; this sequencer seals {self.ledger_id!r}"
                 extra.append(self._dead_letter(msg, WRONG_LEDGER, problem))
                 continue
+            too_large = next(
+                (a for a in request.applications if approx_size(a) > DEFAULT_MAX_ENTRY_BYTES), None
+            )
+            if too_large is not None:  # checked before any of it is sealed: a request is all or nothing
+                problem = (
+                    f"application of {too_large.function_id}@{too_large.function_version} needs about "
+                    f"{approx_size(too_large)} bytes, above max_entry_bytes={DEFAULT_MAX_ENTRY_BYTES}"
+                )
+                extra.append(self._dead_letter(msg, ENTRY_TOO_LARGE, problem))
+                continue
             self._seal_request(request, items, stats)
         stats.dead_letters = len(extra)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
@@ -414,8 +427,11 @@ class LedgerSequencer:
     def _dead_letter(self, msg: Message, reason: str, error: BaseException | str) -> ExtraRecord:
         log.warning("dead-lettering a ledger request (%s): %s", reason, error)
         where = source_of(msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
-        headers = dead_letter_headers(_byte_headers(msg), reason, error, where)
-        return (self.dead_letter_topic, msg.key(), msg.value() or b"", list(headers))
+        value, headers = fit(
+            msg.value() or b"", dead_letter_headers(_byte_headers(msg), reason, error, where)
+        )
+        kept: list[tuple[str, str | bytes | None]] = list(headers)
+        return (self.dead_letter_topic, msg.key(), value or b"", kept)
 
 
 def _usable(msg: Message) -> bool:

@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kafka_support import consume_all, produce
 from ledger_pipeline import produce_sources, run_step, value
-from ledger_support import LEDGER, SEED, chain_apps, pipeline, signer, verifier
+from ledger_support import LEDGER, SEED, chain_apps, map_app, node, pipeline, signer, verifier
 from test_validator import http_get, wait_until
 
-from streamprov.agents.dead_letter import REASON_HEADER, SOURCE_HEADER
+from streamprov.agents.dead_letter import CUT_HEADER, MAX_DEAD_LETTER_BYTES, REASON_HEADER, SOURCE_HEADER
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger import DataRef, LedgerEntry, entry_id_of, verify_ledger
 from streamprov.ledger import kafka as ledger_kafka
@@ -291,3 +291,38 @@ def test_a_takeover_remembers_the_whole_dedup_window(
         second.run(idle_timeout_s=3.0)
     assert (second.stats.duplicates, second.stats.entries) == (10, 0)
     assert [e.entry_id for e in _entries(kafka_bootstrap, ledger)] == [entry_id_of(a) for a in apps]
+
+
+def test_oversized_requests_are_dead_lettered_cut_to_fit_and_the_rest_is_sealed(
+    kafka_bootstrap: str, new_topic: Any
+) -> None:
+    """Two requests near Kafka's message limit: garbage, and a valid request whose entry would not
+    fit a ledger record. Each is dead-lettered, cut to fit (the dead-letter headers and what was cut
+    kept), and the requests around them are sealed. Before, the dead letter (the value plus its
+    headers) was refused by the producer (MSG_SIZE_TOO_LARGE), every retry of the batch failed the
+    same way, and the sequencer exited with nothing sealed: for good, as a restart resumed there."""
+    ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
+    apps = pipeline(2, chain_len=2, fan_in=3)
+    huge = map_app("huge", node("x", "v0"), node("x", "v1"), blob="y" * 950_000)
+    half = len(apps) // 2
+    produce(
+        kafka_bootstrap,
+        requests,
+        [
+            encode_request(LEDGER, apps[:half]),
+            bytes(1_030_000),  # garbage, under the topic's limit (1,048,588) but over a dead letter's
+            encode_request(LEDGER, [huge]),
+            encode_request(LEDGER, apps[half:]),
+        ],
+        config={"message.max.bytes": 2_000_000},
+    )
+    with _sequencer(kafka_bootstrap, requests, ledger, dlq) as seq:
+        stats = seq.run(idle_timeout_s=3.0)
+    assert stats.dead_letters == 2 and stats.entries == len(apps), stats
+    assert {e.entry_id for e in _entries(kafka_bootstrap, ledger)} == {entry_id_of(a) for a in apps}
+    dead = consume_all(kafka_bootstrap, dlq, expected=2, timeout_s=20.0)
+    headers = [dict(m.headers() or []) for m in dead]
+    assert sorted(h[REASON_HEADER] for h in headers) == [b"entry_too_large", b"malformed_request"]
+    assert all(CUT_HEADER in h and h[SOURCE_HEADER].startswith(requests.encode()) for h in headers)
+    assert all(0 < len(m.value() or b"") < MAX_DEAD_LETTER_BYTES for m in dead)
