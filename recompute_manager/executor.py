@@ -28,7 +28,7 @@ from recompute_manager.planner import InputOrigin, InputRef, RecomputePlan, Reco
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm, matches
-from streamprov.errors import HeaderError, StreamprovError
+from streamprov.errors import FunctionNotFoundError, HeaderError, StreamprovError
 from streamprov.header import HEADER_KEY, ProvenanceHeader, record_fields, scan
 from streamprov.header import PREFIX as HEADER_PREFIX
 from streamprov.ledger.model import DataRef
@@ -580,6 +580,9 @@ class Executor:
         for attempt in range(1, attempts + 1):
             try:
                 return self.execute(task, outputs, attempt)
+            except FunctionNotFoundError as exc:  # permanent: no retry registers the function
+                log.warning("task %s: %s", task.task_id[:12], exc)
+                return DeadLetter(task, f"{type(exc).__name__}: {exc}", attempt)
             except Exception as exc:  # the user's function may raise anything: retry, then dead-letter
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("task %s attempt %d/%d failed: %s", task.task_id[:12], attempt, attempts, error)

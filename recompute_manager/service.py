@@ -51,6 +51,7 @@ from recompute_manager.executor import Executor, RetryPolicy
 from recompute_manager.outputs import where
 from recompute_manager.planner import (
     ChangeBatch,
+    PlanError,
     RecomputePlan,
     changes_cause,
     plan_for_alert,
@@ -70,7 +71,7 @@ from recompute_manager.tracing import TraceHeaders, cause_headers
 from recompute_manager.units import RecomputeUnit, split_units
 from recompute_manager.views import Views
 from recompute_manager.worker import UnitWorker, WorkerSettings, instance_id
-from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
+from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, fit, source_of
 from streamprov.agents.kafka_io import kafka_error
 from streamprov.changes.event import ChangeEvent
 from streamprov.config.models import (
@@ -80,7 +81,7 @@ from streamprov.config.models import (
     TelemetrySettings,
     TopicSettings,
 )
-from streamprov.errors import StreamprovError
+from streamprov.errors import FunctionNotFoundError, StreamprovError
 from streamprov.header import now_ms
 from streamprov.inspect import message_headers
 from streamprov.ledger.config import checkpoint_verifier
@@ -255,6 +256,7 @@ class RecomputeManager:
         # view in run(): it aborts what a killed predecessor left open, which read_committed reads of
         # the priority topics would otherwise wait for.
         self._publisher = PriorityPublisher(kafka, f"{s.group_id}.{instance_id(s.replica_id, 'planner')}")
+        self.registry = registry
         try:
             self._open(kafka, registry)
         except BaseException:
@@ -583,6 +585,7 @@ class RecomputeManager:
             else:
                 event = ChangeEvent.decode(raw)
                 reason = DeadLetterReason.PROCESSING_ERROR
+                self._check_registered(event)
                 position = changes.at.get(k) if changes is not None else None
                 if changes is None or position is None:
                     plan = self._plan_alone(event)
@@ -613,6 +616,21 @@ class RecomputeManager:
                 return self._dead_letter(msg, "change event", DeadLetterReason.PROCESSING_ERROR, exc)
         return plan, decision, event
 
+    def _check_registered(self, event: ChangeEvent) -> None:
+        """A function change to a version this manager cannot run is refused before it is planned:
+        every task of its plan would fail the same way (dead-lettered, with what to do)."""
+        f = event.function
+        if f is None:
+            return
+        try:
+            self.registry.get(f.function_id, f.current_version)
+        except FunctionNotFoundError as exc:
+            raise PlanError(
+                f"function change {f.function_id} {f.previous_version} -> {f.current_version}: {exc}; "
+                "register that version with this Recompute Manager (--functions), then replay this change "
+                "event from the dead-letter topic"
+            ) from exc
+
     def _own_plan(self, event: ChangeEvent, changes: _Changes | None, position: int | None) -> RecomputePlan:
         """An event's own plan: from its batch's traversal when it has one (no ledger query)."""
         if changes is None or position is None:
@@ -630,8 +648,10 @@ class RecomputeManager:
         at = where(msg)
         source = source_of(at.topic, at.partition, at.offset)
         log.warning("%s %s dead-lettered (%s): %s", what, source, reason, exc)
-        headers = dead_letter_headers(message_headers(msg), reason, exc, source)
-        return PlainRecord(self.settings.dead_letter_topic, msg.key(), msg.value() or b"", tuple(headers))
+        value, headers = fit(
+            msg.value() or b"", dead_letter_headers(message_headers(msg), reason, exc, source)
+        )
+        return PlainRecord(self.settings.dead_letter_topic, msg.key(), value or b"", tuple(headers))
 
     def _planned_together(
         self, runs: list[_Run], changes: _Changes | None

@@ -21,9 +21,11 @@ from recompute_manager.planner import plan_for_changes
 from recompute_manager.progress import KIND_PENDING, RECORD_HEADER
 from recompute_manager.service import ManagerSettings, ManagerStats, RecomputeManager
 from recompute_manager.units import RecomputeUnit
-from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
+from streamprov.agents.dead_letter import ERROR_HEADER
+from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, FunctionChange, SourceChange
 from streamprov.config.models import RecomputeSettings, TopicSettings
 from streamprov.ledger import Application, LedgerIndex
+from streamprov.registry import FunctionRegistry
 
 
 class _Outputs:
@@ -77,6 +79,7 @@ def _manager(index: LedgerIndex, recompute: RecomputeSettings, *, stopping: bool
         topic_settings=lambda _t: TopicSettings(recompute=recompute),
     )
     m.views, m._stats, m._policies, m._stop = _Views(index), ManagerStats(), {}, threading.Event()
+    m.registry = FunctionRegistry()  # no function registered: a function change cannot run here
     m._pending_lock, m._pending, m._publisher, m._consumer = threading.Lock(), set(), _Publisher(), None
     if stopping:
         m._stop.set()
@@ -147,3 +150,17 @@ def test_garbage_among_change_events_is_dead_lettered_and_the_rest_planned(index
     assert {u.plan_id for u in units} == {plan_for_changes(index, [A, B]).plan_id} and offsets == {
         "changes": 3
     }
+
+
+def test_a_function_change_to_an_unregistered_version_is_dead_lettered_before_planning(
+    index: LedgerIndex,
+) -> None:
+    """Every task of its plan would fail the same way (the function cannot be found): refused with
+    what to do, the other event planned, still one traversal."""
+    fc = FunctionChange("map1", "1", b"map1".ljust(16, b"."), "9", b"new-code")
+    m = _manager(index, RecomputeSettings())
+    offsets, plain, units = _consume(m, [ChangeEvent.for_function(fc, EMPTY_IMPACT, 3).encode(), A.encode()])
+    [dead] = [r for r in plain if r.topic == "dlq"]
+    assert b"register that version" in dict(dead.headers)[ERROR_HEADER]
+    assert m._stats.ledger_plans == 1 and m._stats.malformed == 1 and offsets == {"changes": 2}
+    assert {u.plan_id for u in units} == {plan_for_changes(index, [A]).plan_id}

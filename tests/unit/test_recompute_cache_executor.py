@@ -221,6 +221,19 @@ def test_missing_source_dead_letters(tmp_path: Path) -> None:
     assert "dead-lettered" in result.dead[1].error
 
 
+def test_a_function_not_registered_dead_letters_at_once(tmp_path: Path) -> None:
+    """Permanent: no retry registers it (before, every task waited out every backoff)."""
+    reg = registry()
+    with ledger(tmp_path, reg) as idx:
+        plan = plan_for_change(idx, change("s", 1, 5))
+        slept: list[float] = []
+        result = Executor(FunctionRegistry(), {"s": b"5"}, retry=RetryPolicy(3), sleep=slept.append).run_plan(
+            plan
+        )
+    assert result.dead and result.dead[0].attempts == 1 and "FunctionNotFoundError" in result.dead[0].error
+    assert slept == []
+
+
 def _header_fields(raw: bytes) -> tuple[object, ...]:
     h = ProvenanceHeader.decode(raw)
     return h.data_id, h.checksum, h.source_checksum, h.lineage
