@@ -3,7 +3,7 @@
 Every agent flavour sends a record it cannot process here instead of dropping it or crashing: the
 key, value and headers stay exactly as consumed (so it can be replayed once fixed), and three headers
 are added: the reason (a stable, machine-readable code), the error text, and where it came from
-(topic/partition/offset).
+(topic/partition/offset). Only a record too large to be stored with them is cut (`fit`).
 """
 
 from __future__ import annotations
