@@ -340,7 +340,7 @@ class TopicPolicy:
             else (f"function:{event.function.function_id}" if event.function is not None else event.change_id)
         )
         size = event.impact.total if tasks is None else tasks
-        return self._decide(trigger_of_change(event), subject, cause, max(1, size), now_s)
+        return self._decide(trigger_of_change(event), subject, cause, size, now_s)
 
     def decide(
         self, trigger: RecomputeTrigger, data_id: str, cause: Cause, now_s: float, *, tasks: int = 1
@@ -362,6 +362,8 @@ class TopicPolicy:
             return self._no(
                 Action.DISABLED, data_id, f"trigger {trigger} is not enabled (triggers: {allowed})", cause
             )
+        if tasks <= 0:  # charged nothing, and not in the dedup window: a later cause may have work
+            return Decision(Action.RECOMPUTE, self.topic, data_id, f"{trigger}: nothing to recompute", cause)
         self._expire_dedup(now_s)
         last = self._recent.get(data_id)
         if last is not None and now_s - last < self._dedup_s:

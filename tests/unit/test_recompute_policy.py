@@ -118,3 +118,16 @@ def test_primitives() -> None:
     assert h.wait_s(1, 5.0) == 5.0 and h.wait_s(3, 5.0) is None
     assert h.used(10.0) == 0
     assert timedelta(0) == RecomputeSettings(dedup_window=0).dedup_window
+
+
+def test_a_plan_with_nothing_to_do_is_not_charged_and_does_not_hold_back_the_next() -> None:
+    """A change the ledger has nothing derived from yet (0 tasks) runs as nothing: no budget spent,
+    no rate-limit token, and not in the dedup window, so the next change of that DataID (with work)
+    is not refused as a duplicate."""
+    p = policy(budget_per_hour=5, dedup_window=timedelta(minutes=5))
+    empty = p.on_change(change(), 0.0, tasks=0)
+    assert empty.action is Action.RECOMPUTE and "nothing to recompute" in empty.reason
+    assert p.budget.used(0.0) == 0
+    later = p.on_change(change(), 1.0, tasks=3)
+    assert later.action is Action.RECOMPUTE and p.budget.used(1.0) == 3
+    assert p.on_change(change(), 2.0, tasks=3).action is Action.DUPLICATE
