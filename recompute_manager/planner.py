@@ -19,6 +19,7 @@ Tasks are keyed by the DataID of their output, so one DataID's tasks stay ordere
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import io
 import json
@@ -568,8 +569,7 @@ class ChangeBatch:
                 supersedes=self.supersedes,
             ).plan(cause=cause)
         else:
-            reached = self._reached()
-            union = set().union(*(reached[i] for i in picked))
+            union = set().union(*(self._reached[i] for i in picked))
             applications, cyclic = dependency_order(self.applications[i] for i in sorted(union))
             truncated = False
         replace, upgrade = _replacements(events)
@@ -591,16 +591,13 @@ class ChangeBatch:
     def own_tasks(self) -> tuple[int, ...]:
         """How many tasks each event's own plan (`plan_for_change`) has, in event order: what a policy
         judges each event by. Exact unless `truncated`."""
-        reached = self._reached()
         kinds = [a.entry.application.kind is not ApplicationKind.SOURCE for a in self.applications]
-        return tuple(sum(kinds[i] for i in seen) for seen in reached)
+        return tuple(sum(kinds[i] for i in seen) for seen in self._reached)
 
+    @functools.cached_property
     def _reached(self) -> tuple[frozenset[int], ...]:
         """For each event: the positions in `applications` it reaches (its roots' consumers, their
-        outputs' consumers, ...; a root application itself). One pass over every input, kept."""
-        cached: tuple[frozenset[int], ...] | None = self.__dict__.get("_reached_sets")
-        if cached is not None:
-            return cached
+        outputs' consumers, ...; a root application itself). One pass over every input, on demand."""
         applications = self.applications
         consumers: dict[DataRef, list[int]] = {}
         at: dict[bytes, int] = {}
@@ -623,9 +620,7 @@ class ChangeBatch:
                         outputs.add(out)
                         queue.append(out)
             found.append(frozenset(seen))
-        result = tuple(found)
-        object.__setattr__(self, "_reached_sets", result)  # frozen: computed once, on demand
-        return result
+        return tuple(found)
 
 
 def _replacements(

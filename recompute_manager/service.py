@@ -4,11 +4,12 @@ Two stages, each its own consumer group, each committing its input offsets insid
 that publishes its output:
 
 1. Planning (group `group_id`, over the alerts and changes topics, read_committed). Per batch: bring
-   the ledger index and the output coordinates up to date, then plan the batch's change events
-   TOGETHER once (`plan_for_changes`, which also says how many tasks each event's own plan has),
-   and per cause ask the topic's policy with its own plan's size (`TopicPolicy`; a change event is
-   judged by its source topic's settings; an alert, and a change event of a batch that could not be
-   planned together, is planned alone: `plan_for_alert` / `plan_for_change`). Rate-limited decisions
+   the ledger index and the output coordinates up to date, then traverse the ledger ONCE for the
+   batch's change events (`ChangeBatch`: each event's own plan size, its own plan and the plan of any
+   of them together come from it), and per cause ask the topic's policy with its own plan's size
+   (`TopicPolicy`; a change event is judged by its source topic's settings; an alert, and a change
+   event of a batch that could not be traversed together, is planned alone: `plan_for_alert` /
+   `plan_for_change`). Rate-limited decisions
    wait (stop-aware, bounded) and are decided again. An alert that runs is its own plan; the change
    events of the batch that run (of any source topic) run as ONE plan: the batch's plan when all of
    them run, else one planned for those that do (a reduce reached by several of them is one task
@@ -496,8 +497,7 @@ class RecomputeManager:
             plan, decision, event = handled
             trace = cause_headers(msg.headers())
             if event is not None and decision.runs and (plan is None or plan.tasks):
-                position = changes.at.get(k) if changes is not None else None
-                together.append(_Run(event, plan, decision, trace, msg, position))  # with the batch's others
+                together.append(_Run(event, plan, decision, trace, msg, _position(changes, k)))
                 continue
             assert plan is not None  # `_cause` plans alone every cause that does not run with the batch
             records, units, state = self._planned(plan, decision, trace)
@@ -549,12 +549,11 @@ class RecomputeManager:
         try:
             with self.views.lock:
                 batch = ChangeBatch.of(self.views.index, events, supersedes=self.views.outputs.locations)
-                own = batch.own_tasks()
             self._stats.ledger_plans += 1
         except (StreamprovError, ValueError) as exc:
             log.warning("%d change events not planned together (%s): each is planned alone", len(events), exc)
             return None
-        return _Changes(batch, at, own)
+        return _Changes(batch, at)
 
     def _cause(
         self, msg: Message, is_alert: bool, changes: _Changes | None = None, k: int = -1
@@ -583,15 +582,18 @@ class RecomputeManager:
                 decision = policy.on_alert(alert, now, tasks=tasks)
                 trigger = trigger_of_alert(alert)
             else:
-                event = ChangeEvent.decode(raw)
+                position = _position(changes, k)
+                if changes is None or position is None:
+                    event = ChangeEvent.decode(raw)
+                else:  # decoded and traversed with the batch
+                    event = changes.batch.events[position]
                 reason = DeadLetterReason.PROCESSING_ERROR
                 self._check_registered(event)
-                position = changes.at.get(k) if changes is not None else None
                 if changes is None or position is None:
                     plan = self._plan_alone(event)
                     tasks = len(plan)
                 else:
-                    tasks = changes.own[position]
+                    tasks = changes.batch.own_tasks()[position]
                 topic = event.source.topic if event.source is not None else ""
                 policy = self.policy(topic)
                 decision = policy.on_change(event, now, tasks=tasks)
@@ -611,7 +613,7 @@ class RecomputeManager:
             decision = policy.decide(trigger, decision.data_id, decision.cause, time.monotonic(), tasks=tasks)
         if plan is None and event is not None and not (decision.runs and tasks):
             try:  # refused, waiting for approval, nothing to do: reported with its own plan
-                plan = self._own_plan(event, changes, changes.at.get(k) if changes is not None else None)
+                plan = self._own_plan(event, changes, _position(changes, k))
             except (StreamprovError, ValueError) as exc:
                 return self._dead_letter(msg, "change event", DeadLetterReason.PROCESSING_ERROR, exc)
         return plan, decision, event
@@ -803,12 +805,16 @@ class _Run:
 
 @dataclass(frozen=True)
 class _Changes:
-    """A batch's change events planned from one traversal: which message is which event (message
-    index -> position), and each event's own plan size."""
+    """A batch's change events traversed in the ledger once, and which message is which event
+    (message index -> position in `batch.events`)."""
 
     batch: ChangeBatch
     at: dict[int, int]
-    own: tuple[int, ...]
+
+
+def _position(changes: _Changes | None, k: int) -> int | None:
+    """Message `k`'s position among the batch's change events (None: not one of them)."""
+    return None if changes is None else changes.at.get(k)
 
 
 def _skip(msg: Message) -> bool:

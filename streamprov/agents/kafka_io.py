@@ -203,7 +203,8 @@ class TopicReader:
     the Recompute Manager's workers, which catch up before every unit). Pausing the partitions between
     catch-ups instead costs about 0.4 s per catch-up in fetch restarts.
 
-    Raises `TopicMissingError` when a topic does not exist (the metadata request names the topics),
+    Raises `TopicMissingError` when a topic does not exist (found by listing all topics: naming one
+    may create it),
     `StreamprovError` when one cannot be read, `KafkaException` when the brokers do not answer.
     """
 
