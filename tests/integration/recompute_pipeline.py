@@ -9,14 +9,14 @@ in the ledger. `change_source` gives one source record a new value and lets the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import processor_fns
 import pytest
-from kafka_support import consume_all, delete_topics
+from kafka_support import FAST_GROUP_CONFIG, consume_all, delete_topics
 from ledger_pipeline import CTX, ledger_writer, produce_sources, run_step, value
 from ledger_support import LEDGER, verifier
 
@@ -107,19 +107,28 @@ def build_pipeline(
     return p
 
 
+def detector(
+    bootstrap: str, p: Pipeline, group: str, tmp: Path, writer: Any
+) -> AbstractContextManager[ChangeDetector]:
+    """`open_detector` on the pipeline's topics."""
+    return open_detector(bootstrap, group, p.src, p.changes, p.ledger, tmp, writer)
+
+
 @contextmanager
-def detector(bootstrap: str, p: Pipeline, group: str, tmp: Path, writer: Any) -> Iterator[ChangeDetector]:
-    """The detector and its ledger index (the caller's to close: closed after the detector, so the
-    next detector on `tmp` can open it)."""
+def open_detector(
+    bootstrap: str, group: str, src: str, changes: str, ledger: str, tmp: Path, writer: Any
+) -> Iterator[ChangeDetector]:
+    """The detector and its ledger index (closed after the detector, so the next detector on `tmp`,
+    same group and state, can open it: it remembers the versions it saw)."""
     with (
         LedgerIndex(tmp / "detector-index", LEDGER, verifier=verifier()) as index,
         ChangeDetector(
-            {"bootstrap.servers": bootstrap, "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+            {"bootstrap.servers": bootstrap, **FAST_GROUP_CONFIG},
             group_id=group,
-            source_topics=p.src,
-            changes_topic=p.changes,
+            source_topics=src,
+            changes_topic=changes,
             index=index,
-            ledger=KafkaLedgerReader(bootstrap, p.ledger, idle_timeout_s=20.0),
+            ledger=KafkaLedgerReader(bootstrap, ledger, idle_timeout_s=20.0),
             state_dir=tmp / "detector-state",
             writer=writer,
             context=CTX,

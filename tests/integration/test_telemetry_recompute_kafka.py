@@ -12,20 +12,19 @@ input) and to the cause.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import processor_fns
 from kafka_support import FAST_GROUP_CONFIG, consume_all, create_topic, delete_topics
-from ledger_pipeline import CTX, ledger_writer, run_step, value
+from ledger_pipeline import ledger_writer, run_step, value
 from ledger_support import LEDGER, verifier
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from recompute_pipeline import open_detector
 
 from recompute_manager.cache import ResultCache
 from recompute_manager.executor import Executor
@@ -34,7 +33,7 @@ from recompute_manager.planner import plan_for_change
 from recompute_manager.priority import PriorityPublisher, PriorityRecord
 from recompute_manager.tracing import LINK_KIND, RecomputeTracing
 from streamprov.agents.processor import AT_LEAST_ONCE, Processor
-from streamprov.changes import ChangeDetector, ChangeEvent
+from streamprov.changes import ChangeEvent
 from streamprov.config.models import TopicSettings
 from streamprov.ledger import LedgerIndex
 from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG, KafkaLedgerReader
@@ -42,29 +41,6 @@ from streamprov.producer import ProvenanceProducer
 from streamprov.telemetry import StepTracing, span_context, traceparent
 
 N, GROUPS, CHANGED = 6, 2, "id-3"
-
-
-@contextlib.contextmanager
-def _detector(
-    bootstrap: str, group: str, src: str, changes: str, ledger: str, tmp: Path, writer: Any
-) -> Iterator[ChangeDetector]:
-    """The change detector (same group and state each time: it remembers versions); its index closed."""
-    with (
-        LedgerIndex(tmp / "detector-index", LEDGER, verifier=verifier()) as index,
-        ChangeDetector(
-            {"bootstrap.servers": bootstrap, **FAST_GROUP_CONFIG},
-            group_id=group,
-            source_topics=src,
-            changes_topic=changes,
-            index=index,
-            ledger=KafkaLedgerReader(bootstrap, ledger, idle_timeout_s=20.0),
-            state_dir=tmp / "detector-state",
-            writer=writer,
-            context=CTX,
-            device_id="detector-0",
-        ) as detector,
-    ):
-        yield detector
 
 
 def _named(spans: list[ReadableSpan], name: str, data_id: str | None = None) -> list[ReadableSpan]:
@@ -98,7 +74,7 @@ def test_one_trace_spans_source_map_reduce_and_recompute(
             producer.produce(src, v, data_id)
         assert producer.flush(30) == 0
         with ledger_writer(bootstrap, ledger) as writer:
-            with _detector(bootstrap, detector_group, src, changes, ledger, tmp_path, writer) as d:
+            with open_detector(bootstrap, detector_group, src, changes, ledger, tmp_path, writer) as d:
                 assert d.run(max_records=N, idle_timeout_s=20).first_seen == N
             map_tracing = StepTracing(provider, consumer_group="map")
             run_step(bootstrap, processor_fns.enrich, src, mid, dlq, unique_group(), writer, records=N,
@@ -112,7 +88,7 @@ def test_one_trace_spans_source_map_reduce_and_recompute(
         assert producer.flush(30) == 0
         with (
             ledger_writer(bootstrap, ledger) as writer,
-            _detector(bootstrap, detector_group, src, changes, ledger, tmp_path, writer) as d,
+            open_detector(bootstrap, detector_group, src, changes, ledger, tmp_path, writer) as d,
         ):
             assert d.run(max_records=1, idle_timeout_s=20).events == 1
         [change_msg] = consume_all(bootstrap, changes, expected=1, timeout_s=30, grace_s=0.3)
