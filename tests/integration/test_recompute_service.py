@@ -78,6 +78,35 @@ def _pipeline(
     return p, detector_group
 
 
+def _settings(
+    bootstrap: str, p: Pipeline, new_topic: Any, unique_group: Any, tmp_path: Path, **kw: Any
+) -> ManagerSettings:
+    """A manager of the recompute pipeline `p`, on fresh alerts, tasks, progress and dead-letter
+    topics unless `kw` names them (and any other setting)."""
+    fields: dict[str, Any] = {
+        "kafka": {"bootstrap.servers": bootstrap},
+        "group_id": unique_group("rm"),
+        "changes_topic": p.changes,
+        "ledger_topic": p.ledger,
+        "ledger_id": LEDGER,
+        "sources": (p.src,),
+        "outputs": tuple(p.outputs),
+        "state_dir": tmp_path / "rm",
+        "consumer_config": FAST_GROUP_CONFIG,
+        **kw,
+    }
+    fresh = {
+        "alerts_topic": lambda: new_topic(prefix="alerts"),
+        "tasks_topic": lambda: new_topic(2, prefix="tasks"),
+        "progress_topic": lambda: new_topic(prefix="progress"),
+        "dead_letter_topic": new_topic,
+    }
+    for name, make in fresh.items():
+        if name not in fields:
+            fields[name] = make()
+    return ManagerSettings(**fields)
+
+
 def test_service_recomputes_a_change_exactly_once(
     kafka_bootstrap: str,
     new_topic: Any,
@@ -92,21 +121,17 @@ def test_service_recomputes_a_change_exactly_once(
     requests = new_topic(1, prefix="ledger-req")
     change_source(bootstrap, p, detector_group, tmp_path, "id-011", b'{"n":2011}')
 
-    settings = ManagerSettings(
-        kafka={"bootstrap.servers": bootstrap},
-        group_id=unique_group("rm"),
+    settings = _settings(
+        bootstrap,
+        p,
+        new_topic,
+        unique_group,
+        tmp_path,
         alerts_topic=alerts,
-        changes_topic=p.changes,
         tasks_topic=tasks,
         progress_topic=progress,
         dead_letter_topic=dead,
-        ledger_topic=p.ledger,
-        ledger_id=LEDGER,
-        sources=(p.src,),
-        outputs=tuple(p.outputs),
-        state_dir=tmp_path / "rm",
         http_port=0,
-        consumer_config=FAST_GROUP_CONFIG,
         signer_for=lambda topic: HmacSigner("rm-key", SECRET) if topic != p.sums else None,
         ledger_requests_topic=requests,
     )
@@ -218,21 +243,7 @@ def test_changes_consumed_together_are_one_plan_and_a_shared_reduce_runs_once(
     assert {ChangeEvent.decode(m.value()).source.data_id for m in events} == set(changed)  # type: ignore[union-attr]
 
     progress = new_topic(prefix="progress")
-    settings = ManagerSettings(
-        kafka={"bootstrap.servers": bootstrap},
-        group_id=unique_group("rm"),
-        alerts_topic=new_topic(prefix="alerts"),
-        changes_topic=p.changes,
-        tasks_topic=new_topic(2, prefix="tasks"),
-        progress_topic=progress,
-        dead_letter_topic=new_topic(),
-        ledger_topic=p.ledger,
-        ledger_id=LEDGER,
-        sources=(p.src,),
-        outputs=tuple(p.outputs),
-        state_dir=tmp_path / "rm",
-        consumer_config=FAST_GROUP_CONFIG,
-    )
+    settings = _settings(bootstrap, p, new_topic, unique_group, tmp_path, progress_topic=progress)
     with RecomputeManager(settings, processor_fns.registry) as manager:
         stats = manager.run(max_causes=2, idle_timeout_s=60)
     assert (stats.causes, stats.plans_run, stats.units_planned, stats.units_done) == (2, 1, 1, 1)
