@@ -165,7 +165,7 @@ def _run(
         )
         extra: dict[str, Any] = {"records_in": stats.records_in, "cpu_us_per_record": round(used / n * 1e6)}
         if isinstance(writer, KafkaLedgerClient):
-            extra.update(_sequence(bootstrap, requests, ledger_topic, seed, n))
+            extra.update(_sequence(bootstrap, requests, ledger_topic, dlq, seed, n))
         elif writer is not None:
             extra.update(entries=writer.stats.entries, duplicates=writer.stats.duplicates)
     finally:
@@ -177,7 +177,9 @@ def _run(
     return n / elapsed, extra
 
 
-def _sequence(bootstrap: str, requests: str, ledger_topic: str, seed: bytes, n: int) -> dict[str, Any]:
+def _sequence(
+    bootstrap: str, requests: str, ledger_topic: str, dead_letters: str, seed: bytes, n: int
+) -> dict[str, Any]:
     """Seal what the agent sent (the sequencer runs after the agent: on a cluster it is a service
     on other cores); checks every application arrived and times the sequencer on its own."""
     signer = CheckpointSigner(Ed25519PrivateKey.from_private_bytes(seed))
@@ -187,7 +189,7 @@ def _sequence(bootstrap: str, requests: str, ledger_topic: str, seed: bytes, n: 
         ledger_topic=ledger_topic,
         ledger_id=ledger_topic,
         signer=signer,
-        dead_letter_topic=f"{ledger_topic}-dlq",
+        dead_letter_topic=dead_letters,  # the round's (created): the sequencer checks it exists
     ) as seq:
         start = time.perf_counter()
         seq.run(max_requests=-(-n // 500), idle_timeout_s=30)
