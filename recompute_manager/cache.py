@@ -156,7 +156,12 @@ class ResultCache:
         if force or self.forced(step):
             self.misses += 1
             return None
-        value = self._db.get(key if key is not None else CacheKey.of(step, inputs))
+        return self.lookup(key if key is not None else CacheKey.of(step, inputs))
+
+    def lookup(self, key: CacheKey) -> bytes | None:
+        """The cached output under `key`, for a caller that checked `forced` already (`get` without
+        its two reads of the forced marks)."""
+        value = self._db.get(key)
         if value is None:
             self.misses += 1
             return None

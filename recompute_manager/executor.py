@@ -392,7 +392,7 @@ class Executor:
         params = step.params
         want = fn.step(params)
         key = CacheKey.of_leaves(step, leaves)
-        hit = cache.get(step, nodes, key=key)
+        hit = cache.lookup(key)  # not forced: checked above
         if hit is None:
             accumulator = self._previous(task, want, old_tree[-1][0])
             if accumulator is _MISSING:

@@ -238,10 +238,15 @@ def _hash(value: Any, name: str) -> bytes:
     return value
 
 
+_ALGORITHMS = {a.name: (a, _DIGEST_SIZES[a]) for a in ChecksumAlgorithm}
+"""Avro enum symbol -> (algorithm, digest size): a reduce entry decodes one per input."""
+
+
 def _ref_from_avro(r: dict[str, Any]) -> DataRef:
-    algorithm = ChecksumAlgorithm[r["checksum"]["algorithm"]]
-    value = r["checksum"]["value"]
-    if len(value) != _DIGEST_SIZES[algorithm]:
+    checksum = r["checksum"]
+    algorithm, size = _ALGORITHMS[checksum["algorithm"]]
+    value = checksum["value"]
+    if len(value) != size:
         raise MalformedRecordError(f"{algorithm.name} checksum of {len(value)} bytes in a data ref")
     return DataRef(r["data_id"], Checksum(algorithm, value))
 
