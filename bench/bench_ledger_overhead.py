@@ -94,6 +94,16 @@ def _create(admin: AdminClient, name: str, partitions: int) -> str:
     return name
 
 
+def _delete(admin: AdminClient, names: list[str]) -> None:
+    """Delete the bench's topics and wait until the broker has: `delete_topics` only queues the
+    request, and one still queued when the process exits is never sent (the topics stay)."""
+    for name, future in admin.delete_topics(names, operation_timeout=30).items():
+        try:
+            future.result(timeout=60)
+        except Exception as exc:  # best effort: the run's numbers are printed already
+            print(f"could not delete topic {name}: {exc}", file=sys.stderr)
+
+
 def _fill(bootstrap: str, topic: str, n: int) -> None:
     stamper = SourceStamper()
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True})
@@ -171,7 +181,7 @@ def _run(
     finally:
         if writer is not None:
             writer.close()
-        admin.delete_topics(topics)
+        _delete(admin, topics)
     if stats.records_in != n:
         sys.exit(f"processed {stats.records_in} of {n} records")
     return n / elapsed, extra
@@ -245,7 +255,7 @@ def main() -> None:
         )
         print(f"ledger_overhead_ratio={with_ / without:.3f}")
     finally:
-        admin.delete_topics([src])
+        _delete(admin, [src])
 
 
 if __name__ == "__main__":

@@ -118,6 +118,16 @@ def _create(admin: AdminClient, name: str, partitions: int) -> str:
     return name
 
 
+def _delete(admin: AdminClient, names: list[str]) -> None:
+    """Delete the bench's topics and wait until the broker has: `delete_topics` only queues the
+    request, and one still queued when the process exits is never sent (the topics stay)."""
+    for name, future in admin.delete_topics(names, operation_timeout=30).items():
+        try:
+            future.result(timeout=60)
+        except Exception as exc:  # best effort: the run's numbers are printed already
+            print(f"could not delete topic {name}: {exc}", file=sys.stderr)
+
+
 def _fill(bootstrap: str, topic: str, n: int, variant: str) -> None:
     sampler = _sampler(variant)
     tracing = None if sampler is None else StepTracing(_provider(sampler)[0])
@@ -169,7 +179,7 @@ def _run(
         if exporter is not None:
             extra["spans"] = exporter.spans
     finally:
-        admin.delete_topics([out, dlq])
+        _delete(admin, [out, dlq])
     if stats.records_in != n:
         sys.exit(f"processed {stats.records_in} of {n} records")
     return n / elapsed, extra
@@ -216,7 +226,7 @@ def main() -> None:
         )
         print(f"tracing_overhead_ratio={median['default'] / median['off']:.3f}")
     finally:
-        admin.delete_topics(list(sources.values()))
+        _delete(admin, list(sources.values()))
 
 
 if __name__ == "__main__":
