@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -193,6 +193,13 @@ def _sequence(
     """Seal what the agent sent (the sequencer runs after the agent: on a cluster it is a service
     on other cores); checks every application arrived and times the sequencer on its own."""
     signer = CheckpointSigner(Ed25519PrivateKey.from_private_bytes(seed))
+    # as many requests as the client sent (its producer is idempotent, not transactional: one offset
+    # per request), not n / batch size: a batch the agent cut short makes one request more
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{requests}-probe"})
+    try:
+        low, high = probe.get_watermark_offsets(TopicPartition(requests, 0), timeout=30)
+    finally:
+        probe.close()
     with LedgerSequencer(
         bootstrap,
         requests_topic=requests,
@@ -202,7 +209,7 @@ def _sequence(
         dead_letter_topic=dead_letters,  # the round's (created): the sequencer checks it exists
     ) as seq:
         start = time.perf_counter()
-        seq.run(max_requests=-(-n // 500), idle_timeout_s=30)
+        seq.run(max_requests=high - low, idle_timeout_s=30)
         elapsed = time.perf_counter() - start
     if seq.stats.entries != n:
         sys.exit(f"the sequencer sealed {seq.stats.entries} of {n} applications")
