@@ -47,6 +47,7 @@ _VALUE = b"v"
 _FORCED = b"f"
 _LATEST = b"l"
 _HEADER = b"h"
+_DEAD = b"x"
 MAX_SUPERSEDE_HOPS = 64
 MULTI_GET = 4096
 """Keys per RocksDB multi-get (`values`, `latest_values`)."""
@@ -260,8 +261,11 @@ class ResultCache:
 
     # -- superseded versions -----------------------------------------------------------------------
     def supersede(self, old: DataRef, new: DataRef, header: bytes) -> None:
-        """`old` (same DataID) was replaced by `new`, whose provenance header is `header`."""
+        """`old` (same DataID) was replaced by `new`, whose provenance header is `header`. When
+        `new` is `old` (a recompute made the same bytes) only the header it stamped is kept: a later
+        part of its plan reads it with that header (`Executor`), as the whole plan would have."""
         if old == new:
+            self._db.put(_HEADER + new.leaf_data(), header)
             return
         batch = WriteBatch(raw_mode=True)
         batch.put(_LATEST + old.leaf_data(), bytes([int(new.checksum.algorithm)]) + new.checksum.value)
@@ -282,6 +286,18 @@ class ResultCache:
             seen.add(nxt)
             node = nxt
         return node
+
+    # -- dead-lettered tasks -------------------------------------------------------------------------
+    def mark_dead(self, task_ids: Iterable[str]) -> None:
+        """These tasks were dead-lettered (committed): a later part of their plan that reads one's
+        output dead-letters too, rather than read the version before it (`Executor.run_plan`)."""
+        batch = WriteBatch(raw_mode=True)
+        for task_id in task_ids:
+            batch.put(_DEAD + task_id.encode("ascii"), b"")
+        self._db.write(batch)
+
+    def dead(self, task_id: str) -> bool:
+        return self._db.get(_DEAD + task_id.encode("ascii")) is not None
 
     def header(self, node: DataRef) -> bytes | None:
         """The header a recompute stamped on `node` (see `supersede`)."""

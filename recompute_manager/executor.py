@@ -200,7 +200,7 @@ class Executor:
     def _inputs(self, refs: tuple[InputRef, ...], outputs: Mapping[str, Recomputed]) -> list[_In]:
         """(value, header, node) of each input; the stored ones are read in one batch (a reduce's
         unaffected inputs: one multi-get for their versions, one for their values)."""
-        stored = [r.node for r in refs if r.origin is InputOrigin.STORED]
+        stored = [r for r in refs if r.origin is InputOrigin.STORED]
         if len(stored) < 2:
             return [self._input(r, outputs) for r in refs]
         read = iter(self._stored(stored))
@@ -219,26 +219,37 @@ class Executor:
                 raise ExecutionError(f"source record {ref.node.data_id!r} is missing (deleted?)")
             node = DataRef.of(ref.node.data_id, value, self.algorithm)
             return value, self._source_stamper.header(ref.node.data_id, value), node
-        return self._stored([ref.node])[0]
+        return self._stored([ref])[0]
 
-    def _stored(self, refs: list[DataRef]) -> list[_In]:
-        """Unaffected intermediates from the value store, each at its latest version (a recompute
-        may have replaced it since it was recorded), checked against its checksum."""
+    def _stored(self, refs: list[InputRef]) -> list[_In]:
+        """Unaffected intermediates (or outputs of an earlier part's tasks) from the value store,
+        each at its latest version (a recompute may have replaced it since it was recorded), checked
+        against its checksum."""
         if self.cache is None:
-            raise ExecutionError(f"intermediate value {refs[0].describe()}: no value store")
+            raise ExecutionError(f"intermediate value {refs[0].node.describe()}: no value store")
         found: list[_In] = []
-        for ref, (node, stored) in zip(refs, self.cache.latest_values(refs), strict=True):
+        latest = self.cache.latest_values([r.node for r in refs])
+        for ref, (node, stored) in zip(refs, latest, strict=True):
             if stored is None:
                 raise ExecutionError(f"intermediate value {node.describe()} is not in the value store")
             if not matches(node.checksum, stored):
                 raise ExecutionError(f"stored value of {node.describe()} does not match its checksum")
-            header: bytes | ProvenanceHeader | None = self.headers.get(node)
-            if header is None and node != ref:  # a recomputed version: the header its task stamped
-                header = self.cache.header(node)
+            header: bytes | ProvenanceHeader | None = self._stored_header(ref, node)
             if header is None:  # counts as an original record (decoded form: a reduce needs no bytes)
                 header = ProvenanceHeader.for_source(node.data_id, stored, self.algorithm)
             found.append((stored, header, node))
         return found
+
+    def _stored_header(self, ref: InputRef, node: DataRef) -> bytes | None:
+        """The header of a stored input at its latest version `node`: the one its recompute stamped
+        (for a superseded node, or for the output of an earlier part's task, which may have stamped
+        new provenance on the same bytes), else the original record's (`headers`)."""
+        assert self.cache is not None
+        if node != ref.node or ref.from_task is not None:
+            stamped = self.cache.header(node)
+            if stamped is not None:
+                return stamped
+        return self.headers.get(node)
 
     def _decode(self, raw: bytes) -> ProvenanceHeader:
         """`ProvenanceHeader.decode`, with each distinct lineage decoded once: a reduce's inputs come
@@ -327,8 +338,7 @@ class Executor:
         if self.cache is not None:
             new_node = DataRef.of(task.data_id, value, task.previous_output.algorithm)
             self.cache.put_value(new_node, value)
-            if not same:
-                self.cache.supersede(task.previous_node, new_node, header)
+            self.cache.supersede(task.previous_node, new_node, header)
         return Recomputed(task, value, header, same, cached, attempts, applied=tuple(applied))
 
     # -- incremental reduce ----------------------------------------------------------------------------
@@ -471,9 +481,7 @@ class Executor:
                     changed[i] = done.value
             else:
                 node = next(latest)
-                found = self.headers.get(node)
-                if found is None and node != r.node:
-                    found = cache.header(node)
+                found = self._stored_header(r, node)
                 if found is None:
                     return None
                 header = found
@@ -592,14 +600,14 @@ class Executor:
 
     def run_plan(self, plan: RecomputePlan, *, causes: Sequence[KafkaHeaders] = ()) -> PlanResult:
         """Every task in order; tasks whose inputs all come from unchanged (cut-off) tasks are skipped,
-        and so are the dependents of dead-lettered tasks (they go to the dead letters too). `causes`:
-        see `run`."""
+        and so are the dependents of dead-lettered tasks, in this plan or in an earlier part of it
+        (`ResultCache.dead`): they go to the dead letters too. `causes`: see `run`."""
         result = PlanResult()
         outputs: dict[str, Recomputed] = {}
         cut: set[str] = set()
         dead: set[str] = set()
         for task in plan.tasks:
-            failed = [d for d in task.depends_on if d in dead]
+            failed = [d for d in task.depends_on if d in dead] or self._dead_earlier(task)
             if failed:
                 dead.add(task.task_id)
                 result.dead.append(DeadLetter(task, f"depends on dead-lettered task {failed[0]}", 0))
@@ -619,6 +627,17 @@ class Executor:
             if done.unchanged:
                 cut.add(task.task_id)
         return result
+
+    def _dead_earlier(self, task: RecomputeTask) -> list[str]:
+        """The tasks of earlier parts of the task's component (stored inputs that name their task:
+        `units.split_units`) that were dead-lettered: their output is not the one this task needs."""
+        if self.cache is None:
+            return []
+        return [
+            i.from_task
+            for i in task.inputs
+            if i.origin is InputOrigin.STORED and i.from_task is not None and self.cache.dead(i.from_task)
+        ]
 
 
 def values_of(result: PlanResult) -> dict[str, Any]:

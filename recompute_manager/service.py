@@ -15,7 +15,7 @@ that publishes its output:
    them run, else one planned for those that do (a reduce reached by several of them is one task
    reading all their corrections, not one per event; its cause is a `changes` tree of the events'
    decisions, its units carry the first event's trace context; a single event keeps its own plan and
-   ids; the merged plan falls back to per-event plans if it cannot be made or has a unit too large to
+   ids; the merged plan falls back to per-event plans if it cannot be made or has a task too large to
    publish). A change event that does not run (refused, waiting for approval) is reported with its
    own plan. A plan that runs is cut into independent units (`units.split_units`) and published in
    ONE transaction per batch: each unit as one record on the tasks topic (keyed by its sink DataID),
@@ -145,7 +145,8 @@ class ManagerSettings:
     replica_id: str = field(default_factory=default_replica)
     """Stable and unique per replica: derives the workers' group.instance.id and transactional.id."""
     max_unit_bytes: int = DEFAULT_MAX_UNIT_BYTES
-    """A unit record larger than this is not published; its plan is reported `too_large`."""
+    """A component larger than this is cut into parts that fit (`split_units`); a single task larger
+    than it is not published, and its plan is reported `too_large`."""
     batch_size: int = 100
     poll_timeout_s: float = 0.5
     http_host: str = "127.0.0.1"
@@ -278,6 +279,7 @@ class RecomputeManager:
             outputs=s.outputs,
             priority_topics=[s.priority_topic(t) for t in s.outputs],
             verifier=s.checkpoint_verifier,
+            dead_letters=s.dead_letter_topic,
         )
         tracing = self.telemetry.recompute_tracing(self.views.outputs.trace_headers)
         for i in range(s.workers):
@@ -739,7 +741,9 @@ class RecomputeManager:
         waits = decision.action is Action.NEEDS_APPROVAL
         units: tuple[RecomputeUnit, ...] = ()
         if plan.tasks and (decision.runs or waits):
-            units = split_units(plan, subject=decision.data_id, cause=decision.cause)
+            units = split_units(
+                plan, subject=decision.data_id, cause=decision.cause, max_bytes=s.max_unit_bytes
+            )
         encoded = [(u, u.encode()) for u in units]
         too_big = [(u, len(raw)) for u, raw in encoded if len(raw) > s.max_unit_bytes]
         state = "done" if decision.runs and not plan.tasks else decision.action.value
@@ -750,7 +754,7 @@ class RecomputeManager:
             u, size = too_big[0]
             state = "too_large"
             reason = (
-                f"unit {u.index} has {len(u.tasks)} tasks, {size} bytes encoded, more than "
+                f"unit {u.index} has {len(u.tasks)} task(s), {size} bytes encoded, more than "
                 f"max_unit_bytes {s.max_unit_bytes} (raise it with the topics' max.message.bytes)"
             )
             encoded = []

@@ -9,6 +9,10 @@ On the tasks topic a unit is ONE record (`schemas/recompute_unit.avsc`, its task
 `recompute_task.avsc` encoding), keyed by the DataID of its last task (its sink): the partitioner
 sends every unit with that key, from any plan, to one partition, where one worker runs them one after
 the other. Unit ids (`plan_id/index`) are deterministic: planning a cause twice gives the same units.
+
+A component too large for one record is cut into parts (`split_units(max_bytes=)`), which are units
+keyed by the component's sink: they run in order, and a task reads what an earlier part's task made
+as a stored input naming that task (docs/recompute-manager.md, Parts).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import fastavro
 
-from recompute_manager.planner import RecomputePlan, RecomputeTask
+from recompute_manager.planner import InputOrigin, InputRef, RecomputePlan, RecomputeTask
 from recompute_manager.policy import Cause
 from streamprov import avro
 from streamprov.errors import StreamprovError
@@ -64,6 +68,9 @@ class RecomputeUnit:
     """Why it runs: the policy decision's cause tree (with an approval on top when approved)."""
     tasks: tuple[RecomputeTask, ...]
     created_at_ms: int
+    sink: str = ""
+    """A part of a component cut to fit a record (`split_units`): the DataID of the component's
+    sink, the key of all its parts. Empty: the unit is the whole component, its last task the sink."""
 
     @property
     def unit_id(self) -> str:
@@ -71,8 +78,8 @@ class RecomputeUnit:
 
     @property
     def key(self) -> bytes:
-        """The tasks-topic key: the DataID of the last task (the unit's sink)."""
-        return self.tasks[-1].key
+        """The tasks-topic key: the DataID of the sink (the last task of the unit's component)."""
+        return self.sink.encode("utf-8") if self.sink else self.tasks[-1].key
 
     def plan(self) -> RecomputePlan:
         """The unit as a plan for `Executor.run_plan` (its tasks are closed under `depends_on`)."""
@@ -89,7 +96,7 @@ class RecomputeUnit:
             "unit_index": self.index,
             "unit_count": self.count,
             "plan_tasks": self.plan_tasks,
-            "key": self.tasks[-1].data_id,
+            "key": self.sink or self.tasks[-1].data_id,
             "subject": self.subject,
             "cause": cause_json(self.cause),
             "created_at": self.created_at_ms,
@@ -108,6 +115,7 @@ class RecomputeUnit:
         try:
             r: Any = avro.schemaless_read(raw[len(UNIT_PREFIX) :], _READER, _READER)
             tasks = tuple(RecomputeTask.decode(t) for t in r["tasks"])
+            key = r["key"]
             unit = cls(
                 r["plan_id"],
                 r["unit_index"],
@@ -117,12 +125,13 @@ class RecomputeUnit:
                 cause_from_dict(json.loads(r["cause"])),
                 tasks,
                 r["created_at"],
+                "" if tasks and key == tasks[-1].data_id else key,
             )
         except Exception as exc:  # untrusted bytes: one typed error out
             raise UnitError(f"recompute unit does not decode: {exc}") from exc
         unit.check()
-        if r["key"] != tasks[-1].data_id:
-            raise UnitError(f"unit {unit.unit_id}: key {r['key']!r} is not its last task's DataID")
+        if not key:
+            raise UnitError(f"unit {unit.unit_id}: empty key")
         return unit
 
     def check(self) -> None:
@@ -150,11 +159,21 @@ class RecomputeUnit:
 
 
 def split_units(
-    plan: RecomputePlan, *, subject: str, cause: Cause, created_at_ms: int | None = None
+    plan: RecomputePlan,
+    *,
+    subject: str,
+    cause: Cause,
+    created_at_ms: int | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[RecomputeUnit, ...]:
     """The plan's connected components (by `depends_on` and by output DataID), each in plan order;
     units are numbered by their first task's position. A dependency on a task outside the plan (a
-    truncated plan) is dropped from the graph: the executor reports that task's input as missing."""
+    truncated plan) is dropped from the graph: the executor reports that task's input as missing.
+
+    `max_bytes`: a component whose unit record would be larger is cut into parts (`_parts`), runs of
+    its tasks in plan order, each under it when its tasks allow (a single task larger than it stays
+    one part: the caller refuses it). The parts share the component's sink as key, so they run one
+    after the other on one partition, each after the previous one committed."""
     parent: dict[str, str] = {t.task_id: t.task_id for t in plan.tasks}
 
     def find(x: str) -> str:
@@ -181,8 +200,52 @@ def split_units(
     for t in plan.tasks:  # plan order: dependency order, and first-task order of the groups
         groups.setdefault(find(t.task_id), []).append(t)
     created = now_ms() if created_at_ms is None else created_at_ms
-    count = len(groups)
+    cut: list[tuple[tuple[RecomputeTask, ...], str]] = []
+    for tasks in groups.values():
+        whole = RecomputeUnit(plan.plan_id, 0, 1, len(plan.tasks), subject, cause, tuple(tasks), created)
+        if max_bytes is None or len(whole.encode()) <= max_bytes:
+            cut.append((whole.tasks, ""))
+            continue
+        budget = max_bytes - len(replace(whole, tasks=(), sink=tasks[-1].data_id).encode())
+        sink = tasks[-1].data_id
+        cut += [(part, "" if part[-1].data_id == sink else sink) for part in _parts(tasks, budget)]
+    count = len(cut)
     return tuple(
-        RecomputeUnit(plan.plan_id, i, count, len(plan.tasks), subject, cause, tuple(tasks), created)
-        for i, tasks in enumerate(groups.values())
+        RecomputeUnit(plan.plan_id, i, count, len(plan.tasks), subject, cause, tasks, created, sink)
+        for i, (tasks, sink) in enumerate(cut)
     )
+
+
+def _parts(tasks: list[RecomputeTask], budget: int) -> list[tuple[RecomputeTask, ...]]:
+    """`tasks` (one component, plan order) in consecutive runs whose encoded tasks fit `budget`
+    bytes. A task's input from a task of an earlier part becomes a stored input (`InputOrigin.STORED`)
+    that names its task (`from_task`): the worker reads the earlier part's committed output from the
+    value store at its latest version, and dead-letters the task when that part dead-lettered the
+    named one (`Executor.run_plan`)."""
+    parts: list[list[RecomputeTask]] = [[]]
+    used = 0
+    for t in tasks:
+        size = len(t.encode()) + 8  # + the array item's length prefix and block count, generously
+        if parts[-1] and used + size > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append(t)
+        used += size
+    out: list[tuple[RecomputeTask, ...]] = []
+    for part in parts:
+        here = {t.task_id for t in part}
+        out.append(tuple(_in_part(t, here) for t in part))
+    return out
+
+
+def _in_part(task: RecomputeTask, here: set[str]) -> RecomputeTask:
+    """`task` with its inputs from tasks outside `here` (its part) made stored inputs."""
+    if all(d in here for d in task.depends_on):
+        return task
+    inputs = tuple(
+        InputRef(i.node, InputOrigin.STORED, i.from_task)
+        if i.origin is InputOrigin.TASK and i.from_task not in here
+        else i
+        for i in task.inputs
+    )
+    return replace(task, inputs=inputs, depends_on=tuple(d for d in task.depends_on if d in here))

@@ -32,9 +32,11 @@ from confluent_kafka import KafkaException, Message
 from confluent_kafka.admin import AdminClient
 
 from recompute_manager.cache import ResultCache
-from recompute_manager.executor import SUPERSEDES_HEADER
+from recompute_manager.executor import SUPERSEDES_HEADER, TASK_HEADER
 from recompute_manager.outputs import READER_GROUP, OutputIndex, SourceIndex, TopicReader
-from recompute_manager.planner import Coordinates
+from recompute_manager.planner import Coordinates, PlanError, RecomputeTask
+from streamprov.agents.dead_letter import SOURCE_HEADER
+from streamprov.agents.kafka_io import TopicMissingError
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import ProvenanceHeader, now_ms
 from streamprov.ledger.index import LedgerIndex
@@ -42,7 +44,7 @@ from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.ledger.model import DataRef
 from streamprov.ledger.signing import CheckpointVerifier
 
-__all__ = ["CommittedCache", "StateError", "SupersededIndex", "Views"]
+__all__ = ["CommittedCache", "DeadTaskIndex", "StateError", "SupersededIndex", "Views"]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,12 @@ class CommittedCache(ResultCache):
             self.record(old, new, header, at)
 
     def record(self, old: DataRef, new: DataRef, header: bytes, at_ms: int) -> bool:
-        """Write `old -> new` unless a later correction of `old` is known; True when written."""
+        """Write `old -> new` unless a later correction of `old` is known; True when written. The
+        same node again (a recompute made the same bytes) only keeps the header it stamped: not a
+        correction, so it does not hold back one learned later with an earlier timestamp."""
+        if old == new:
+            ResultCache.supersede(self, old, new, header)
+            return False
         if self._seen_ms.get(old, -1) > at_ms:
             return False
         self._seen_ms[old] = at_ms
@@ -205,6 +212,66 @@ class SupersededIndex:
             reader.close()
 
 
+class DeadTaskIndex:
+    """Task dead letters committed by any replica, read back from the dead-letter topic into the
+    cache's dead marks (`ResultCache.mark_dead`): a part of a plan that reads an earlier part's output
+    must know that part dead-lettered it, even when another replica ran it, or this one crashed
+    between its commit and marking it. A record counts when it is what `DeadLetter` publishes: its
+    source `recompute/...` and a value that decodes as the task its task header names."""
+
+    def __init__(
+        self, config: Mapping[str, Any], topic: str, cache: ResultCache, *, recheck_s: float = 10.0
+    ) -> None:
+        self.config = dict(config)
+        self.topic = topic
+        self.cache = cache
+        self.recheck_s = recheck_s
+        self._reader: TopicReader | None = None
+        self._checked = float("-inf")
+        self.dead = 0
+
+    def _open(self) -> TopicReader | None:
+        """The reader; None while the topic does not exist (no dead letters yet), looked for again
+        at most every `recheck_s`."""
+        if self._reader is None and time.monotonic() - self._checked >= self.recheck_s:
+            self._checked = time.monotonic()
+            try:
+                self._reader = TopicReader(self.config, [self.topic], group_id=READER_GROUP)
+            except TopicMissingError:
+                log.info("dead-letter topic %s not there yet", self.topic)
+        return self._reader
+
+    def catch_up(self, *, max_wait_s: float = 30.0) -> int:
+        reader = self._open()
+        if reader is None:
+            return 0
+        found: list[str] = []
+        for msg in reader.catch_up(max_wait_s=max_wait_s):
+            task_id = _dead_task(msg)
+            if task_id is not None:
+                found.append(task_id)
+        if found:
+            self.cache.mark_dead(found)
+            self.dead += len(found)
+        return len(found)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def _dead_task(msg: Message) -> str | None:
+    headers = dict(msg.headers() or [])
+    task_id, source = headers.get(TASK_HEADER), headers.get(SOURCE_HEADER)
+    if not isinstance(task_id, bytes) or not (isinstance(source, bytes) and source.startswith(b"recompute/")):
+        return None
+    try:
+        task = RecomputeTask.decode(msg.value() or b"")
+    except PlanError:
+        return None
+    return task.task_id if task.task_id.encode("ascii") == task_id else None
+
+
 class Views:
     """Cache, ledger index, sources, outputs and committed corrections of one process, one lock."""
 
@@ -220,8 +287,10 @@ class Views:
         outputs: Sequence[str],
         priority_topics: Sequence[str],
         verifier: CheckpointVerifier | None = None,
+        dead_letters: str | None = None,
     ) -> None:
-        """`verifier`: checks the ledger's checkpoint signatures as the index reads them."""
+        """`verifier`: checks the ledger's checkpoint signatures as the index reads them.
+        `dead_letters`: the topic the workers dead-letter tasks to (`DeadTaskIndex`)."""
         self.kafka = dict(kafka)
         self.lock = threading.RLock()
         self.ledger_topic = ledger_topic
@@ -244,6 +313,9 @@ class Views:
             self.sources = SourceIndex(self.kafka, sources)
             readers.append(self.sources)
             self.superseded = SupersededIndex(self.kafka, priority_topics, self.cache, self.outputs)
+            self.dead_tasks = (
+                None if dead_letters is None else DeadTaskIndex(self.kafka, dead_letters, self.cache)
+            )
         except BaseException:
             for r in readers:
                 r.close()
@@ -274,6 +346,8 @@ class Views:
         self.sources.catch_up()
         self.outputs.catch_up()
         self.superseded.catch_up()
+        if self.dead_tasks is not None:
+            self.dead_tasks.catch_up()
         self.mark_fresh(plan_id)
         return True
 
@@ -286,7 +360,10 @@ class Views:
         self._fresh.clear()
 
     def close(self) -> None:
-        for closer in (self.outputs.close, self.sources.close, self.superseded.close):
+        closers = [self.outputs.close, self.sources.close, self.superseded.close]
+        if self.dead_tasks is not None:
+            closers.append(self.dead_tasks.close)
+        for closer in closers:
             try:
                 closer()
             except (KafkaException, RuntimeError) as exc:

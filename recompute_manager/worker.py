@@ -280,6 +280,8 @@ class UnitWorker:
             self.busy = False
         with self.views.lock:
             self.views.cache.commit(staged)
+            if result.dead:  # for the later parts of its plan (`Executor.run_plan`)
+                self.views.cache.mark_dead(d.task.task_id for d in result.dead)
         st = self.stats
         st.units += 1
         st.transactions += 1

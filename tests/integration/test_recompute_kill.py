@@ -433,3 +433,27 @@ def test_a_plan_over_max_fanout_waits_for_approve(module: Module, clean: list[Ro
     got = output(module, run)
     assert len(got) == len(set(got)) == TASKS
     assert Counter(got) == Counter(clean)
+
+
+def test_units_over_max_unit_bytes_run_in_parts_with_the_clean_output(
+    module: Module, clean: list[Row]
+) -> None:
+    """Each group's unit (its enrich and tag tasks and its sum) is larger than `max_unit_bytes`: it is
+    cut into parts keyed by the group's sum, run one after the other; the last part's sum reads the
+    enrich outputs of the earlier parts from the value store (two worker threads)."""
+    run = make_run(module, "parts", workers=2)
+    limit = 9_000
+    start_event(module, run)
+    config = dataclasses.replace(settings(run, "parts"), max_unit_bytes=limit)
+    with RecomputeManager(config, recompute_fns.registry) as manager:
+        stats = manager.run(max_causes=1, idle_timeout_s=90)
+    assert stats.plans_run == 1 and stats.units_planned > G, stats.units_planned  # cut into parts
+    assert (stats.units_done, stats.dead_letters) == (stats.units_planned, 0)
+    assert stats.tasks_recomputed == TASKS
+    units = consume_all(module.bootstrap, run.tasks, expected=stats.units_planned, timeout_s=10, grace_s=0.5)
+    assert len(units) == stats.units_planned and all(len(u.value()) <= limit for u in units)
+    assert len({u.key() for u in units}) == G  # one key per group: its parts ran in order
+    got = output(module, run)
+    assert len(got) == len(set(got)) == TASKS
+    assert Counter(got) == Counter(clean)
+    assert not consume_all(module.bootstrap, run.dead, expected=1, timeout_s=1)

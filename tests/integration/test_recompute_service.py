@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from kafka_support import FAST_GROUP_CONFIG, Record, consume_all, create_topic, produce, record_view
 from ledger_pipeline import ledger_writer, value
-from ledger_support import LEDGER, signer, verifier
+from ledger_support import LEDGER, build, pipeline, signer, verifier
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from recompute_pipeline import (  # noqa: F401 - fixture
     Pipeline,
@@ -33,16 +33,20 @@ from recompute_pipeline import (  # noqa: F401 - fixture
 )
 from typer.testing import CliRunner
 
-from recompute_manager.executor import SUPERSEDES_HEADER
+from recompute_manager.cache import ResultCache
+from recompute_manager.executor import SUPERSEDES_HEADER, TASK_HEADER, DeadLetter
+from recompute_manager.planner import plan_for_change
 from recompute_manager.service import ManagerSettings, Progress, RecomputeManager
 from recompute_manager.units import UNIT_PREFIX, RecomputeUnit
+from recompute_manager.views import DeadTaskIndex
 from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HEADER
 from streamprov.changes import ChangeEvent
+from streamprov.changes.event import EMPTY_IMPACT, FunctionChange
 from streamprov.checksum import matches
 from streamprov.cli import app
 from streamprov.config.models import TelemetrySettings
 from streamprov.header import ProvenanceHeader
-from streamprov.ledger import DataRef, Origin, verify_ledger
+from streamprov.ledger import DataRef, LedgerIndex, Origin, verify_ledger
 from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.ledger.requests import decode_request
 from streamprov.ledger.sequencer import LedgerSequencer
@@ -386,3 +390,47 @@ def test_an_alert_or_change_event_that_does_not_decode_is_dead_lettered(
     assert dict(by_key[b"a1"][2])["trace"] == b"t-1"  # the record's own headers are kept
     assert _committed(kafka_bootstrap, settings.group_id, alerts) == 1
     assert _committed(kafka_bootstrap, settings.group_id, changes) == 1
+
+
+def test_dead_task_index_learns_the_task_dead_letters_any_replica_committed(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+) -> None:
+    """What tells a later part of a plan that an earlier part dead-lettered the task it reads from:
+    the worker's own dead letters on the topic (read_committed), not look-alikes; a dead-letter topic
+    that does not exist yet means no dead letters."""
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx:
+        idx.catch_up(build(pipeline(1, chain_len=2, fan_in=3)))
+        fc = FunctionChange("map1", "1", b"map1".ljust(16, b"."), "2", b"new-code")
+        plan = plan_for_change(idx, ChangeEvent.for_function(fc, EMPTY_IMPACT, 3))
+    dead, kept, other = plan.tasks[0], plan.tasks[1], plan.tasks[2]
+    letter = DeadLetter(dead, "ValueError: no", 6)
+    look_alike = DeadLetter(other, "ValueError: no", 6).headers()
+    topic = new_topic(prefix="dl")
+    with ResultCache(tmp_path / "cache") as cache:
+        missing = DeadTaskIndex({"bootstrap.servers": kafka_bootstrap}, f"{topic}-not-there", cache)
+        assert missing.catch_up() == 0  # no topic: nothing dead-lettered
+        missing.close()
+        produce(
+            kafka_bootstrap,
+            topic,
+            [
+                Record(dead.encode(), dead.key, list(letter.headers())),
+                # a record of another service carrying a task header (e.g. a priority record)
+                Record(b"a corrected record", kept.key, [(TASK_HEADER, kept.task_id.encode())]),
+                # the task header names another task than the value
+                Record(
+                    dead.encode(),
+                    dead.key,
+                    [(k, v) if k != TASK_HEADER else (k, other.task_id.encode()) for k, v in look_alike],
+                ),
+                Record(b"garbage", b"k", list(letter.headers())),
+            ],
+        )
+        index = DeadTaskIndex({"bootstrap.servers": kafka_bootstrap}, topic, cache)
+        try:
+            assert index.catch_up() == 1
+            assert index.catch_up() == 0  # goes on from where it stopped
+        finally:
+            index.close()
+        assert cache.dead(dead.task_id)
+        assert not cache.dead(kept.task_id) and not cache.dead(other.task_id)
