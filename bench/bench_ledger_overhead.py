@@ -32,16 +32,14 @@ import argparse
 import functools
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
+import kafka_setup
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from streamprov.agents.processor import EXACTLY_ONCE, Processor
@@ -54,7 +52,6 @@ from streamprov.ledger.sequencer import LedgerSequencer
 from streamprov.registry import FunctionRegistry
 from streamprov.stamp import SourceStamper
 
-REPO = Path(__file__).resolve().parents[1]
 registry = FunctionRegistry()
 
 
@@ -72,36 +69,6 @@ class _TimedProcessor(Processor):
         if batch and not self.first_batch_at:
             self.first_batch_at = time.perf_counter()
         super()._process(batch)
-
-
-def _bootstrap(given: str | None) -> str:
-    if given:
-        return given
-    script = REPO / "scripts" / "kafka.sh"
-    if not script.exists():
-        sys.exit("no --bootstrap and no scripts/kafka.sh to start Apache Kafka")
-    env = {"STREAMPROV_PYTHON": sys.executable, **os.environ}
-    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, env=env, check=False)
-    if up.returncode != 0:
-        sys.exit(f"scripts/kafka.sh up failed:\n{up.stderr[-2000:]}")
-    lines = up.stdout.strip().splitlines()
-    return lines[-1] if lines else f"127.0.0.1:{os.environ.get('STREAMPROV_KAFKA_PORT', '39092')}"
-
-
-def _create(admin: AdminClient, name: str, partitions: int) -> str:
-    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-    futures[name].result(timeout=30)
-    return name
-
-
-def _delete(admin: AdminClient, names: list[str]) -> None:
-    """Delete the bench's topics and wait until the broker has: `delete_topics` only queues the
-    request, and one still queued when the process exits is never sent (the topics stay)."""
-    for name, future in admin.delete_topics(names, operation_timeout=30).items():
-        try:
-            future.result(timeout=60)
-        except Exception as exc:  # best effort: the run's numbers are printed already
-            print(f"could not delete topic {name}: {exc}", file=sys.stderr)
 
 
 def _fill(bootstrap: str, topic: str, n: int) -> None:
@@ -127,8 +94,8 @@ def _run(
     bootstrap: str, admin: AdminClient, prefix: str, src: str, n: int, args: argparse.Namespace, ledger: bool
 ) -> tuple[float, dict[str, Any]]:
     tag = uuid.uuid4().hex[:8]
-    out = _create(admin, f"{prefix}-out-{tag}", 3)
-    dlq = _create(admin, f"{prefix}-dlq-{tag}", 1)
+    out = kafka_setup.create_topic(admin, f"{prefix}-out-{tag}", 3)
+    dlq = kafka_setup.create_topic(admin, f"{prefix}-dlq-{tag}", 1)
     writer: LedgerWriter | ProcessLedgerWriter | KafkaLedgerClient | None = None
     topics = [out, dlq]
     ledger_topic = requests = ""
@@ -138,7 +105,7 @@ def _run(
         topics.append(ledger_topic)
         seed = os.urandom(32)
         if args.writer == "client":
-            requests = _create(admin, f"{prefix}-requests-{tag}", 1)
+            requests = kafka_setup.create_topic(admin, f"{prefix}-requests-{tag}", 1)
             topics.append(requests)
             writer = KafkaLedgerClient(bootstrap, requests, ledger_topic)
         elif args.writer == "process":
@@ -181,7 +148,7 @@ def _run(
     finally:
         if writer is not None:
             writer.close()
-        _delete(admin, topics)
+        kafka_setup.delete_topics(admin, topics)
     if stats.records_in != n:
         sys.exit(f"processed {stats.records_in} of {n} records")
     return n / elapsed, extra
@@ -232,10 +199,10 @@ def main() -> None:
     )
     p.add_argument("--nice", type=int, default=0, help="niceness of the writer process (process writer)")
     args = p.parse_args()
-    bootstrap = _bootstrap(args.bootstrap)
+    bootstrap = kafka_setup.bootstrap(args.bootstrap)
     admin = AdminClient({"bootstrap.servers": bootstrap})
     prefix = f"bench-ledger-{uuid.uuid4().hex[:6]}"
-    src = _create(admin, f"{prefix}-src", 3)
+    src = kafka_setup.create_topic(admin, f"{prefix}-src", 3)
     try:
         _fill(bootstrap, src, args.records)
         print(
@@ -262,7 +229,7 @@ def main() -> None:
         )
         print(f"ledger_overhead_ratio={with_ / without:.3f}")
     finally:
-        _delete(admin, [src])
+        kafka_setup.delete_topics(admin, [src])
 
 
 if __name__ == "__main__":

@@ -30,16 +30,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+import kafka_setup
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
@@ -50,7 +48,6 @@ from streamprov.producer import ProvenanceProducer
 from streamprov.registry import FunctionRegistry
 from streamprov.telemetry import LinkAwareParentBased, StepTracing
 
-REPO = Path(__file__).resolve().parents[1]
 registry = FunctionRegistry()
 DEFAULT_RATIO = TracingSettings().sampling_ratio
 """The documented default `telemetry.tracing.sampling_ratio` (docs/configuration.md)."""
@@ -98,36 +95,6 @@ def _sampler(variant: str) -> Sampler | None:
     return {"off": None, "100%": ParentBased(ALWAYS_ON)}[variant]
 
 
-def _bootstrap(given: str | None) -> str:
-    if given:
-        return given
-    script = REPO / "scripts" / "kafka.sh"
-    if not script.exists():
-        sys.exit("no --bootstrap and no scripts/kafka.sh to start Apache Kafka")
-    env = {"STREAMPROV_PYTHON": sys.executable, **os.environ}
-    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, env=env, check=False)
-    if up.returncode != 0:
-        sys.exit(f"scripts/kafka.sh up failed:\n{up.stderr[-2000:]}")
-    lines = up.stdout.strip().splitlines()
-    return lines[-1] if lines else f"127.0.0.1:{os.environ.get('STREAMPROV_KAFKA_PORT', '39092')}"
-
-
-def _create(admin: AdminClient, name: str, partitions: int) -> str:
-    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-    futures[name].result(timeout=30)
-    return name
-
-
-def _delete(admin: AdminClient, names: list[str]) -> None:
-    """Delete the bench's topics and wait until the broker has: `delete_topics` only queues the
-    request, and one still queued when the process exits is never sent (the topics stay)."""
-    for name, future in admin.delete_topics(names, operation_timeout=30).items():
-        try:
-            future.result(timeout=60)
-        except Exception as exc:  # best effort: the run's numbers are printed already
-            print(f"could not delete topic {name}: {exc}", file=sys.stderr)
-
-
 def _fill(bootstrap: str, topic: str, n: int, variant: str) -> None:
     sampler = _sampler(variant)
     tracing = None if sampler is None else StepTracing(_provider(sampler)[0])
@@ -151,8 +118,8 @@ def _run(
     bootstrap: str, admin: AdminClient, prefix: str, src: str, n: int, args: argparse.Namespace, variant: str
 ) -> tuple[float, dict[str, Any]]:
     tag = uuid.uuid4().hex[:8]
-    out = _create(admin, f"{prefix}-out-{tag}", 3)
-    dlq = _create(admin, f"{prefix}-dlq-{tag}", 1)
+    out = kafka_setup.create_topic(admin, f"{prefix}-out-{tag}", 3)
+    dlq = kafka_setup.create_topic(admin, f"{prefix}-dlq-{tag}", 1)
     sampler = _sampler(variant) if variant != "carried" else None  # carried: no hook in the step
     provider, exporter = _provider(sampler) if sampler is not None else (None, None)
     processor = _TimedProcessor(
@@ -179,7 +146,7 @@ def _run(
         if exporter is not None:
             extra["spans"] = exporter.spans
     finally:
-        _delete(admin, [out, dlq])
+        kafka_setup.delete_topics(admin, [out, dlq])
     if stats.records_in != n:
         sys.exit(f"processed {stats.records_in} of {n} records")
     return n / elapsed, extra
@@ -193,10 +160,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--guarantee", default=EXACTLY_ONCE, choices=["exactly_once", "at_least_once"])
     args = p.parse_args()
-    bootstrap = _bootstrap(args.bootstrap)
+    bootstrap = kafka_setup.bootstrap(args.bootstrap)
     admin = AdminClient({"bootstrap.servers": bootstrap})
     prefix = f"bench-tracing-{uuid.uuid4().hex[:6]}"
-    sources = {v: _create(admin, f"{prefix}-src-{i}", 3) for i, v in enumerate(VARIANTS)}
+    sources = {v: kafka_setup.create_topic(admin, f"{prefix}-src-{i}", 3) for i, v in enumerate(VARIANTS)}
     try:
         for variant, topic in sources.items():
             _fill(bootstrap, topic, args.records, variant)
@@ -226,7 +193,7 @@ def main() -> None:
         )
         print(f"tracing_overhead_ratio={median['default'] / median['off']:.3f}")
     finally:
-        _delete(admin, list(sources.values()))
+        kafka_setup.delete_topics(admin, list(sources.values()))
 
 
 if __name__ == "__main__":
