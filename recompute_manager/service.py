@@ -652,10 +652,10 @@ class RecomputeManager:
         at = where(msg)
         source = source_of(at.topic, at.partition, at.offset)
         log.warning("%s %s dead-lettered (%s): %s", what, source, reason, exc)
-        value, headers = fit(
-            msg.value() or b"", dead_letter_headers(message_headers(msg), reason, exc, source)
+        key, value, headers = fit(
+            msg.key(), msg.value() or b"", dead_letter_headers(message_headers(msg), reason, exc, source)
         )
-        return PlainRecord(self.settings.dead_letter_topic, msg.key(), value or b"", tuple(headers))
+        return PlainRecord(self.settings.dead_letter_topic, key, value or b"", tuple(headers))
 
     def _planned_together(
         self, runs: list[_Run], changes: _Changes | None

@@ -318,8 +318,8 @@ class UnitWorker:
             exc,
             source_of(at.topic, at.partition, at.offset),
         )
-        value, headers = fit(msg.value() or b"", headers)
-        record = PlainRecord(s.dead_letter_topic, msg.key(), value or b"", tuple(headers))
+        key, value, headers = fit(msg.key(), msg.value() or b"", headers)
+        record = PlainRecord(s.dead_letter_topic, key, value or b"", tuple(headers))
         try:
             self._publisher.publish_all([], consumer=self._consumer, offsets=offsets, plain=[record])
         except (FencedError, FatalProcessorError):

@@ -118,25 +118,30 @@ HeadersLike = Sequence[tuple[str, bytes | str | None]] | Mapping[str, bytes | st
 def find_raw(headers: HeadersLike) -> bytes | None:
     """The raw provenance header among a record's headers; None when the record carries none.
 
-    Raises `MalformedHeaderError` when the header is present but empty, null or not bytes, or when
-    `headers` itself is not a list of (key, value) pairs or a mapping.
+    Raises `MalformedHeaderError` when the header is present but empty, null or not bytes, more than
+    once, or when `headers` itself is not a list of (key, value) pairs or a mapping.
     """
     if not headers:
         return None
+    matches: list[Any] = []
     try:
         if isinstance(headers, Mapping):
             if HEADER_KEY not in headers:
                 return None
             value = headers[HEADER_KEY]
         else:
-            for key, found in headers:
-                if key == HEADER_KEY:
-                    value = found
-                    break
-            else:
+            matches = [found for key, found in headers if key == HEADER_KEY]
+            if not matches:
                 return None
+            value = matches[0]
     except (TypeError, ValueError) as exc:
         raise MalformedHeaderError(f"record headers are not (key, value) pairs: {exc}") from exc
+    if len(matches) > 1:  # readers that take the last one would see another provenance than we check
+        raise MalformedHeaderError(
+            f"header {HEADER_KEY!r} appears {len(matches)} times: which one is the record's provenance "
+            "is ambiguous",
+            b"",
+        )
     if not value:
         raise MalformedHeaderError(f"header {HEADER_KEY!r} is present but empty", b"")
     if type(value) is bytes:
@@ -172,11 +177,13 @@ def scan(raw: bytes) -> tuple[int, int, int, int]:
         source_start = _PREFIX_LEN + 2 + _digest_len(raw, _PREFIX_LEN)
         source_end = source_start + 2 + _digest_len(raw, source_start)
         pos = source_end
-        limit = pos + 10
+        limit = pos + 9
         while raw[pos] & 0x80:
             pos += 1
-            if pos >= limit:
+            if pos > limit:
                 raise MalformedHeaderError("timestamp varint longer than 10 bytes", raw)
+        if pos == limit and raw[pos] > 1:  # the 10th byte holds only bit 63 (as `avro.read_long`)
+            raise MalformedHeaderError("timestamp varint overflows a 64-bit long", raw)
         id_start = pos + 1
         first = raw[id_start]
         if first < 0x80 and not first & 1:  # the common case: a short DataID, one-byte length

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from streamprov import avro
+from streamprov.agents.dead_letter import MAX_DEAD_LETTER_BYTES
 from streamprov.config.models import Criticality  # one name per concept: the config's enum
 from streamprov.errors import StreamprovError
 from streamprov.merkle import length_prefixed
@@ -61,6 +62,11 @@ class AlertKind(enum.StrEnum):
 
 _KINDS = tuple(AlertKind)
 
+
+MAX_DATA_ID_BYTES = 1024
+"""An alert's DataID (and key) is cut to this when the alert would not fit a record (`Alert.fitted`)."""
+MAX_TEXT = 2000
+"""Each evidence text is cut to this when the alert would not fit a record."""
 
 _CRITICALITIES = tuple(Criticality)
 """The Avro enum's symbol order is the config enum's order (low..critical, its `rank`); a test checks it."""
@@ -172,6 +178,31 @@ class Alert:
             r["detected_at"],
         )
 
+    def fitted(self, limit: int = MAX_DEAD_LETTER_BYTES) -> Alert:
+        """This alert as a record that can always be stored (encoded, with its key, under `limit`).
+        Why: an alert the broker refuses (MSG_SIZE_TOO_LARGE) can never be delivered, and the
+        records after it would be checked again forever. A DataID over `MAX_DATA_ID_BYTES` is cut
+        (it is also the key), then a header that still does not fit is left out; the reason says
+        what was cut, and the record itself is at its coordinates."""
+        if len(self.encode()) + len(self.key) <= limit:
+            return self
+        cuts: list[str] = []
+        raw_id = self.data_id.encode("utf-8")
+        data_id = self.data_id
+        if len(raw_id) > MAX_DATA_ID_BYTES:
+            data_id = raw_id[:MAX_DATA_ID_BYTES].decode("utf-8", "ignore")
+            cuts.append(f"a DataID of {len(raw_id)} bytes cut to its first {MAX_DATA_ID_BYTES}")
+        e = self.evidence
+        evidence = Evidence(e.expected[:MAX_TEXT], e.actual[:MAX_TEXT], e.reason[:MAX_TEXT])
+        out = replace(self, data_id=data_id, evidence=evidence)
+        if self.header is not None and len(out.encode()) + len(out.key) > limit - 200:
+            out = replace(out, header=None)
+            cuts.append(f"the header ({len(self.header)} bytes) left out")
+        where = f"{self.topic}/{self.partition}/{self.offset}"
+        what = ", ".join(cuts) or "texts cut"
+        reason = f"{evidence.reason} [alert cut to fit a record: {what}; the record is at {where}]"
+        return replace(out, evidence=Evidence(evidence.expected, evidence.actual, reason))
+
     def describe(self) -> dict[str, Any]:
         """A plain, printable view."""
         return {
@@ -202,6 +233,7 @@ def alert_id(topic: str, partition: int, offset: int, kind: AlertKind | str, asp
 
 
 __all__ = [
+    "MAX_DATA_ID_BYTES",
     "PREFIX",
     "SCHEMA",
     "Alert",

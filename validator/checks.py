@@ -214,6 +214,11 @@ def checksum_text(encoded: bytes) -> str:
     return f"{_ALGORITHMS[encoded[0] >> 1].name.lower()}:{encoded[2:].hex()}"
 
 
+def _repeated(hs: Any) -> bool:
+    """Does the provenance header appear again after the first one? (The general path reports it.)"""
+    return any(k == _KEY for k, _ in hs[1:])
+
+
 class Checker:
     """Runs the enabled checks on batches of messages; keeps only memos, never Kafka state."""
 
@@ -294,8 +299,8 @@ class Checker:
         id_at = _ID_AT
         key_ = _KEY
         crc = _crc
-        last_lineage = b"\x00"
-        last_len = -1
+        last_lineage = b""
+        last_len = 1 << 62  # matches no record: the first one's lineage is always decoded
         last_reduce = False
         last_topic: str | None = None
         multi = self._single is None
@@ -314,6 +319,7 @@ class Checker:
                 continue
             if (
                 key != key_
+                or (len(hs) > 1 and _repeated(hs))
                 or head != head_ok
                 or source_tag != crc_tag
                 or t4 & continued != continued
@@ -494,8 +500,8 @@ class Checker:
             headers = dead_letter_headers(m.headers(), reason, exc, where)
         except (TypeError, ValueError):  # headers that are not (key, value) pairs cannot be kept
             headers = dead_letter_headers(None, reason, exc, where)
-        value, headers = fit(m.value(), headers)
-        result.dead_letters.append(DeadLetterRecord(m.key(), value, headers))
+        key, value, headers = fit(m.key(), m.value(), headers)
+        result.dead_letters.append(DeadLetterRecord(key, value, headers))
         data_id = source_data_id(m.key(), topic, partition, offset)
         if reason is DeadLetterReason.MISSING_HEADER:
             actual = "no header"

@@ -424,7 +424,8 @@ class Validator:
         s = self.settings
         timeout = s.operation_timeout_s
         traces = _alerted_traces(result.alerts, messages)
-        for alert in result.alerts:
+        alerts = [a.fitted() for a in result.alerts]  # an alert the broker refuses would stop us
+        for alert in alerts:
             trace = traces.get((alert.topic, alert.partition, alert.offset))
             self._produce(s.alerts_topic, alert.encode(), alert.key, list(trace) if trace else None, timeout)
             self.stats.alerts_by_kind[alert.kind] += 1
@@ -435,7 +436,7 @@ class Validator:
         self.stats.dead_letters += len(result.dead_letters)
         if result.dead_letters:
             self.metrics.dead_letters.add(len(result.dead_letters))
-        for alert in result.alerts:
+        for alert in alerts:
             log.info(
                 "alert %s %s at %s/%s/%s (DataID %r): %s",
                 alert.kind,

@@ -105,27 +105,39 @@ def dead_letter_headers(
     ]
 
 
+MAX_KEY_BYTES = 1024
+"""A dead letter's key is cut to this when the record does not fit (`fit`): keys only route."""
+
+
 def fit(
+    key: bytes | None,
     value: bytes | None,
     headers: Sequence[tuple[str, bytes | None]],
     limit: int = MAX_DEAD_LETTER_BYTES,
-) -> tuple[bytes | None, list[tuple[str, bytes | None]]]:
-    """A dead letter that can always be stored: (value, headers) as given when together they stay
-    under `limit`; else the dead-letter headers only (reason, error, source), `CUT_HEADER` saying what
-    was cut, and the value's first bytes that still fit. Why: a record near Kafka's size limit plus
-    the dead-letter headers is refused by the producer or the dead-letter topic, and a dead letter
-    that cannot be stored holds back every record after it (the batch is retried forever). The whole
-    record stays where the source header says, for the source topic's retention."""
-    size = len(value or b"") + sum(_header_size(k, v) for k, v in headers)
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]:
+    """A dead letter that can always be stored: (key, value, headers) as given when together they stay
+    under `limit`; else the key's first `MAX_KEY_BYTES`, the dead-letter headers only (reason, error,
+    source), `CUT_HEADER` saying what was cut, and the value's first bytes that still fit. Why: a
+    record near Kafka's size limit plus the dead-letter headers is refused by the producer or the
+    dead-letter topic, and a dead letter that cannot be stored holds back every record after it (the
+    batch is retried forever). The whole record stays where the source header says, for the source
+    topic's retention."""
+    size = len(key or b"") + len(value or b"") + sum(_header_size(k, v) for k, v in headers)
     if size <= limit:
-        return value, list(headers)
+        return key, value, list(headers)
     kept = [(k, v) for k, v in headers if k in DLQ_HEADERS and k != CUT_HEADER]
+    short_key = None if key is None else key[:MAX_KEY_BYTES]
+    key_note = (
+        "" if short_key == key else f", a key of {len(key or b'')} bytes (its first {MAX_KEY_BYTES} kept)"
+    )
     note = (
-        f"cut to fit a dead letter: {len(value or b'')} value bytes and {len(headers) - len(kept)} other "
-        f"headers, {size} bytes in all; the whole record is at its source"
+        f"cut to fit a dead letter: {len(value or b'')} value bytes{key_note} and {len(headers) - len(kept)} "
+        f"other headers, {size} bytes in all; the whole record is at its source"
     ).encode()
-    room = limit - len(CUT_HEADER) - len(note) - sum(_header_size(k, v) for k, v in kept)
-    return (None if value is None else value[: max(0, room)]), [*kept, (CUT_HEADER, note)]
+    room = (
+        limit - len(short_key or b"") - len(CUT_HEADER) - len(note) - sum(_header_size(k, v) for k, v in kept)
+    )
+    return short_key, (None if value is None else value[: max(0, room)]), [*kept, (CUT_HEADER, note)]
 
 
 def _header_size(key: str, value: object) -> int:

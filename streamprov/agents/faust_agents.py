@@ -138,7 +138,7 @@ def dead_letter(
             source_of(record.topic, record.partition, record.offset),
         )
         headers = list(record.headers or ())
-    value, fitted = fit(value, dead_letter_headers(headers, reason, error, source))
+    key, value, fitted = fit(key, value, dead_letter_headers(headers, reason, error, source))
     return Outgoing(topic, key, value, fitted, timestamp_ms, True)
 
 

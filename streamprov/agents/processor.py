@@ -288,8 +288,8 @@ class StepTransform:
         headers = dead_letter_headers(
             msg.headers(), reason or classify(error), error, source_of(topic, partition, offset)
         )
-        value, fitted = fit(msg.value(), headers)
-        return Outgoing(self.dead_letter_topic, msg.key(), value, fitted, dead_letter=True)
+        key, value, fitted = fit(msg.key(), msg.value(), headers)
+        return Outgoing(self.dead_letter_topic, key, value, fitted, dead_letter=True)
 
     def _check_header(self, record: InputRecord) -> ProvenanceHeader | None:
         """Validate the input's header before any work, so a bad header is reported as such.

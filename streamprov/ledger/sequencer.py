@@ -427,11 +427,11 @@ class LedgerSequencer:
     def _dead_letter(self, msg: Message, reason: str, error: BaseException | str) -> ExtraRecord:
         log.warning("dead-lettering a ledger request (%s): %s", reason, error)
         where = source_of(msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
-        value, headers = fit(
-            msg.value() or b"", dead_letter_headers(_byte_headers(msg), reason, error, where)
+        key, value, headers = fit(
+            msg.key(), msg.value() or b"", dead_letter_headers(_byte_headers(msg), reason, error, where)
         )
         kept: list[tuple[str, str | bytes | None]] = list(headers)
-        return (self.dead_letter_topic, msg.key(), value or b"", kept)
+        return (self.dead_letter_topic, key, value or b"", kept)
 
 
 def _usable(msg: Message) -> bool:

@@ -248,6 +248,54 @@ def test_clean_stream_gives_no_alerts(
     assert consume_all(kafka_bootstrap, dlq, expected=0, timeout_s=5, grace_s=0.5) == []
 
 
+# -- 1b. records whose alert or dead letter would not fit a record --------------------------------------
+def test_records_whose_findings_would_be_too_large_are_reported_cut_and_the_stream_goes_on(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
+) -> None:
+    """A 600 KB key on a record without header, and a 400 KB DataID in a header that does not match
+    its value: their alerts (the DataID is the key and a field) and dead letter were larger than a
+    record, the broker refused them, and the service retried the batch until it exited, on every
+    restart (found by probing). Now they are cut to fit, and the records after them are checked."""
+    src = new_topic(1, COMPACTED)
+    out, alerts, dlq = new_topic(), new_topic(), new_topic()
+    produce_sources(kafka_bootstrap, src, {"s-1": reading(1)})
+    good_value, good_header = derived("s-1", reading(1))
+    h = ProvenanceHeader.decode(good_header)
+    big_id = ProvenanceHeader("D" * 400_000, h.checksum, h.source_checksum, h.timestamp_ms, h.lineage)
+    produce(
+        kafka_bootstrap,
+        out,
+        [
+            Record(b"v", b"K" * 600_000),  # no header
+            Record(b"corrupt", b"big-id", [(HEADER_KEY, big_id.encode())]),  # does not match
+            Record(good_value, b"s-1", [(HEADER_KEY, good_header)]),
+            Record(b"corrupt-after", b"s-1", [(HEADER_KEY, good_header)]),
+        ],
+    )
+    group = unique_group()
+    s = settings_for(
+        kafka_bootstrap,
+        tmp_path,
+        topics=(out,),
+        sources=(src,),
+        alerts=alerts,
+        dlq=dlq,
+        group=group,
+        policies={out: TopicPolicy(source_drift=False)},
+    )
+    with running(Validator(s, registry=registry)) as v:
+        wait_until(lambda: committed_total(kafka_bootstrap, group, out, 1) == 4, 60, "all 4 committed")
+    assert v.stats.rewinds == 0
+    found = sorted((a.kind, a.offset, len(a.data_id)) for a in read_alerts(kafka_bootstrap, alerts, 3, 30))
+    assert found == [
+        (AlertKind.CHECKSUM_MISMATCH, 1, 1024),
+        (AlertKind.CHECKSUM_MISMATCH, 3, 3),
+        (AlertKind.MALFORMED, 0, 1024),
+    ]
+    (dead,) = consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=30, grace_s=0.5)
+    assert dead.key() == b"K" * 600_000 and dead.value() == b"v"  # it fits: the alert (the key twice) did not
+
+
 # -- 2. every kind of problem ----------------------------------------------------------------------
 def test_problem_stream_gives_exactly_the_expected_alerts(
     kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path

@@ -470,3 +470,28 @@ def test_checksum_hex_and_describe() -> None:
     assert view["lineage"][0] == "map parse@1()"
     assert "<- 3 inputs" in view["lineage"][1] and f"window [{TS - 60_000}, {TS})" in view["lineage"][1]
     assert Checksum(CRC, b"\x00\x01\x02\x03").hex() == "crc32c:00010203"
+
+
+def test_a_provenance_header_twice_is_malformed(registry: FunctionRegistry) -> None:
+    """Readers differ on which of two they take (first, or Java's `lastHeader()`): ambiguous
+    provenance is refused everywhere a header is looked up, agents included."""
+    raw = SourceStamper().header("s", b"v")
+    twice = [(HEADER_KEY, raw), ("traceparent", b"00-x"), (HEADER_KEY, raw)]
+    with pytest.raises(MalformedHeaderError, match="appears 2 times"):
+        ProvenanceHeader.from_headers(twice)
+    with pytest.raises(MalformedHeaderError, match="appears 2 times"):
+        MapStamper(registry.get("reverse")).stamp(InputRecord(b"v", twice, b"k", "t", 0, 0), b"o")
+    assert ProvenanceHeader.from_headers(twice[:2]) == ProvenanceHeader.decode(raw)
+
+
+def test_a_timestamp_varint_must_fit_a_long() -> None:
+    """The 10th byte of a varint holds bit 63 only; `scan` (the hot path) refuses more, as the full
+    decoder does."""
+    good = ProvenanceHeader.for_source("s", b"v", timestamp_ms=-(2**63)).encode()  # the 10-byte extreme
+    assert scan(good) and ProvenanceHeader.decode(good).timestamp_ms == -(2**63)
+    source_end = scan(good)[1]
+    assert good[source_end + 9] == 1
+    bad = good[: source_end + 9] + b"\x7f" + good[source_end + 10 :]
+    for read in (scan, ProvenanceHeader.decode):
+        with pytest.raises(MalformedHeaderError, match="overflows"):
+            read(bad)

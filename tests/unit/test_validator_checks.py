@@ -449,3 +449,56 @@ def test_a_mixed_batch_gives_the_same_findings_with_or_without_a_topic_hint(topi
     found = sorted((a.offset, a.kind.value) for a in result.alerts)
     assert found == [(1, "checksum_mismatch"), (3, "missing_source"), (4, "malformed"), (6, "malformed")]
     assert len(result.dead_letters) == 2 and result.checked == 7
+
+
+def _crafted(value: bytes, timestamp: bytes, data_id_field: bytes) -> bytes:
+    """A current-version header built by hand: CRC32C checksums, the given timestamp varint bytes
+    and DataID field (length varint and bytes), an empty lineage."""
+    checksums = encode_checksum(compute(ChecksumAlgorithm.CRC32C, value))
+    checksums += encode_checksum(compute(ChecksumAlgorithm.CRC32C, b"s"))
+    return PREFIX + checksums + timestamp + data_id_field + b"\x00"
+
+
+def test_a_timestamp_that_overflows_a_long_is_malformed_also_where_staleness_is_checked() -> None:
+    """Ten varint bytes whose last one is above 1 do not fit a 64-bit long: before, a topic with
+    staleness checks raised out of `check` (the service exited, and again on every restart) and one
+    without them let the header pass (found by probing)."""
+    bad = _crafted(b"v", b"\xff" * 9 + b"\x7f", b"\x04d0")
+    for policy in (TopicPolicy(message_max_age_ms=60_000), TopicPolicy()):
+        result = checker(policy).check([Msg(b"v", [(HEADER_KEY, bad)], k=b"bad")], NOW)
+        (alert,) = result.alerts
+        assert alert.kind is AlertKind.MALFORMED and "overflows" in alert.evidence.actual
+        assert len(result.dead_letters) == 1
+
+
+@pytest.mark.parametrize("matching", [True, False])
+def test_a_data_id_that_runs_past_the_header_is_malformed_when_first_in_a_batch(matching: bool) -> None:
+    """The DataID's length claims one byte more than there is and the header ends in 0x00: the fast
+    loop's first-record lineage sentinel matched it, so the lineage was never decoded. A checksum
+    mismatch then raised out of `check`; a match was accepted silently (found by probing)."""
+    bad = PREFIX + encode_checksum(compute(ChecksumAlgorithm.CRC32C, b"payload" if matching else b"other"))
+    bad += (
+        encode_checksum(compute(ChecksumAlgorithm.CRC32C, b"s")) + b"\x80\xe0\xb4\xd5\xa3\x34" + b"\x08ab\x00"
+    )
+    policy = TopicPolicy(source_drift=False)
+    result = checker(policy).check([Msg(b"payload", [(HEADER_KEY, bad)], k=b"bad")], NOW)
+    (alert,) = result.alerts
+    assert alert.kind is AlertKind.MALFORMED and len(result.dead_letters) == 1
+
+
+@pytest.mark.parametrize("order", ["valid first", "garbage first"])
+def test_a_second_provenance_header_is_malformed(order: str) -> None:
+    """Which of two headers a reader takes depends on the client (Java's `lastHeader()`): ambiguous
+    provenance is reported, whichever comes first (before, a valid first one hid the second)."""
+    value, header = map_output("s-1", dumps({"f": 1}))
+    view = FakeView()
+    view.put("s-1", dumps({"f": 1}))
+    pair = [(HEADER_KEY, header), (HEADER_KEY, b"\x00garbage")]
+    headers = pair if order == "valid first" else pair[::-1]
+    result = checker(view=view).check([Msg(value, headers)], NOW)
+    (alert,) = result.alerts
+    assert alert.kind is AlertKind.MALFORMED and "2 times" in alert.evidence.actual
+    assert len(result.dead_letters) == 1
+    # one header among others (tracing) is fine
+    clean = [(HEADER_KEY, header), ("traceparent", b"00-x")]
+    assert checker(view=view).check([Msg(value, clean)], NOW).alerts == []

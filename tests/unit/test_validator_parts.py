@@ -24,7 +24,7 @@ from streamprov.config import loads_config
 from streamprov.config.models import Criticality
 from streamprov.header import HEADER_KEY, ProvenanceHeader, encode_checksum
 from streamprov.merkle import length_prefixed
-from validator.alerts import PREFIX, Alert, AlertError, AlertKind, Evidence, alert_id
+from validator.alerts import MAX_DATA_ID_BYTES, PREFIX, Alert, AlertError, AlertKind, Evidence, alert_id
 from validator.checks import TopicPolicy
 from validator.cli import JsonFormatter, validator_app
 from validator.errors import ValidatorConfigError
@@ -68,6 +68,30 @@ def test_alert_round_trip_and_plain_fastavro_reads_it() -> None:
     }
     assert record["criticality"] == "high" and record["offset"] == 123456789
     assert int(record["detected_at"].timestamp() * 1000) == 1_731_000_000_123
+
+
+def test_an_alert_too_large_for_a_record_is_cut_to_fit_and_says_so() -> None:
+    """A 600 KB key (the DataID of a record without header) or a 400 KB DataID plus a 600 KB header
+    made an alert the broker refused, and the service retried it until it exited, on every restart
+    (found by probing). Small alerts are kept as they are."""
+    small = _alert()
+    assert small.fitted() is small
+    big = _alert(data_id="D" * 400_000, header=b"\xc3\x01" + b"G" * 600_000)
+    fitted = big.fitted()
+    assert len(fitted.encode()) + len(fitted.key) <= 900_000
+    assert fitted.alert_id == big.alert_id and fitted.kind is big.kind
+    assert fitted.data_id == "D" * MAX_DATA_ID_BYTES and fitted.header == big.header  # fits once cut
+    reason = fitted.evidence.reason
+    assert reason.startswith("why ✓ [alert cut to fit a record: a DataID of 400000 bytes cut")
+    assert "fahrenheit/3/123456789" in reason
+    assert Alert.decode(fitted.encode()) == fitted
+    huge = _alert(header=b"\xc3\x01" + b"G" * 950_000).fitted()  # from a topic allowing larger records
+    assert huge.header is None and "the header (950002 bytes) left out" in huge.evidence.reason
+    assert len(huge.encode()) + len(huge.key) <= 900_000
+    # a DataID that only fits once cut keeps its header; multi-byte text is cut on a character
+    wide = _alert(data_id="ü" * 500_000).fitted()
+    assert wide.header == b"\xc3\x01hdr" and wide.data_id == "ü" * (MAX_DATA_ID_BYTES // 2)
+    assert len(wide.encode()) + len(wide.key) <= 900_000
 
 
 def test_alert_enums_match_the_schema_symbols_in_order() -> None:
