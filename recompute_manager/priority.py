@@ -277,6 +277,8 @@ class PriorityConsumer:
         settings.setdefault("enable.auto.commit", False)
         settings.setdefault("isolation.level", "read_committed")
         settings.setdefault("auto.offset.reset", "earliest")
+        # Watermark queries queue behind an open long-poll fetch (500 ms by default), as in TopicReader.
+        settings.setdefault("fetch.wait.max.ms", 50)
         self.regular, self.priority = regular, priority
         self.timeout_s, self.refresh_s = timeout_s, refresh_s
         self._consumer = Consumer(settings)
@@ -304,8 +306,11 @@ class PriorityConsumer:
         return [TopicPartition(topic, p) for p in sorted(meta.partitions)]
 
     def _refresh(self, *, force: bool = False) -> None:
+        """Query the priority high watermarks, at most every `refresh_s` unless forced: each query
+        costs a broker round trip, so querying on every poll while caught up slowed `poll` to
+        seconds."""
         now = time.monotonic()
-        if not force and now - self._refreshed < self.refresh_s and not self._caught_up_to_cached():
+        if not force and now - self._refreshed < self.refresh_s:
             return
         for tp in self._priority_tps:
             low, high = self._consumer.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)

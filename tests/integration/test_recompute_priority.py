@@ -107,3 +107,58 @@ def test_partition_by_confidence_age_and_exactly_once(
         i = int(m.key()[1:])
         expected = PriorityKey.of(Confidence(i % 3), (i % 4) * 2_000_000).partition(3, 4)
         assert m.partition() == expected
+
+
+def test_empty_priority_topic_does_not_slow_the_regular_backlog(
+    kafka_bootstrap: str, new_topic: Callable[..., str], unique_group: Callable[..., str]
+) -> None:
+    """Each poll used to query every priority watermark behind a 500 ms long-poll fetch (about 2 s per
+    poll with 4 priority partitions): 20 polls took 40 s. Now they take well under a second."""
+    regular = new_topic(2)
+    priority = TopicSettings().priority_topic_name(regular)
+    create_topic(kafka_bootstrap, priority, partitions=4)
+    try:
+        produce(kafka_bootstrap, regular, [Record(f"r{i}".encode(), f"k{i}".encode()) for i in range(5000)])
+        config = {"bootstrap.servers": kafka_bootstrap, "group.id": unique_group(), **FAST_GROUP_CONFIG}
+        with PriorityConsumer(config, regular, priority) as pc:
+            got, polls = 0, 0
+            start = time.monotonic()
+            while got < 5000 and time.monotonic() - start < 60:
+                got += len(pc.poll(250, 0.5))
+                polls += 1
+            elapsed = time.monotonic() - start
+        assert got == 5000
+        assert polls >= 20  # at most 250 a poll
+        assert elapsed < 10.0, f"{polls} polls took {elapsed:.1f} s"
+    finally:
+        delete_topics(kafka_bootstrap, [priority])
+
+
+def test_priority_records_published_mid_backlog_jump_the_queue(
+    kafka_bootstrap: str, new_topic: Callable[..., str], unique_group: Callable[..., str]
+) -> None:
+    """Watermarks are refreshed every `refresh_s` while caught up: corrections that arrive while a
+    backlog is being read are delivered together, ahead of the rest of the backlog."""
+    regular = new_topic(1)
+    priority = TopicSettings().priority_topic_name(regular)
+    create_topic(kafka_bootstrap, priority, partitions=2)
+    try:
+        produce(kafka_bootstrap, regular, [Record(f"r{i}".encode(), f"k{i}".encode()) for i in range(6000)])
+        config = {"bootstrap.servers": kafka_bootstrap, "group.id": unique_group(), **FAST_GROUP_CONFIG}
+        topics: list[str] = []
+        with PriorityConsumer(config, regular, priority, refresh_s=0.2) as pc:
+            while len(topics) < 500:
+                topics += [m.topic() for m in pc.poll(100, 0.5)]
+            pub = PriorityPublisher({"bootstrap.servers": kafka_bootstrap}, f"tx-{regular}")
+            pub.publish(priority, [_record(i, Confidence(i % 3), 0) for i in range(10)])
+            pub.close()
+            deadline = time.monotonic() + 60
+            while len(topics) < 6010 and time.monotonic() < deadline:
+                topics += [m.topic() for m in pc.poll(100, 0.5)]
+                time.sleep(0.02)  # a consumer doing work: the backlog lasts about 1.2 s more
+        assert len(topics) == 6010
+        first = topics.index(priority)
+        assert topics[first : first + 10] == [priority] * 10  # together
+        assert topics.count(regular) - topics[:first].count(regular) > 0, "delivered after the backlog"
+    finally:
+        delete_topics(kafka_bootstrap, [priority])
