@@ -273,6 +273,13 @@ class PriorityConsumer:
         timeout_s: float = 10.0,
         refresh_s: float = 0.5,
     ) -> None:
+        """Raises `ProcessorError` when a topic is missing, the two topics are the same, or the brokers
+        do not answer within `timeout_s`; the consumer it created is closed then."""
+        if regular == priority:
+            raise ProcessorError(
+                f"the regular and the priority topic are both {regular!r}: pass the topic's priority "
+                "topic (TopicSettings.priority_topic_name) as `priority`"
+            )
         settings = dict(config)
         settings.setdefault("enable.auto.commit", False)
         settings.setdefault("isolation.level", "read_committed")
@@ -282,22 +289,37 @@ class PriorityConsumer:
         self.regular, self.priority = regular, priority
         self.timeout_s, self.refresh_s = timeout_s, refresh_s
         self._consumer = Consumer(settings)
-        self._regular_tps = self._all(regular)
-        self._priority_tps = self._all(priority)
-        starts = self._consumer.committed(self._regular_tps + self._priority_tps, timeout=timeout_s)
-        assigned = [
-            TopicPartition(t.topic, t.partition, t.offset if t.offset >= 0 else OFFSET_BEGINNING)
-            for t in starts
-        ]
-        self._next: dict[tuple[str, int], int] = {(t.topic, t.partition): max(t.offset, 0) for t in starts}
+        self._next: dict[tuple[str, int], int] = {}
         self._high: dict[int, int] = {}
         self._refreshed = 0.0
         self._held: deque[Any] = deque()
         self._paused = False
-        self._consumer.assign(assigned)
-        self._refresh(force=True)
-        if self.priority_waiting():
-            self._pause()
+        try:
+            self._regular_tps = self._all(regular)
+            self._priority_tps = self._all(priority)
+            starts = self._consumer.committed(self._regular_tps + self._priority_tps, timeout=timeout_s)
+            assigned = [
+                TopicPartition(t.topic, t.partition, t.offset if t.offset >= 0 else OFFSET_BEGINNING)
+                for t in starts
+            ]
+            self._next = {(t.topic, t.partition): max(t.offset, 0) for t in starts}
+            self._consumer.assign(assigned)
+            self._refresh(force=True)
+            if self.priority_waiting():
+                self._pause()
+        except KafkaException as exc:
+            self._consumer.close()
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            raise ProcessorError(
+                f"cannot read {regular!r} and {priority!r} from the brokers at "
+                f"{settings.get('bootstrap.servers')!r}: {err.str() if err else exc}; check "
+                "bootstrap.servers and that "
+                "the brokers are up and reachable",
+                err,
+            ) from exc
+        except BaseException:
+            self._consumer.close()
+            raise
 
     def _all(self, topic: str) -> list[TopicPartition]:
         meta = self._consumer.list_topics(topic, timeout=self.timeout_s).topics.get(topic)

@@ -162,3 +162,24 @@ def test_priority_records_published_mid_backlog_jump_the_queue(
         assert topics.count(regular) - topics[:first].count(regular) > 0, "delivered after the backlog"
     finally:
         delete_topics(kafka_bootstrap, [priority])
+
+
+def test_missing_topic_closes_the_consumer(
+    kafka_bootstrap: str,
+    new_topic: Callable[..., str],
+    unique_group: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    closed: list[bool] = []
+
+    class Tracking(Consumer):
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setattr("recompute_manager.priority.Consumer", Tracking)
+    regular = new_topic(1)
+    config = {"bootstrap.servers": kafka_bootstrap, "group.id": unique_group()}
+    with pytest.raises(ProcessorError, match="does not exist"):
+        PriorityConsumer(config, regular, TopicSettings().priority_topic_name(regular), timeout_s=5)
+    assert closed == [True]
