@@ -118,7 +118,7 @@ def run(
 def status(
     plan: Annotated[str | None, typer.Argument(help="A plan id (or a prefix); default: every plan.")] = None,
     config: Annotated[Path, typer.Option("--config", "-c", help="streamprov.yaml")] = Path("streamprov.yaml"),
-    timeout: Annotated[float, typer.Option(help="Seconds to read the progress topic for.")] = 10.0,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to read the progress topic for.")] = 10.0,
 ) -> None:
     """Each plan's progress (tasks done / total, units done, a progress bar), from the progress topic."""
     from recompute_manager.progress import read_progress  # noqa: PLC0415 - fast --help
@@ -137,6 +137,8 @@ def status(
     shown = [st for pid, st in progress.statuses().items() if plan is None or pid.startswith(plan)]
     if plan is not None and not shown:
         raise _fail(EXIT_FAILED, f"no progress for plan {plan}")
+    if not shown:
+        typer.echo(f"no plans on {loaded.streams.recompute_progress}")
     for st in shown:
         typer.echo(st.line())
     if not progress.complete:

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from recompute_manager.units import RecomputeUnit, UnitError
 from streamprov.errors import StreamprovError
@@ -209,7 +209,12 @@ def _headers(raw: Any) -> dict[str, bytes]:
 
 
 def read_progress(config: Mapping[str, Any], topic: str, *, timeout_s: float = 10.0) -> ProgressLog:
-    """Every committed record of the progress topic up to its current end (bounded by `timeout_s`)."""
+    """Every committed record of the progress topic up to its current end (bounded by `timeout_s`).
+
+    Raises `StreamprovError` when the topic does not exist or the brokers do not answer in time.
+    """
+    if timeout_s <= 0:
+        raise StreamprovError(f"the timeout must be more than 0 seconds, not {timeout_s}")
     consumer = Consumer(
         {
             **{k: v for k, v in config.items() if k != "group.id"},
@@ -246,6 +251,13 @@ def read_progress(config: Mapping[str, Any], topic: str, *, timeout_s: float = 1
                         log.warning("progress topic: %s", err.str())
                     continue
                 out.add(msg.key(), msg.value(), _headers(msg.headers()))
+    except KafkaException as exc:
+        cause = exc.args[0] if exc.args else None
+        reason = cause.str() if isinstance(cause, KafkaError) else str(exc)
+        raise StreamprovError(
+            f"the brokers at {config.get('bootstrap.servers')!r} did not answer within {timeout_s:g} s "
+            f"({reason}): check kafka.bootstrap_servers and that Kafka is running, or allow more time"
+        ) from exc
     finally:
         consumer.close()
     return out
