@@ -84,6 +84,11 @@ _CONSUMER_ONLY = (
 )
 
 
+METADATA_REFRESH_MS = 10_000
+"""How soon a configured output topic created while the Validator runs is subscribed (librdkafka's
+`topic.metadata.refresh.interval.ms`; one metadata request per interval)."""
+
+
 @dataclass
 class ValidatorStats:
     """What the service did (cumulative); alerts and dead letters count once handed to the producer."""
@@ -180,6 +185,9 @@ class Validator:
         settings.setdefault("auto.offset.reset", "earliest")
         settings.setdefault("enable.partition.eof", False)
         settings.setdefault("isolation.level", "read_committed")
+        # an output topic created after the start is found at the next metadata refresh: librdkafka's
+        # default (5 min) left it unchecked that long
+        settings.setdefault("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS)
         settings.setdefault("error_cb", self._on_error)
         settings.setdefault("logger", log)
         return settings

@@ -576,6 +576,41 @@ def test_new_source_partitions_and_topics_are_read_without_a_restart(
     assert f"{src}/2/1" in got[0].evidence.reason
 
 
+def test_an_output_topic_created_while_running_is_checked_within_seconds(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
+) -> None:
+    """Subscribed topics that do not exist are found at librdkafka's metadata refresh, 5 minutes by
+    default: a late output topic went unchecked that long while /readyz said ready (found by
+    probing). The Validator refreshes every 10 s."""
+    src, out, alerts, dlq = new_topic(1, COMPACTED), new_topic(), new_topic(), new_topic()
+    late = unique_name("out-later")
+    produce_sources(kafka_bootstrap, src, {"s-0": reading(0)})
+    s = settings_for(
+        kafka_bootstrap,
+        tmp_path,
+        topics=(out, late),  # with one that exists, the group forms without the late one
+        sources=(src,),
+        alerts=alerts,
+        dlq=dlq,
+        group=unique_group(),
+    )
+    try:
+        with running(Validator(s)) as v:
+            wait_until(lambda: v.ready()[0], 60, "the validator to be ready")
+            time.sleep(3)  # assigned its partitions, without the late topic
+            create_topic(kafka_bootstrap, late, partitions=1)
+            _, header = derived("s-0", reading(0))
+            produce(kafka_bootstrap, late, [Record(b"corrupted", b"s-0", [(HEADER_KEY, header)])])
+            created = time.monotonic()
+            wait_until(lambda: v.stats.checked >= 1, 60, "the late topic's record checked")
+            took = time.monotonic() - created
+    finally:
+        delete_topics(kafka_bootstrap, [late])
+    assert took < 60
+    (alert,) = read_alerts(kafka_bootstrap, alerts, expected=1, timeout_s=30)
+    assert (alert.kind, alert.topic) == (AlertKind.CHECKSUM_MISMATCH, late)
+
+
 # -- 3. kill -9 ------------------------------------------------------------------------------------
 def _write_config(path: Path, bootstrap: str, **names: str) -> Path:
     path.write_text(
