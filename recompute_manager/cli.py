@@ -79,7 +79,7 @@ def run(
     from recompute_manager.service import ManagerSettings, RecomputeManager  # noqa: PLC0415 - fast --help
     from streamprov.config import ConfigError, load_config  # noqa: PLC0415
     from streamprov.telemetry.setup import TelemetryError  # noqa: PLC0415
-    from validator.rederive import load_registry  # noqa: PLC0415
+    from validator.rederive import FunctionsLoadError, load_registry  # noqa: PLC0415
 
     try:
         loaded = load_config(config)
@@ -95,7 +95,7 @@ def run(
         settings = ManagerSettings.from_config(loaded, **overrides)
         registry = load_registry(functions)
         manager = RecomputeManager(settings, registry)
-    except (ConfigError, TelemetryError) as exc:
+    except (ConfigError, TelemetryError, FunctionsLoadError) as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
     except StreamprovError as exc:
         raise _fail(EXIT_FAILED, str(exc)) from None

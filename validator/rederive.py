@@ -124,23 +124,52 @@ class Rederiver:
         )
 
 
+class FunctionsLoadError(ValidatorConfigError):
+    """`--functions` names no usable FunctionRegistry: the message has the spec and the cause."""
+
+
+_WANTED = "name a FunctionRegistry, or a function that takes no arguments and returns one"
+
+
 def load_registry(spec: str) -> FunctionRegistry:
-    """`package.module:attribute` -> the FunctionRegistry it names (or that calling it returns)."""
+    """`package.module:attribute` -> the FunctionRegistry it names (or that calling it returns).
+
+    Raises `FunctionsLoadError` for anything the user's module does wrong (an import or factory that
+    raises, a non-registry), so the services report a configuration error instead of a traceback.
+    """
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise ValidatorConfigError(f"--functions must look like 'module:attribute', not {spec!r}")
+        raise FunctionsLoadError(f"--functions must look like 'module:attribute', not {spec!r}")
     try:
         target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module: any error at import time is theirs to fix
+        raise FunctionsLoadError(
+            f"--functions {spec}: importing {module_name} failed: {type(exc).__name__}: {exc} "
+            "(check the module and PYTHONPATH)"
+        ) from exc
+    try:
         for part in attribute.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise ValidatorConfigError(f"--functions {spec}: {exc}") from exc
+    except AttributeError as exc:
+        raise FunctionsLoadError(f"--functions {spec}: {exc}") from exc
     if not isinstance(target, FunctionRegistry) and callable(target):
         factory: Callable[[], Any] = target
-        target = factory()
+        try:
+            target = factory()
+        except Exception as exc:  # a factory needing arguments, or failing
+            raise FunctionsLoadError(
+                f"--functions {spec}: calling {attribute}() raised {type(exc).__name__}: {exc}; {_WANTED}"
+            ) from exc
+        if not isinstance(target, FunctionRegistry):
+            raise FunctionsLoadError(
+                f"--functions {spec}: {attribute}() returned a {type(target).__name__}, "
+                f"not a FunctionRegistry; {_WANTED}"
+            )
     if not isinstance(target, FunctionRegistry):
-        raise ValidatorConfigError(f"--functions {spec} is not a FunctionRegistry")
+        raise FunctionsLoadError(
+            f"--functions {spec} is a {type(target).__name__}, not a FunctionRegistry; {_WANTED}"
+        )
     return target
 
 
-__all__ = ["Outcome", "Rederiver", "load_registry", "sampled"]
+__all__ = ["FunctionsLoadError", "Outcome", "Rederiver", "load_registry", "sampled"]
