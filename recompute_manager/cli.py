@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from streamprov.errors import StreamprovError
-from validator.cli import EXIT_CONFIG, EXIT_FAILED, configure_logging
+from validator.cli import EXIT_CONFIG, EXIT_FAILED, check_log_level, configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ def run(
         int | None, typer.Option(help="Health port (default: recompute_manager.http_port; 0 = any).")
     ] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log one JSON object per line.")] = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str, typer.Option(callback=check_log_level, help="debug, info, warning or error.")
+    ] = "info",
     workers: Annotated[
         int | None, typer.Option(help="Worker threads (default: recompute_manager.workers; 0 = plan only).")
     ] = None,

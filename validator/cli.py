@@ -61,6 +61,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def check_log_level(value: str) -> str:
+    """`--log-level` callback: an unknown level is a usage error (exit 2) listing the valid ones,
+    rather than logging's `ValueError` traceback when the service configures its logging."""
+    level = value.lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def configure_logging(level: str, json_logs: bool) -> None:
     """The service's own log setup (a command may install handlers; the library never does)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -139,7 +151,9 @@ def run(
         float, typer.Option(min=0.0, help="Seconds between offset commits (after acknowledgements).")
     ] = 1.0,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log one JSON object per line.")] = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str, typer.Option(callback=check_log_level, help="debug, info, warning or error.")
+    ] = "info",
 ) -> None:
     """Run the Validator until SIGTERM/SIGINT."""
     configure_logging(log_level, json_logs)

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from streamprov.errors import StreamprovError
+from validator.cli import check_log_level
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ def run(
         float | None, typer.Option(min=0.1, help="Seconds between progress lines in the log.")
     ] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log one JSON object per line.")] = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str, typer.Option(callback=check_log_level, help="debug, info, warning or error.")
+    ] = "info",
 ) -> None:
     """Run the change detector until SIGTERM/SIGINT."""
     from streamprov.agents.lifecycle import install_stop_signals  # noqa: PLC0415 - keep --help fast
