@@ -108,11 +108,15 @@ def inspect(
     from streamprov.inspect import describe_message, read_topic  # noqa: PLC0415
 
     assert bootstrap_servers is not None
+    shown = 0
     try:
         for msg in read_topic(bootstrap_servers, topic, limit=limit, idle_timeout_s=timeout):
             typer.echo(json.dumps(describe_message(msg), indent=2, ensure_ascii=False))
+            shown += 1
     except StreamprovError as exc:
         _fail(str(exc))
+    if not shown:  # say so: silence looks like a hang or a failure
+        typer.echo(f"no records in {topic} (waited {timeout:g} s)")
 
 
 @header_app.command("decode")

@@ -41,3 +41,10 @@ def test_inspect_without_bootstrap_says_what_to_do(monkeypatch) -> None:  # type
     result = CliRunner().invoke(app, ["inspect", "some-topic"])
     assert result.exit_code == 1
     assert "--bootstrap-servers" in result.output
+
+
+def test_inspect_of_an_empty_topic_says_so(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("streamprov.inspect.read_topic", lambda *_a, **_k: iter(()))
+    result = CliRunner().invoke(app, ["inspect", "empty-topic", "-b", "127.0.0.1:1", "--timeout", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "no records in empty-topic (waited 0.5 s)"
