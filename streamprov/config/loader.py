@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from streamprov.config.errors import ConfigError, ConfigProblem
 from streamprov.config.models import CROSS_CHECK_ERROR, Loc, StreamprovConfig, is_secret_key
@@ -369,6 +369,9 @@ def _problems_from(
             env_name = next(
                 (origins[loc[:end]] for end in range(len(loc), 0, -1) if loc[:end] in origins), None
             )
+            if env_name is None and located.line(loc) is None:  # a key the file does not have, made
+                # by a variable for a setting inside it (a misspelt section: STREAMPROV__VALIDATR__X)
+                env_name = next((name for at, name in origins.items() if at[: len(loc)] == loc), None)
             if env_name is not None:
                 problems.append(
                     ConfigProblem(_render_loc(loc), message, hint, f"environment variable {env_name}")
@@ -423,6 +426,41 @@ def _secret_problems(
     return problems
 
 
+def _client_problems(
+    config: StreamprovConfig, origins: Mapping[Loc, str], located: _Located, source: str
+) -> list[ConfigProblem]:
+    """`kafka.client` settings librdkafka does not know, or whose value it refuses: it checks both
+    when a client is built, before any connection (a misspelt `lingr.ms` passed `config validate`
+    and stopped the service at start)."""
+    from confluent_kafka import KafkaException, Producer  # noqa: PLC0415 - only when there are some
+
+    problems: list[ConfigProblem] = []
+    for key, item in config.kafka.client.items():
+        value = item.get_secret_value() if isinstance(item, SecretStr) else item
+        if key.endswith(".location"):  # a file of the deployment, maybe not of this machine: name only
+            value = ""
+        try:
+            Producer({"log_level": 0, key: value})  # no bootstrap.servers: it connects to nothing
+        except KafkaException as exc:
+            text = exc.args[0].str() if exc.args else str(exc)
+            if "No such configuration property" in text:
+                message, hint = "librdkafka has no such setting", _LIBRDKAFKA_HINT
+            elif "Invalid value" in text:
+                message, hint = f"librdkafka refuses its value: {text}", _LIBRDKAFKA_HINT
+            else:
+                continue  # depends on other settings: the service reports it with them
+            loc = ("kafka", "client", key)
+            name = origins.get(loc)
+            where = f"environment variable {name}" if name else source
+            problems.append(ConfigProblem(_render_loc(loc), message, hint, where, located.line(loc)))
+    return problems
+
+
+_LIBRDKAFKA_HINT = (
+    "see the names and values in https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md"
+)
+
+
 def _order(problem: ConfigProblem) -> tuple[int, int, str]:
     return (0 if problem.line is not None else 1, problem.line or 0, problem.location)
 
@@ -465,6 +503,8 @@ def loads_config(
         problems.extend(_problems_from(exc, located, origins, source))
     if config is not None and check_secrets:
         problems.extend(_secret_problems(config, env, located, source))
+    if config is not None and config.kafka.client:
+        problems.extend(_client_problems(config, origins, located, source))
     if problems or config is None:
         raise ConfigError(sorted(problems, key=_order), source)
     return config

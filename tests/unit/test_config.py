@@ -513,6 +513,13 @@ def test_env_errors_name_the_variable(tmp_path: Path) -> None:
     assert "not a setting path" in str(error)
 
 
+def test_a_misspelt_section_in_a_variable_is_blamed_on_the_variable(tmp_path: Path) -> None:
+    """The unknown key is the section the variable made, which the file does not have: it was
+    reported against the file (found by probing)."""
+    error = problems_of(write(tmp_path, ISSUE_YAML), environ={"STREAMPROV__VALIDATR__BATCH_SIZE": "5"})
+    assert find(error, "validatr").startswith("environment variable STREAMPROV__VALIDATR__BATCH_SIZE: ")
+
+
 # ------------------------------------------------------------------------------------- schema / docs
 
 
@@ -548,3 +555,17 @@ def test_json_schema_matches_the_models() -> None:
     draft7 = config_json_schema(draft="07")
     assert "$defs" not in draft7 and "Criticality" in draft7["definitions"]
     assert "#/$defs/" not in str(draft7)
+
+
+def test_librdkafka_names_and_values_in_kafka_client_are_checked(tmp_path: Path) -> None:
+    """librdkafka checks them when a client is built: a misspelt `lingr.ms` passed `config validate`
+    and stopped the service at start (found by probing). Checked without connecting anywhere."""
+    text = ISSUE_YAML.replace(
+        "  client: {}\n", '  client: {"lingr.ms": 5, "linger.ms": "soon", "fetch.wait.max.ms": 10}\n', 1
+    )
+    assert text != ISSUE_YAML
+    error = problems_of(write(tmp_path, text), environ={"STREAMPROV__KAFKA__CLIENT__RETRIES.MAX": "x"})
+    assert "librdkafka has no such setting" in find(error, 'kafka.client["lingr.ms"]')
+    assert "refuses its value" in find(error, 'kafka.client["linger.ms"]')
+    assert find(error, 'kafka.client["retries.max"]').startswith("environment variable STREAMPROV__")
+    assert 'kafka.client["fetch.wait.max.ms"]' not in str(error)
