@@ -147,7 +147,20 @@ class PriorityPublisher:
         self._closed = False
         self._partitions: dict[str, int] = {}
         self._errors: list[KafkaError] = []
-        self._call(self._producer.init_transactions, timeout_s)
+        try:
+            self._call(self._producer.init_transactions, timeout_s)
+        except ProcessorError as exc:
+            self._closed = True  # nothing was produced: nothing to flush
+            if exc.code != KafkaError._TIMED_OUT:
+                raise
+            # librdkafka's "retry call to resume" tells an operator nothing about the likely cause.
+            raise ProcessorError(
+                f"the brokers at {settings.get('bootstrap.servers')!r} did not answer within {timeout_s:g} s "
+                f"(initialising transactional producer {transactional_id!r}: {exc}): check "
+                "kafka.bootstrap_servers, that Kafka is running and reachable, and that its transaction "
+                "state topic is available",
+                exc.kafka_error,
+            ) from exc
 
     def _call(self, fn: Any, *args: Any) -> Any:
         try:

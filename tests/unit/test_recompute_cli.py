@@ -54,3 +54,12 @@ def test_status_with_no_plans_says_so(unreachable_config: Path, monkeypatch: pyt
     result = CliRunner().invoke(app, ["recompute", "status", "--config", str(unreachable_config)])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "no plans on streamprov.recompute.progress"
+
+
+def test_approve_without_a_broker_names_the_brokers(unreachable_config: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["recompute", "approve", "abc", "--config", str(unreachable_config), "--timeout", "1"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "error: the brokers at '127.0.0.1:1' did not answer within 1 s" in result.output
+    assert "check kafka.bootstrap_servers" in result.output

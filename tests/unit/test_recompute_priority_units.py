@@ -8,7 +8,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from recompute_manager import priority as priority_module
-from recompute_manager.priority import Confidence, PriorityConsumer, PriorityKey
+from recompute_manager.priority import Confidence, PriorityConsumer, PriorityKey, PriorityPublisher
 from streamprov.agents.processor import ProcessorError
 
 
@@ -60,3 +60,10 @@ def test_consumer_without_a_broker_raises_a_typed_error_and_closes_its_client(
     assert "check bootstrap.servers" in str(info.value)
     assert len(_TrackingConsumer.instances) == 1
     assert _TrackingConsumer.instances[0].closed
+
+
+def test_publisher_without_a_broker_names_the_brokers_and_what_to_check() -> None:
+    with pytest.raises(ProcessorError) as info:
+        PriorityPublisher({"bootstrap.servers": "127.0.0.1:1"}, "tx-unreachable", timeout_s=1.0)
+    assert "the brokers at '127.0.0.1:1' did not answer within 1 s" in str(info.value)
+    assert "check kafka.bootstrap_servers" in str(info.value)
