@@ -73,7 +73,7 @@ from recompute_manager.units import RecomputeUnit, split_units
 from recompute_manager.views import Views
 from recompute_manager.worker import UnitWorker, WorkerSettings, instance_id
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, fit, source_of
-from streamprov.agents.kafka_io import kafka_error
+from streamprov.agents.kafka_io import KAFKA_LOG, kafka_error
 from streamprov.changes.event import ChangeEvent
 from streamprov.config.models import (
     RecomputeSettings,
@@ -254,6 +254,7 @@ class RecomputeManager:
         self._threads: list[threading.Thread] = []
         self._http: HttpEndpoints | None = None
         kafka = dict(s.kafka)
+        kafka.setdefault("logger", KAFKA_LOG)  # librdkafka's own log lines, repeats held back
         # Every producer's init_transactions (here and in the workers) runs before the first read of a
         # view in run(): it aborts what a killed predecessor left open, which read_committed reads of
         # the priority topics would otherwise wait for.

@@ -42,6 +42,7 @@ from confluent_kafka import (
 
 from streamprov.agents.health import HttpEndpoints
 from streamprov.agents.kafka_io import (
+    KAFKA_LOG,
     RebalanceEvents,
     TopicPartitionKey,
     kafka_error,
@@ -189,7 +190,7 @@ class Validator:
         # default (5 min) left it unchecked that long
         settings.setdefault("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS)
         settings.setdefault("error_cb", self._on_error)
-        settings.setdefault("logger", log)
+        settings.setdefault("logger", KAFKA_LOG)
         return settings
 
     def _producer_settings(self) -> dict[str, Any]:
@@ -201,7 +202,7 @@ class Validator:
         settings["acks"] = "all"
         settings.setdefault("linger.ms", 5)
         settings.setdefault("error_cb", self._on_error)
-        settings.setdefault("logger", log)
+        settings.setdefault("logger", KAFKA_LOG)
         return settings
 
     def _on_error(self, err: KafkaError) -> None:
@@ -210,7 +211,7 @@ class Validator:
             self._fatal = err
             log.error("fatal Kafka error: %s", err.str())
         else:
-            log.warning("Kafka: %s", err.str())
+            KAFKA_LOG.warning("Kafka: %s", err.str())
 
     def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
         if err is not None:  # a librdkafka callback: record, act after flush()

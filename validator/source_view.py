@@ -41,7 +41,7 @@ from confluent_kafka import (
 )
 from rocksdict import Options, Rdict, WriteBatch
 
-from streamprov.agents.kafka_io import kafka_error
+from streamprov.agents.kafka_io import KAFKA_LOG, kafka_error
 from streamprov.checksum import Checksum, ChecksumAlgorithm, digest
 from streamprov.errors import HeaderError
 from streamprov.header import ProvenanceHeader, encode_checksum
@@ -186,7 +186,7 @@ class SourceView:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
         }
-        settings.setdefault("logger", log)
+        settings.setdefault("logger", KAFKA_LOG)  # librdkafka's own log lines, repeats held back
         settings.pop("group.instance.id", None)  # the view never joins a group: no static membership
         try:
             consumer = Consumer(settings)

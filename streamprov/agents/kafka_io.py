@@ -14,12 +14,17 @@ They encode lessons the loops must not relearn one by one:
 * `list_all_topics`, `missing_topics`: whether a topic exists is asked by listing ALL topics; a
   metadata request naming a topic may create it (a broker with `auto.create.topics.enable`).
 * `TopicReader`: reading whole topics (committed records, no group) up to their end as of now.
+* `KAFKA_LOG`: the logger librdkafka's log lines and error callbacks go to. While a broker is away
+  every client logs every reconnect attempt (a Validator logged ~90 lines a second), so a line is let
+  through once per `RepeatFilter.window_s` and the next one says how many like it were held back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
@@ -38,6 +43,43 @@ from confluent_kafka.admin import AdminClient
 from streamprov.errors import StreamprovError
 
 log = logging.getLogger(__name__)
+
+
+class RepeatFilter(logging.Filter):
+    """Passes a message once per `window_s` (by its text with the digits taken out: "after 0ms"
+    varies); the next one that passes says how many like it were held back meanwhile."""
+
+    def __init__(self, window_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._clock = clock
+        self._seen: dict[str, list[float]] = {}  # shape -> [last passed at, held back since]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        shape = _DIGITS.sub("#", text)
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(shape)
+            if seen is not None and now - seen[0] < self.window_s:
+                seen[1] += 1
+                return False
+            if len(self._seen) >= _MAX_SHAPES:
+                self._seen.clear()
+            self._seen[shape] = [now, 0]
+        held = 0 if seen is None else int(seen[1])
+        if held:
+            record.msg, record.args = f"{text} ({held} more like it in the last {self.window_s:g} s)", ()
+        return True
+
+
+_DIGITS = re.compile(r"\d+")
+_MAX_SHAPES = 1000
+
+KAFKA_LOG = logging.getLogger("streamprov.kafka")
+"""librdkafka's log lines (`"logger"` in a client's settings) and non-fatal error callbacks."""
+KAFKA_LOG.addFilter(RepeatFilter())
 
 TopicPartitionKey = tuple[str, int]
 RebalanceKind = Literal["assign", "revoke"]
@@ -173,7 +215,11 @@ def missing_topics(
     try:
         topics = list_all_topics(client, timeout_s)
     except KafkaException as exc:
-        log.warning("cannot list topics (%s): not checking that they exist", kafka_error(exc).str())
+        log.warning(
+            "cannot list topics (%s): not checking that they exist. If this lasts, check "
+            "kafka.bootstrap_servers and that the brokers are reachable from here",
+            kafka_error(exc).str(),
+        )
         return [], []
     return [t for t in required if t not in topics], [t for t in optional if t not in topics]
 

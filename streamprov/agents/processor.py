@@ -44,6 +44,7 @@ from confluent_kafka import (
 
 from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, fit, source_of
 from streamprov.agents.kafka_io import (
+    KAFKA_LOG,
     RebalanceEvents,
     TopicPartitionKey,
     is_fenced,
@@ -647,7 +648,7 @@ class Processor:
     def _common(self, config: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
         settings = {**config, **(extra or {})}
         settings.setdefault("error_cb", self._on_error)
-        settings.setdefault("logger", log)  # librdkafka's own log lines go through logging, no handler added
+        settings.setdefault("logger", KAFKA_LOG)  # librdkafka's own log lines, repeats held back
         return settings
 
     def _consumer_settings(
@@ -692,7 +693,7 @@ class Processor:
             self._fatal = err
             log.error("fatal Kafka error: %s", err.str())
         else:
-            log.warning("Kafka error: %s", err.str())
+            KAFKA_LOG.warning("Kafka error: %s", err.str())
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def stop(self) -> None:

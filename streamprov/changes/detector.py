@@ -62,6 +62,7 @@ from confluent_kafka import (
 from rocksdict import Options, Rdict, WriteBatch
 
 from streamprov.agents.kafka_io import (
+    KAFKA_LOG,
     TopicMissingError,
     TopicReader,
     TopicReadTimeoutError,
@@ -273,7 +274,7 @@ class ChangeDetector:
         self.stats = DetectorStats()
         self.state = SourceVersions(state_dir)
         base = dict(config)
-        base.setdefault("logger", log)
+        base.setdefault("logger", KAFKA_LOG)  # librdkafka's own log lines, repeats held back
         consumer_settings = {
             **base,
             "group.id": group_id,

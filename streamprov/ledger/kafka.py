@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from streamprov.agents.kafka_io import list_all_topics
+from streamprov.agents.kafka_io import KAFKA_LOG, list_all_topics
 from streamprov.ledger.chain import ChainState, resume_state
 from streamprov.ledger.codec import encode_record, record_key, stored
 from streamprov.ledger.errors import (
@@ -59,8 +59,11 @@ _TAIL_WINDOW = 4096
 _BUFFER_FULL_WAIT_S = 0.05
 
 
-def _config(config: KafkaConfig) -> dict[str, Any]:
-    return {"bootstrap.servers": config} if isinstance(config, str) else dict(config)
+def client_config(config: KafkaConfig) -> dict[str, Any]:
+    """librdkafka settings from a bootstrap address or settings, logging through `KAFKA_LOG`."""
+    conf: dict[str, Any] = {"bootstrap.servers": config} if isinstance(config, str) else dict(config)
+    conf.setdefault("logger", KAFKA_LOG)  # librdkafka's own log lines, repeats held back
+    return conf
 
 
 def create_ledger_topic(
@@ -71,7 +74,7 @@ def create_ledger_topic(
     Production clusters want replication_factor=3 and min.insync.replicas=2 (acks=all then waits
     for two copies). An existing topic is left as it is.
     """
-    admin = AdminClient(_config(config))
+    admin = AdminClient(client_config(config))
     new = NewTopic(topic, num_partitions=1, replication_factor=replication_factor, config=LEDGER_TOPIC_CONFIG)
     futures = admin.create_topics([new], operation_timeout=timeout_s, request_timeout=timeout_s)
     try:
@@ -116,7 +119,7 @@ class KafkaLedgerReader:
         isolation: Isolation = "read_committed",
         idle_timeout_s: float = 30.0,
     ) -> None:
-        self.config = _config(config)
+        self.config = client_config(config)
         self.topic = topic
         self.isolation = isolation
         self.idle_timeout_s = idle_timeout_s
@@ -193,7 +196,7 @@ class KafkaLedgerSink:
         producer_config: Mapping[str, Any] | None = None,
         timeout_s: float = 30.0,
     ) -> None:
-        self.config = _config(config)
+        self.config = client_config(config)
         self.topic = topic
         self.transactional_id = transactional_id
         self.timeout_s = timeout_s

@@ -34,6 +34,7 @@ from streamprov.ledger.errors import (
     LedgerWriteFailedError,
     MalformedRecordError,
 )
+from streamprov.ledger.kafka import client_config
 from streamprov.ledger.model import (
     AnyRow,
     Application,
@@ -263,7 +264,7 @@ class KafkaLedgerClient:
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        base = {"bootstrap.servers": config} if isinstance(config, str) else dict(config)
+        base = client_config(config)
         self.topic = requests_topic
         self.ledger_id = ledger_id
         self.max_batch = max_batch

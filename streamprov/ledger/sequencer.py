@@ -32,7 +32,13 @@ from streamprov.agents.lifecycle import ServiceState, close_probes, serve_probes
 from streamprov.ledger.chain import DEFAULT_CHECKPOINT_EVERY, DEFAULT_DEDUP_WINDOW, LedgerChain
 from streamprov.ledger.codec import encode_record, record_key
 from streamprov.ledger.errors import ChainError, LedgerError, LedgerWriterError, MalformedRecordError
-from streamprov.ledger.kafka import ExtraRecord, KafkaLedgerSink, check_single_partition, check_topic_exists
+from streamprov.ledger.kafka import (
+    ExtraRecord,
+    KafkaLedgerSink,
+    check_single_partition,
+    check_topic_exists,
+    client_config,
+)
 from streamprov.ledger.model import AppTemplate, Checkpoint
 from streamprov.ledger.requests import LedgerRequest, decode_request
 from streamprov.ledger.rows import RowSealer
@@ -95,9 +101,7 @@ class LedgerSequencer:
     ) -> None:
         """`http_port`: `/healthz` and `/readyz` (None: not served, 0: any free port); a standby
         replica is ready too (it is consuming, waiting for the partition)."""
-        self.config: dict[str, Any] = (
-            {"bootstrap.servers": config} if isinstance(config, str) else dict(config)
-        )
+        self.config = client_config(config)
         self.requests_topic = requests_topic
         self.ledger_topic = ledger_topic
         self.ledger_id = ledger_id
