@@ -599,13 +599,15 @@ class Executor:
         return DeadLetter(task, error, attempts)
 
     def run_plan(self, plan: RecomputePlan, *, causes: Sequence[KafkaHeaders] = ()) -> PlanResult:
-        """Every task in order; tasks whose inputs all come from unchanged (cut-off) tasks are skipped,
-        and so are the dependents of dead-lettered tasks, in this plan or in an earlier part of it
-        (`ResultCache.dead`): they go to the dead letters too. `causes`: see `run`."""
+        """Every task in order; tasks whose inputs all come from unchanged (cut-off) tasks are skipped
+        (run after all when a task that does run needs one's output: `_run_skipped`), and the
+        dependents of dead-lettered tasks, in this plan or in an earlier part of it
+        (`ResultCache.dead`), go to the dead letters too. `causes`: see `run`."""
         result = PlanResult()
         outputs: dict[str, Recomputed] = {}
         cut: set[str] = set()
         dead: set[str] = set()
+        skipped: dict[str, RecomputeTask] = {}
         for task in plan.tasks:
             failed = [d for d in task.depends_on if d in dead] or self._dead_earlier(task)
             if failed:
@@ -615,7 +617,12 @@ class Executor:
             direct = [i for i in task.inputs if i.origin is not InputOrigin.TASK]
             if task.depends_on and not direct and all(d in cut for d in task.depends_on):
                 cut.add(task.task_id)
-                result.skipped.append(task)
+                skipped[task.task_id] = task
+                continue
+            failed = self._run_skipped(task, skipped, outputs, dead, result, causes)
+            if failed:
+                dead.add(task.task_id)
+                result.dead.append(DeadLetter(task, f"depends on dead-lettered task {failed[0]}", 0))
                 continue
             done = self.run(task, outputs, causes=causes)
             if isinstance(done, DeadLetter):
@@ -626,7 +633,41 @@ class Executor:
             result.recomputed.append(done)
             if done.unchanged:
                 cut.add(task.task_id)
+        result.skipped.extend(skipped.values())
         return result
+
+    def _run_skipped(
+        self,
+        task: RecomputeTask,
+        skipped: dict[str, RecomputeTask],
+        outputs: dict[str, Recomputed],
+        dead: set[str],
+        result: PlanResult,
+        causes: Sequence[KafkaHeaders],
+    ) -> list[str]:
+        """Run the skipped tasks whose output `task` reads (and theirs, first), as if they had not
+        been skipped: a task that reads an unchanged branch and a changed one needs the unchanged
+        branch's output too (it was dead-lettered as "task ... has not run"). Returns the ids of
+        those that were dead-lettered (then `task` is too)."""
+        failed: list[str] = []
+        for ref in task.inputs:
+            needed = skipped.pop(ref.from_task, None) if ref.from_task is not None else None
+            if needed is None:
+                continue
+            below = self._run_skipped(needed, skipped, outputs, dead, result, causes)
+            done = (
+                DeadLetter(needed, f"depends on dead-lettered task {below[0]}", 0)
+                if below
+                else self.run(needed, outputs, causes=causes)
+            )
+            if isinstance(done, DeadLetter):
+                dead.add(needed.task_id)
+                result.dead.append(done)
+                failed.append(needed.task_id)
+            else:
+                outputs[needed.task_id] = done
+                result.recomputed.append(done)
+        return failed
 
     def _dead_earlier(self, task: RecomputeTask) -> list[str]:
         """The tasks of earlier parts of the task's component (stored inputs that name their task:

@@ -631,3 +631,31 @@ def test_incremental_header_digest_equals_the_reduce_state_of_the_decoded_header
             # a header that does not describe its input node: not digested from the nodes
             other = node_leaves([DataRef(headers[-1].data_id, compute(sha, b"other"))])
             assert ex._provenance(list(order), [*leaves[:-1], *other]) is None
+
+
+def test_a_task_reading_a_cut_off_branch_and_a_changed_one_gets_both(tmp_path: Path) -> None:
+    """`ad` is skipped (its only input, `sign`'s output, did not change), `bd` changed: the sum over
+    both ran without `ad`'s output and was dead-lettered ("task ... has not run") after its retries.
+    The skipped task runs when a task that runs needs it; one nobody needs stays skipped."""
+    reg = registry()
+    apps = [
+        Application.of_source(ref("a", 1), timestamp_ms=1),
+        app(reg, "sign", [ref("a", 1)], ref("as", 1)),
+        app(reg, "double", [ref("as", 1)], ref("ad", 2)),
+        app(reg, "inc", [ref("as", 1)], ref("ai", 2)),  # skipped too, and nobody reads it
+        Application.of_source(ref("b", 2), timestamp_ms=1),
+        app(reg, "double", [ref("b", 2)], ref("bd", 4)),
+        app(reg, "total", [ref("ad", 2), ref("bd", 4)], ref("r", 6)),
+    ]
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx:
+        idx.catch_up(build(apps))
+        plan = plan_for_changes(idx, [change("a", 1, 5), change("b", 2, 3)])
+    slept: list[float] = []
+    result = Executor(reg, {"a": b"5", "b": b"3"}, sleep=slept.append).run_plan(plan)
+    assert result.dead == [] and slept == []
+    done = {r.task.data_id: (r.value, r.unchanged) for r in result.recomputed}
+    assert done == {"as": (b"1", True), "ad": (b"2", True), "bd": (b"6", False), "r": (b"8", False)}
+    assert [t.data_id for t in result.skipped] == ["ai"]
+    total = next(r for r in result.recomputed if r.task.data_id == "r")
+    step = ProvenanceHeader.decode(total.header).lineage[-1]
+    assert step.inputs is not None and step.inputs.count == 2
