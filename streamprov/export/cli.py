@@ -7,8 +7,9 @@ Both read a local `LedgerIndex` (`--index-dir`), first brought up to date from t
     streamprov impact <data-id | id@crc32c:hex> [--format tree|json|prov-json|openlineage|dot] [--limit N]
 
 A bare DataID means: lineage of its latest versions along its map chain (the versions no step of the
-same DataID consumed); impact of its source versions. Exit codes: 0 found, 1 not in the ledger,
-2 could not read it.
+same DataID consumed); impact of its source versions. An exact node (`id@crc32c:` 8 hex digits,
+`id@sha256:` 64) must be one an application read or wrote. Exit codes: 0 found, 1 not in the ledger
+(a DataID or node the index does not have), 2 could not read it or a usage error.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from streamprov.ledger.model import DataRef
 
 EXIT_NOT_FOUND = 1
 EXIT_ERROR = 2
-_NODE = re.compile(r"^(?P<id>.+)@(?P<alg>crc32c|sha256):(?P<hex>[0-9a-fA-F]+)$")
+_NODE = re.compile(r"^(?P<id>.+)@(?P<alg>crc32c|sha256):(?P<hex>.*)$")
+_HEX = re.compile(r"[0-9a-fA-F]*")
+DIGEST_HEX_DIGITS = {ChecksumAlgorithm.CRC32C: 8, ChecksumAlgorithm.SHA256: 64}
+NODE_FORM = "DATAID@crc32c:<8 hex digits> or DATAID@sha256:<64 hex digits>"
 
 Bootstrap = Annotated[
     str | None,
@@ -67,12 +71,36 @@ def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     raise typer.Exit(code)
 
 
+class TargetError(StreamprovError, ValueError):
+    """A `DATAID@alg:...` whose digest is not its algorithm's: a mistyped node, not a DataID to look up."""
+
+
 def parse_target(text: str) -> DataRef | str:
-    """`id@alg:hex` is one node (as `DataRef.describe()` prints it); anything else is a DataID."""
+    """`id@alg:hex` is one node (as `DataRef.describe()` prints it); anything else is a DataID.
+
+    Raises `TargetError` when the digest is not hex of the algorithm's length (a node with a 5-byte
+    CRC32C cannot be in any ledger; saying "not found" for a typo would mislead).
+    """
     m = _NODE.match(text)
     if m is None:
         return text
-    return DataRef(m["id"], Checksum(ChecksumAlgorithm[m["alg"].upper()], bytes.fromhex(m["hex"])))
+    algorithm = ChecksumAlgorithm[m["alg"].upper()]
+    digits = m["hex"]
+    if len(digits) != DIGEST_HEX_DIGITS[algorithm] or not _HEX.fullmatch(digits):
+        raise TargetError(f"bad node {text!r}: expected {NODE_FORM}")
+    return DataRef(m["id"], Checksum(algorithm, bytes.fromhex(digits)))
+
+
+def in_ledger(index: LedgerIndex, node: DataRef) -> bool:
+    """Some application read or wrote `node` (an exact node the index does not know is not found)."""
+    return bool(index.producers(node) or index.consumers(node))
+
+
+def _target(text: str) -> DataRef | str:
+    try:
+        return parse_target(text)
+    except TargetError as exc:
+        _fail(str(exc))
 
 
 def open_index(
@@ -100,8 +128,9 @@ def open_index(
 
 
 def lineage_targets(index: LedgerIndex, target: DataRef | str) -> list[DataRef]:
+    """The nodes to walk back from; none when the ledger does not have the target."""
     if isinstance(target, DataRef):
-        return [target]
+        return [target] if in_ledger(index, target) else []
     versions = index.versions(target)
     consumed_same_id = {
         v
@@ -141,8 +170,9 @@ def lineage(
     """Where data came from: the applications back to its sources (from the provenance ledger)."""
     if fmt not in FORMATS:
         _fail(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    parsed = _target(target)
     with open_index(index_dir, ledger_topic, bootstrap_servers, ledger_id) as index:
-        targets = lineage_targets(index, parse_target(target))
+        targets = lineage_targets(index, parsed)
         if not targets:
             _fail(f"{target} is not in the ledger", EXIT_NOT_FOUND)
         graph = LineageGraph.of_upstream([index.upstream(t, max_depth=max_depth) for t in targets])
@@ -165,9 +195,9 @@ def impact(
     """What derives from data: every affected application and output, in dependency (replay) order."""
     if fmt not in (*FORMATS, "json"):
         _fail(f"unknown format {fmt!r}; json or one of {', '.join(FORMATS)}")
-    parsed = parse_target(target)
+    parsed = _target(target)
     with open_index(index_dir, ledger_topic, bootstrap_servers, ledger_id) as index:
-        if isinstance(parsed, str) and not index.versions(parsed):
+        if not (in_ledger(index, parsed) if isinstance(parsed, DataRef) else index.versions(parsed)):
             _fail(f"{target} is not in the ledger", EXIT_NOT_FOUND)
         result = index.downstream(parsed, limit=limit)
     graph = LineageGraph.of_downstream(result)

@@ -199,16 +199,12 @@ def index(
 
 def _node_arg(value: str) -> DataRef | str:
     """`DATAID` or `DATAID@crc32c:<hex>` / `DATAID@sha256:<hex>` (as the ledger prints nodes)."""
-    from streamprov.checksum import Checksum, ChecksumAlgorithm  # noqa: PLC0415
+    from streamprov.export.cli import TargetError, parse_target  # noqa: PLC0415 - keep --help fast
 
-    data_id, sep, checksum = value.rpartition("@")
-    if not sep or ":" not in checksum:
-        return value
-    algorithm, _, digest = checksum.partition(":")
     try:
-        return DataRef(data_id, Checksum(ChecksumAlgorithm[algorithm.upper()], bytes.fromhex(digest)))
-    except (KeyError, ValueError):
-        _fail(f"bad node {value!r}: expected DATAID@crc32c:<hex> or DATAID@sha256:<hex>")
+        return parse_target(value)
+    except TargetError as exc:
+        _fail(str(exc))
 
 
 def _print(applied: tuple[Applied, ...], as_json: bool) -> None:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from streamprov.cli import app
 from streamprov.export import LineageGraph, run_id, to_dot, to_openlineage, to_prov_json, to_tree
-from streamprov.export.cli import parse_target
+from streamprov.export.cli import TargetError, parse_target
 from streamprov.export.lineage import PRODUCER, render
 from streamprov.ledger import DataRef, LedgerIndex
 
@@ -126,6 +126,30 @@ def test_parse_target() -> None:
     assert parse_target("plain-id") == "plain-id"
     parsed = parse_target("id@sha256:" + "ab" * 32)
     assert isinstance(parsed, DataRef) and parsed.checksum.value == bytes.fromhex("ab" * 32)
+
+
+@pytest.mark.parametrize(
+    "text", ["id@crc32c:abc", "id@crc32c:deadbeef01", "id@crc32c:xyzw1234", "id@sha256:abcd", "id@crc32c:"]
+)
+def test_parse_target_refuses_a_digest_of_the_wrong_form(text: str) -> None:
+    with pytest.raises(TargetError, match="8 hex digits"):
+        parse_target(text)
+
+
+def test_cli_an_exact_node_the_ledger_lacks_is_not_found(index: LedgerIndex) -> None:
+    path = index.path
+    index.close()
+    base = ["--index-dir", str(path), "--ledger-id", LEDGER]
+    for command in ("lineage", "impact"):
+        res = runner.invoke(app, [command, "g1@crc32c:deadbeef", *base])
+        assert res.exit_code == 1 and "not in the ledger" in res.output, res.output
+        res = runner.invoke(app, [command, "g1@crc32c:abc", *base])  # odd-length hex: a typo
+        assert res.exit_code == 2 and "DATAID@crc32c:<8 hex digits>" in res.output, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+        res = runner.invoke(app, [command, "g1@crc32c:deadbeef01", *base])  # 5 bytes
+        assert res.exit_code == 2 and "8 hex digits" in res.output, res.output
+    res = runner.invoke(app, ["impact", "nosuch@crc32c:deadbeef", *base, "-f", "json"])
+    assert res.exit_code == 1 and "not in the ledger" in res.output
 
 
 def test_cli_lineage_and_impact_offline(index: LedgerIndex) -> None:

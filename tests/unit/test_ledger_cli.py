@@ -117,3 +117,14 @@ def test_garbage_records_in_a_dump_are_named(tmp_path: Path) -> None:
     dump, key = files(tmp_path, raw)
     code, out = verify("--dump", str(dump), "-k", str(key))
     assert code == EXIT_TAMPERED and "INSERTED at seq 3, offset 3" in out
+
+
+def test_a_node_with_a_malformed_digest_is_a_usage_error(tmp_path: Path) -> None:
+    dump, _ = files(tmp_path)
+    idx = str(tmp_path / "idx")
+    built = runner.invoke(ledger_app, ["index", "-i", idx, "--dump", str(dump), "--ledger-id", LEDGER])
+    assert built.exit_code == 0
+    for bad in ("g1@crc32c:abc", "g1@crc32c:deadbeef01", "g1@sha256:00"):
+        for command in ("upstream", "downstream"):
+            res = runner.invoke(ledger_app, [command, bad, "-i", idx, "--ledger-id", LEDGER])
+            assert res.exit_code == EXIT_ERROR and "hex digits" in res.output, (command, bad, res.output)
