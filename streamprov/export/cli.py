@@ -110,10 +110,11 @@ def open_index(
     lid = ledger_id or ledger_topic
     if not lid:
         _fail("which ledger? pass --ledger-topic (and --bootstrap-servers), or --ledger-id for an index")
-    if not index_dir.exists() and not (bootstrap and ledger_topic):
-        _fail(f"no index at {index_dir}: pass --bootstrap-servers and --ledger-topic to build it")
+    from streamprov.ledger.cli import open_ledger_index  # noqa: PLC0415 - keep --help fast
+
+    hint = "pass --bootstrap-servers and --ledger-topic to build it (or run `streamprov ledger index`)"
     try:
-        index = LedgerIndex(index_dir, lid)
+        index = open_ledger_index(index_dir, lid, create=bool(bootstrap and ledger_topic), build_hint=hint)
     except StreamprovError as exc:
         _fail(str(exc))
     if bootstrap and ledger_topic:

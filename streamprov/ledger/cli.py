@@ -2,7 +2,9 @@
 
 A typer sub-app, mounted by `streamprov/cli.py` as `app.add_typer(ledger_app, name="ledger")`.
 `verify` exits 0 when the ledger re-derives cleanly, 1 when something is wrong (the first bad entry
-is named on stdout), and 2 when it could not check (no key, no broker, unreadable file).
+is named on stdout), and 2 when it could not check (no key, no broker, unreadable file). `upstream`
+and `downstream` exit 1 when the ledger does not have the node or DataID, 2 when they could not look
+(no index: `ledger index` builds it; queries never create one).
 
 A ledger is read either from its Kafka topic (`--topic`, `--bootstrap-servers`) or from a dump file
 (`--dump`): the records exactly as stored, each as a 4-byte big-endian length and the bytes, so an
@@ -23,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from streamprov.ledger.codec import encode_record, stored
-from streamprov.ledger.errors import LedgerError
+from streamprov.ledger.errors import LedgerError, LedgerIndexError
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.model import Checkpoint, DataRef, MalformedRecord, StoredRecord
 from streamprov.ledger.queries import Applied
@@ -33,6 +35,7 @@ from streamprov.ledger.verify import verify_ledger
 ledger_app = typer.Typer(help="The provenance ledger: verify, dump, index, query.", no_args_is_help=True)
 
 EXIT_TAMPERED = 1
+EXIT_NOT_FOUND = 1
 EXIT_ERROR = 2
 _LEN = struct.Struct(">I")
 
@@ -56,6 +59,37 @@ IndexPath = Annotated[Path, typer.Option("--index", "-i", help="Directory of the
 def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def open_ledger_index(path: Path, ledger_id: str, *, create: bool, build_hint: str = "") -> LedgerIndex:
+    """The index at `path`, or `LedgerIndexError` naming the path and what to do.
+
+    rocksdict raises a bare `Exception` (a file in the way, no permission, the lock held) and creates
+    a database wherever it is pointed: a query (`create=False`) must not leave an empty index behind
+    to answer "nothing" from, and a build must not fill a directory that holds something else.
+    """
+    try:
+        if path.exists() and not path.is_dir():
+            raise LedgerIndexError(f"{path} is a file, not a ledger index directory: pass a directory")
+        is_index = (path / "CURRENT").is_file()  # every RocksDB database has one
+        if not create and not is_index:
+            hint = build_hint or (
+                f"build it with `streamprov ledger index -i {path} --topic LEDGER -b HOST:PORT` "
+                "(or --dump FILE instead of the topic)"
+            )
+            raise LedgerIndexError(f"no ledger index at {path}: {hint}")
+        if create and not is_index and path.is_dir() and any(path.iterdir()):
+            raise LedgerIndexError(
+                f"{path} is a directory that is not a ledger index: pass a new or empty directory"
+            )
+    except OSError as exc:
+        raise LedgerIndexError(f"cannot open the ledger index at {path}: {exc.strerror or exc}") from exc
+    try:
+        return LedgerIndex(path, ledger_id)
+    except LedgerError:
+        raise
+    except Exception as exc:  # rocksdict's errors are bare Exceptions
+        raise LedgerIndexError(f"cannot open the ledger index at {path}: {exc}") from exc
 
 
 def read_dump(path: Path) -> Iterator[StoredRecord]:
@@ -190,7 +224,7 @@ def index(
 ) -> None:
     """Build or catch up the local index from where it stopped."""
     try:
-        with LedgerIndex(index_path, _ledger_id(ledger_id, topic)) as idx:
+        with open_ledger_index(index_path, _ledger_id(ledger_id, topic), create=True) as idx:
             applied = idx.apply(_source(topic, bootstrap_servers, dump, idx.next_offset))
             typer.echo(f"{applied} records applied; {idx.size} entries, {idx.checkpoint_count} checkpoints")
     except LedgerError as exc:
@@ -230,8 +264,10 @@ def downstream(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Everything derived from a data node or DataID, in dependency order (impact analysis)."""
-    with LedgerIndex(index_path, ledger_id) as idx:
-        result = idx.downstream(_node_arg(node))
+    start = _node_arg(node)
+    with _query_index(index_path, ledger_id) as idx:
+        _require_known(idx, start, node)
+        result = idx.downstream(start)
         _print(result.applications, as_json)
 
 
@@ -247,8 +283,24 @@ def upstream(
     target = _node_arg(node)
     if isinstance(target, str):
         _fail("upstream needs an exact node: DATAID@crc32c:<hex>")
-    with LedgerIndex(index_path, ledger_id) as idx:
+    with _query_index(index_path, ledger_id) as idx:
+        _require_known(idx, target, node)
         _print(idx.upstream(target, max_depth=max_depth).applications, as_json)
+
+
+def _query_index(index_path: Path, ledger_id: str) -> LedgerIndex:
+    try:
+        return open_ledger_index(index_path, ledger_id, create=False)
+    except LedgerError as exc:
+        _fail(str(exc))
+
+
+def _require_known(idx: LedgerIndex, start: DataRef | str, text: str) -> None:
+    """Exit 1 when the index has no such node or DataID: an empty answer would read as "nothing"."""
+    from streamprov.export.cli import in_ledger  # noqa: PLC0415 - keep --help fast
+
+    if not (in_ledger(idx, start) if isinstance(start, DataRef) else idx.versions(start)):
+        _fail(f"{text} is not in the ledger (the index at {idx.path} has {idx.size} entries)", EXIT_NOT_FOUND)
 
 
 @ledger_app.command()
@@ -258,8 +310,11 @@ def checkpoint(
     number: Annotated[int | None, typer.Option(help="Default: the latest.")] = None,
 ) -> None:
     """Print a checkpoint as JSON (keep it: `verify --trusted` proves the ledger still contains it)."""
-    with LedgerIndex(index_path, ledger_id) as idx:
-        cp = idx.latest_checkpoint() if number is None else idx.checkpoint(number)
+    with _query_index(index_path, ledger_id) as idx:
+        try:
+            cp = idx.latest_checkpoint() if number is None else idx.checkpoint(number)
+        except LedgerIndexError as exc:  # no such number
+            _fail(str(exc))
     if cp is None:
         _fail("no checkpoint yet")
     typer.echo(json.dumps(checkpoint_json(cp), indent=2))

@@ -181,3 +181,16 @@ def test_cli_lineage_and_impact_offline(index: LedgerIndex) -> None:
     assert res.exit_code == 1 and "not in the ledger" in res.output
     res = runner.invoke(app, ["lineage", "g1", *base, "--format", "xml"])
     assert res.exit_code == 2
+
+
+def test_cli_an_index_dir_that_is_missing_or_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command in ("lineage", "impact"):
+        for where in (tmp_path / "missing", empty, a_file, a_file / "idx"):
+            res = runner.invoke(app, [command, "g1", "--index-dir", str(where), "--ledger-id", LEDGER])
+            assert res.exit_code == 2 and str(where) in res.output, res.output
+            assert isinstance(res.exception, SystemExit), res.exception
+    assert not (tmp_path / "missing").exists() and not any(empty.iterdir())

@@ -9,7 +9,14 @@ from ledger_support import LEDGER, OTHER_SEED, build, pipeline, signer, store_of
 from typer.testing import CliRunner
 
 from streamprov.ledger import LedgerEntry
-from streamprov.ledger.cli import EXIT_ERROR, EXIT_TAMPERED, ledger_app, read_dump, write_dump
+from streamprov.ledger.cli import (
+    EXIT_ERROR,
+    EXIT_NOT_FOUND,
+    EXIT_TAMPERED,
+    ledger_app,
+    read_dump,
+    write_dump,
+)
 from streamprov.ledger.signing import public_key_pem
 
 runner = CliRunner()
@@ -128,3 +135,63 @@ def test_a_node_with_a_malformed_digest_is_a_usage_error(tmp_path: Path) -> None
         for command in ("upstream", "downstream"):
             res = runner.invoke(ledger_app, [command, bad, "-i", idx, "--ledger-id", LEDGER])
             assert res.exit_code == EXIT_ERROR and "hex digits" in res.output, (command, bad, res.output)
+
+
+def _indexed(tmp_path: Path) -> str:
+    dump, _ = files(tmp_path)
+    idx = str(tmp_path / "idx")
+    built = runner.invoke(ledger_app, ["index", "-i", idx, "--dump", str(dump), "--ledger-id", LEDGER])
+    assert built.exit_code == 0, built.output
+    return idx
+
+
+def test_queries_never_create_an_index(tmp_path: Path) -> None:
+    missing = tmp_path / "newidx"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for where in (missing, empty):
+        for args in (
+            ["upstream", "g1@crc32c:01a4bfc1"],
+            ["downstream", "g1"],
+            ["checkpoint"],
+        ):
+            res = runner.invoke(ledger_app, [*args, "-i", str(where), "--ledger-id", LEDGER])
+            assert res.exit_code == EXIT_ERROR, (args, res.output)
+            assert f"no ledger index at {where}" in res.output and "streamprov ledger index" in res.output
+    assert not missing.exists() and not any(empty.iterdir())
+
+
+def test_an_unknown_node_or_data_id_is_not_in_the_ledger(tmp_path: Path) -> None:
+    idx = _indexed(tmp_path)
+    for args in (
+        ["downstream", "nosuch"],
+        ["downstream", "g1@crc32c:deadbeef"],
+        ["upstream", "g1@crc32c:deadbeef"],
+    ):
+        res = runner.invoke(ledger_app, [*args, "-i", idx, "--ledger-id", LEDGER])
+        assert res.exit_code == EXIT_NOT_FOUND and "not in the ledger" in res.output, (args, res.output)
+    res = runner.invoke(ledger_app, ["checkpoint", "-i", idx, "--ledger-id", LEDGER, "--number", "999"])
+    assert res.exit_code == EXIT_ERROR and "no checkpoint 999" in res.output
+
+
+def test_an_index_path_that_is_a_file_or_cannot_be_made_is_named(tmp_path: Path) -> None:
+    dump, _ = files(tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    not_a_dir = a_file / "idx"  # a path under a regular file cannot be created
+    for where in (a_file, not_a_dir):
+        res = runner.invoke(
+            ledger_app, ["index", "-i", str(where), "--dump", str(dump), "--ledger-id", LEDGER]
+        )
+        assert res.exit_code == EXIT_ERROR and str(where) in res.output, res.output
+        assert isinstance(res.exception, SystemExit), res.exception
+        res = runner.invoke(
+            ledger_app, ["upstream", "g1@crc32c:01a4bfc1", "-i", str(where), "--ledger-id", "x"]
+        )
+        assert res.exit_code == EXIT_ERROR and str(where) in res.output, res.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    res = runner.invoke(ledger_app, ["index", "-i", str(other), "--dump", str(dump), "--ledger-id", LEDGER])
+    assert res.exit_code == EXIT_ERROR and "not a ledger index" in res.output
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
