@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -113,14 +114,29 @@ def read_dump(path: Path) -> Iterator[StoredRecord]:
             offset += 1
 
 
-def write_dump(path: Path, records: Iterator[StoredRecord]) -> int:
+def write_dump(path: Path, records: Iterable[StoredRecord]) -> int:
+    """Write `records` to `path` as a dump; returns how many.
+
+    They go to a temporary file next to `path`, renamed over it only once all are written and synced:
+    a dump that fails (a missing topic, a broker gone mid-read) never erases or half-replaces a good
+    one. Raises `OSError` when the file cannot be written.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     count = 0
-    with path.open("wb") as f:
-        for item in records:
-            rec = item.record
-            raw = rec.raw if isinstance(rec, MalformedRecord) else encode_record(rec)
-            f.write(_LEN.pack(len(raw)) + raw)
-            count += 1
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for item in records:
+                rec = item.record
+                raw = rec.raw if isinstance(rec, MalformedRecord) else encode_record(rec)
+                f.write(_LEN.pack(len(raw)) + raw)
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return count
 
 
@@ -206,11 +222,20 @@ def dump(
     topic: Topic = None,
     bootstrap_servers: Bootstrap = None,
 ) -> None:
-    """Copy the ledger topic, record for record, into a file for offline verification."""
+    """Copy the ledger topic, record for record, into a file for offline verification.
+
+    An existing OUT is replaced only by a complete dump (a failed one leaves it as it was).
+    """
+    if out.is_dir():
+        _fail(f"{out} is a directory: name the dump file to write")
+    if not out.parent.is_dir():
+        _fail(f"cannot write {out}: there is no directory {out.parent}")
     try:
         n = write_dump(out, _source(topic, bootstrap_servers, None))
     except LedgerError as exc:
-        _fail(str(exc))
+        _fail(f"{exc} (nothing written to {out})")
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror or exc}")
     typer.echo(f"{n} records written to {out}")
 
 

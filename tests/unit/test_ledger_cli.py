@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from ledger_support import LEDGER, OTHER_SEED, build, pipeline, signer, store_of
 from typer.testing import CliRunner
 
-from streamprov.ledger import LedgerEntry
+from streamprov.ledger import LedgerEntry, StoredRecord
 from streamprov.ledger.cli import (
     EXIT_ERROR,
     EXIT_NOT_FOUND,
@@ -17,6 +19,7 @@ from streamprov.ledger.cli import (
     read_dump,
     write_dump,
 )
+from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.signing import public_key_pem
 
 runner = CliRunner()
@@ -195,3 +198,35 @@ def test_an_index_path_that_is_a_file_or_cannot_be_made_is_named(tmp_path: Path)
     res = runner.invoke(ledger_app, ["index", "-i", str(other), "--dump", str(dump), "--ledger-id", LEDGER])
     assert res.exit_code == EXIT_ERROR and "not a ledger index" in res.output
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_a_failed_dump_leaves_an_existing_one_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep = tmp_path / "keep.bin"
+    write_dump(keep, STORE.read())
+    before = keep.read_bytes()
+
+    def broken(*_args: object) -> Iterator[StoredRecord]:
+        yield from list(STORE.read())[:3]
+        raise LedgerError("reading ledger topic t: the broker went away")
+
+    monkeypatch.setattr("streamprov.ledger.cli._source", broken)
+    res = runner.invoke(ledger_app, ["dump", str(keep), "-t", "t", "-b", "127.0.0.1:1"])
+    assert res.exit_code == EXIT_ERROR and "the broker went away" in res.output
+    assert keep.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.bin"]  # no temporary file left behind
+
+
+def test_dump_to_a_directory_or_nowhere_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("streamprov.ledger.cli._source", lambda *_a: STORE.read())
+    for out, said in ((tmp_path, "is a directory"), (tmp_path / "no" / "x.bin", "there is no directory")):
+        res = runner.invoke(ledger_app, ["dump", str(out), "-t", "t", "-b", "127.0.0.1:1"])
+        assert res.exit_code == EXIT_ERROR and said in res.output, res.output
+        assert isinstance(res.exception, SystemExit), res.exception
+    res = runner.invoke(ledger_app, ["dump", str(tmp_path / "ok.bin"), "-t", "t", "-b", "127.0.0.1:1"])
+    assert res.exit_code == 0 and [r.record for r in read_dump(tmp_path / "ok.bin")] == [
+        r.record for r in STORE.read()
+    ]
