@@ -119,8 +119,8 @@ def to_tree(graph: LineageGraph) -> str:
     for target in graph.targets:
         lines.append(target.describe())
         _tree(lines, target, producers if upstream else consumers, upstream, "", set())
-    if graph.truncated:
-        lines.append("... (truncated: raise --max-depth to see more)")
+    if graph.truncated:  # name the option of the command that made the graph: lineage or impact
+        lines.append(f"... (truncated: raise {'--max-depth' if upstream else '--limit'} to see more)")
     return "\n".join(lines)
 
 

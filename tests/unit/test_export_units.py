@@ -194,3 +194,14 @@ def test_cli_an_index_dir_that_is_missing_or_a_file_is_a_clear_error(tmp_path: P
             assert res.exit_code == 2 and str(where) in res.output, res.output
             assert isinstance(res.exception, SystemExit), res.exception
     assert not (tmp_path / "missing").exists() and not any(empty.iterdir())
+
+
+def test_cli_truncated_trees_name_the_option_that_widens_them(index: LedgerIndex) -> None:
+    path = index.path
+    index.close()
+    base = ["--index-dir", str(path), "--ledger-id", LEDGER]
+    res = runner.invoke(app, ["impact", "g0-s2", *base, "--limit", "1"])
+    assert res.exit_code == 0 and res.output.splitlines()[-1] == "... (truncated: raise --limit to see more)"
+    res = runner.invoke(app, ["lineage", "g1", *base, "--max-depth", "1"])
+    assert res.exit_code == 0
+    assert res.output.splitlines()[-1] == "... (truncated: raise --max-depth to see more)"
