@@ -110,8 +110,13 @@ def open_index(
     lid = ledger_id or ledger_topic
     if not lid:
         _fail("which ledger? pass --ledger-topic (and --bootstrap-servers), or --ledger-id for an index")
-    from streamprov.ledger.cli import open_ledger_index  # noqa: PLC0415 - keep --help fast
+    from streamprov.ledger.cli import check_ledger_topic, open_ledger_index  # noqa: PLC0415
 
+    if bootstrap and ledger_topic:  # before the index: none is made for a topic that is not there
+        try:
+            check_ledger_topic(bootstrap, ledger_topic, option="--ledger-topic")
+        except StreamprovError as exc:
+            _fail(str(exc))
     hint = "pass --bootstrap-servers and --ledger-topic to build it (or run `streamprov ledger index`)"
     try:
         index = open_ledger_index(index_dir, lid, create=bool(bootstrap and ledger_topic), build_hint=hint)

@@ -17,7 +17,7 @@ import json
 import os
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -140,18 +140,50 @@ def write_dump(path: Path, records: Iterable[StoredRecord]) -> int:
     return count
 
 
-def _source(
-    topic: str | None, bootstrap: str | None, dump: Path | None, start: int = 0
-) -> Iterator[StoredRecord]:
+def check_ledger_topic(bootstrap: str, topic: str, *, option: str, timeout_s: float = 10.0) -> None:
+    """Raise `LedgerError` unless `topic` exists: reading a missing topic fails with librdkafka's
+    `_UNKNOWN_PARTITION`, which does not say the topic is not there. Lists every topic (a metadata
+    request naming the topic may create it on a broker with `auto.create.topics.enable`)."""
+    from confluent_kafka import KafkaException  # noqa: PLC0415 - keep --help fast
+
+    from streamprov.agents.kafka_io import kafka_error, list_all_topics  # noqa: PLC0415
+    from streamprov.ledger.kafka import client_config  # noqa: PLC0415
+
+    try:
+        topics = list_all_topics(client_config(bootstrap), timeout_s)
+    except KafkaException as exc:
+        raise LedgerError(
+            f"cannot list the topics on {bootstrap} ({kafka_error(exc).str()}): check "
+            "--bootstrap-servers and that the brokers are reachable from here"
+        ) from exc
+    if topic not in topics:
+        raise LedgerError(f"topic {topic} does not exist on {bootstrap}: check {option}")
+
+
+def _reader(
+    topic: str | None, bootstrap: str | None, dump: Path | None
+) -> Callable[[int], Iterator[StoredRecord]]:
+    """Records from a start offset, of the dump or the topic; checked to exist before anything is
+    opened or written (an index created, a dump begun) for a ledger that is not there."""
     if dump is not None:
         if not dump.is_file():
             _fail(f"no dump file {dump}")
-        return (r for r in read_dump(dump) if r.offset >= start)
+        return lambda start: (r for r in read_dump(dump) if r.offset >= start)
     if not topic or not bootstrap:
         _fail("name the ledger: --dump FILE, or --topic and --bootstrap-servers")
+    try:
+        check_ledger_topic(bootstrap, topic, option="--topic")
+    except LedgerError as exc:
+        _fail(str(exc))
     from streamprov.ledger.kafka import KafkaLedgerReader  # noqa: PLC0415 - keep --help fast
 
-    return KafkaLedgerReader(bootstrap, topic).read(start)
+    return KafkaLedgerReader(bootstrap, topic).read
+
+
+def _source(
+    topic: str | None, bootstrap: str | None, dump: Path | None, start: int = 0
+) -> Iterator[StoredRecord]:
+    return _reader(topic, bootstrap, dump)(start)
 
 
 def _ledger_id(ledger_id: str | None, topic: str | None) -> str:
@@ -248,9 +280,11 @@ def index(
     ledger_id: LedgerId = None,
 ) -> None:
     """Build or catch up the local index from where it stopped."""
+    lid = _ledger_id(ledger_id, topic)
+    read = _reader(topic, bootstrap_servers, dump)
     try:
-        with open_ledger_index(index_path, _ledger_id(ledger_id, topic), create=True) as idx:
-            applied = idx.apply(_source(topic, bootstrap_servers, dump, idx.next_offset))
+        with open_ledger_index(index_path, lid, create=True) as idx:
+            applied = idx.apply(read(idx.next_offset))
             typer.echo(f"{applied} records applied; {idx.size} entries, {idx.checkpoint_count} checkpoints")
     except LedgerError as exc:
         _fail(str(exc))
