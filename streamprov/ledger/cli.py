@@ -208,7 +208,7 @@ def verify(
         ),
     ] = None,
     no_signatures: Annotated[
-        bool, typer.Option(help="Check hashes and links only (not recommended).")
+        bool, typer.Option("--no-signatures", help="Check hashes and links only (not recommended).")
     ] = False,
     trusted: Annotated[
         list[Path] | None,

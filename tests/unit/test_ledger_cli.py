@@ -230,3 +230,9 @@ def test_dump_to_a_directory_or_nowhere_is_a_clear_error(
     assert res.exit_code == 0 and [r.record for r in read_dump(tmp_path / "ok.bin")] == [
         r.record for r in STORE.read()
     ]
+
+
+def test_no_signatures_is_a_plain_flag() -> None:
+    res = runner.invoke(ledger_app, ["verify", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
+    assert res.exit_code == 0 and "--no-signatures" in res.output
+    assert "--no-no-signatures" not in res.output
