@@ -12,6 +12,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
+from streamprov.agents.kafka_io import KAFKA_LOG, list_all_topics
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 
@@ -70,12 +71,12 @@ def read_topic(
             "group.id": "streamprov-inspect",  # required by librdkafka; never joined or committed
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
+            "logger": KAFKA_LOG,  # librdkafka's lines as log records, repeats held back; not raw stderr
             **(config or {}),
         }
     )
     try:
-        metadata = consumer.list_topics(topic, timeout=max(idle_timeout_s, 5.0))
-        meta = metadata.topics.get(topic)
+        meta = list_all_topics(consumer, max(idle_timeout_s, 5.0)).get(topic)  # naming it may create it
         if meta is None or meta.error is not None:
             raise StreamprovError(f"topic {topic!r} does not exist on {bootstrap_servers}")
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 from typer.testing import CliRunner
 
 from streamprov.cli import app
+from streamprov.errors import StreamprovError
 from streamprov.header import ProvenanceHeader
 
 
@@ -48,3 +50,14 @@ def test_inspect_of_an_empty_topic_says_so(monkeypatch) -> None:  # type: ignore
     result = CliRunner().invoke(app, ["inspect", "empty-topic", "-b", "127.0.0.1:1", "--timeout", "0.5"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "no records in empty-topic (waited 0.5 s)"
+
+
+def test_inspect_of_an_unreachable_broker_prints_no_raw_librdkafka_lines(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from streamprov.inspect import read_topic  # noqa: PLC0415
+
+    with pytest.raises(StreamprovError, match="reading 'foo'"):
+        list(read_topic("127.0.0.1:1", "foo", limit=1, idle_timeout_s=0.5))
+    err = capfd.readouterr().err
+    assert "%3|" not in err and "|FAIL|" not in err, err[:300]
