@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from streamprov.errors import (
     HeaderError,
@@ -50,6 +51,9 @@ class DeadLetterReason(enum.StrEnum):
     LATE_RECORD = "late_record"
     MISSING_HEADER = "missing_header"
     """No provenance header at all."""
+    RECORD_TOO_LARGE = "record_too_large"
+    """The output would be larger than the producer may send (`message.max.bytes`): the input, or a
+    window's result, is set aside instead of blocking every record after it."""
 
 
 def classify(exc: BaseException, *, serialising: bool = False) -> DeadLetterReason:
@@ -105,6 +109,12 @@ def dead_letter_headers(
     ]
 
 
+RECORD_FRAMING_BYTES = 1024
+"""Room left under a client's message size limit for what `record_size` does not count."""
+DEFAULT_MAX_OUTPUT_BYTES = 1_000_000 - RECORD_FRAMING_BYTES
+"""The largest output an agent sends by default: librdkafka's `message.max.bytes` and faust's
+`producer_max_request_size` default to 1,000,000; a larger one is dead-lettered (`RECORD_TOO_LARGE`)."""
+
 MAX_KEY_BYTES = 1024
 """A dead letter's key is cut to this when the record does not fit (`fit`): keys only route."""
 
@@ -122,7 +132,7 @@ def fit(
     dead-letter topic, and a dead letter that cannot be stored holds back every record after it (the
     batch is retried forever). The whole record stays where the source header says, for the source
     topic's retention."""
-    size = len(key or b"") + len(value or b"") + sum(_header_size(k, v) for k, v in headers)
+    size = record_size(key, value, headers)
     if size <= limit:
         return key, value, list(headers)
     kept = [(k, v) for k, v in headers if k in DLQ_HEADERS and k != CUT_HEADER]
@@ -138,6 +148,12 @@ def fit(
         limit - len(short_key or b"") - len(CUT_HEADER) - len(note) - sum(_header_size(k, v) for k, v in kept)
     )
     return short_key, (None if value is None else value[: max(0, room)]), [*kept, (CUT_HEADER, note)]
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, Any]]) -> int:
+    """Bytes of a record's key, value and headers: what a client's message size limit counts (less
+    the framing: compare with some room under the limit)."""
+    return len(key or b"") + len(value or b"") + sum(_header_size(k, v) for k, v in headers)
 
 
 def _header_size(key: str, value: object) -> int:

@@ -70,7 +70,16 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, fit, source_of
+from streamprov.agents.dead_letter import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    RECORD_FRAMING_BYTES,
+    DeadLetterReason,
+    classify,
+    dead_letter_headers,
+    fit,
+    record_size,
+    source_of,
+)
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import Checksum, ChecksumAlgorithm, matches
 from streamprov.errors import ProcessingError, SerdeError, StreamprovError
@@ -173,6 +182,7 @@ class MapHandler:
         algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
         verify_input: bool = True,
         recorder: StepRecorder | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         if function.kind is not StepKind.MAP:
             raise StreamprovError(f"{function.function_id} is not a map function")
@@ -185,6 +195,9 @@ class MapHandler:
         self.stamper = MapStamper(function, None, algorithm, verify_input=False)
         self.recorder = recorder
         """Records every output in the provenance ledger (see `ProvenanceAgents`)."""
+        self.max_output_bytes = max_output_bytes
+        """A larger output (key, value, headers) is dead-lettered: the producer would refuse it, and
+        the agent crashed and lost the record."""
 
     def handle(self, record: InputRecord, timestamp_ms: int | None = None) -> Outgoing:
         """The output record, or the input as a dead-letter record; never raises for a bad record."""
@@ -216,9 +229,16 @@ class MapHandler:
                 exc,
             )
             return dead_letter(self.dead_letter_topic, record, reason, exc, timestamp_ms=timestamp_ms)
+        headers: OutHeaders = [(HEADER_KEY, header), *headers_without(record.headers)]
+        size = record_size(record.key, out, headers)
+        if size > self.max_output_bytes:
+            error = f"the output is {size} bytes, more than the {self.max_output_bytes} the producer may send"
+            where = f"{record.topic}/{record.partition}/{record.offset}"
+            logger.warning("map %s: %s at %s", self.function.function_id, error, where)
+            reason = DeadLetterReason.RECORD_TOO_LARGE
+            return dead_letter(self.dead_letter_topic, record, reason, error, timestamp_ms=timestamp_ms)
         if self.recorder is not None:  # outside the try: a ledger failure is not the record's fault
             self.recorder.record_map(find_raw(record.headers), record.value, header)
-        headers: OutHeaders = [(HEADER_KEY, header), *headers_without(record.headers)]
         return Outgoing(self.sink, record.key, out, headers, timestamp_ms)
 
 
@@ -719,6 +739,7 @@ class ProvenanceAgents:
                 algorithm=self.algorithm,
                 verify_input=self.verify_input,
                 recorder=self._recorder(registered.step(None)),  # the step MapStamper stamps
+                max_output_bytes=int(self.app.conf.producer_max_request_size) - RECORD_FRAMING_BYTES,
             )
 
             async def one(event: Any) -> None:

@@ -42,7 +42,16 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from streamprov.agents.dead_letter import DeadLetterReason, classify, dead_letter_headers, fit, source_of
+from streamprov.agents.dead_letter import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    RECORD_FRAMING_BYTES,
+    DeadLetterReason,
+    classify,
+    dead_letter_headers,
+    fit,
+    record_size,
+    source_of,
+)
 from streamprov.agents.kafka_io import (
     KAFKA_LOG,
     RebalanceEvents,
@@ -88,6 +97,12 @@ AT_LEAST_ONCE: Guarantee = "at_least_once"
 Headers = list[tuple[str, bytes | None]]
 
 _PREFIX_LEN = len(PREFIX)
+
+
+def max_output_bytes(config: Mapping[str, Any], producer_config: Mapping[str, Any] | None) -> int:
+    """The largest output (key, value, headers) the producer of these settings may send."""
+    limit = {**config, **(producer_config or {})}.get("message.max.bytes")
+    return DEFAULT_MAX_OUTPUT_BYTES if limit is None else int(limit) - RECORD_FRAMING_BYTES
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -247,8 +262,12 @@ class StepTransform:
         device_id: str | None = None,
         signer: Signer | None = None,
         tracing: StepTracing | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         self.function = function
+        self.max_output_bytes = max_output_bytes
+        """An output larger than this (key, value, headers) is dead-lettered (`record_too_large`):
+        the producer would refuse it, and the batch around it could never be shipped."""
         self.signer = signer
         """Signs every output header (`streamprov.sig`, see `streamprov.signing`)."""
         self.tracing = tracing
@@ -375,9 +394,18 @@ class StepTransform:
         if self.key_by is not None:  # re-key (e.g. for a downstream reduce); the DataID stays in the header
             try:
                 new_key = self.key_by(result)
+                if not isinstance(new_key, str | bytes | None):
+                    raise TypeError(f"key_by returned a {type(new_key).__name__}, not str, bytes or None")
             except Exception as exc:  # the user's key function: dead-letter, as for the step itself
                 return self.dead_letter(msg, exc, DeadLetterReason.PROCESSING_ERROR)
             key = new_key.encode("utf-8") if isinstance(new_key, str) else new_key
+        size = record_size(key, output, headers)
+        if size > self.max_output_bytes:
+            too_large = StreamprovError(
+                f"the output is {size} bytes (key, value, headers), more than the {self.max_output_bytes} "
+                "the producer may send (message.max.bytes)"
+            )
+            return self.dead_letter(msg, too_large, DeadLetterReason.RECORD_TOO_LARGE)
         if self.recorder is not None:  # a queue put; the ledger's own errors stop the batch (see Processor)
             self.recorder.record_map(find_raw(record.headers), record.value, header)
         # The input's timestamp carries over, so a downstream windowed step sees event time.
@@ -461,9 +489,20 @@ class StepTransform:
                     self.recorder.forget((window.key, window.window[0]))
                 continue
             stamped = window.header(self.function, self.params, value, self.algorithm)
+            out_headers = signed_headers(stamped.encode(), self.signer)
+            size = record_size(key, value, out_headers)
+            if size > self.max_output_bytes:  # the result itself, cut to fit, with why and which window
+                log.error("reduce result of %r %s: %d bytes, dead-lettered", window.key, window.window, size)
+                where = f"window {window.key}@[{window.window[0]},{window.window[1]})"
+                error = f"the result is {size} bytes, over the {self.max_output_bytes} the producer may send"
+                dl_headers = dead_letter_headers(out_headers, DeadLetterReason.RECORD_TOO_LARGE, error, where)
+                dl_key, dl_value, fitted = fit(key, value, dl_headers)
+                out.append(Outgoing(self.dead_letter_topic, dl_key, dl_value, fitted, None, True))
+                if self.recorder is not None:
+                    self.recorder.forget((window.key, window.window[0]))
+                continue
             if self.recorder is not None:
                 self.recorder.record_reduce((window.key, window.window[0]), stamped)
-            out_headers = signed_headers(stamped.encode(), self.signer)
             if self.tracing is not None:
                 self.tracing.on_reduce_output((window.key, window.window[0]), out_headers, self.function)
             out.append(Outgoing(self.output_topic, key, value, out_headers, window.window[1] - 1))
@@ -609,6 +648,7 @@ class Processor:
         self.flush_windows_on_stop = flush_windows_on_stop
         self.operation_timeout_s = operation_timeout_s
         self.max_consecutive_failures = max_consecutive_failures
+        self._bootstrap = str(config.get("bootstrap.servers", "?"))
         self.transform = StepTransform(
             function,
             output_topic=output_topic,
@@ -625,6 +665,7 @@ class Processor:
             device_id=device_id,
             signer=signer,
             tracing=tracing,
+            max_output_bytes=max_output_bytes(config, producer_config),
         )
         self.stats = ProcessorStats()
         try:
@@ -724,9 +765,17 @@ class Processor:
         if self._started:
             return
         if self.exactly_once:
-            self._call(
-                "init_transactions", lambda: self._producer.init_transactions(self.operation_timeout_s)
-            )
+            try:
+                self._call(
+                    "init_transactions", lambda: self._producer.init_transactions(self.operation_timeout_s)
+                )
+            except KafkaException as exc:
+                err = _kafka_error(exc)
+                raise ProcessorError(
+                    f"cannot start transactions: {err.str()}. Check that the brokers at "
+                    f"{self._bootstrap} are reachable and the transaction state topic is available",
+                    err,
+                ) from exc
         rebalance = self._rebalance
         self._consumer.subscribe(
             self.input_topics,
@@ -1080,6 +1129,7 @@ class Processor:
                     err.txn_requires_abort()
                     or not err.retriable()
                     or attempts >= self.max_consecutive_failures
+                    or self._stop.is_set()  # asked to stop (SIGTERM): do not wait out every retry
                 ):
                     raise
                 attempts += 1

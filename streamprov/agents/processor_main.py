@@ -22,6 +22,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from confluent_kafka import KafkaException
+
+from streamprov.agents.kafka_io import kafka_error
 from streamprov.agents.processor import (
     AT_LEAST_ONCE,
     EXACTLY_ONCE,
@@ -52,11 +55,14 @@ def load_function(spec: str) -> RegisteredFunction:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise StreamprovError(f"--function must look like 'module:attribute', not {spec!r}")
-    target: Any = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        target = getattr(target, part)
-    if not isinstance(target, RegisteredFunction) and callable(target):
-        target = target()
+    try:  # the user's module: whatever importing it or calling the factory raises is a start error
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+        if not isinstance(target, RegisteredFunction) and callable(target):
+            target = target()
+    except Exception as exc:
+        raise StreamprovError(f"--function {spec}: cannot load it: {type(exc).__name__}: {exc}") from exc
     if not isinstance(target, RegisteredFunction):
         raise StreamprovError(f"{spec} is not a RegisteredFunction (register it with FunctionRegistry)")
     return target
@@ -197,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 3
     except ProcessorError as exc:
         log.error("processor error: %s", exc)
+        code = 1
+    except KafkaException as exc:  # the brokers did not answer a call the loop does not retry
+        log.error("Kafka error: %s (brokers: %s)", kafka_error(exc).str(), kafka.get("bootstrap.servers"))
         code = 1
     finally:
         processor.close()

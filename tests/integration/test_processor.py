@@ -410,6 +410,38 @@ def test_bad_records_go_to_the_dead_letter_topic_once(
         assert ("trace", b"00-abc-01") in headers  # other headers ride along
 
 
+def test_an_output_too_large_to_produce_is_dead_lettered_and_the_stream_goes_on(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any
+) -> None:
+    """A source record with a 600 KB key and no header: its output carries the key twice (key, and
+    DataID in the header) and the producer refuses it. The batch could never be shipped: 11 tries,
+    then the processor stopped, and stopped again on every restart (found by probing)."""
+    src, out, dlq = new_topic(), new_topic(), new_topic()
+    big = b"K" * 600_000
+    produce(
+        kafka_bootstrap,
+        src,
+        [Record(_value(1), b"good-0"), Record(_value(2), big), Record(_value(3), b"good-after")],
+        config={"message.max.bytes": 2_000_000},
+    )
+    processor = Processor(
+        _config(kafka_bootstrap),
+        group_id=unique_group(),
+        input_topics=src,
+        output_topic=out,
+        dead_letter_topic=dlq,
+        function=processor_fns.enrich,
+    )
+    stats = _run(processor, max_records=3, idle_timeout_s=30)
+    assert (stats.records_in, stats.records_out, stats.dead_lettered) == (3, 2, 1)
+    outputs = consume_all(kafka_bootstrap, out, expected=2, timeout_s=30, grace_s=0.5)
+    assert sorted(m.key() for m in outputs) == [b"good-0", b"good-after"]
+    (letter,) = consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=30, grace_s=0.5)
+    key, value, headers = record_view(letter)
+    assert (key, value) == (big, _value(2))  # the input as consumed: it fits
+    assert dict(headers)[REASON_HEADER] == b"record_too_large"
+
+
 # -- 4. windowed reduce, with a restart in the middle ---------------------------------------------------
 def test_windowed_reduce_with_restart(kafka_bootstrap: str, new_topic: Any, unique_group: Any) -> None:
     src, mid, out, dlq = new_topic(), new_topic(), new_topic(), new_topic()

@@ -436,3 +436,15 @@ def test_map_agent_in_a_faust_test_context() -> None:
     assert ("x", b"y") in ok.headers
     assert (bad.topic, bad.value, dlq(bad)[REASON_HEADER]) == ("dlq", b'{"v":1}', "malformed_header")
     assert (tomb.topic, tomb.value, dlq(tomb)[REASON_HEADER]) == ("dlq", None, "deserialization_error")
+
+
+def test_map_output_over_the_producer_limit_dead_letters_its_input() -> None:
+    """The producer refused an output over `producer_max_request_size`: the agent crashed, faust
+    restarted it and the record was in neither the sink nor the dead letters (found by probing)."""
+    fn = FunctionRegistry().add(lambda v: {"v": v["v"] * 2}, "twice", "1")
+    record = source_record("k", {"v": "x" * 600_000}, 5)
+    out = MapHandler(fn, sink="out", dead_letter_topic="dlq").handle(record, 11)
+    assert (out.topic, out.key, out.value) == ("dlq", b"k", record.value)
+    assert dlq(out)[REASON_HEADER] == "record_too_large" and dlq(out)[SOURCE_HEADER] == "src/0/5"
+    small = MapHandler(fn, sink="out", dead_letter_topic="dlq").handle(source_record("k", {"v": "x"}, 6))
+    assert small.topic == "out"

@@ -4,19 +4,28 @@ decisions), the reduce checkpoint, and the module entry's argument handling."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE
 from fake_messages import Msg
 
-from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HEADER, DeadLetterReason
+from streamprov.agents.dead_letter import (
+    CUT_HEADER,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    ERROR_HEADER,
+    REASON_HEADER,
+    SOURCE_HEADER,
+    DeadLetterReason,
+)
 from streamprov.agents.processor import (
     Checkpoint,
     Outgoing,
     Processor,
     StepTransform,
     group_key,
+    max_output_bytes,
 )
 from streamprov.agents.processor_main import build_parser, load_function
 from streamprov.agents.serde import RawSerde
@@ -351,3 +360,58 @@ def test_map_key_by_that_raises_dead_letters_the_record() -> None:
     (out,) = mapper(key_by=broken).process(sourced("d-9", js(1)))
     assert reason(out) == DeadLetterReason.PROCESSING_ERROR
     assert out.key == b"d-9" and out.value == js(1)
+
+
+@pytest.mark.parametrize("returned", [7, {"k": 1}, 1.5])
+def test_map_key_by_that_returns_no_key_dead_letters_the_record(returned: Any) -> None:
+    """A key must be str, bytes or None: another type crashed the processor with a bare TypeError
+    from produce (found by probing)."""
+    (out,) = mapper(key_by=lambda _result: returned).process(sourced("d-10", js(1)))
+    assert reason(out) == DeadLetterReason.PROCESSING_ERROR and out.value == js(1)
+    assert f"returned a {type(returned).__name__}" in (dict(out.headers)[ERROR_HEADER] or b"").decode()
+    (none_key,) = mapper(key_by=lambda _result: None).process(sourced("d-11", js(1)))
+    assert not none_key.dead_letter and none_key.key is None
+
+
+def test_an_output_over_the_producer_limit_dead_letters_its_input() -> None:
+    """The producer refuses a record over `message.max.bytes` (a 600 KB key counts twice: as the key
+    and as the DataID in the header): the batch could never be shipped and the processor stopped,
+    on every restart (found by probing). The input is set aside instead."""
+    big_key = "K" * 600_000
+    (out,) = mapper().process(sourced(big_key, js(1)))
+    assert reason(out) == DeadLetterReason.RECORD_TOO_LARGE
+    # the input, itself too large with its 600 KB DataID in its header: cut to fit (`fit`)
+    assert out.key == big_key.encode()[:1024] and out.value == js(1) and CUT_HEADER in dict(out.headers)
+    assert b"more than the 998976" in (dict(out.headers)[ERROR_HEADER] or b"")
+    (fits,) = mapper().process(sourced("K" * 400_000, js(1)))
+    assert not fits.dead_letter
+    (small,) = mapper(max_output_bytes=50).process(sourced("d-12", js(1)))
+    assert reason(small) == DeadLetterReason.RECORD_TOO_LARGE
+
+
+def test_a_reduce_result_over_the_producer_limit_is_dead_lettered_cut_with_its_window() -> None:
+    transform = StepTransform(
+        total, output_topic="out", dead_letter_topic="dlq", window_ms=1000, max_output_bytes=50
+    )
+    outs = feed(transform, [timed("a", "a0", 1, 100, 0), timed("b", "b0", 2, 2000, 1)])
+    (dead,) = outs
+    assert reason(dead) == DeadLetterReason.RECORD_TOO_LARGE and dead.value == b"1"
+    assert dict(dead.headers)[SOURCE_HEADER] == b"window a@[0,1000)"
+
+
+def test_max_output_bytes_follows_the_producers_message_max_bytes() -> None:
+    assert max_output_bytes({}, None) == DEFAULT_MAX_OUTPUT_BYTES == 1_000_000 - 1024
+    assert max_output_bytes({"message.max.bytes": "2000000"}, None) == 2_000_000 - 1024
+    assert (
+        max_output_bytes({"message.max.bytes": 2_000_000}, {"message.max.bytes": 500_000}) == 500_000 - 1024
+    )
+
+
+def test_load_function_reports_a_module_that_does_not_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A syntax error (or anything the module or a factory raises) was a traceback (found by probing)."""
+    (tmp_path / "badsyn_mod.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(StreamprovError, match="badsyn_mod:f: cannot load it: SyntaxError"):
+        load_function("badsyn_mod:f")
