@@ -218,14 +218,27 @@ class Checkpoint:
 
 
 # -- the per-record logic, without Kafka ------------------------------------------------------------
+_HEX = "hex:"
+
+
 def group_key(key: bytes | None) -> str:
-    """Reduce group of a record: its key as text ('hex:...' when not UTF-8); '' for keyless records."""
+    """Reduce group of a record (also its output's DataID): its key as text, or `hex:` and the key's
+    hex digits when it is not UTF-8 or itself starts with `hex:`, so no two keys share a group; ''
+    for keyless records (no key, or an empty one). `key_of_group` gives the key back."""
     if not key:
         return ""
     try:
-        return key.decode("utf-8")
+        text = key.decode("utf-8")
     except UnicodeDecodeError:
-        return "hex:" + key.hex()
+        return _HEX + key.hex()
+    return _HEX + key.hex() if text.startswith(_HEX) else text
+
+
+def key_of_group(group: str) -> bytes | None:
+    """The record key of a reduce group's output: the key its records had (None when keyless)."""
+    if not group:
+        return None
+    return bytes.fromhex(group[len(_HEX) :]) if group.startswith(_HEX) else group.encode("utf-8")
 
 
 def _coordinates(msg: MessageLike) -> tuple[str, int, int]:
@@ -474,7 +487,7 @@ class StepTransform:
     def _emit(self, closed: list[ReduceOutput]) -> list[Outgoing]:
         out: list[Outgoing] = []
         for window in closed:
-            key = window.key.encode("utf-8") if window.key else None
+            key = key_of_group(window.key)
             try:
                 value = self._dump(window.value)
             except SerdeError as exc:

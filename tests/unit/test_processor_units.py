@@ -25,6 +25,7 @@ from streamprov.agents.processor import (
     Processor,
     StepTransform,
     group_key,
+    key_of_group,
     max_output_bytes,
 )
 from streamprov.agents.processor_main import build_parser, load_function
@@ -268,6 +269,19 @@ def test_group_key() -> None:
         "",
         "",
     )
+    # a text key that looks like an escaped one is escaped too: b"\xff\x01" and b"hex:ff01" were
+    # one group, and the binary key came out as b"hex:ff01" (found by probing)
+    assert group_key(b"hex:ff01") == "hex:" + b"hex:ff01".hex() != group_key(b"\xff\x01")
+    for key in (b"abc", b"\xff\x00", b"hex:ff01", b"hex:", "ü".encode()):
+        assert key_of_group(group_key(key)) == key
+    assert key_of_group(group_key(None)) is None
+
+
+def test_reduce_outputs_carry_their_records_keys() -> None:
+    msgs = [timed("x", "a0", 1, 100, 0), timed("x", "b0", 10, 200, 1), timed("x", "c0", 5, 2000, 2)]
+    msgs[0].k, msgs[1].k = b"\xff\x01", b"hex:ff01"
+    outs = feed(reducer(), msgs)
+    assert sorted((o.key, o.value) for o in outs) == [(b"hex:ff01", b"10"), (b"\xff\x01", b"1")]
 
 
 # -- checkpoint ------------------------------------------------------------------------------------------
