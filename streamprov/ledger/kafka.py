@@ -8,7 +8,8 @@ Topic rules (`LEDGER_TOPIC_CONFIG`, `create_ledger_topic`):
   as tampering (and the index could not be rebuilt).
 
 `KafkaLedgerSink` is the writer's storage: an idempotent producer (acks=all, gapless: librdkafka
-raises a fatal error rather than leave a hole; it logs once that this setting is "experimental"),
+raises a fatal error rather than leave a hole; its warning that the setting is "experimental" is
+dropped from `KAFKA_LOG`),
 so a retried batch is neither duplicated nor reordered. Give it a `transactional_id` and Kafka also
 fences a zombie: a second writer with the same id aborts the first one's open transaction and makes
 it fail, so two writers can never fork the chain; each batch is then one transaction and readers
