@@ -400,6 +400,7 @@ class ReduceHandler:
         algorithm: ChecksumAlgorithm = ChecksumAlgorithm.CRC32C,
         verify_input: bool = True,
         recorder: StepRecorder | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         if function.kind is not StepKind.REDUCE:
             raise StreamprovError(f"{function.function_id} is not a reduce function")
@@ -413,6 +414,8 @@ class ReduceHandler:
         self.serde: Serde = serde if serde is not None else JsonSerde()
         self.algorithm = algorithm
         self.verify_input = verify_input
+        self.max_output_bytes = max_output_bytes
+        """A larger window result (key, value, headers) is dead-lettered, cut to fit (`MapHandler`)."""
         self.recorder = recorder
         """Ledger on: records each emitted window with its full input list. The inputs of open
         windows are kept in the store too (one entry per input, `input_key`), so a restart or a
@@ -614,9 +617,28 @@ class ReduceHandler:
                 timestamp_ms=ts,
             )
         header = output.header(self.function, None, value, self.algorithm)
+        headers: OutHeaders = [(HEADER_KEY, header.encode())]
+        size = record_size(key, value, headers)
+        if size > self.max_output_bytes:  # the producer would refuse it: set aside, cut, with its window
+            error = f"the result is {size} bytes, more than the {self.max_output_bytes} the producer may send"
+            logger.error(
+                "reduce %s: window %s of %r: %s", self.function.function_id, output.window, output.key, error
+            )
+            if self.recorder is not None:
+                self.recorder.forget((topic, partition, output.key, output.window[0]))
+            return dead_letter(
+                self.dead_letter_topic,
+                None,
+                DeadLetterReason.RECORD_TOO_LARGE,
+                error,
+                key=key,
+                value=value,
+                source=f"{topic}/{partition} window [{output.window[0]}, {output.window[1]})",
+                timestamp_ms=ts,
+            )
         if self.recorder is not None:
             self.recorder.record_reduce((topic, partition, output.key, output.window[0]), header)
-        return Outgoing(self.sink, key, value, [(HEADER_KEY, header.encode())], ts)
+        return Outgoing(self.sink, key, value, headers, ts)
 
     def release(self, result: ReduceResult) -> None:
         """Delete the state of windows whose outputs the broker has acknowledged."""
@@ -739,7 +761,7 @@ class ProvenanceAgents:
                 algorithm=self.algorithm,
                 verify_input=self.verify_input,
                 recorder=self._recorder(registered.step(None)),  # the step MapStamper stamps
-                max_output_bytes=int(self.app.conf.producer_max_request_size) - RECORD_FRAMING_BYTES,
+                max_output_bytes=self._max_output_bytes(),
             )
 
             async def one(event: Any) -> None:
@@ -813,6 +835,7 @@ class ProvenanceAgents:
                 algorithm=self.algorithm,
                 verify_input=self.verify_input,
                 recorder=self._recorder(registered.step(None)),
+                max_output_bytes=self._max_output_bytes(),
             )
             self._reducers.append(handler)
 
@@ -874,6 +897,10 @@ class ProvenanceAgents:
             "record has no value (tombstone)",
             timestamp_ms=ts,
         )
+
+    def _max_output_bytes(self) -> int:
+        """The largest output the app's producer sends (`producer_max_request_size`, less framing)."""
+        return int(self.app.conf.producer_max_request_size) - RECORD_FRAMING_BYTES
 
     async def send(self, out: Outgoing, *, force: bool = False) -> Any:
         """Produce one record; returns faust's future of its delivery."""

@@ -20,6 +20,11 @@ How it stays correct:
   a restart or rebalance the records between the committed offset and that position are replayed
   silently: records of windows already emitted are skipped, the rest rebuild the open windows. A
   record past that position for an already-closed window is truly late and is dead-lettered.
+  The watermark is the newest record timestamp seen (as in Kafka Streams), with no cap: one record
+  stamped far ahead (a broker accepts up to `message.timestamp.after.max.ms`, 1 h by default) closes
+  the windows before it, and the on-time records after it are dead-lettered as `late_record`.
+* An output larger than the producer may send (`message.max.bytes`, less 1 KB for framing) is
+  dead-lettered as `record_too_large` (its input; for a reduce, the window's result cut to fit).
 """
 
 from __future__ import annotations

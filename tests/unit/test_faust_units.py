@@ -448,3 +448,14 @@ def test_map_output_over_the_producer_limit_dead_letters_its_input() -> None:
     assert dlq(out)[REASON_HEADER] == "record_too_large" and dlq(out)[SOURCE_HEADER] == "src/0/5"
     small = MapHandler(fn, sink="out", dead_letter_topic="dlq").handle(source_record("k", {"v": "x"}, 6))
     assert small.topic == "out"
+
+
+def test_reduce_result_over_the_producer_limit_is_dead_lettered_with_its_window() -> None:
+    handler = ReduceHandler(
+        reduce_fn(), sink="totals", dead_letter_topic="dlq", window_ms=WINDOW, max_output_bytes=50
+    )
+    outs = run(handler, [(mapped("k", 3, 0), T0), (mapped("z", 0, 1), T0 + WINDOW)])
+    (out,) = outs
+    assert (out.topic, out.key, out.value) == ("dlq", b"k", b"6")  # mapped: 3 scaled by 2
+    assert dlq(out)[REASON_HEADER] == "record_too_large"
+    assert dlq(out)[SOURCE_HEADER] == f"mapped/0 window [{T0}, {T0 + WINDOW})"
