@@ -17,7 +17,7 @@ from typing import Any
 
 import processor_fns
 import pytest
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from kafka_support import FAST_GROUP_CONFIG, Record, consume_all, produce, record_view
 
 from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HEADER, DeadLetterReason
@@ -99,8 +99,21 @@ def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[
         probe.close()
 
 
+def _committed_when_stable(bootstrap: str, group: str, topic: str, partitions: int) -> list[TopicPartition]:
+    """`_committed` after a kill -9 of an exactly-once member: offsets it sent to a transaction it
+    never ended stay unstable (the fetch times out) until the broker aborts that transaction at its
+    timeout (the test gives its processors 10 s)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return _committed(bootstrap, group, topic, partitions)
+        except KafkaException as exc:
+            if time.monotonic() > deadline or exc.args[0].code() != KafkaError._TIMED_OUT:
+                raise
+
+
 def _committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
-    return sum(max(tp.offset, 0) for tp in _committed(bootstrap, group, topic, partitions))
+    return sum(max(tp.offset, 0) for tp in _committed_when_stable(bootstrap, group, topic, partitions))
 
 
 def _run(processor: Processor, **kwargs: Any) -> Any:
@@ -244,6 +257,7 @@ def test_kill_9_mid_stream_then_restart(
         *["--function", "processor_fns:enrich", "--batch-size", "50", "--params"],
         '{"delay_ms": 2}',
         *["--config", "group.instance.id=member-1", "--config", "session.timeout.ms=6000"],
+        *["--config", "transaction.timeout.ms=10000"],  # a killed member's transaction ends sooner
     ]
 
     done, in_flight = _kill_mid_batch(kafka_bootstrap, log_path, args, group, src, out, partitions)
@@ -295,6 +309,7 @@ def test_reduce_survives_kill_9_exactly_once(
         *["--window-ms", "1000", "--batch-size", "50", "--params"],
         '{"delay_ms": 2}',
         *["--config", "group.instance.id=reducer-1", "--config", "session.timeout.ms=6000"],
+        *["--config", "transaction.timeout.ms=10000"],  # a killed member's transaction ends sooner
     ]
     first = _spawn(kafka_bootstrap, log_path, [*args, "--log-level", "WARNING"])
     deadline = time.monotonic() + 60
@@ -306,7 +321,7 @@ def test_reduce_survives_kill_9_exactly_once(
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=10)
-    (tp,) = _committed(kafka_bootstrap, group, src, 1)
+    (tp,) = _committed_when_stable(kafka_bootstrap, group, src, 1)
     checkpoint = Checkpoint.decode(tp.metadata)
     assert checkpoint is not None and tp.offset < checkpoint.position < n, log_path.read_text()[-3000:]
 
