@@ -590,6 +590,30 @@ class ReduceHandler:
             result.records.append(self.output_record(output, topic, partition))
             result.closed.append(window_key(topic, partition, output.key, output.window[0]))
 
+    def _window_dead_letter(
+        self,
+        output: ReduceOutput,
+        topic: str,
+        partition: int,
+        value: bytes,
+        reason: DeadLetterReason,
+        error: BaseException | str,
+    ) -> Outgoing:
+        """A window's result that cannot be an output: no input record to set aside, so the result
+        itself, with why and which window (`dead_letter` cuts it to fit); its ledger entry is dropped."""
+        if self.recorder is not None:  # no output node: no entry
+            self.recorder.forget((topic, partition, output.key, output.window[0]))
+        return dead_letter(
+            self.dead_letter_topic,
+            None,
+            reason,
+            error,
+            key=output.key.encode("utf-8"),
+            value=value,
+            source=f"{topic}/{partition} window [{output.window[0]}, {output.window[1]})",
+            timestamp_ms=output.window[1] - 1,
+        )
+
     def output_record(self, output: ReduceOutput, topic: str, partition: int) -> Outgoing:
         """A closed window as a record: key = DataID = group key, timestamp = the window's last ms."""
         key = output.key.encode("utf-8")
@@ -604,17 +628,9 @@ class ReduceHandler:
                 output.key,
                 exc,
             )
-            if self.recorder is not None:  # no output node: no entry
-                self.recorder.forget((topic, partition, output.key, output.window[0]))
-            return dead_letter(
-                self.dead_letter_topic,
-                None,
-                DeadLetterReason.SERIALIZATION_ERROR,
-                exc,
-                key=key,
-                value=repr(output.value).encode("utf-8", "replace"),
-                source=f"{topic}/{partition} window [{output.window[0]}, {output.window[1]})",
-                timestamp_ms=ts,
+            text = repr(output.value).encode("utf-8", "replace")
+            return self._window_dead_letter(
+                output, topic, partition, text, DeadLetterReason.SERIALIZATION_ERROR, exc
             )
         header = output.header(self.function, None, value, self.algorithm)
         headers: OutHeaders = [(HEADER_KEY, header.encode())]
@@ -624,17 +640,8 @@ class ReduceHandler:
             logger.error(
                 "reduce %s: window %s of %r: %s", self.function.function_id, output.window, output.key, error
             )
-            if self.recorder is not None:
-                self.recorder.forget((topic, partition, output.key, output.window[0]))
-            return dead_letter(
-                self.dead_letter_topic,
-                None,
-                DeadLetterReason.RECORD_TOO_LARGE,
-                error,
-                key=key,
-                value=value,
-                source=f"{topic}/{partition} window [{output.window[0]}, {output.window[1]})",
-                timestamp_ms=ts,
+            return self._window_dead_letter(
+                output, topic, partition, value, DeadLetterReason.RECORD_TOO_LARGE, error
             )
         if self.recorder is not None:
             self.recorder.record_reduce((topic, partition, output.key, output.window[0]), header)

@@ -489,6 +489,23 @@ class StepTransform:
         self._closed_mark = mark
         return self._emit(reducer.close_due())
 
+    def _window_dead_letter(
+        self,
+        window: ReduceOutput,
+        key: bytes | None,
+        value: bytes,
+        reason: DeadLetterReason,
+        error: BaseException | str,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+    ) -> Outgoing:
+        """A window's result that cannot be an output: no input record to set aside, so the result
+        itself, with why and which window, cut to fit (`fit`); its ledger entry is dropped."""
+        where = f"window {window.key}@[{window.window[0]},{window.window[1]})"
+        dl_key, dl_value, fitted = fit(key, value, dead_letter_headers(headers, reason, error, where))
+        if self.recorder is not None:
+            self.recorder.forget((window.key, window.window[0]))
+        return Outgoing(self.dead_letter_topic, dl_key, dl_value, fitted, None, True)
+
     def _emit(self, closed: list[ReduceOutput]) -> list[Outgoing]:
         out: list[Outgoing] = []
         for window in closed:
@@ -498,26 +515,17 @@ class StepTransform:
             except SerdeError as exc:
                 # No input record to set aside: dead-letter the window's result as text, never drop it.
                 log.error("reduce result of %r %s is not serialisable: %s", window.key, window.window, exc)
-                where = f"window {window.key}@[{window.window[0]},{window.window[1]})"
-                headers = dead_letter_headers(None, DeadLetterReason.SERIALIZATION_ERROR, exc, where)
-                out.append(
-                    Outgoing(self.dead_letter_topic, key, repr(window.value).encode(), headers, None, True)
-                )
-                if self.recorder is not None:
-                    self.recorder.forget((window.key, window.window[0]))
+                reason = DeadLetterReason.SERIALIZATION_ERROR
+                out.append(self._window_dead_letter(window, key, repr(window.value).encode(), reason, exc))
                 continue
             stamped = window.header(self.function, self.params, value, self.algorithm)
             out_headers = signed_headers(stamped.encode(), self.signer)
             size = record_size(key, value, out_headers)
             if size > self.max_output_bytes:  # the result itself, cut to fit, with why and which window
                 log.error("reduce result of %r %s: %d bytes, dead-lettered", window.key, window.window, size)
-                where = f"window {window.key}@[{window.window[0]},{window.window[1]})"
                 error = f"the result is {size} bytes, over the {self.max_output_bytes} the producer may send"
-                dl_headers = dead_letter_headers(out_headers, DeadLetterReason.RECORD_TOO_LARGE, error, where)
-                dl_key, dl_value, fitted = fit(key, value, dl_headers)
-                out.append(Outgoing(self.dead_letter_topic, dl_key, dl_value, fitted, None, True))
-                if self.recorder is not None:
-                    self.recorder.forget((window.key, window.window[0]))
+                reason = DeadLetterReason.RECORD_TOO_LARGE
+                out.append(self._window_dead_letter(window, key, value, reason, error, out_headers))
                 continue
             if self.recorder is not None:
                 self.recorder.record_reduce((window.key, window.window[0]), stamped)
