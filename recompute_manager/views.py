@@ -36,7 +36,7 @@ from recompute_manager.executor import SUPERSEDES_HEADER, TASK_HEADER
 from recompute_manager.outputs import READER_GROUP, OutputIndex, SourceIndex, TopicReader
 from recompute_manager.planner import Coordinates, PlanError, RecomputeTask
 from streamprov.agents.dead_letter import SOURCE_HEADER
-from streamprov.agents.kafka_io import TopicMissingError
+from streamprov.agents.kafka_io import TopicMissingError, list_all_topics
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import ProvenanceHeader, now_ms
 from streamprov.ledger.index import LedgerIndex
@@ -151,9 +151,10 @@ class SupersededIndex:
         if not self._missing or time.monotonic() - self._checked < self.recheck_s:
             return
         self._checked = time.monotonic()
+        topics = list_all_topics(self._admin(), 10)  # naming a topic in the request may create it
         found: list[str] = []
         for topic in self._missing:
-            meta = self._admin().list_topics(topic, timeout=10).topics.get(topic)
+            meta = topics.get(topic)
             if meta is not None and meta.error is None and meta.partitions:
                 found.append(topic)
         if found:
