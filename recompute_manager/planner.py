@@ -23,7 +23,7 @@ import functools
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +116,11 @@ class RecomputeTask:
     def previous_node(self) -> DataRef:
         return DataRef(self.data_id, self.previous_output)
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self, *, unit_cause: Cause | None = None) -> dict[str, Any]:
+        """The Avro record; `unit_cause`: the cause of the unit that carries the task (the cause field
+        is then empty when it is the same: a plan of many change events has one cause tree, written
+        once per unit, not once per task)."""
+        same = unit_cause is not None and (unit_cause is self.cause or unit_cause == self.cause)
         return {
             "task_id": self.task_id,
             "plan_id": self.plan_id,
@@ -147,22 +151,32 @@ class RecomputeTask:
                 "partition": self.supersedes.partition,
                 "offset": self.supersedes.offset,
             },
-            "cause": json.dumps(self.cause.to_dict(), sort_keys=True, separators=(",", ":")),
+            "cause": "" if same else json.dumps(self.cause.to_dict(), sort_keys=True, separators=(",", ":")),
             "created_at": self.created_at_ms,
         }
 
-    def encode(self) -> bytes:
+    def encode(self, *, unit_cause: Cause | None = None) -> bytes:
+        """Single-object encoding; `unit_cause` as for `to_record` (inside a unit record only: a task
+        written on its own, e.g. as a dead letter, carries its cause)."""
         out = io.BytesIO()
         out.write(PREFIX)
-        fastavro.schemaless_writer(out, _PARSED, self.to_record())
+        fastavro.schemaless_writer(out, _PARSED, self.to_record(unit_cause=unit_cause))
         return out.getvalue()
 
     @classmethod
-    def decode(cls, raw: bytes) -> RecomputeTask:
+    def decode(cls, raw: bytes, *, unit_cause: Cause | None = None) -> RecomputeTask:
+        """`unit_cause`: the cause of the unit the task came in, for a task whose cause field is
+        empty (its unit's); a task with an empty cause read on its own is not a task."""
         if not isinstance(raw, bytes) or raw[: len(PREFIX)] != PREFIX:
             raise PlanError("not a recompute task of this schema version (marker or fingerprint differ)")
         try:
             r: Any = avro.schemaless_read(raw[len(PREFIX) :], _READER, _READER)
+            if r["cause"]:
+                cause = _cause(json.loads(r["cause"]))
+            elif unit_cause is not None:
+                cause = unit_cause
+            else:
+                raise PlanError("recompute task has no cause of its own: it is part of a unit record")
             return cls(
                 r["task_id"],
                 r["plan_id"],
@@ -183,7 +197,7 @@ class RecomputeTask:
                     ChecksumAlgorithm(r["previous_output"]["algorithm"]), r["previous_output"]["checksum"]
                 ),
                 tuple(r["depends_on"]),
-                _cause(json.loads(r["cause"])),
+                cause,
                 r["created_at"],
                 None if r["supersedes"] is None else Coordinates(**r["supersedes"]),
             )
@@ -587,6 +601,29 @@ class ChangeBatch:
             created_at_ms=self.created_at_ms,
             upgrade=upgrade or None,
         )
+
+    def causes_of_tasks(
+        self, causes: Sequence[tuple[int, Cause]]
+    ) -> Callable[[Sequence[RecomputeTask]], Cause] | None:
+        """For a plan of the events at the positions `causes` names, each with its cause: the cause
+        of some of its tasks (a unit's), naming only the events whose own plan has one of them
+        (`changes_cause` of theirs, in the given order). A batch of 100 events planned together has
+        one cause tree of 100 sub-causes; each unit, usually reached by one event, carries that one.
+        None when the traversal was cut short (`truncated`): what reaches what is not known."""
+        if self.truncated:
+            return None
+        reached = self._reached
+        by_entry: dict[bytes, list[int]] = {}
+        for k, (position, _) in enumerate(causes):
+            for i in reached[position]:
+                by_entry.setdefault(self.applications[i].entry.entry_id, []).append(k)
+        every = changes_cause([c for _, c in causes])
+
+        def cause_of(tasks: Sequence[RecomputeTask]) -> Cause:
+            ks = sorted({k for t in tasks for k in by_entry.get(t.entry_id, ())})
+            return changes_cause([causes[k][1] for k in ks]) if ks else every
+
+        return cause_of
 
     def own_tasks(self) -> tuple[int, ...]:
         """How many tasks each event's own plan (`plan_for_change`) has, in event order: what a policy

@@ -41,7 +41,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from recompute_manager.planner import (
     ChangeBatch,
     PlanError,
     RecomputePlan,
+    RecomputeTask,
     changes_cause,
     plan_for_alert,
     plan_for_change,
@@ -61,6 +62,7 @@ from recompute_manager.planner import (
 )
 from recompute_manager.policy import (
     Action,
+    Cause,
     Decision,
     TopicPolicy,
     trigger_of_alert,
@@ -677,10 +679,14 @@ class RecomputeManager:
         cause = changes_cause([r.decision.cause for r in runs])
         positions = [r.position for r in runs]
         plan: RecomputePlan | None = None
+        cause_of: Callable[[Sequence[RecomputeTask]], Cause] | None = None
         try:
             with self.views.lock:
                 if changes is not None and all(p is not None for p in positions):
                     plan = changes.batch.plan([p for p in positions if p is not None], cause=cause)
+                    cause_of = changes.batch.causes_of_tasks(
+                        [(r.position, r.decision.cause) for r in runs if r.position is not None]
+                    )
                 else:
                     plan = plan_for_changes(
                         self.views.index,
@@ -701,7 +707,7 @@ class RecomputeManager:
                 cause,
             )
             trace = next((r.trace for r in runs if r.trace), ())
-            records, units, state = self._planned(plan, decision, trace)
+            records, units, state = self._planned(plan, decision, trace, cause_of)
             if state != "too_large":
                 return records, units, [state] * len(runs)
             log.warning(
@@ -734,16 +740,26 @@ class RecomputeManager:
         return out
 
     def _planned(
-        self, plan: RecomputePlan, decision: Decision, trace: TraceHeaders = ()
+        self,
+        plan: RecomputePlan,
+        decision: Decision,
+        trace: TraceHeaders = (),
+        cause_of: Callable[[Sequence[RecomputeTask]], Cause] | None = None,
     ) -> tuple[list[PlainRecord], list[RecomputeUnit], str]:
         """The records a decided plan publishes: units to the tasks topic (it runs), or to the progress
-        topic (it waits for approval), and its progress record; the units that will run; its state."""
+        topic (it waits for approval), and its progress record; the units that will run; its state.
+        `cause_of`: each unit's cause from its tasks (`ChangeBatch.causes_of_tasks`), else the
+        decision's."""
         s = self.settings
         waits = decision.action is Action.NEEDS_APPROVAL
         units: tuple[RecomputeUnit, ...] = ()
         if plan.tasks and (decision.runs or waits):
             units = split_units(
-                plan, subject=decision.data_id, cause=decision.cause, max_bytes=s.max_unit_bytes
+                plan,
+                subject=decision.data_id,
+                cause=decision.cause,
+                max_bytes=s.max_unit_bytes,
+                cause_of=cause_of,
             )
         encoded = [(u, u.encode()) for u in units]
         too_big = [(u, len(raw)) for u, raw in encoded if len(raw) > s.max_unit_bytes]

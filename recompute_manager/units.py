@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -88,7 +88,7 @@ class RecomputeUnit:
     def approved(self, by: str) -> RecomputeUnit:
         """The same unit, its cause tree topped by an operator's approval."""
         top = Cause("approved", self.subject, f"approved by {by}", (self.cause,))
-        return replace(self, cause=top)
+        return replace(self, cause=top, tasks=tuple(replace(t, cause=top) for t in self.tasks))
 
     def encode(self) -> bytes:
         record = {
@@ -100,7 +100,7 @@ class RecomputeUnit:
             "subject": self.subject,
             "cause": cause_json(self.cause),
             "created_at": self.created_at_ms,
-            "tasks": [t.encode() for t in self.tasks],
+            "tasks": [t.encode(unit_cause=self.cause) for t in self.tasks],
         }
         out = io.BytesIO()
         out.write(UNIT_PREFIX)
@@ -114,7 +114,8 @@ class RecomputeUnit:
             raise UnitError("not a recompute unit of this schema version (marker or fingerprint differ)")
         try:
             r: Any = avro.schemaless_read(raw[len(UNIT_PREFIX) :], _READER, _READER)
-            tasks = tuple(RecomputeTask.decode(t) for t in r["tasks"])
+            cause = cause_from_dict(json.loads(r["cause"]))
+            tasks = tuple(RecomputeTask.decode(t, unit_cause=cause) for t in r["tasks"])
             key = r["key"]
             unit = cls(
                 r["plan_id"],
@@ -122,7 +123,7 @@ class RecomputeUnit:
                 r["unit_count"],
                 r["plan_tasks"],
                 r["subject"],
-                cause_from_dict(json.loads(r["cause"])),
+                cause,
                 tasks,
                 r["created_at"],
                 "" if tasks and key == tasks[-1].data_id else key,
@@ -165,6 +166,7 @@ def split_units(
     cause: Cause,
     created_at_ms: int | None = None,
     max_bytes: int | None = None,
+    cause_of: Callable[[Sequence[RecomputeTask]], Cause] | None = None,
 ) -> tuple[RecomputeUnit, ...]:
     """The plan's connected components (by `depends_on` and by output DataID), each in plan order;
     units are numbered by their first task's position. A dependency on a task outside the plan (a
@@ -173,7 +175,11 @@ def split_units(
     `max_bytes`: a component whose unit record would be larger is cut into parts (`_parts`), runs of
     its tasks in plan order, each under it when its tasks allow (a single task larger than it stays
     one part: the caller refuses it). The parts share the component's sink as key, so they run one
-    after the other on one partition, each after the previous one committed."""
+    after the other on one partition, each after the previous one committed.
+
+    `cause_of`: the cause of a component's unit(s) from its tasks, instead of `cause` for all (a plan
+    of many change events: each unit names only the events that reach its tasks, `narrowed_cause`).
+    """
     parent: dict[str, str] = {t.task_id: t.task_id for t in plan.tasks}
 
     def find(x: str) -> str:
@@ -200,19 +206,23 @@ def split_units(
     for t in plan.tasks:  # plan order: dependency order, and first-task order of the groups
         groups.setdefault(find(t.task_id), []).append(t)
     created = now_ms() if created_at_ms is None else created_at_ms
-    cut: list[tuple[tuple[RecomputeTask, ...], str]] = []
-    for tasks in groups.values():
-        whole = RecomputeUnit(plan.plan_id, 0, 1, len(plan.tasks), subject, cause, tuple(tasks), created)
+    cut: list[tuple[tuple[RecomputeTask, ...], str, Cause]] = []
+    for found in groups.values():
+        # The tasks run for their unit's cause (the decision's: the plan's cause through the policy),
+        # which the unit record writes once, not once per task (`RecomputeTask.encode`).
+        why = cause if cause_of is None else cause_of(found)
+        tasks = [t if t.cause is why else replace(t, cause=why) for t in found]
+        whole = RecomputeUnit(plan.plan_id, 0, 1, len(plan.tasks), subject, why, tuple(tasks), created)
         if max_bytes is None or len(whole.encode()) <= max_bytes:
-            cut.append((whole.tasks, ""))
+            cut.append((whole.tasks, "", why))
             continue
         budget = max_bytes - len(replace(whole, tasks=(), sink=tasks[-1].data_id).encode())
         sink = tasks[-1].data_id
-        cut += [(part, "" if part[-1].data_id == sink else sink) for part in _parts(tasks, budget)]
+        cut += [(part, "" if part[-1].data_id == sink else sink, why) for part in _parts(tasks, budget)]
     count = len(cut)
     return tuple(
-        RecomputeUnit(plan.plan_id, i, count, len(plan.tasks), subject, cause, tasks, created, sink)
-        for i, (tasks, sink) in enumerate(cut)
+        RecomputeUnit(plan.plan_id, i, count, len(plan.tasks), subject, why, tasks, created, sink)
+        for i, (tasks, sink, why) in enumerate(cut)
     )
 
 
@@ -225,7 +235,9 @@ def _parts(tasks: list[RecomputeTask], budget: int) -> list[tuple[RecomputeTask,
     parts: list[list[RecomputeTask]] = [[]]
     used = 0
     for t in tasks:
-        size = len(t.encode()) + 8  # + the array item's length prefix and block count, generously
+        size = (
+            len(t.encode(unit_cause=t.cause)) + 8
+        )  # + the array item's length prefix and block count, generously
         if parts[-1] and used + size > budget:
             parts.append([])
             used = 0

@@ -114,6 +114,24 @@ def test_all_run_one_traversal_and_the_batch_plan_is_published(index: LedgerInde
     assert sorted(t.task_id for u in units for t in u.tasks) == sorted(t.task_id for t in together.tasks)
 
 
+def test_each_unit_of_a_batch_plan_names_the_events_that_reach_it(index: LedgerIndex) -> None:
+    """A and B meet in group g0's unit, D alone reaches g1's: each unit's cause (and its tasks') names
+    only those events' decisions, not the batch's whole tree (written once per unit)."""
+    d = _change("g1-s1", "v0", "v6", 4)
+    m = _manager(index, RecomputeSettings())
+    _offsets, _plain, units = _consume(m, [A.encode(), B.encode(), d.encode()])
+    assert m._stats.ledger_plans == 1 and len({u.plan_id for u in units}) == 1
+    by_key = {u.key: u for u in units}
+    g0, g1 = by_key[b"g0"], by_key[b"g1"]
+    assert g0.cause.kind == "changes" and len(g0.cause.causes) == 2
+    assert ["g0-s0" in c.subject for c in g0.cause.causes] == [True, False]
+    assert "g0-s2" in g0.cause.causes[1].subject
+    assert (
+        g1.cause.kind == "change:source_changed" and "g1-s1" in g1.cause.subject and not g1.cause.causes[1:]
+    )
+    assert all(t.cause == u.cause for u in units for t in u.tasks)
+
+
 def test_a_duplicate_is_decided_without_its_own_traversal(index: LedgerIndex) -> None:
     """C repeats A's DataID: `duplicate`; A and B run as the plan of the two, from the batch's
     traversal (the same plan a traversal of A and B alone makes)."""

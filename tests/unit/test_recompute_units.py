@@ -14,7 +14,7 @@ import fastavro
 import pytest
 from ledger_support import CTX, LEDGER, build, node, pipeline
 
-from recompute_manager.planner import RecomputePlan, RecomputeTask, plan_for_change
+from recompute_manager.planner import PlanError, RecomputePlan, RecomputeTask, plan_for_change
 from recompute_manager.policy import Cause
 from recompute_manager.progress import (
     KIND_PENDING,
@@ -108,8 +108,30 @@ def test_unit_round_trip_and_plain_fastavro(tmp_path: Path) -> None:
         2,
         "g0",
     )
-    assert [RecomputeTask.decode(t) for t in plain["tasks"]] == list(unit.tasks)
+    assert [RecomputeTask.decode(t, unit_cause=WHY) for t in plain["tasks"]] == list(unit.tasks)
     assert json.loads(plain["cause"])["kind"] == "policy"
+    with pytest.raises(PlanError, match="part of a unit record"):  # its cause is the unit's
+        RecomputeTask.decode(plain["tasks"][0])
+
+
+def test_a_unit_writes_its_cause_once_not_once_per_task(tmp_path: Path) -> None:
+    """A plan of a batch of change events has one cause with a sub-cause per event: written with
+    every task it made each task as large as the batch (a batch of 1,000 events: 229 KB a task)."""
+    plan = _plan(tmp_path)
+    big = Cause(
+        "changes", "1000 change events", "", tuple(Cause("change", f"s{i}", "x" * 100) for i in range(1000))
+    )
+    [unit, _] = split_units(plan, subject="s", cause=big)
+    assert all(t.cause is big for t in unit.tasks)  # the tasks run for the unit's (the decision's) cause
+    raw = unit.encode()
+    assert len(raw) < 2 * len(json.dumps(big.to_dict()))
+    decoded = RecomputeUnit.decode(raw)
+    assert decoded == unit and all(t.cause == big for t in decoded.tasks)
+    alone = unit.tasks[0].encode()  # on its own (a dead letter) a task carries its cause
+    assert RecomputeTask.decode(alone).cause == big
+    approved = unit.approved("ops")
+    assert len(approved.encode()) < len(raw) + 200
+    assert RecomputeUnit.decode(approved.encode()).tasks[0].cause == approved.cause
 
 
 @pytest.mark.parametrize("raw", [b"", b"nope", UNIT_PREFIX, UNIT_PREFIX + b"\xff\xff", None])
@@ -134,7 +156,8 @@ def test_approval_tops_the_cause_tree(tmp_path: Path) -> None:
     [unit, _] = split_units(_plan(tmp_path), subject="function:map1", cause=WHY)
     approved = unit.approved("ops")
     assert approved.cause == Cause("approved", "function:map1", "approved by ops", (WHY,))
-    assert approved.tasks == unit.tasks and approved.key == unit.key
+    assert [t.task_id for t in approved.tasks] == [t.task_id for t in unit.tasks] and approved.key == unit.key
+    assert {t.cause for t in approved.tasks} == {approved.cause}
 
 
 def _progress(state: str, unit: int = -1, **kw: int) -> Progress:
