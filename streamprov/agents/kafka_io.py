@@ -38,7 +38,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from streamprov.errors import StreamprovError
 
@@ -230,6 +230,26 @@ def missing_topics(
         )
         return [], []
     return [t for t in required if t not in topics], [t for t in optional if t not in topics]
+
+
+def topic_max_message_bytes(settings: Mapping[str, Any], topic: str, *, timeout_s: float) -> int | None:
+    """The topic's `max.message.bytes`: the broker refuses a larger record batch, whatever the
+    producer allows. None when it cannot be read (no such topic, no DescribeConfigs permission, no
+    answer within `timeout_s`): the caller keeps its producer's limit."""
+    admin = AdminClient(dict(settings))
+    try:
+        future = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)])
+        (entries,) = (f.result(timeout=timeout_s) for f in future.values())
+        value = entries["max.message.bytes"].value
+        return int(value) if value is not None else None
+    except TimeoutError:
+        why = f"no answer within {timeout_s:g} s"
+    except KafkaException as exc:
+        why = kafka_error(exc).str()
+    except (KeyError, ValueError, TypeError) as exc:
+        why = repr(exc)
+    log.warning("cannot read max.message.bytes of topic %s (%s): using the producer's limit", topic, why)
+    return None
 
 
 _NO_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})

@@ -23,8 +23,9 @@ How it stays correct:
   The watermark is the newest record timestamp seen (as in Kafka Streams), with no cap: one record
   stamped far ahead (a broker accepts up to `message.timestamp.after.max.ms`, 1 h by default) closes
   the windows before it, and the on-time records after it are dead-lettered as `late_record`.
-* An output larger than the producer may send (`message.max.bytes`, less 1 KB for framing) is
-  dead-lettered as `record_too_large` (its input; for a reduce, the window's result cut to fit).
+* An output larger than the producer may send (`message.max.bytes`), or than the output topic takes
+  (its `max.message.bytes`, read at start), less 1 KB for framing, is dead-lettered as
+  `record_too_large` (its input; for a reduce, the window's result cut to fit).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from streamprov.agents.kafka_io import (
     kafka_error,
     produce_blocking,
     seek_retrying,
+    topic_max_message_bytes,
 )
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm, matches
@@ -349,6 +351,13 @@ class StepTransform:
             raise ChecksumMismatchError("input value does not match its header checksum", raw)
         return header
 
+    @property
+    def _limit_text(self) -> str:
+        return (
+            f"more than the {self.max_output_bytes} an output may be (the producer's message.max.bytes "
+            "or the output topic's max.message.bytes, less 1 KB for framing)"
+        )
+
     def _load(self, value: bytes | None) -> Any:
         if value is None:
             raise SerdeError("record has no value (a tombstone)")
@@ -420,8 +429,7 @@ class StepTransform:
         size = record_size(key, output, headers)
         if size > self.max_output_bytes:
             too_large = StreamprovError(
-                f"the output is {size} bytes (key, value, headers), more than the {self.max_output_bytes} "
-                "the producer may send (message.max.bytes)"
+                f"the output is {size} bytes (key, value, headers), {self._limit_text}"
             )
             return self.dead_letter(msg, too_large, DeadLetterReason.RECORD_TOO_LARGE)
         if self.recorder is not None:  # a queue put; the ledger's own errors stop the batch (see Processor)
@@ -523,7 +531,7 @@ class StepTransform:
             size = record_size(key, value, out_headers)
             if size > self.max_output_bytes:  # the result itself, cut to fit, with why and which window
                 log.error("reduce result of %r %s: %d bytes, dead-lettered", window.key, window.window, size)
-                error = f"the result is {size} bytes, over the {self.max_output_bytes} the producer may send"
+                error = f"the result is {size} bytes, {self._limit_text}"
                 reason = DeadLetterReason.RECORD_TOO_LARGE
                 out.append(self._window_dead_letter(window, key, value, reason, error, out_headers))
                 continue
@@ -675,6 +683,11 @@ class Processor:
         self.operation_timeout_s = operation_timeout_s
         self.max_consecutive_failures = max_consecutive_failures
         self._bootstrap = str(config.get("bootstrap.servers", "?"))
+        self._admin_config = {
+            k: v
+            for k, v in self._common(config, producer_config).items()
+            if k not in ("transactional.id", "enable.idempotence", "acks", "linger.ms")
+        }
         self.transform = StepTransform(
             function,
             output_topic=output_topic,
@@ -802,6 +815,7 @@ class Processor:
                     f"{self._bootstrap} are reachable and the transaction state topic is available",
                     err,
                 ) from exc
+        self._fit_output_topic()
         rebalance = self._rebalance
         self._consumer.subscribe(
             self.input_topics,
@@ -818,6 +832,23 @@ class Processor:
             self.guarantee,
             "reduce" if self.transform.is_reduce else "map",
         )
+
+    def _fit_output_topic(self) -> None:
+        """Lower the output size limit to the output topic's `max.message.bytes` when that is below
+        the producer's: the broker refuses a larger record, the batch is retried until the processor
+        gives up, and on every restart again (found by probing); checked once, at start."""
+        transform = self.transform
+        limit = topic_max_message_bytes(
+            self._admin_config, transform.output_topic, timeout_s=self.operation_timeout_s
+        )
+        if limit is not None and limit - RECORD_FRAMING_BYTES < transform.max_output_bytes:
+            transform.max_output_bytes = limit - RECORD_FRAMING_BYTES
+            log.info(
+                "output topic %s takes records of at most %d bytes (max.message.bytes): larger outputs "
+                "are dead-lettered as record_too_large",
+                transform.output_topic,
+                limit,
+            )
 
     def run(
         self,

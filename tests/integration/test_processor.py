@@ -20,7 +20,13 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from kafka_support import FAST_GROUP_CONFIG, Record, consume_all, produce, record_view
 
-from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, SOURCE_HEADER, DeadLetterReason
+from streamprov.agents.dead_letter import (
+    ERROR_HEADER,
+    REASON_HEADER,
+    RECORD_FRAMING_BYTES,
+    SOURCE_HEADER,
+    DeadLetterReason,
+)
 from streamprov.agents.processor import (
     AT_LEAST_ONCE,
     EXACTLY_ONCE,
@@ -455,6 +461,45 @@ def test_an_output_too_large_to_produce_is_dead_lettered_and_the_stream_goes_on(
     key, value, headers = record_view(letter)
     assert (key, value) == (big, _value(2))  # the input as consumed: it fits
     assert dict(headers)[REASON_HEADER] == b"record_too_large"
+
+
+def test_an_output_over_the_output_topics_max_message_bytes_is_dead_lettered(
+    kafka_bootstrap: str, new_topic: Any, unique_group: Any
+) -> None:
+    """The output topic takes at most 20,000 bytes a record, well under the producer's 1 MB: a 30 KB
+    output was refused by the broker, the batch retried 11 times and the processor stopped, again on
+    every restart (found by probing). The processor reads the topic's limit at start."""
+    src, dlq = new_topic(), new_topic()
+    out = new_topic(config={"max.message.bytes": "20000"})
+    produce(
+        kafka_bootstrap,
+        src,
+        [
+            Record(_value(1), b"good-0"),
+            Record(_value(2, pad="x" * 30_000), b"big"),
+            Record(_value(3), b"after"),
+        ],
+    )
+    processor = Processor(
+        _config(kafka_bootstrap),
+        group_id=unique_group(),
+        input_topics=src,
+        output_topic=out,
+        dead_letter_topic=dlq,
+        function=processor_fns.enrich,
+        max_consecutive_failures=1,
+    )
+    stats = _run(processor, max_records=3, idle_timeout_s=30)
+    assert (stats.records_in, stats.records_out, stats.dead_lettered, stats.aborts) == (3, 2, 1, 0)
+    outputs = consume_all(kafka_bootstrap, out, expected=2, timeout_s=30, grace_s=0.5)
+    assert sorted(m.key() for m in outputs) == [b"after", b"good-0"]
+    (letter,) = consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=30, grace_s=0.5)
+    key, _value_bytes, headers = record_view(letter)
+    assert key == b"big" and dict(headers)[REASON_HEADER] == b"record_too_large"
+    assert (
+        f"more than the {20_000 - RECORD_FRAMING_BYTES} an output may be".encode()
+        in dict(headers)[ERROR_HEADER]
+    )
 
 
 # -- 4. windowed reduce, with a restart in the middle ---------------------------------------------------
