@@ -17,7 +17,7 @@ that publishes its output:
    decisions, its units carry the first event's trace context; a single event keeps its own plan and
    ids; the merged plan falls back to per-event plans if it cannot be made or has a task too large to
    publish). A change event that does not run (refused, waiting for approval) is reported with its
-   own plan. A plan that runs is cut into independent units (`units.split_units`) and published in
+   own plan. A plan that runs is cut into independent units (`units.encoded_units`) and published in
    ONE transaction per batch: each unit as one record on the tasks topic (keyed by its sink DataID),
    a `planned` progress record per plan, and the consumed offsets. Refusals are reported per event
    on the progress topic with their reason; a `needs_approval` plan also leaves its units there
@@ -71,7 +71,7 @@ from recompute_manager.policy import (
 from recompute_manager.priority import PlainRecord, PriorityPublisher
 from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress, pending_key
 from recompute_manager.tracing import TraceHeaders, cause_headers
-from recompute_manager.units import RecomputeUnit, split_units
+from recompute_manager.units import RecomputeUnit, encoded_units
 from recompute_manager.views import Views
 from recompute_manager.worker import UnitWorker, WorkerSettings, instance_id
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, fit, source_of
@@ -147,7 +147,7 @@ class ManagerSettings:
     replica_id: str = field(default_factory=default_replica)
     """Stable and unique per replica: derives the workers' group.instance.id and transactional.id."""
     max_unit_bytes: int = DEFAULT_MAX_UNIT_BYTES
-    """A component larger than this is cut into parts that fit (`split_units`); a single task larger
+    """A component larger than this is cut into parts that fit (`encoded_units`); a single task larger
     than it is not published, and its plan is reported `too_large`."""
     batch_size: int = 100
     poll_timeout_s: float = 0.5
@@ -752,16 +752,15 @@ class RecomputeManager:
         decision's."""
         s = self.settings
         waits = decision.action is Action.NEEDS_APPROVAL
-        units: tuple[RecomputeUnit, ...] = ()
+        encoded: tuple[tuple[RecomputeUnit, bytes], ...] = ()
         if plan.tasks and (decision.runs or waits):
-            units = split_units(
+            encoded = encoded_units(
                 plan,
                 subject=decision.data_id,
                 cause=decision.cause,
                 max_bytes=s.max_unit_bytes,
                 cause_of=cause_of,
             )
-        encoded = [(u, u.encode()) for u in units]
         too_big = [(u, len(raw)) for u, raw in encoded if len(raw) > s.max_unit_bytes]
         state = "done" if decision.runs and not plan.tasks else decision.action.value
         reason = decision.reason
@@ -774,7 +773,7 @@ class RecomputeManager:
                 f"unit {u.index} has {len(u.tasks)} task(s), {size} bytes encoded, more than "
                 f"max_unit_bytes {s.max_unit_bytes} (raise it with the topics' max.message.bytes)"
             )
-            encoded = []
+            encoded = ()
         records: list[PlainRecord] = []
         run: list[RecomputeUnit] = []
         for u, raw in encoded:

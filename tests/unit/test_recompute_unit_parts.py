@@ -13,7 +13,7 @@ from recompute_manager.cache import ResultCache
 from recompute_manager.executor import Executor, PlanResult
 from recompute_manager.planner import InputOrigin, RecomputePlan, plan_for_change
 from recompute_manager.policy import Cause
-from recompute_manager.units import RecomputeUnit, split_units
+from recompute_manager.units import RecomputeUnit, encoded_units, split_units
 from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, FunctionChange
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger import Application, ApplicationKind, DataRef, LedgerIndex
@@ -120,6 +120,10 @@ def test_a_component_over_max_bytes_is_cut_into_parts_of_one_key_that_fit(tmp_pa
         assert again == p and again.key == b"sum"
     # unsplit when it fits
     assert split_units(plan, subject="function:scale", cause=WHY, created_at_ms=1, max_bytes=size) == (whole,)
+    # the records made with the units (each task encoded once) are the units' own encodings
+    for max_bytes in (limit, size, None):
+        pairs = encoded_units(plan, subject="function:scale", cause=WHY, created_at_ms=1, max_bytes=max_bytes)
+        assert [raw for _, raw in pairs] == [u.encode() for u, _ in pairs]
 
 
 def test_a_task_larger_than_max_bytes_stays_one_part_for_the_caller_to_refuse(tmp_path: Path) -> None:
