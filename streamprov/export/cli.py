@@ -25,7 +25,7 @@ import typer
 
 from streamprov.checksum import Checksum, ChecksumAlgorithm
 from streamprov.errors import StreamprovError
-from streamprov.export.lineage import FORMATS, LineageGraph, render, targets_of
+from streamprov.export.lineage import FORMATS, LineageGraph, render, targets_of, truncation_note
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.model import DataRef
 
@@ -150,6 +150,8 @@ def lineage_targets(index: LedgerIndex, target: DataRef | str) -> list[DataRef]:
 def _emit(graph: LineageGraph, fmt: str, namespace: str, svg: Path | None) -> None:
     text = render(graph, fmt, namespace=namespace)
     typer.echo(text)
+    if graph.truncated and fmt != "tree":  # the tree says so in its last line
+        typer.secho(f"note: {truncation_note(graph)}", err=True)
     if svg is not None:
         if fmt != "dot":
             _fail("--svg needs --format dot")

@@ -119,9 +119,15 @@ def to_tree(graph: LineageGraph) -> str:
     for target in graph.targets:
         lines.append(target.describe())
         _tree(lines, target, producers if upstream else consumers, upstream, "", set())
-    if graph.truncated:  # name the option of the command that made the graph: lineage or impact
-        lines.append(f"... (truncated: raise {'--max-depth' if upstream else '--limit'} to see more)")
+    if graph.truncated:
+        lines.append(f"... ({truncation_note(graph)})")
     return "\n".join(lines)
+
+
+def truncation_note(graph: LineageGraph) -> str:
+    """What a graph cut short by its query's limit says, naming the option of the command that made
+    it (lineage or impact); `tree` and `dot` carry it, the CLI prints it for every format."""
+    return f"truncated: raise {'--max-depth' if graph.direction == 'upstream' else '--limit'} to see more"
 
 
 def _tree(
@@ -312,6 +318,8 @@ def to_dot(graph: LineageGraph) -> str:
     ids: dict[DataRef, str] = {ref: f"n{i}" for i, ref in enumerate(graph.nodes)}
     targets = set(graph.targets)
     lines = [f"digraph {_dot_str(graph.direction)} {{", "  rankdir=LR;", "  node [fontsize=10];"]
+    if graph.truncated:  # shown under the drawing
+        lines.append(f"  label={_dot_str(truncation_note(graph))};")
     for ref, nid in ids.items():
         style = ", style=bold" if ref in targets else ""
         label = f"{ref.data_id}\n{ref.checksum.hex()}"

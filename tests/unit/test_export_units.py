@@ -163,8 +163,9 @@ def test_cli_lineage_and_impact_offline(index: LedgerIndex) -> None:
     assert res.exit_code == 0, res.output
     ProvDocument.deserialize(content=res.output, format="json")
     res = runner.invoke(app, ["lineage", "g1", *base, "--format", "openlineage", "--max-depth", "2"])
-    lines = [json.loads(x) for x in res.output.splitlines()]
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
     assert [e["job"]["name"] for e in lines] == ["sum@1", "publish@1"]
+    assert res.stderr == "note: truncated: raise --max-depth to see more\n"
     res = runner.invoke(app, ["impact", "g0-s2", *base, "--format", "json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
@@ -205,3 +206,21 @@ def test_cli_truncated_trees_name_the_option_that_widens_them(index: LedgerIndex
     res = runner.invoke(app, ["lineage", "g1", *base, "--max-depth", "1"])
     assert res.exit_code == 0
     assert res.output.splitlines()[-1] == "... (truncated: raise --max-depth to see more)"
+
+
+@pytest.mark.parametrize("fmt", ["prov-json", "openlineage", "dot"])
+def test_cli_every_format_says_when_it_is_truncated(index: LedgerIndex, fmt: str) -> None:
+    """Only `tree` said so: a PROV-JSON, OpenLineage or DOT export cut short by --limit/--max-depth
+    looked complete. The note goes to stderr (the document stays valid); DOT also labels the drawing."""
+    path = index.path
+    index.close()
+    base = ["--index-dir", str(path), "--ledger-id", LEDGER, "--format", fmt]
+    res = runner.invoke(app, ["impact", "g0-s2", *base, "--limit", "1"])
+    assert res.exit_code == 0 and "note: truncated: raise --limit to see more" in res.stderr
+    assert "truncated" not in res.stdout or fmt == "dot"
+    full = runner.invoke(app, ["impact", "g0-s2", *base])
+    assert full.exit_code == 0 and "truncated" not in full.stderr + full.stdout
+    if fmt == "dot":
+        assert 'label="truncated: raise --limit to see more";' in res.stdout
+    res = runner.invoke(app, ["lineage", "g1", *base, "--max-depth", "1"])
+    assert res.exit_code == 0 and "note: truncated: raise --max-depth to see more" in res.stderr
