@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Message
-from kafka_support import Record, consume_all, produce, unique_name
+from confluent_kafka import Consumer, Message, TopicPartition
+from kafka_support import Record, consume_all, produce, record_view, unique_name
 
+from streamprov.agents.dead_letter import ERROR_HEADER, REASON_HEADER, RECORD_FRAMING_BYTES, SOURCE_HEADER
 from streamprov.checksum import Checksum, ChecksumAlgorithm, compute, matches
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.lineage import StepKind
@@ -93,7 +94,7 @@ def value_of(msg: Message) -> Any:
     return json.loads(msg.value())
 
 
-def produce_sources(bootstrap: str, topic: str, records: list[tuple[str, int]]) -> None:
+def produce_sources(bootstrap: str, topic: str, records: list[tuple[str, int | str]]) -> None:
     """Source records {"v": v} under key, stamped by the ProvenanceProducer."""
     producer = ProvenanceProducer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     for key, v in records:
@@ -281,3 +282,45 @@ def test_reduce_windows_survive_a_worker_restart(
     assert "restored 2 open window(s)" in text
     if stop == "sigkill":  # the reduce saw its six inputs again and skipped them
         assert "already folded before a restart" in text
+
+
+def test_map_output_over_the_sink_topics_max_message_bytes_is_dead_lettered(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path
+) -> None:
+    """The sink topic takes at most 20,000 bytes a record, well under faust's 1 MB producer limit: the
+    broker refused the 30 KB output, faust only logged the send error ("_on_published error ...
+    MessageSizeTooLargeError"), the offset was committed and the record was in neither the sink nor
+    the dead letters (found by probing). The agent reads the sink's limit when it starts."""
+    topics = {name: new_topic(prefix=f"faust-m-{name}") for name in ("source", "totals", "dlq")}
+    topics["mapped"] = new_topic(prefix="faust-m-mapped", config={"max.message.bytes": "20000"})
+    produce_sources(kafka_bootstrap, topics["source"], [("a", 1), ("big", "x" * 15_000), ("c", 3)])
+    app_id = unique_name("sp-faust-limit")
+    log = tmp_path / "worker.log"
+    with faust_worker(app_env(kafka_bootstrap, topics, tmp_path, 1000, app_id), log):
+        mapped = consume_all(kafka_bootstrap, topics["mapped"], expected=2, timeout_s=60, grace_s=0.5)
+        dead = consume_all(kafka_bootstrap, topics["dlq"], expected=1, timeout_s=15, grace_s=0.5)
+        assert len(mapped) + len(dead) == 3, log_tail(log)
+        consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": app_id})
+        try:  # the worker commits every 0.5 s: wait until all three inputs count as done
+            deadline = time.monotonic() + 15
+            while True:
+                (done,) = consumer.committed([TopicPartition(topics["source"], 0)], timeout=10)
+                if done.offset == 3 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        finally:
+            consumer.close()
+
+    assert [(m.key(), value_of(m)) for m in mapped] == [(b"a", {"v": 2}), (b"c", {"v": 6})]
+    (letter,) = dead
+    source = consume_all(kafka_bootstrap, topics["source"], expected=3, timeout_s=10)
+    key, value, headers = record_view(letter)
+    assert (key, value) == (b"big", source[1].value())  # the input as consumed
+    hdrs = dict(headers)
+    assert hdrs[REASON_HEADER] == b"record_too_large"
+    assert hdrs[SOURCE_HEADER] == f"{topics['source']}/0/1".encode()
+    error = hdrs[ERROR_HEADER] or b""
+    assert f"more than the {20_000 - RECORD_FRAMING_BYTES} an output may be".encode() in error
+    assert b"max.message.bytes" in error
+    assert done.offset == 3  # all three inputs processed: two in the sink, one set aside, none lost
+    assert "MessageSizeTooLargeError" not in log.read_text(errors="replace")
