@@ -26,6 +26,9 @@ Guarantees
 * Nothing is dropped and no record problem crashes an agent: malformed or unknown headers, checksum
   mismatches, undecodable values, exceptions in the user's function, late records go to the
   dead-letter topic with `streamprov.dlq.reason` / `.error` / `.source` headers.
+* An output larger than the producer may send (``producer_max_request_size``), or than its sink
+  topic takes (its ``max.message.bytes``, read when the agent starts), less 1 KB for framing, is
+  dead-lettered as ``record_too_large`` (a map: its input; a reduce: the window's result, cut to fit).
 * Map: at-least-once. faust flushes the producer before it commits an offset, so an output is on
   the broker before its input counts as done; after a crash the input is processed again and the
   output written twice (same DataID, value and checksums; only the header timestamp differs).
@@ -65,6 +68,7 @@ faust-streaming notes (0.15.3, aiokafka 0.14, Apache Kafka 4.4)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -80,6 +84,7 @@ from streamprov.agents.dead_letter import (
     record_size,
     source_of,
 )
+from streamprov.agents.kafka_io import topic_max_message_bytes
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import Checksum, ChecksumAlgorithm, matches
 from streamprov.errors import ProcessingError, SerdeError, StreamprovError
@@ -113,6 +118,18 @@ logger = logging.getLogger(__name__)
 OutHeaders = list[tuple[str, bytes | None]]
 StateStore = MutableMapping[bytes, bytes]
 """Where reduce state lives: a faust Table (changelog-backed) or, for tests, a plain dict."""
+PRODUCER_LIMIT = "the producer's producer_max_request_size"
+"""Where a handler's `max_output_bytes` comes from unless its sink topic takes less."""
+SINK_CONFIG_TIMEOUT_S = 10.0
+"""How long an agent waits at start for its sink topic's `max.message.bytes`."""
+
+
+def too_large(what: str, size: int, limit: int, limit_of: str) -> str:
+    """The error text of a `record_too_large` dead letter: the size, the limit and which one it is."""
+    return (
+        f"{what} is {size} bytes, more than the {limit} an output may be "
+        f"({limit_of}, less {RECORD_FRAMING_BYTES} bytes for framing)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +214,10 @@ class MapHandler:
         """Records every output in the provenance ledger (see `ProvenanceAgents`)."""
         self.max_output_bytes = max_output_bytes
         """A larger output (key, value, headers) is dead-lettered: the producer would refuse it, and
-        the agent crashed and lost the record."""
+        the agent crashed and lost the record. `ProvenanceAgents` lowers it to the sink topic's
+        `max.message.bytes` (less framing) when that is smaller."""
+        self.limit_of = PRODUCER_LIMIT
+        """Which limit `max_output_bytes` is, for the dead letter's error text."""
 
     def handle(self, record: InputRecord, timestamp_ms: int | None = None) -> Outgoing:
         """The output record, or the input as a dead-letter record; never raises for a bad record."""
@@ -232,7 +252,7 @@ class MapHandler:
         headers: OutHeaders = [(HEADER_KEY, header), *headers_without(record.headers)]
         size = record_size(record.key, out, headers)
         if size > self.max_output_bytes:
-            error = f"the output is {size} bytes, more than the {self.max_output_bytes} the producer may send"
+            error = too_large("the output", size, self.max_output_bytes, self.limit_of)
             where = f"{record.topic}/{record.partition}/{record.offset}"
             logger.warning("map %s: %s at %s", self.function.function_id, error, where)
             reason = DeadLetterReason.RECORD_TOO_LARGE
@@ -416,6 +436,7 @@ class ReduceHandler:
         self.verify_input = verify_input
         self.max_output_bytes = max_output_bytes
         """A larger window result (key, value, headers) is dead-lettered, cut to fit (`MapHandler`)."""
+        self.limit_of = PRODUCER_LIMIT
         self.recorder = recorder
         """Ledger on: records each emitted window with its full input list. The inputs of open
         windows are kept in the store too (one entry per input, `input_key`), so a restart or a
@@ -635,8 +656,8 @@ class ReduceHandler:
         header = output.header(self.function, None, value, self.algorithm)
         headers: OutHeaders = [(HEADER_KEY, header.encode())]
         size = record_size(key, value, headers)
-        if size > self.max_output_bytes:  # the producer would refuse it: set aside, cut, with its window
-            error = f"the result is {size} bytes, more than the {self.max_output_bytes} the producer may send"
+        if size > self.max_output_bytes:  # it would be refused: set aside, cut, with its window
+            error = too_large("the result", size, self.max_output_bytes, self.limit_of)
             logger.error(
                 "reduce %s: window %s of %r: %s", self.function.function_id, output.window, output.key, error
             )
@@ -729,6 +750,8 @@ class ProvenanceAgents:
         self.handlers: dict[str, MapHandler | ReduceHandler] = {}
         self._topics: dict[str, Any] = {}
         self._reducers: list[ReduceHandler] = []
+        self._sink_limits: dict[str, int | None] = {}
+        """Each sink topic's `max.message.bytes`, read once (None: could not be read)."""
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
 
     def topic(self, name: str, partitions: int | None = None) -> Any:
@@ -781,6 +804,7 @@ class ProvenanceAgents:
                 await self.send(out)
 
             async def run(stream: Any) -> None:
+                await self._fit_sink(handler)
                 if handler.recorder is None:
                     async for event in stream.events():
                         await one(event)
@@ -847,6 +871,7 @@ class ProvenanceAgents:
             self._reducers.append(handler)
 
             async def run(stream: Any) -> None:
+                await self._fit_sink(handler)
                 async for event in stream.events():
                     message = event.message
                     ts = _event_ms(message.timestamp)
@@ -908,6 +933,42 @@ class ProvenanceAgents:
     def _max_output_bytes(self) -> int:
         """The largest output the app's producer sends (`producer_max_request_size`, less framing)."""
         return int(self.app.conf.producer_max_request_size) - RECORD_FRAMING_BYTES
+
+    async def _fit_sink(self, handler: MapHandler | ReduceHandler) -> None:
+        """Lower `handler`'s output limit to its sink topic's `max.message.bytes` when that is below
+        the producer's: the broker refuses a larger record. A map agent's send only logged faust's
+        "_on_published error ... MessageSizeTooLargeError", its offset was committed and the record
+        was in neither the sink nor the dead letters; a reduce agent crashed in `deliver`, and the
+        window's state, never released, crashed it again after every restart (found by probing).
+        Read once per sink, when its agent first starts; a failed read keeps the producer's limit."""
+        if handler.sink not in self._sink_limits:
+            self._sink_limits[handler.sink] = await self._read_max_message_bytes(handler.sink)
+        limit = self._sink_limits[handler.sink]
+        if limit is not None and limit - RECORD_FRAMING_BYTES < handler.max_output_bytes:
+            handler.max_output_bytes = limit - RECORD_FRAMING_BYTES
+            handler.limit_of = f"the sink topic's max.message.bytes, {limit}"
+            logger.info(
+                "sink topic %s takes records of at most %d bytes (max.message.bytes): larger outputs of "
+                "%s are dead-lettered as record_too_large",
+                handler.sink,
+                limit,
+                handler.function.function_id,
+            )
+
+    async def _read_max_message_bytes(self, topic: str) -> int | None:
+        """`kafka_io.topic_max_message_bytes` off the event loop, on the app's brokers
+        (`app.conf.broker`, ``kafka://host:port`` URLs, faust's default port 9092). None when it
+        cannot be read, or when faust connects with credentials (not translated to librdkafka)."""
+        if self.app.conf.broker_credentials is not None:
+            logger.warning(
+                "faust broker credentials are set: max.message.bytes of sink topic %s is not read, its "
+                "outputs are limited by the producer's producer_max_request_size only",
+                topic,
+            )
+            return None
+        settings = {"bootstrap.servers": ",".join(f"{u.host}:{u.port or 9092}" for u in self.app.conf.broker)}
+        read = functools.partial(topic_max_message_bytes, settings, topic, timeout_s=SINK_CONFIG_TIMEOUT_S)
+        return await asyncio.get_running_loop().run_in_executor(None, read)
 
     async def send(self, out: Outgoing, *, force: bool = False) -> Any:
         """Produce one record; returns faust's future of its delivery."""
