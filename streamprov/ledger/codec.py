@@ -42,7 +42,8 @@ _PREFIX_LEN = len(ENTRY_PREFIX)
 # Logical types off: timestamps stay the exact longs written (see avro.without_logical_types).
 _ENTRY_SCHEMA = parse_schema(avro.without_logical_types(ENTRY_SCHEMA_JSON))
 _CHECKPOINT_SCHEMA = parse_schema(avro.without_logical_types(CHECKPOINT_SCHEMA_JSON))
-_DIGEST_SIZES = {ChecksumAlgorithm.CRC32C: 4, ChecksumAlgorithm.SHA256: 32}
+DIGEST_SIZES = {ChecksumAlgorithm.CRC32C: 4, ChecksumAlgorithm.SHA256: 32}
+"""The one digest size of each algorithm: an entry holding another does not decode."""
 KEY_ID_SIZE = 8
 SIGNATURE_SIZE = 64
 
@@ -238,7 +239,7 @@ def _hash(value: Any, name: str) -> bytes:
     return value
 
 
-_ALGORITHMS = {a.name: (a, _DIGEST_SIZES[a]) for a in ChecksumAlgorithm}
+_ALGORITHMS = {a.name: (a, DIGEST_SIZES[a]) for a in ChecksumAlgorithm}
 """Avro enum symbol -> (algorithm, digest size): a reduce entry decodes one per input."""
 
 

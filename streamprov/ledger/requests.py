@@ -163,10 +163,10 @@ def decode_request(raw: bytes | None) -> LedgerRequest:
         r = avro.schemaless_read(raw[len(REQUEST_PREFIX) :], _REQUEST_SCHEMA)
         apps = tuple(application_from_avro(a) for a in r["applications"])
         batches = []
-        for batch in r["map_rows"]:
+        for b, batch in enumerate(r["map_rows"]):
             template = _template_from_avro(batch["template"])
             rows = []
-            for row in batch["rows"]:
+            for i, row in enumerate(batch["rows"]):
                 inp = row["input"]
                 checksum = (
                     None
@@ -174,7 +174,13 @@ def decode_request(raw: bytes | None) -> LedgerRequest:
                     else (int(ChecksumAlgorithm[inp["algorithm"]]), inp["value"])
                 )
                 map_row: MapRow = (0, inp if isinstance(inp, bytes) else None, checksum, row["output_header"])
-                expand(map_row)  # checks the header bytes now: a bad row refuses the whole request
+                # The door: the row is read now as it will be sealed (the headers, each checksum's
+                # size against its algorithm), so a bad row refuses the whole request here and no
+                # entry that would not decode back is ever sealed.
+                try:
+                    expand(map_row)
+                except MalformedRecordError as exc:
+                    raise MalformedRecordError(f"map row {i} of batch {b}: {exc}") from exc
                 rows.append(map_row)
             batches.append((template, tuple(rows)))
     except MalformedRecordError as exc:

@@ -18,9 +18,11 @@ from typing import Any
 
 from streamprov import avro
 from streamprov.checksum import Checksum, ChecksumAlgorithm
+from streamprov.errors import HeaderError
 from streamprov.header import PREFIX, record_fields, scan
 from streamprov.ledger.chain import LedgerChain
 from streamprov.ledger.codec import (
+    DIGEST_SIZES,
     ENTRY_PREFIX,
     _enc_device_context,
     _enc_function,
@@ -28,6 +30,7 @@ from streamprov.ledger.codec import (
     encode_record,
     record_key,
 )
+from streamprov.ledger.errors import MalformedRecordError
 from streamprov.ledger.hashing import _context_part, _identity_head, _identity_tail
 from streamprov.ledger.model import AnyRow, AppTemplate, RefRow, Row
 
@@ -60,6 +63,10 @@ _ENC32 = _enc_long(32)
 _ALG_LP = tuple(_u32(1) + bytes((a,)) for a in range(256))
 _ONE = _enc_long(1)
 _END = b"\x00"
+_DIGEST_SIZE_OF = tuple(DIGEST_SIZES[a] for a in ChecksumAlgorithm)
+"""Digest size by algorithm number: the codec refuses an entry holding a digest of another size."""
+_CHECKSUM_HEADS = frozenset((a << 1, DIGEST_SIZES[a] << 1) for a in ChecksumAlgorithm)
+"""(algorithm byte, length byte) of every valid checksum in a header, as zig-zag varints."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,33 +124,56 @@ def input_ref_row(raw: bytes, data_id: str) -> RefRow:
 
 
 def expand(row: AnyRow) -> Row:
-    """A `MapRow` (header bytes as the data path had them) as a `Row`; a `Row` as it is."""
+    """A `MapRow` (header bytes as the data path had them) as a `Row`; a `Row` as it is.
+
+    Raises `MalformedRecordError` for a map row that would seal into an entry the codec cannot read
+    back: a header that does not decode, or an input checksum not of its algorithm's size."""
     if len(row) == 6:
         return row
     key, input_raw, input_checksum, output_header = row
-    data_id, alg, digest, timestamp = output_fields(output_header)
+    try:
+        data_id, alg, digest, timestamp = output_fields(output_header)
+    except HeaderError as exc:
+        raise MalformedRecordError(f"output header: {exc}") from exc
     if input_raw is None:
         assert input_checksum is not None
-        inp: RefRow = (data_id, input_checksum[0], input_checksum[1])
+        in_alg, in_digest = input_checksum
+        if not 0 <= in_alg < len(_DIGEST_SIZE_OF) or len(in_digest) != _DIGEST_SIZE_OF[in_alg]:
+            raise MalformedRecordError(f"input checksum: {_describe_checksum(in_alg, in_digest)}")
+        inp: RefRow = (data_id, in_alg, in_digest)
     else:
-        inp = input_ref_row(input_raw, data_id)
+        try:
+            inp = input_ref_row(input_raw, data_id)
+        except HeaderError as exc:
+            raise MalformedRecordError(f"input header: {exc}") from exc
     return key, (inp,), (data_id, alg, digest), timestamp, None, None
 
 
 def _claimed(raw: bytes) -> tuple[int, bytes]:
-    """(algorithm number, digest) of the checksum a header claims, read in place when current."""
+    """(algorithm number, digest) of the checksum a header claims, read in place when current.
+
+    Only a digest of its algorithm's size is read in place; anything else goes through
+    `record_fields`, which raises `MalformedHeaderError` for it (as `header._digest_len` does): an
+    entry holding it would not decode (`codec._ref_from_avro`)."""
     if raw[:_PREFIX_LEN] == PREFIX:
         try:
-            n = raw[_PREFIX_LEN + 1] >> 1
+            head = raw[_PREFIX_LEN], raw[_PREFIX_LEN + 1]
+            n = head[1] >> 1
             start = _PREFIX_LEN + 2
             value = raw[start : start + n]
-            alg = raw[_PREFIX_LEN] >> 1
-            if len(value) == n and alg < len(ChecksumAlgorithm):
-                return alg, value
+            if head in _CHECKSUM_HEADS and len(value) == n:
+                return head[0] >> 1, value
         except IndexError:
             pass
     c = record_fields(raw).checksum
     return int(c.algorithm), c.value
+
+
+def _describe_checksum(alg: int, digest: bytes) -> str:
+    if not 0 <= alg < len(_DIGEST_SIZE_OF):
+        return f"unknown checksum algorithm {alg}"
+    name = ChecksumAlgorithm(alg).name
+    return f"{name} digest of {len(digest)} bytes ({name} digests are {_DIGEST_SIZE_OF[alg]} bytes)"
 
 
 def output_fields(raw: bytes) -> tuple[str, int, bytes, int]:
@@ -284,8 +314,8 @@ def _map_parts(tb: _TemplateBytes, row: AnyRow) -> _Parts | None:
         s0 = p + 2 + (n >> 1)
         m = out_h[s0 + 1]
         at = s0 + 2 + (m >> 1)
-        if alg > 2 or alg & 1 or n >= 0x80 or n & 1 or m >= 0x80 or m & 1 or out_h[at] & 1:
-            return None  # not what our stamper writes: the general path
+        if (alg, n) not in _CHECKSUM_HEADS or m >= 0x80 or m & 1 or out_h[at] & 1:
+            return None  # not what our stamper writes: the general path (which refuses a bad one)
         end = at
         while out_h[end] & 0x80:  # at most 10 bytes: the header was scanned when it was made
             end += 1
@@ -300,11 +330,13 @@ def _map_parts(tb: _TemplateBytes, row: AnyRow) -> _Parts | None:
             if in_checksum is None:
                 return None
             in_alg, in_digest = in_checksum
+            if not 0 <= in_alg < len(_DIGEST_SIZE_OF) or len(in_digest) != _DIGEST_SIZE_OF[in_alg]:
+                return None  # the general path refuses it
         else:
             if in_raw[:p] != PREFIX:
                 return None
             a, k = in_raw[p], in_raw[p + 1]
-            if a > 2 or a & 1 or k >= 0x80 or k & 1:
+            if (a, k) not in _CHECKSUM_HEADS:
                 return None
             in_alg, in_digest = a >> 1, in_raw[p + 2 : p + 2 + (k >> 1)]
             if len(in_digest) != k >> 1:
