@@ -10,14 +10,17 @@ to the executor (what `OutputIndex` fills from the output topics and the service
 Then 1% of the sources get a new value, and in the same run:
 
   selective  one plan for the batch of change events (`plan_for_changes`: one ledger traversal for
-             all changed sources' old versions), run by `Executor.run_plan` with the RocksDB
+             all changed sources' old versions, which reads a sum's ledger entry through the input
+             that changed, not its other inputs), run by `Executor.run_plan` with the RocksDB
              `ResultCache`: each changed source's enrich and tag, and the sum of every group that has
-             a changed source (once per group). `sum_n` is registered with its inverse, so the sum
-             is recomputed from its previous output: the changed inputs' old values retracted,
-             their new ones folded in; the unchanged inputs' values are not read, only their
-             headers (the output header's input digest, sources root and lineage cover every
-             input). `--no-inverse` registers it without one: the sum re-folds all its inputs, the
-             unchanged ones read from the value store in one batch;
+             a changed source (once per group), as a delta task (only its changed input listed).
+             `sum_n` is registered with its inverse, so the sum is recomputed from its previous
+             output and the summary the views keep of it (`SummaryKeeper`, built in the set-up as
+             the service's views build it): the changed input's old value retracted, its new one
+             folded in, both Merkle trees rehashed along its path; no unchanged input is read.
+             `--no-summaries` keeps none: the sum is expanded from its ledger entry and every input's
+             header read. `--no-inverse` registers it without an inverse: the sum re-folds all its
+             inputs, the unchanged ones read from the value store in one batch;
   full       every application of the pipeline replayed from the current sources (one plan over
              every ledger entry, no cache, no early cut-off): what recomputing without provenance
              would have to do;
@@ -35,8 +38,8 @@ the process CPU time of both passes and the load average (the machine may be sha
 the steadier of the two), and last `recompute_time_ratio=<selective wall / full wall>` (target
 <= 0.05). `--profile` adds a cProfile of the selective pass (planning and execution).
 
-Usage: python bench/bench_recompute.py [--n N] [--changed-pct P] [--group G] [--no-inverse] [--profile]
-                                      [--no-freeze]
+Usage: python bench/bench_recompute.py [--n N] [--changed-pct P] [--group G] [--no-inverse]
+                                      [--no-summaries] [--profile] [--no-freeze]
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from recompute_manager.cache import ResultCache
 from recompute_manager.executor import DeadLetter, Executor, PlanResult, Recomputed
 from recompute_manager.planner import RecomputePlan, plan_for_changes, plan_from_applications
 from recompute_manager.policy import Cause
+from recompute_manager.summary import SummaryKeeper
 from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.ledger import (
@@ -120,7 +124,7 @@ def source_value(i: int, version: int = 0) -> bytes:
 Built = tuple[LedgerIndex, ResultCache, dict[str, bytes], dict[DataRef, bytes], list[LedgerEntry], float]
 
 
-def build(registry: FunctionRegistry, root: Path, n: int, group: int) -> Built:
+def build(registry: FunctionRegistry, root: Path, n: int, group: int, summaries: bool = True) -> Built:
     """The ledger index and value store of the pipeline over n sources: (index, cache, sources,
     original headers of the enrich and sum_n outputs, entries in pipeline order, seconds)."""
     started = time.perf_counter()
@@ -145,6 +149,7 @@ def build(registry: FunctionRegistry, root: Path, n: int, group: int) -> Built:
             if isinstance(record, LedgerEntry):
                 entries.append(record)
 
+    keeper = SummaryKeeper(cache) if summaries else None
     reduce, group = group > 0, group or n
     for g in range((n + group - 1) // group):
         mids: list[DataRef] = []
@@ -172,6 +177,8 @@ def build(registry: FunctionRegistry, root: Path, n: int, group: int) -> Built:
         out = DataRef.of(f"g{g}", out_value)
         cache.put_value(out, out_value)  # the sum's output record, as the OutputIndex reads it
         headers[out] = state.header(s_step, out.data_id, out_value, out.checksum.algorithm).encode()
+        if keeper is not None:  # the views hear of each reduce output they index (OutputIndex)
+            keeper.note(out, ProvenanceHeader.decode(headers[out]))
         add(Application.of_step(s_step, mids, out, timestamp_ms=TS, device_id="bench", context=CTX))
         if len(batch) >= 10_000:
             index.apply(batch, batch_size=20_000)
@@ -181,6 +188,9 @@ def build(registry: FunctionRegistry, root: Path, n: int, group: int) -> Built:
         batch.append(StoredRecord(offset, final))
     index.apply(batch, batch_size=20_000)
     index.compact()
+    if keeper is not None:  # and keep their summaries as they catch up (Views.for_planning)
+        keeper.keep(index, headers, budget=keeper.pending)
+        assert keeper.pending == 0 and keeper.given_up == 0
     return index, cache, sources, headers, entries, time.perf_counter() - started
 
 
@@ -251,13 +261,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="register sum_n without its inverse: the selective pass re-folds every input of a sum",
     )
+    ap.add_argument(
+        "--no-summaries",
+        action="store_true",
+        help="no reduce summaries in the value store: a reduce task is run from every input's header",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile the selective pass (slower)")
     ap.add_argument("--no-freeze", action="store_true", help="leave the set-up objects to the cyclic GC")
     a = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench-recompute-"))
     try:
         registry = make_registry(inverse=not a.no_inverse)
-        index, cache, sources, headers, entries, build_s = build(registry, root, a.n, a.group)
+        index, cache, sources, headers, entries, build_s = build(
+            registry, root, a.n, a.group, summaries=not a.no_summaries
+        )
         print(f"built: {a.n} sources, {index.size} ledger entries in {build_s:.1f} s")
         print(f"sum_n: {'without' if a.no_inverse else 'with'} its inverse")
         # The data set is set-up, not work: out of the cyclic GC's way, so that neither pass pays for
@@ -288,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         plans = [plan_for_changes(index, events, created_at_ms=TS)]
         plan_s = time.perf_counter() - started
-        selective, sel_run_s = run(Executor(registry, sources, cache=cache, headers=headers), plans)
+        executor = Executor(registry, sources, cache=cache, headers=headers, ledger=index)
+        selective, sel_run_s = run(executor, plans)
         sel_cpu = time.process_time() - cpu
         if profile is not None:
             profile.disable()
@@ -313,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()[0]
         full_tasks, _, full_unchanged, full_dead = summary(full)
 
-        replay, replay_s = run(Executor(registry, sources, cache=cache, headers=headers), plans)
+        replay, replay_s = run(Executor(registry, sources, cache=cache, headers=headers, ledger=index), plans)
         rep_tasks, rep_hits, _, _ = summary(replay)
         compared, problems = mismatches(selective, full)
         index.close()

@@ -48,6 +48,7 @@ _FORCED = b"f"
 _LATEST = b"l"
 _HEADER = b"h"
 _DEAD = b"x"
+_SUMMARY = b"s"
 MAX_SUPERSEDE_HOPS = 64
 MULTI_GET = 4096
 """Keys per RocksDB multi-get (`values`, `latest_values`)."""
@@ -98,6 +99,20 @@ class CacheKey(bytes):
     @classmethod
     def of(cls, step: Step, inputs: Sequence[DataRef]) -> CacheKey:
         return cls.of_leaves(step, node_leaves(inputs))
+
+    @classmethod
+    def of_root(cls, step: Step, inputs_root: bytes) -> CacheKey:
+        """The key of a reduce's result by the Merkle root over its inputs (`Executor._delta`, which
+        does not read every input): tagged, so it is never an `of_leaves` key."""
+        return cls(
+            _RESULT
+            + length_prefixed(
+                step.function_id.encode("utf-8"),
+                step.function_version.encode("utf-8"),
+                params_hash(step.parameters),
+                b"merkle-root:" + inputs_root,
+            )
+        )
 
     @classmethod
     def of_leaves(cls, step: Step, leaves: Sequence[bytes]) -> CacheKey:
@@ -286,6 +301,15 @@ class ResultCache:
             seen.add(nxt)
             node = nxt
         return node
+
+    # -- reduce summaries ---------------------------------------------------------------------------
+    def put_summary(self, inputs_root: bytes, summary: bytes) -> None:
+        """A reduce output's `ReduceSummary` (encoded), by the Merkle root over its inputs."""
+        self._db.put(_SUMMARY + inputs_root, summary)
+
+    def summary(self, inputs_root: bytes) -> bytes | None:
+        found = self._db.get(_SUMMARY + inputs_root)
+        return None if found is None else bytes(found)
 
     # -- dead-lettered tasks -------------------------------------------------------------------------
     def mark_dead(self, task_ids: Iterable[str]) -> None:

@@ -17,6 +17,7 @@ it becomes a `DeadLetter` with the reason (never dropped, never raised out of th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,13 +26,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from recompute_manager.cache import CacheKey, ResultCache, node_leaves, unchanged
 from recompute_manager.planner import InputOrigin, InputRef, RecomputePlan, RecomputeTask
+from recompute_manager.summary import MAX_INPUTS as MAX_SUMMARY_INPUTS
+from recompute_manager.summary import InputParts, ReduceSummary, SummaryError, input_parts, summary_of
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, source_of
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm, matches
 from streamprov.errors import FunctionNotFoundError, HeaderError, StreamprovError
 from streamprov.header import HEADER_KEY, ProvenanceHeader, record_fields, scan
 from streamprov.header import PREFIX as HEADER_PREFIX
-from streamprov.ledger.model import DataRef
+from streamprov.ledger.model import DataRef, LedgerEntry
 from streamprov.lineage import Lineage, Step, StepKind, common_prefix, decode_lineage
 from streamprov.merkle import levels_of, root_of, root_with
 from streamprov.registry import FunctionRegistry, RegisteredFunction
@@ -81,6 +84,14 @@ class ExecutionError(StreamprovError):
     """A task cannot run (missing input, unknown function, the function raised)."""
 
 
+class EntryLookup(Protocol):
+    """The ledger index, as the executor reads it to expand a delta task (`Executor._expand`)."""
+
+    def entry(self, entry_id: bytes) -> LedgerEntry: ...
+
+    def sources_among(self, nodes: Sequence[DataRef]) -> list[bool]: ...
+
+
 class SourceView(Protocol):
     def get(self, data_id: str) -> bytes | None:
         """The current value of the original record with this DataID, or None."""
@@ -98,7 +109,7 @@ class RetryPolicy:
         return float(min(self.max_delay_s, self.base_delay_s * (2 ** max(0, attempt - 1))))
 
 
-Applied = tuple[bytes, tuple[DataRef, ...], DataRef]
+Applied = tuple[bytes, Sequence[DataRef], DataRef]
 """One step of a task as applied: (stamped header, input nodes, output node)."""
 
 
@@ -177,13 +188,17 @@ class Executor:
         headers: Mapping[DataRef, bytes] | None = None,
         tracing: RecomputeTracing | None = None,
         incremental: bool = True,
+        ledger: EntryLookup | None = None,
     ) -> None:
         """`headers`: the original provenance headers of stored intermediates (an `OutputIndex`'s),
         so a reduce over them keeps their lineage and sources; without one a stored input counts as
         an original record. `tracing`: a span per task continuing the superseded record's trace.
         `incremental`: recompute a reduce whose function has an inverse from its previous output
-        when it can (`_incremental`); False always re-folds every input."""
+        when it can (`_incremental`); False always re-folds every input. `ledger`: where a task that
+        lists only its changed inputs (`RecomputeTask.input_count`) finds the others (the ledger
+        index)."""
         self.registry = registry
+        self.ledger = ledger
         self.incremental = incremental
         self.tracing = tracing
         self.headers: Mapping[DataRef, bytes] = headers if headers is not None else {}
@@ -273,15 +288,14 @@ class Executor:
     def execute(
         self, task: RecomputeTask, outputs: Mapping[str, Recomputed], attempts: int = 1
     ) -> Recomputed:
-        """Run a task once; raises `ExecutionError` (or what the function raised)."""
-        fast = self._incremental(task, outputs) if self.incremental and self.cache is not None else None
-        if fast is not None:
-            value, header, node_refs, cached = fast
-            applied: list[Applied] = [
-                (header, tuple(node_refs), DataRef.of(task.data_id, value, self.algorithm))
-            ]
-            return self._finish(task, value, header, cached, attempts, applied)
-        ins = self._inputs(task.inputs, outputs)
+        """Run a task once; raises `ExecutionError` (or what the function raised). A task that lists
+        only its changed inputs runs against its previous output's summary (`_delta`), else as the
+        task with all of them (`_expand`)."""
+        quick = self._quick(task, outputs, attempts)
+        if quick is not None:
+            return quick
+        whole = self._expand(task) if task.is_delta else task
+        ins = self._inputs(whole.inputs, outputs)
         value, header, node_refs = b"", b"", [n for _, _, n in ins]
         cached = False
         applied = []
@@ -318,12 +332,69 @@ class Executor:
                 if step.inputs is not None and step.inputs.window_start is not None:
                     window = (step.inputs.window_start, step.inputs.window_end or 0)
                 header = state.header(fn.step(params), task.data_id, value, self.algorithm, window).encode()
+                if self.cache is not None:  # for a later delta of this output (`_delta`)
+                    self._keep_summary(state.inputs.root(), node_refs, [h for _, h, _ in ins])
             if self.cache is not None and hit is None:
                 self.cache.put(step, node_refs, value, key=key)
             node = DataRef.of(task.data_id, value, self.algorithm)
             applied.append((header, tuple(node_refs), node))
             ins, node_refs = [(value, header, node)], [node]
         return self._finish(task, value, header, cached, attempts, applied)
+
+    def _quick(
+        self, task: RecomputeTask, outputs: Mapping[str, Recomputed], attempts: int
+    ) -> Recomputed | None:
+        """A one-step reduce from its previous output, when it can: a delta task from the previous
+        output's summary (`_delta`), else from the previous value with every input's header
+        (`_incremental`); None: fold every input."""
+        if not self.incremental or self.cache is None:
+            return None
+        delta = self._delta(task, outputs) if task.is_delta else None
+        if delta is not None:
+            value, header, nodes, cached, base = delta
+            output = DataRef.of(task.data_id, value, self.algorithm)
+            return self._finish(task, value, header, cached, attempts, [(header, nodes, output)], base)
+        fast = self._incremental(self._expand(task) if task.is_delta else task, outputs)
+        if fast is None:
+            return None
+        value, header, node_refs, cached = fast
+        output = DataRef.of(task.data_id, value, self.algorithm)
+        return self._finish(task, value, header, cached, attempts, [(header, tuple(node_refs), output)])
+
+    def _expand(self, task: RecomputeTask) -> RecomputeTask:
+        """The task with every input: those it lists at their positions, the others as its ledger
+        entry names them (what the previous output was folded from), each original data
+        (`InputOrigin.SOURCE`) or an intermediate (`STORED`), as the planner decides for a task
+        that lists them all."""
+        if self.ledger is None:
+            raise ExecutionError(
+                f"task {task.task_id[:12]} lists {len(task.inputs)} of {task.input_count} inputs: "
+                "the other inputs are read from the ledger index, and this executor has none"
+            )
+        entry = self.ledger.entry(task.entry_id)
+        inputs = entry.application.inputs
+        if len(inputs) != task.input_count:
+            raise ExecutionError(
+                f"task {task.task_id[:12]} names {task.input_count} inputs, its ledger entry "
+                f"{task.entry_id.hex()[:12]} has {len(inputs)}"
+            )
+        listed = {i.position: i for i in task.inputs}
+        for at, ref in listed.items():
+            assert at is not None  # RecomputeTask.decode and the planner check it
+            if ref.origin is not InputOrigin.SOURCE and inputs[at] != ref.node:
+                raise ExecutionError(
+                    f"task {task.task_id[:12]}: input {at} is {ref.node.describe()}, its ledger entry "
+                    f"has {inputs[at].describe()}"
+                )
+        others = [n for at, n in enumerate(inputs) if at not in listed]
+        kinds = iter(self.ledger.sources_among(others))
+        refs = [
+            dataclasses.replace(listed[at], position=None)
+            if at in listed
+            else InputRef(n, InputOrigin.SOURCE if next(kinds) else InputOrigin.STORED)
+            for at, n in enumerate(inputs)
+        ]
+        return dataclasses.replace(task, inputs=tuple(refs), input_count=None)
 
     def _finish(
         self,
@@ -332,14 +403,186 @@ class Executor:
         header: bytes,
         cached: bool,
         attempts: int,
-        applied: list[Applied],
+        applied: Sequence[Applied],
+        base: DataRef | None = None,
     ) -> Recomputed:
+        """`base`: the version of the previous output the task started from, when a recompute had
+        superseded it already (`_delta`); it is superseded by the new output too."""
         same = unchanged(task.previous_output, value)
         if self.cache is not None:
             new_node = DataRef.of(task.data_id, value, task.previous_output.algorithm)
             self.cache.put_value(new_node, value)
             self.cache.supersede(task.previous_node, new_node, header)
+            if base is not None and base != task.previous_node:
+                self.cache.supersede(base, new_node, header)
         return Recomputed(task, value, header, same, cached, attempts, applied=tuple(applied))
+
+    def _keep_summary(
+        self, inputs_root: bytes, nodes: Sequence[DataRef], headers: Sequence[bytes | ProvenanceHeader]
+    ) -> None:
+        """Store the summary of a reduce output folded from `nodes` read with `headers` (none when a
+        header does not name its node: then no delta starts from it)."""
+        assert self.cache is not None
+        if not 0 < len(nodes) <= MAX_SUMMARY_INPUTS:
+            return
+        summary = summary_of(nodes, headers)
+        if summary is not None:
+            self.cache.put_summary(inputs_root, summary.encode())
+
+    # -- delta reduce --------------------------------------------------------------------------------
+    def _delta(
+        self, task: RecomputeTask, outputs: Mapping[str, Recomputed]
+    ) -> tuple[bytes, bytes, Sequence[DataRef], bool, DataRef] | None:
+        """A reduce task that lists only its changed inputs, run against the summary of its base:
+        (value, header, input nodes, cached, base), or None to run it whole (`_expand`).
+
+        The base is the latest version of the previous output (`ResultCache.latest`): when another
+        plan recomputed this reduce for other inputs since this plan was made, this delta applies on
+        top of that result, so the two converge. Its header (the one a recompute stamped, else the
+        original) must be this function's reduce step (id, version, code hash, parameters, window)
+        over `input_count` inputs, and the value store must hold the summary under its inputs root
+        and its value. The new value is the base's with each changed input's old value retracted
+        (`fn.inverse`) and its new one folded; the new roots are the summary's trees with the
+        changed leaves' paths rehashed; the shared lineage is the prefix of the distinct lineages
+        still present. O(changed · log n) hashes: no unchanged input is read.
+
+        None (run whole) when: not a one-step reduce with an inverse, the function is forced, the
+        base's header, summary or value is missing or does not fit, or a changed input's header does
+        not name its node."""
+        cache = self.cache
+        assert cache is not None
+        step = task.steps[0]
+        if step.kind is not StepKind.REDUCE or cache.forced(step):
+            return None
+        fn = self.registry.get(step.function_id, step.function_version)
+        if fn.inverse is None or fn.initial is None or fn.kind is not StepKind.REDUCE:
+            return None
+        want = fn.step(step.params)
+        base = cache.latest(task.previous_node)
+        raw = cache.header(base) or self.headers.get(base)
+        summary = self._summary_of(raw, want, task) if raw is not None else None
+        if summary is None:
+            return None
+        changed = self._delta_changes(task, summary, outputs)
+        if changed is None:
+            return None
+        changes, olds, news = changed
+        after = summary.replaced(changes) if changes else summary
+        inputs_root, sources_root = after.inputs_tree.root, after.sources_tree.root
+        key = CacheKey.of_root(step, inputs_root)
+        hit = cache.lookup(key)  # not forced: checked above
+        if hit is None:
+            [stored] = cache.values([base])
+            if stored is None or not matches(base.checksum, stored):
+                return None
+            accumulator = self._replace(fn, step.params, self.serde.loads(stored), olds, news)
+            if accumulator is _MISSING:
+                return None
+            value = self.serde.dumps(accumulator)
+            cache.put(step, (), value, key=key)
+        else:
+            value = hit
+        window = None
+        if step.inputs is not None and step.inputs.window_start is not None:
+            window = (step.inputs.window_start, step.inputs.window_end or 0)
+        digest = (after.count, inputs_root, sources_root)
+        upstream = self._shared_lineage(after)
+        header = reduce_header(want, task.data_id, value, self.algorithm, window, digest, upstream).encode()
+        if changes:
+            cache.put_summary(inputs_root, after.encode())
+        return value, header, after.input_nodes(), hit is not None, base
+
+    def _delta_changes(
+        self, task: RecomputeTask, summary: ReduceSummary, outputs: Mapping[str, Recomputed]
+    ) -> tuple[dict[int, tuple[DataRef, InputParts]], list[DataRef], list[bytes | DataRef]] | None:
+        """(position -> new node and parts of each input that differs from the summary's, the old
+        nodes whose values are retracted, the new values (or nodes to read) folded in); None when a
+        changed input's header does not name its node."""
+        changes: dict[int, tuple[DataRef, InputParts]] = {}
+        olds: list[DataRef] = []
+        news: list[bytes | DataRef] = []
+        for ref in task.inputs:
+            at = ref.position
+            assert at is not None  # RecomputeTask checks a delta's positions
+            node, value, header = self._delta_input(ref, outputs)
+            parts = input_parts(node, header)
+            if parts is None:
+                return None
+            old = summary.node(at)
+            if old != node or parts != summary.parts(at):
+                changes[at] = (node, parts)
+            if old != node:
+                olds.append(old)
+                news.append(node if value is None else value)
+        return changes, olds, news
+
+    def _shared_lineage(self, summary: ReduceSummary) -> Lineage | None:
+        """The lineage a reduce's inputs share: the prefix of the distinct ones (each decoded once)."""
+        upstream: Lineage | None = None
+        for encoded in summary.lineages_present():
+            lineage = self._lineage(encoded)
+            upstream = lineage if upstream is None else common_prefix([upstream, lineage])
+        return upstream
+
+    def _summary_of(self, raw: bytes, want: Step, task: RecomputeTask) -> ReduceSummary | None:
+        """The summary a delta of `task` starts from: the one kept under the inputs root of the base
+        header `raw`, when that header's last step is `want` over `task.input_count` inputs in the
+        task's window."""
+        assert self.cache is not None
+        try:
+            lineage = self._decode(raw).lineage
+        except HeaderError:
+            return None
+        last = lineage[-1] if lineage else None
+        window = task.steps[0].inputs
+        if (
+            last is None
+            or last.kind is not StepKind.REDUCE
+            or (last.function_id, last.function_version, last.code_hash, last.parameters)
+            != (want.function_id, want.function_version, want.code_hash, want.parameters)
+            or last.inputs is None
+            or last.inputs.count != task.input_count
+            or (last.inputs.window_start, last.inputs.window_end)
+            != ((None, None) if window is None else (window.window_start, window.window_end))
+        ):
+            return None
+        found = self.cache.summary(last.inputs.merkle_root)
+        if found is None:
+            return None
+        try:
+            summary = ReduceSummary.decode(found)
+        except SummaryError:
+            log.warning(
+                "reduce summary under %s does not decode: running the task whole",
+                last.inputs.merkle_root.hex(),
+            )
+            return None
+        return summary if summary.count == task.input_count else None
+
+    def _delta_input(
+        self, ref: InputRef, outputs: Mapping[str, Recomputed]
+    ) -> tuple[DataRef, bytes | None, bytes | ProvenanceHeader]:
+        """(node, value when at hand (None: read from the value store), header) of a changed input."""
+        if ref.origin is InputOrigin.TASK:
+            done = outputs.get(ref.from_task or "")
+            if done is None:
+                raise ExecutionError(f"input {ref.node.describe()}: task {ref.from_task} has not run")
+            return done.node, done.value, done.header
+        if ref.origin is InputOrigin.SOURCE:
+            value = self.sources.get(ref.node.data_id)
+            if value is None:
+                raise ExecutionError(f"source record {ref.node.data_id!r} is missing (deleted?)")
+            node = DataRef.of(ref.node.data_id, value, self.algorithm)
+            return node, value, self._source_stamper.header(ref.node.data_id, value)
+        assert self.cache is not None
+        node = self.cache.latest(ref.node)
+        header = self._stored_header(ref, node)
+        if header is None:  # counts as an original record: its header is derived from its value
+            value = self.cache.value(node)
+            if value is None:
+                raise ExecutionError(f"intermediate value {node.describe()} is not in the value store")
+            return node, value, ProvenanceHeader.for_source(node.data_id, value, self.algorithm)
+        return node, None, header
 
     # -- incremental reduce ----------------------------------------------------------------------------
     def _incremental(
@@ -423,6 +666,7 @@ class Executor:
         ).encode()
         if hit is None:
             cache.put(step, nodes, value, key=key)
+        self._keep_summary(digest[1], nodes, headers)
         return value, header_bytes, nodes, hit is not None
 
     def _provenance(

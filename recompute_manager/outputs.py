@@ -19,6 +19,7 @@ from confluent_kafka import Message
 
 from recompute_manager.cache import ResultCache
 from recompute_manager.planner import Coordinates
+from recompute_manager.summary import SummaryKeeper
 from streamprov.agents.kafka_io import TopicReader
 from streamprov.checksum import matches
 from streamprov.errors import HeaderError, StreamprovError
@@ -51,8 +52,11 @@ class OutputIndex:
         topics: Iterable[str],
         *,
         cache: ResultCache | None = None,
+        summaries: SummaryKeeper | None = None,
     ) -> None:
+        """`summaries`: told of every reduce output indexed (`SummaryKeeper.note`)."""
         self.cache = cache
+        self.summaries = summaries
         self._reader = TopicReader(config, topics, group_id=READER_GROUP)
         self.locations: dict[DataRef, Coordinates] = {}
         self.headers: dict[DataRef, bytes] = {}
@@ -91,6 +95,8 @@ class OutputIndex:
             self.trace_headers[node] = trace
         if self.cache is not None:
             self.cache.put_value(node, value)
+        if self.summaries is not None:
+            self.summaries.note(node, header)
 
     def close(self) -> None:
         self._reader.close()

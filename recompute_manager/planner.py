@@ -37,7 +37,7 @@ from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import ProvenanceHeader, now_ms
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.model import Application, ApplicationKind, DataRef
-from streamprov.ledger.queries import Applied, dependency_order, downstream, downstream_of_applications
+from streamprov.ledger.queries import Applied, dependency_order, downstream_edges
 from streamprov.lineage import InputDigest, Step, StepKind
 from streamprov.merkle import length_prefixed
 from validator.alerts import Alert, AlertKind
@@ -82,6 +82,9 @@ class InputRef:
     node: DataRef
     origin: InputOrigin
     from_task: str | None = None
+    position: int | None = None
+    """Its position among the application's inputs, in a task that lists only the inputs it changes
+    (`RecomputeTask.input_count`); None when the task lists them all (the position is the index)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,15 @@ class RecomputeTask:
     cause: Cause
     created_at_ms: int
     supersedes: Coordinates | None = None
+    input_count: int | None = None
+    """None: `inputs` is every input. Else the application (a reduce over many inputs) has this many,
+    `inputs` holds those the plan changes (with their positions), and the others are what its
+    previous output was folded from: a delta, run against the previous output's summary, or expanded
+    from the ledger entry (`recompute_manager.delta`)."""
+
+    @property
+    def is_delta(self) -> bool:
+        return self.input_count is not None
 
     @property
     def key(self) -> bytes:
@@ -136,6 +148,7 @@ class RecomputeTask:
                     "checksum": i.node.checksum.value,
                     "origin": i.origin.value,
                     "from_task": i.from_task,
+                    "position": -1 if i.position is None else i.position,
                 }
                 for i in self.inputs
             ],
@@ -151,6 +164,7 @@ class RecomputeTask:
                 "partition": self.supersedes.partition,
                 "offset": self.supersedes.offset,
             },
+            "input_count": -1 if self.input_count is None else self.input_count,
             "cause": "" if same else json.dumps(self.cause.to_dict(), sort_keys=True, separators=(",", ":")),
             "created_at": self.created_at_ms,
         }
@@ -177,7 +191,7 @@ class RecomputeTask:
                 cause = unit_cause
             else:
                 raise PlanError("recompute task has no cause of its own: it is part of a unit record")
-            return cls(
+            task = cls(
                 r["task_id"],
                 r["plan_id"],
                 r["data_id"],
@@ -190,6 +204,7 @@ class RecomputeTask:
                         DataRef(i["data_id"], Checksum(ChecksumAlgorithm(i["algorithm"]), i["checksum"])),
                         InputOrigin(i["origin"]),
                         i["from_task"],
+                        None if i["position"] < 0 else i["position"],
                     )
                     for i in r["inputs"]
                 ),
@@ -200,11 +215,34 @@ class RecomputeTask:
                 cause,
                 r["created_at"],
                 None if r["supersedes"] is None else Coordinates(**r["supersedes"]),
+                None if r["input_count"] < 0 else r["input_count"],
             )
+            _check_delta(task)
+            return task
         except PlanError:
             raise
         except Exception as exc:  # untrusted bytes: one typed error out
             raise PlanError(f"recompute task does not decode: {exc!r}") from exc
+
+
+def _check_delta(task: RecomputeTask) -> None:
+    """A task listing only its changed inputs (`input_count`) has one step, a position for each,
+    in range, increasing; a task listing all has none."""
+    if task.input_count is None:
+        if any(i.position is not None for i in task.inputs):
+            raise PlanError(f"task {task.task_id[:12]}: input positions without an input count")
+        return
+    positions = [i.position for i in task.inputs if i.position is not None]
+    if (
+        len(task.steps) != 1
+        or len(positions) != len(task.inputs)
+        or positions != sorted(set(positions))
+        or (positions and not 0 <= positions[0] <= positions[-1] < task.input_count)
+    ):
+        raise PlanError(
+            f"task {task.task_id[:12]}: a delta of {task.input_count} inputs needs one step and "
+            f"increasing positions in range, not {[i.position for i in task.inputs]}"
+        )
 
 
 def _step_record(s: Step) -> dict[str, Any]:
@@ -300,8 +338,9 @@ def plan_from_applications(
     producer: dict[DataRef, str] = {}
     for a in apps:
         app = a.entry.application
-        row = [producer.get(ref) for ref in app.inputs]
-        outside += [ref for ref, t in zip(app.inputs, row, strict=True) if t is None]
+        refs = _task_inputs(a)
+        row = [producer.get(ref) for _, ref in refs]
+        outside += [ref for (_, ref), t in zip(refs, row, strict=True) if t is None]
         from_tasks.append(row)
         task_ids.append(_hex_id(plan_id.encode("ascii"), a.entry.entry_id))
         producer.setdefault(app.output, task_ids[-1])
@@ -310,13 +349,15 @@ def plan_from_applications(
     for position, (a, task_id, row) in enumerate(zip(apps, task_ids, from_tasks, strict=True)):
         app = a.entry.application
         inputs: list[InputRef] = []
-        for ref, from_task in zip(app.inputs, row, strict=True):
+        for (at, ref), from_task in zip(_task_inputs(a), row, strict=True):
             if from_task is not None:
-                inputs.append(InputRef(ref, InputOrigin.TASK, from_task))
+                inputs.append(InputRef(ref, InputOrigin.TASK, from_task, at))
             elif next(kinds):
-                inputs.append(InputRef(replace.get(ref, ref) if replace else ref, InputOrigin.SOURCE))
+                inputs.append(
+                    InputRef(replace.get(ref, ref) if replace else ref, InputOrigin.SOURCE, None, at)
+                )
             else:
-                inputs.append(InputRef(ref, InputOrigin.STORED))
+                inputs.append(InputRef(ref, InputOrigin.STORED, None, at))
         step = _task_step(app)
         if upgrade and step.function_id in upgrade:
             version, code = upgrade[step.function_id]
@@ -338,9 +379,22 @@ def plan_from_applications(
                 cause,
                 created,
                 where,
+                None if inputs and inputs[0].position is None else a.input_count,
             )
         )
     return RecomputePlan(plan_id, cause, tuple(tasks), truncated, cyclic)
+
+
+def _task_inputs(a: Applied) -> list[tuple[int | None, DataRef]]:
+    """(position, node) of the inputs a task lists: every input (position None: its index), or for an
+    application read without its inputs (`Applied.input_count`) those the traversal reached it
+    through, the ones this plan changes."""
+    if a.input_count is None:
+        return [(None, ref) for ref in a.entry.application.inputs]
+    assert a.reached is not None  # a head comes only from a traversal that records its edges
+    if len(a.reached) == a.input_count:  # every input changes: the task lists them all, in order
+        return [(None, ref) for _, ref in a.reached]
+    return [(at, ref) for at, ref in a.reached]
 
 
 def _task_step(app: Application) -> Step:
@@ -461,8 +515,10 @@ def plan_for_changes(
     event about that function names. Where two changed sources meet under one reduce, the reduce runs
     once with both corrections (planned apart, each plan would run it).
 
-    One traversal of the ledger for all source versions and one for all function applications;
-    `limit` bounds each. The plan id covers the events' change ids in order, so a redelivered batch
+    One traversal of the ledger for all source versions and function applications (`limit` bounds
+    it), recording how each application was reached: a reduce over many inputs becomes a task that
+    lists only the inputs the plan changes (`RecomputeTask.input_count`). The plan id covers the
+    events' change ids in order, so a redelivered batch
     plans the same ids; a batch of one event is `plan_for_change` of it. `cause` defaults to the
     event's cause, or for several a `changes` cause with one sub-cause per event
     (`changes_cause`). `ChangeBatch` also plans any subset of the events without traversing again.
@@ -536,27 +592,14 @@ class ChangeBatch:
                 roots.append(((), applied))
             else:
                 raise PlanError(f"change event {event.change_id} names neither a source nor a function")
-        results = []
-        if sources:
-            results.append(downstream(lookup, sources, limit=limit))
-        if functions:
-            results.append(downstream_of_applications(lookup, functions, limit=limit))
-        if len(results) == 1:
-            applications, cyclic = results[0].applications, results[0].cyclic
-        else:
-            found: dict[bytes, Applied] = {}
-            for r in results:
-                for a in r.applications:
-                    found.setdefault(a.entry.entry_id, a)
-            applications, cyclic = dependency_order(found.values())
-            cyclic = cyclic or any(r.cyclic for r in results)
+        found = downstream_edges(lookup, sources, entry_ids=functions, limit=limit)
         return cls(
             lookup,
             tuple(events),
             tuple(roots),
-            applications,
-            any(r.truncated for r in results),
-            cyclic,
+            found.applications,
+            found.truncated,
+            found.cyclic,
             topic,
             limit,
             created_at_ms,
@@ -640,7 +683,7 @@ class ChangeBatch:
         at: dict[bytes, int] = {}
         for i, a in enumerate(applications):
             at[a.entry.entry_id] = i
-            for ref in dict.fromkeys(a.entry.application.inputs):
+            for ref in a.edge_inputs():
                 consumers.setdefault(ref, []).append(i)
         found: list[frozenset[int]] = []
         for nodes, entry_ids in self.roots:

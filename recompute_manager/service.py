@@ -72,7 +72,7 @@ from recompute_manager.priority import PlainRecord, PriorityPublisher
 from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress, pending_key
 from recompute_manager.tracing import TraceHeaders, cause_headers
 from recompute_manager.units import RecomputeUnit, encoded_units
-from recompute_manager.views import Views
+from recompute_manager.views import LockedLedger, Views
 from recompute_manager.worker import UnitWorker, WorkerSettings, instance_id
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, fit, source_of
 from streamprov.agents.kafka_io import KAFKA_LOG, kafka_error
@@ -307,6 +307,7 @@ class RecomputeManager:
                 retry=RetryPolicy(max_retries=s.max_retries),
                 headers=self.views.outputs.headers,
                 tracing=tracing,
+                ledger=LockedLedger(self.views),
             )
             self.workers.append(UnitWorker(ws, self.views, executor, on_done=self._unit_done))
         consumer = {**kafka, **s.consumer_config, "group.id": s.group_id, "enable.auto.commit": False}

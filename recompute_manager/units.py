@@ -25,7 +25,7 @@ from typing import Any
 
 import fastavro
 
-from recompute_manager.planner import InputOrigin, InputRef, RecomputePlan, RecomputeTask
+from recompute_manager.planner import InputOrigin, RecomputePlan, RecomputeTask
 from recompute_manager.policy import Cause
 from streamprov import avro
 from streamprov.errors import StreamprovError
@@ -310,7 +310,7 @@ def _in_part(task: RecomputeTask, here: set[str]) -> RecomputeTask:
     if all(d in here for d in task.depends_on):
         return task
     inputs = tuple(
-        InputRef(i.node, InputOrigin.STORED, i.from_task)
+        replace(i, origin=InputOrigin.STORED)
         if i.origin is InputOrigin.TASK and i.from_task not in here
         else i
         for i in task.inputs

@@ -35,13 +35,14 @@ from recompute_manager.cache import ResultCache
 from recompute_manager.executor import SUPERSEDES_HEADER, TASK_HEADER
 from recompute_manager.outputs import READER_GROUP, OutputIndex, SourceIndex, TopicReader
 from recompute_manager.planner import Coordinates, PlanError, RecomputeTask
+from recompute_manager.summary import SummaryKeeper
 from streamprov.agents.dead_letter import SOURCE_HEADER
 from streamprov.agents.kafka_io import TopicMissingError, list_all_topics
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import ProvenanceHeader, now_ms
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.kafka import KafkaLedgerReader
-from streamprov.ledger.model import DataRef
+from streamprov.ledger.model import DataRef, LedgerEntry
 from streamprov.ledger.signing import CheckpointVerifier
 
 __all__ = ["CommittedCache", "DeadTaskIndex", "StateError", "SupersededIndex", "Views"]
@@ -273,6 +274,22 @@ def _dead_task(msg: Message) -> str | None:
     return task.task_id if task.task_id.encode("ascii") == task_id else None
 
 
+class LockedLedger:
+    """The views' ledger index for a worker expanding a delta task (`Executor(ledger=)`): each read
+    under the views lock (the index has one owner at a time; the planner catches it up)."""
+
+    def __init__(self, views: Views) -> None:
+        self._views = views
+
+    def entry(self, entry_id: bytes) -> LedgerEntry:
+        with self._views.lock:
+            return self._views.index.entry(entry_id)
+
+    def sources_among(self, nodes: Sequence[DataRef]) -> list[bool]:
+        with self._views.lock:
+            return self._views.index.sources_among(nodes)
+
+
 class Views:
     """Cache, ledger index, sources, outputs and committed corrections of one process, one lock."""
 
@@ -309,7 +326,8 @@ class Views:
             raise StateError(f"ledger index {hint}: {exc}") from exc
         readers: list[OutputIndex | SourceIndex] = []
         try:
-            self.outputs = OutputIndex(self.kafka, outputs, cache=self.cache)
+            self.summaries = SummaryKeeper(self.cache)
+            self.outputs = OutputIndex(self.kafka, outputs, cache=self.cache, summaries=self.summaries)
             readers.append(self.outputs)
             self.sources = SourceIndex(self.kafka, sources)
             readers.append(self.sources)
@@ -330,6 +348,7 @@ class Views:
         self.index.catch_up(reader)
         self.outputs.catch_up()
         self.sources.catch_up()
+        self.summaries.keep(self.index, self.outputs.headers)
 
     def for_execution(self, plan_id: str) -> bool:
         """Make the views fit to run a unit of `plan_id` (lock held); True when it caught up.

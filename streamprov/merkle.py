@@ -51,7 +51,13 @@ def levels_of(leaves: Sequence[bytes]) -> list[list[bytes]]:
     last (alone): adjacent pairs hashed, an odd last node carried up unchanged. Kept whole so that
     `root_with` can replace a few leaves in O(log n) hashes each. `[[]]` for no leaves."""
     sha256 = hashlib.sha256
-    level = [sha256(b"\x00" + leaf).digest() for leaf in leaves]
+    return levels_from_hashes([sha256(b"\x00" + leaf).digest() for leaf in leaves])
+
+
+def levels_from_hashes(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
+    """`levels_of` the leaves whose `leaf_hash`es these are."""
+    sha256 = hashlib.sha256
+    level = list(leaf_hashes)
     levels = [level]
     while len(level) > 1:
         paired = [sha256(b"\x01" + a + b).digest() for a, b in zip(level[::2], level[1::2], strict=False)]
@@ -66,13 +72,19 @@ def root_with(levels: Sequence[Sequence[bytes]], replaced: dict[int, bytes]) -> 
     """The root of the tree `levels` (`levels_of`) describes, with the leaves at the positions of
     `replaced` (position -> raw leaf data) replaced: only their paths are rehashed, the levels are
     not modified. Equal to `root_of` of the replaced leaf list."""
+    sha256 = hashlib.sha256
+    return root_with_hashes(levels, {i: sha256(b"\x00" + leaf).digest() for i, leaf in replaced.items()})
+
+
+def root_with_hashes(levels: Sequence[Sequence[bytes]], replaced: dict[int, bytes]) -> bytes:
+    """`root_with`, the replaced leaves given by their `leaf_hash`es."""
     if not replaced:
         return levels[-1][0] if levels[0] else _EMPTY_ROOT
     width = len(levels[0])
     if any(not 0 <= i < width for i in replaced):
         raise StreamprovError(f"a replaced leaf is outside a tree of {width} leaves")
     sha256 = hashlib.sha256
-    changed = {i: sha256(b"\x00" + leaf).digest() for i, leaf in replaced.items()}
+    changed = dict(replaced)
     for below in levels[:-1]:
         up: dict[int, bytes] = {}
         for j in {i >> 1 for i in changed}:
@@ -83,6 +95,72 @@ def root_with(levels: Sequence[Sequence[bytes]], replaced: dict[int, bytes]) -> 
                 up[j] = left
         changed = up
     return changed[0]
+
+
+class FlatTree:
+    """Every node of an RFC 6962 tree (`levels_from_hashes`) in one byte string, level by level from
+    the leaf hashes up, `HASH_SIZE` bytes each: stored as it is, read without splitting it, and
+    updated for a few replaced leaves in O(log n) hashes (`replaced`)."""
+
+    __slots__ = ("_starts", "_widths", "raw", "width")
+
+    def __init__(self, raw: bytes, width: int) -> None:
+        widths = [width]
+        while widths[-1] > 1:
+            widths.append((widths[-1] + 1) // 2)
+        starts, at = [], 0
+        for w in widths:
+            starts.append(at)
+            at += w
+        if width < 1 or len(raw) != at * HASH_SIZE:
+            raise StreamprovError(f"a tree of {width} leaves has {at} nodes, not {len(raw) // HASH_SIZE}")
+        self.raw, self.width, self._widths, self._starts = raw, width, widths, starts
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlatTree) and (self.width, self.raw) == (other.width, other.raw)
+
+    def __hash__(self) -> int:
+        return hash((self.width, self.raw))
+
+    def __repr__(self) -> str:
+        return f"FlatTree(width={self.width}, root={self.root.hex()[:16]})"
+
+    @classmethod
+    def of(cls, leaf_hashes: Sequence[bytes]) -> FlatTree:
+        return cls(b"".join(h for level in levels_from_hashes(leaf_hashes) for h in level), len(leaf_hashes))
+
+    def leaf(self, i: int) -> bytes:
+        """The `leaf_hash` of leaf i."""
+        return self.raw[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+
+    @property
+    def root(self) -> bytes:
+        return self.raw[-HASH_SIZE:]
+
+    def replaced(self, leaves: dict[int, bytes]) -> FlatTree:
+        """The tree with the leaves at these positions replaced (position -> `leaf_hash`): only their
+        paths are rehashed. Its root equals `root_of` of the replaced leaf list."""
+        if any(not 0 <= i < self.width for i in leaves):
+            raise StreamprovError(f"a replaced leaf is outside a tree of {self.width} leaves")
+        sha256 = hashlib.sha256
+        buf = bytearray(self.raw)
+        changed = dict(leaves)
+        for depth, width in enumerate(self._widths):
+            base = self._starts[depth]
+            for i, h in changed.items():
+                buf[(base + i) * HASH_SIZE : (base + i + 1) * HASH_SIZE] = h
+            if width == 1:
+                break
+            up: dict[int, bytes] = {}
+            for j in {i >> 1 for i in changed}:
+                left = bytes(buf[(base + 2 * j) * HASH_SIZE : (base + 2 * j + 1) * HASH_SIZE])
+                if 2 * j + 1 < width:
+                    right = buf[(base + 2 * j + 1) * HASH_SIZE : (base + 2 * j + 2) * HASH_SIZE]
+                    up[j] = sha256(b"\x01" + left + right).digest()
+                else:  # the odd last node, carried up
+                    up[j] = left
+            changed = up
+        return FlatTree(bytes(buf), self.width)
 
 
 def fold_frontier(frontier: Sequence[bytes]) -> bytes:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
@@ -41,6 +42,7 @@ from streamprov.ledger.model import ApplicationKind, Checkpoint, DataRef, Ledger
 from streamprov.ledger.proofs import ConsistencyProof, InclusionProof, prove_consistency, prove_inclusion
 from streamprov.ledger.queries import (
     DownstreamResult,
+    EntryHead,
     UpstreamResult,
     downstream,
     downstream_of_applications,
@@ -75,6 +77,9 @@ _MULTI_GET = 4096
 
 
 _U32 = struct.Struct(">I")
+HEAD_MIN_INPUTS = 16
+"""An application with at least this many inputs also gets a head record (`head`): a plan reaches a
+reduce through the few inputs that changed and reads the rest of it without decoding the others."""
 _ALGORITHM_BYTE = {a: bytes((a,)) for a in ChecksumAlgorithm}
 
 
@@ -327,10 +332,16 @@ class LedgerIndex:
         batch.put(keys.PRODUCED + out + eid, b"")
         batch.put(_kind_key(app.output, app.kind), b"")
         batch.put(keys.VERSIONS + out, b"")
-        for ref in app.inputs:
-            n = keys.node(ref)
-            batch.put(keys.CONSUMED + n + eid, b"")
+        inputs = app.inputs
+        at: dict[bytes, list[int]] = {}
+        for position, ref in enumerate(inputs):
+            at.setdefault(keys.node(ref), []).append(position)
+        for n, positions in at.items():
+            batch.put(keys.CONSUMED + n + eid, b"".join(map(_U32.pack, positions)))
             batch.put(keys.VERSIONS + n, b"")
+        if len(inputs) >= HEAD_MIN_INPUTS:
+            headless = replace(rec, application=replace(app, inputs=()))
+            batch.put(keys.HEAD + eid, _U32.pack(len(inputs)) + encode_entry_body(headless))
         if app.kind is not ApplicationKind.SOURCE:
             batch.put(keys.function_key(app.function_id, app.function_version, app.code_hash, eid), b"")
 
@@ -378,6 +389,32 @@ class LedgerIndex:
 
     def consumers(self, node: DataRef) -> list[bytes]:
         return [k[-keys.ENTRY_ID_SIZE :] for k in self._scan(keys.CONSUMED + keys.node(node))]
+
+    def consumers_at(self, node: DataRef) -> list[tuple[bytes, tuple[int, ...] | None]]:
+        """(entry_id, the node's positions among the application's inputs) of each application
+        consuming `node`; positions None in an index made before they were kept. One prefix scan."""
+        prefix = keys.CONSUMED + keys.node(node)
+        found: list[tuple[bytes, tuple[int, ...] | None]] = []
+        it = self._db.iter()
+        it.seek(prefix)
+        while it.valid():  # stops at the first key past the prefix
+            key: bytes = it.key()
+            if not key.startswith(prefix):
+                break
+            value: bytes = it.value()
+            positions = tuple(p for (p,) in _U32.iter_unpack(value)) if value else None
+            found.append((key[-keys.ENTRY_ID_SIZE :], positions))
+            it.next()
+        return found
+
+    def head(self, entry_id: bytes) -> EntryHead | None:
+        """The application `entry_id` without its inputs decoded (an `EntryHead`), kept for those with
+        at least `HEAD_MIN_INPUTS` inputs; None for the others (read `entry`)."""
+        raw = self._get(keys.HEAD + entry_id)
+        if raw is None:
+            return None
+        (count,) = _U32.unpack_from(raw)
+        return EntryHead(decode_entry_body(raw[4:]), count)
 
     def is_source(self, node: DataRef) -> bool:
         """Original data: no producer, or a SOURCE entry among its producers (an identity map onto a

@@ -11,7 +11,11 @@ no prefix can run into the next part; entry ids are always 32 bytes and end the 
     T level(1) index(8)                     -> hash of a perfect Merkle subtree (level >= 4)
     K number(8)                             -> checkpoint (Avro body)
     O node entry_id                         -> ''   output node -> applications producing it
-    C node entry_id                         -> ''   input node -> applications consuming it
+    C node entry_id                         -> pos  input node -> applications consuming it, with the
+                                                    node's positions among their inputs (4 bytes each;
+                                                    '' in an index made before they were kept)
+    H entry_id                              -> count(4) + entry (Avro body) without its inputs: the
+                                                    head of an application with many inputs
     F fid version code_hash entry_id        -> ''   function -> its applications
     D node                                  -> seq(8) first seen   DataID -> its versions
 
@@ -35,6 +39,7 @@ TREE = b"T"
 CHECKPOINT = b"K"
 PRODUCED = b"O"
 CONSUMED = b"C"
+HEAD = b"H"
 FUNCTION = b"F"
 VERSIONS = b"D"
 

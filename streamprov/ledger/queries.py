@@ -39,12 +39,47 @@ class GraphLookup(Protocol):
     def entry(self, entry_id: bytes) -> LedgerEntry: ...
 
 
+class EdgeLookup(GraphLookup, Protocol):
+    """What a traversal that records its edges asks besides (`downstream(..., edges=True)`)."""
+
+    def consumers_at(self, node: DataRef) -> list[tuple[bytes, tuple[int, ...] | None]]:
+        """(entry_id, the node's positions among its inputs, None when not known) of each
+        application consuming `node`."""
+        ...
+
+    def head(self, entry_id: bytes) -> EntryHead | None:
+        """The application without its inputs decoded, when the store keeps one for it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EntryHead:
+    """An entry whose inputs were not decoded (its application's `inputs` is empty): a reduce over
+    many inputs, read by a traversal that only needs the inputs it came through."""
+
+    entry: LedgerEntry
+    input_count: int
+
+
 @dataclass(frozen=True, slots=True)
 class Applied:
     """An application in a query's answer, `depth` steps from where the query started."""
 
     entry: LedgerEntry
     depth: int
+    reached: tuple[tuple[int, DataRef], ...] | None = None
+    """(position, node) of each input the traversal came through (a root, or the output of another
+    application of the answer), in position order; None when the traversal did not record them."""
+    input_count: int | None = None
+    """Set for an `EntryHead`'s entry: its inputs were not decoded (`entry.application.inputs` is
+    empty), it has this many."""
+
+    def edge_inputs(self) -> Iterable[DataRef]:
+        """The inputs that can link it to other applications of the answer: those it was reached
+        through when recorded (the same edges), else all of them."""
+        if self.reached is not None:
+            return dict.fromkeys(r for _, r in self.reached)
+        return dict.fromkeys(self.entry.application.inputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +126,7 @@ def dependency_order(found: Iterable[Applied]) -> tuple[tuple[Applied, ...], boo
     dependents: dict[bytes, list[bytes]] = {}
     for eid, a in apps.items():
         n = 0
-        for ref in set(a.entry.application.inputs):
+        for ref in a.edge_inputs():
             for p in producers.get(ref, ()):
                 if p != eid:
                     n += 1
@@ -163,26 +198,62 @@ def downstream_of_applications(
     return _downstream(lookup, roots, first, limit)
 
 
+def downstream_edges(
+    lookup: EdgeLookup,
+    roots: Iterable[DataRef],
+    *,
+    entry_ids: Iterable[bytes] = (),
+    limit: int | None = None,
+) -> DownstreamResult:
+    """`downstream` of `roots` and of the applications `entry_ids` (`downstream_of_applications`),
+    for a recompute plan: each application found records the inputs it was reached through, with
+    their positions (`Applied.reached`), and one the store keeps a head of is not decoded
+    (`Applied.input_count`): a plan reads of a reduce over 100 inputs only the one that changed."""
+    first = [Applied(lookup.entry(eid), 0) for eid in entry_ids]
+    tops = tuple(dict.fromkeys((*roots, *(a.entry.application.output for a in first))))
+    return _downstream(lookup, tops, first, limit, edges=lookup)
+
+
 def _downstream(
-    lookup: GraphLookup, roots: tuple[DataRef, ...], first: Iterable[Applied], limit: int | None
+    lookup: GraphLookup,
+    roots: tuple[DataRef, ...],
+    first: Iterable[Applied],
+    limit: int | None,
+    *,
+    edges: EdgeLookup | None = None,
 ) -> DownstreamResult:
     found: dict[bytes, Applied] = {a.entry.entry_id: a for a in first}
+    reached: dict[bytes, list[tuple[int, DataRef]]] = {eid: [] for eid in found}
     seen = set(roots)
     queue: deque[tuple[DataRef, int]] = deque((r, 0) for r in roots)
     truncated = False
     while queue:  # each node is queued once
         ref, depth = queue.popleft()
-        for eid in lookup.consumers(ref):
-            if eid in found:
-                continue
-            if limit is not None and len(found) >= limit:
-                truncated = True
-                break
-            entry = lookup.entry(eid)
-            found[eid] = Applied(entry, depth + 1)
-            out = entry.application.output
-            if out not in seen:
-                seen.add(out)
-                queue.append((out, depth + 1))
+        hits = edges.consumers_at(ref) if edges is not None else [(e, None) for e in lookup.consumers(ref)]
+        for eid, positions in hits:
+            if eid not in found:
+                if limit is not None and len(found) >= limit:
+                    truncated = True
+                    break
+                head = edges.head(eid) if edges is not None and positions is not None else None
+                if head is None:
+                    found[eid] = Applied(lookup.entry(eid), depth + 1)
+                else:
+                    found[eid] = Applied(head.entry, depth + 1, input_count=head.input_count)
+                reached[eid] = []
+                out = found[eid].entry.application.output
+                if out not in seen:
+                    seen.add(out)
+                    queue.append((out, depth + 1))
+            if edges is not None:
+                at = positions
+                if at is None:  # an index made before positions were kept: from the entry
+                    at = tuple(i for i, r in enumerate(found[eid].entry.application.inputs) if r == ref)
+                reached[eid] += [(p, ref) for p in at]
+    if edges is not None:
+        found = {
+            eid: Applied(a.entry, a.depth, tuple(sorted(reached[eid], key=lambda x: x[0])), a.input_count)
+            for eid, a in found.items()
+        }
     ordered, cyclic = dependency_order(found.values())
     return DownstreamResult(roots, ordered, truncated, cyclic)
