@@ -46,7 +46,12 @@ from streamprov.ledger.model import (
     application_of,
 )
 from streamprov.ledger.rows import expand
-from streamprov.ledger.writer import DEFAULT_MAX_ENTRY_BYTES, approx_size
+from streamprov.ledger.writer import (
+    DEFAULT_MAX_ENTRY_BYTES,
+    approx_map_row_size,
+    approx_size,
+    template_size,
+)
 
 __all__ = ["KafkaLedgerClient", "LedgerRequest", "decode_request", "encode_request"]
 
@@ -293,6 +298,8 @@ class KafkaLedgerClient:
         self._pending_count = 0
         self._pending_bytes = 0
         self._templates: dict[int, AppTemplate] = {}
+        self._template_sizes: dict[int, int] = {}
+        """`template_size` of each template: a map row's entry size is bounded from its header lengths."""
         self._template_keys: dict[AppTemplate, int] = {}
         self._errors: list[KafkaError] = []
         self._closed = False
@@ -304,6 +311,7 @@ class KafkaLedgerClient:
         if key is None:
             key = len(self._template_keys)
             self._templates[key] = template
+            self._template_sizes[key] = template_size(template)
             self._template_keys[template] = key
         return key
 
@@ -321,6 +329,15 @@ class KafkaLedgerClient:
                 apps.append(application_of(self._templates[full[0]], full))
             self.append_many(apps, timeout_s)
             return
+        limit, sizes = self.max_entry_bytes, self._template_sizes
+        for row in rows:  # all or none are queued: a row too large for a ledger record refuses the call
+            size = approx_map_row_size(sizes[row[0]], row, limit)  # type: ignore[arg-type]  # a MapRow
+            if size > limit:
+                template = self._templates[row[0]]
+                raise EntryTooLargeError(
+                    f"map application of {template.function_id}@{template.function_version} needs about "
+                    f"{size} bytes (its DataID is in the entry twice), above max_entry_bytes={limit}"
+                )
         with self._lock:
             if self._pending:  # keep the order: earlier applications go first
                 self._send(timeout_s)

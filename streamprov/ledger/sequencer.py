@@ -43,7 +43,12 @@ from streamprov.ledger.model import AppTemplate, Checkpoint
 from streamprov.ledger.requests import LedgerRequest, decode_request
 from streamprov.ledger.rows import RowSealer
 from streamprov.ledger.signing import CheckpointSigner
-from streamprov.ledger.writer import DEFAULT_MAX_ENTRY_BYTES, approx_size
+from streamprov.ledger.writer import (
+    DEFAULT_MAX_ENTRY_BYTES,
+    approx_map_row_size,
+    approx_size,
+    template_size,
+)
 
 __all__ = ["LedgerSequencer", "SequencerStats"]
 
@@ -188,8 +193,9 @@ class LedgerSequencer:
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, *, idle_timeout_s: float | None = None, max_requests: int | None = None) -> SequencerStats:
         """Seal requests until `stop()`, or until nothing arrived for `idle_timeout_s` (counted from
-        start and from each assignment; at least `UNASSIGNED_GRACE_S` before the partition is ours)
-        or after `max_requests` requests (for tests and batch use)."""
+        start and from each assignment; at least `UNASSIGNED_GRACE_S` before the partition is ours;
+        never while a batch read is not sealed: it is retried until `MAX_FAILURES`) or after
+        `max_requests` requests (for tests and batch use)."""
         self.state.started = True
         self.state.beat()
         if not self._http:
@@ -206,7 +212,7 @@ class LedgerSequencer:
         while self.state.beat():
             if max_requests is not None and self.stats.requests - start >= max_requests:
                 break
-            if idle_timeout_s is not None:
+            if idle_timeout_s is not None and not self._failures:  # a batch not sealed is not idleness
                 limit = idle_timeout_s if self._assigned else max(idle_timeout_s, UNASSIGNED_GRACE_S)
                 if time.monotonic() - last >= limit:
                     break
@@ -272,6 +278,7 @@ class LedgerSequencer:
                 self._assigned.update(partitions)
             else:
                 self._assigned.difference_update(partitions)
+                self._failures = 0  # a batch we failed to seal is the next owner's now
                 self._deactivate()  # another member may seal next: our chain state goes stale
         return assigned
 
@@ -381,15 +388,9 @@ class LedgerSequencer:
                 problem = f"request for ledger {request.ledger_id!r}; this sequencer seals {self.ledger_id!r}"
                 extra.append(self._dead_letter(msg, WRONG_LEDGER, problem))
                 continue
-            too_large = next(
-                (a for a in request.applications if approx_size(a) > DEFAULT_MAX_ENTRY_BYTES), None
-            )
+            too_large = _too_large(request, DEFAULT_MAX_ENTRY_BYTES)
             if too_large is not None:  # checked before any of it is sealed: a request is all or nothing
-                problem = (
-                    f"application of {too_large.function_id}@{too_large.function_version} needs about "
-                    f"{approx_size(too_large)} bytes, above max_entry_bytes={DEFAULT_MAX_ENTRY_BYTES}"
-                )
-                extra.append(self._dead_letter(msg, ENTRY_TOO_LARGE, problem))
+                extra.append(self._dead_letter(msg, ENTRY_TOO_LARGE, too_large))
                 continue
             self._seal_request(request, items, stats)
         stats.dead_letters = len(extra)
@@ -436,6 +437,28 @@ class LedgerSequencer:
         )
         kept: list[tuple[str, str | bytes | None]] = list(headers)
         return (self.dead_letter_topic, key, value or b"", kept)
+
+
+def _too_large(request: LedgerRequest, limit: int) -> str | None:
+    """Why one of the request's entries would not fit a ledger record (`limit` bytes), or None.
+    Applications and map rows alike: a record the broker refuses fails its batch again and again."""
+    for app in request.applications:
+        size = approx_size(app)
+        if size > limit:
+            return (
+                f"application of {app.function_id}@{app.function_version} needs about {size} bytes, "
+                f"above max_entry_bytes={limit}"
+            )
+    for template, rows in request.map_rows:
+        static = template_size(template)
+        for i, row in enumerate(rows):
+            size = approx_map_row_size(static, row, limit)
+            if size > limit:
+                return (
+                    f"map row {i} of {template.function_id}@{template.function_version} needs about "
+                    f"{size} bytes (its DataID is in the entry twice), above max_entry_bytes={limit}"
+                )
+    return None
 
 
 def _usable(msg: Message) -> bool:

@@ -25,6 +25,7 @@ batch of `max_batch` records, and the chain's dedup window.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -50,6 +51,7 @@ from streamprov.ledger.model import (
     Checkpoint,
     DataRef,
     LedgerRecord,
+    MapRow,
     application_of,
 )
 from streamprov.ledger.rows import RowSealer, expand
@@ -76,6 +78,43 @@ def approx_size(app: Application) -> int:
         + (app.task_id or "")
     )
     return 256 + refs + params + len(text) * 4 + sum(len(r) * 4 + 8 for r in ctx.access_rights)
+
+
+@functools.lru_cache(maxsize=256)
+def template_size(t: AppTemplate) -> int:
+    """`approx_size` of an application of `t` without its data nodes (see `approx_map_row_size`)."""
+    no_node = DataRef("", Checksum(ChecksumAlgorithm.CRC32C, b""))
+    app = Application(
+        t.kind,
+        t.function_id,
+        t.function_version,
+        t.code_hash,
+        t.parameters,
+        (),
+        no_node,
+        0,
+        t.device_id,
+        t.context,
+        t.origin,
+        t.task_id,
+    )
+    return approx_size(app) - 24
+
+
+def approx_map_row_size(static: int, row: MapRow, limit: int) -> int:
+    """An upper bound of the size of the entry a `MapRow` seals into under a template of
+    `template_size` `static`, counted as `approx_size` counts an application's except that the data
+    nodes are counted in bytes (the headers hold them as bytes). A map entry holds its DataID twice
+    (input and output node).
+
+    Cheap on the data path: while the bound from the header lengths alone (the DataID is at most the
+    output header's length) is within `limit`, that bound is returned; only a row that may not fit
+    is read (`expand`, which raises `MalformedRecordError` for a row whose headers do not decode)."""
+    bound = static + 2 * len(row[3]) + len(row[1] or b"") + 2 * (32 + 24)
+    if bound <= limit:
+        return bound
+    _, inputs, output, *_ = expand(row)
+    return static + sum(len(r[0].encode("utf-8")) + len(r[2]) + 24 for r in (*inputs, output))
 
 
 Pending = LedgerRecord | tuple[bytes, bytes]

@@ -35,6 +35,7 @@ from streamprov.ledger import DataRef, LedgerEntry, entry_id_of, verify_ledger
 from streamprov.ledger import kafka as ledger_kafka
 from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.kafka import LEDGER_TOPIC_CONFIG, KafkaLedgerReader
+from streamprov.ledger.model import ApplicationKind, AppTemplate, Context, MapRow
 from streamprov.ledger.requests import KafkaLedgerClient, encode_request
 from streamprov.ledger.sequencer import LedgerSequencer
 
@@ -326,3 +327,41 @@ def test_oversized_requests_are_dead_lettered_cut_to_fit_and_the_rest_is_sealed(
     assert sorted(h[REASON_HEADER] for h in headers) == [b"entry_too_large", b"malformed_request"]
     assert all(CUT_HEADER in h and h[SOURCE_HEADER].startswith(requests.encode()) for h in headers)
     assert all(0 < len(m.value() or b"") < MAX_DEAD_LETTER_BYTES for m in dead)
+
+
+def test_a_map_row_too_large_for_a_ledger_record_is_dead_lettered_and_the_rest_is_sealed(
+    kafka_bootstrap: str, new_topic: Any
+) -> None:
+    """A map row whose output header has a 600 kB DataID: its entry holds the DataID twice (over
+    1 MB), so the broker refuses it. Before, only a request's applications were size-checked: the
+    batch failed with MSG_SIZE_TOO_LARGE ten times, the sequencer stopped with the applications
+    around it unsealed, and a restart did the same (with an idle timeout it exited as if idle, having
+    sealed nothing). Now it is dead-lettered as entry_too_large; a 150 kB DataID (a ~300 kB entry)
+    is sealed."""
+    ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
+    template = AppTemplate(ApplicationKind.MAP, "f", "1", b"0123456789abcdef", (), "pod", Context("s", "l"))
+
+    def row(data_id: str) -> MapRow:
+        return (0, None, (0, b"1234"), ProvenanceHeader.for_source(data_id, b"v", timestamp_ms=1).encode())
+
+    before, after = chain_apps(2, prefix="a"), chain_apps(2, prefix="b")
+    produce(
+        kafka_bootstrap,
+        requests,
+        [
+            encode_request(LEDGER, before),
+            encode_request(LEDGER, [], [(template, [row("X" * 600_000)])]),
+            encode_request(LEDGER, [], [(template, [row("Y" * 150_000)])]),
+            encode_request(LEDGER, after),
+        ],
+        config={"message.max.bytes": 2_000_000},
+    )
+    with _sequencer(kafka_bootstrap, requests, ledger, dlq) as seq:
+        stats = seq.run(idle_timeout_s=3.0)
+    assert (stats.dead_letters, stats.entries, stats.recoveries) == (1, 5, 0), stats
+    entries = _entries(kafka_bootstrap, ledger)
+    assert [e.entry_id for e in entries[:2] + entries[3:]] == [entry_id_of(a) for a in before + after]
+    assert entries[2].application.output.data_id == "Y" * 150_000
+    (dead,) = consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=20.0)
+    assert dict(dead.headers() or [])[REASON_HEADER] == b"entry_too_large"

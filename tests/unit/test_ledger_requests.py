@@ -17,7 +17,7 @@ from ledger_support import pipeline, signer, verifier
 
 from streamprov.checksum import ChecksumAlgorithm, compute
 from streamprov.header import HEADER_KEY, PREFIX, ProvenanceHeader
-from streamprov.ledger import LedgerChain, MalformedRecordError, verify_ledger
+from streamprov.ledger import EntryTooLargeError, LedgerChain, MalformedRecordError, verify_ledger
 from streamprov.ledger.codec import encode_record, record_key, stored
 from streamprov.ledger.model import (
     ApplicationKind,
@@ -30,6 +30,7 @@ from streamprov.ledger.model import (
 )
 from streamprov.ledger.requests import (
     REQUEST_PREFIX,
+    KafkaLedgerClient,
     LedgerRequest,
     _fastavro_request,
     decode_request,
@@ -241,3 +242,16 @@ def test_whatever_decodes_as_a_request_seals_into_records_that_decode_and_verify
 def test_the_mutation_base_seals_and_verifies() -> None:
     records = [stored(i, v) for i, (_, v) in enumerate(_seal_like_the_sequencer(decode_request(_BASE)))]
     assert verify_ledger(records, "l", verifier(), require_signed=True).entries == 7
+
+
+def test_the_client_refuses_a_map_row_too_large_for_a_ledger_record() -> None:
+    """As it refuses a too-large application: `EntryTooLargeError`, nothing of the call queued (the
+    sequencer would dead-letter it; before, the broker refused its batch until the sequencer stopped)."""
+    client = KafkaLedgerClient("127.0.0.1:1", "req", "l")  # never sends: nothing is flushed
+    key = client.template(_TEMPLATE)
+    big = ProvenanceHeader.for_source("X" * 600_000, b"value", timestamp_ms=1).encode()
+    with pytest.raises(EntryTooLargeError, match=r"map application of f@1 needs about 1200\d\d\d bytes"):
+        client.append_rows([(key, _IN_CRC, None, _OUT), (key, None, (0, b"1234"), big)])
+    assert client._pending_count == 0 and not client._pending_rows
+    client.append_rows([(key, _IN_CRC, None, _OUT)])
+    assert client._pending_count == 1
