@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from confluent_kafka import (
 )
 from rocksdict import Options, Rdict, WriteBatch
 
+from streamprov.agents.dead_letter import RECORD_FRAMING_BYTES, record_size
 from streamprov.agents.kafka_io import (
     KAFKA_LOG,
     TopicMissingError,
@@ -80,6 +81,7 @@ from streamprov.changes.event import (
 from streamprov.checksum import Checksum, ChecksumAlgorithm, compute, matches
 from streamprov.errors import HeaderError, StreamprovError
 from streamprov.header import find_raw, now_ms, record_fields
+from streamprov.ledger.errors import EntryTooLargeError
 from streamprov.ledger.hashing import entry_id_of
 from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.model import Application, Context, DataRef
@@ -115,6 +117,11 @@ class ChangeDetectorError(StreamprovError):
 
 def _lp(b: bytes) -> bytes:
     return _LP.pack(len(b)) + b
+
+
+def _brief(text: str, keep: int = 64) -> str:
+    """`text` for a log line: a DataID may be hundreds of kB."""
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
 
 
 class SourceVersions:
@@ -193,6 +200,9 @@ class SourceVersions:
 
 @dataclass
 class DetectorStats:
+    """Counters of the records and changes handled. A batch's counts are added once it is stored: a
+    batch that failed and is tried again is counted once, when it goes through."""
+
     records: int = 0
     first_seen: int = 0
     unchanged: int = 0
@@ -200,6 +210,13 @@ class DetectorStats:
     deleted: int = 0
     skipped: int = 0
     """Records whose header is malformed or does not match their value: logged, never a change."""
+    unrecorded: int = 0
+    """New source versions whose `SOURCE` ledger entry is too large for a ledger record (a DataID of
+    hundreds of kB, from the key or the header): logged; the change is still detected and reported,
+    its event without a `ledger_entry_id`."""
+    unreported: int = 0
+    """Changes whose event cannot be a Kafka record even without its impact outputs (a DataID over the
+    changes topic's size limit): logged, the new version is stored, no event."""
     function_changes: int = 0
     events: int = 0
     batches: int = 0
@@ -210,6 +227,11 @@ class DetectorStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def add(self, other: DetectorStats) -> None:
+        """Add `other`'s counts (a batch's, once it is stored) to these."""
+        for name, count in asdict(other).items():
+            setattr(self, name, getattr(self, name) + count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +254,11 @@ class ChangeDetector:
     heartbeat: Callable[[], object] | None = None
     """Called while a long read goes on (rebuilding the reported function changes): a service's
     liveness beat."""
+
+    max_event_bytes: int
+    """A change event whose record (key, value, headers) is larger is cut to fit (see `_fit`): the
+    producer's `message.max.bytes` less room for the framing; a service lowers it to the changes
+    topic's `max.message.bytes`."""
 
     def __init__(
         self,
@@ -272,6 +299,7 @@ class ChangeDetector:
         self.poll_timeout_s = poll_timeout_s
         self.operation_timeout_s = operation_timeout_s
         self.stats = DetectorStats()
+        self.max_event_bytes = int(config.get("message.max.bytes", 1_000_000)) - RECORD_FRAMING_BYTES
         self.state = SourceVersions(state_dir)
         base = dict(config)
         base.setdefault("logger", KAFKA_LOG)  # librdkafka's own log lines, repeats held back
@@ -494,9 +522,11 @@ class ChangeDetector:
                 log.warning("offset commit of %s [%d] failed: %s", tp.topic, tp.partition, tp.error)
 
     # -- source records --------------------------------------------------------------------------------
-    def _observe(self, msg: Message, *, quiet: bool = False) -> tuple[str, Checksum | None] | None:
+    def _observe(
+        self, msg: Message, stats: DetectorStats, *, quiet: bool = False
+    ) -> tuple[str, Checksum | None] | None:
         """(DataID, checksum; None for a tombstone) of a source record; None when it is unusable
-        (`quiet`: a replayed record, counted and logged the first time)."""
+        (counted in `stats`; `quiet`: a replayed record, counted and logged the first time)."""
         topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
         value: bytes | None = msg.value()
         try:
@@ -509,7 +539,7 @@ class ChangeDetector:
         except HeaderError as exc:
             if quiet:
                 return None
-            self.stats.skipped += 1
+            stats.skipped += 1
             log.warning("source record %s/%s/%s skipped: %s", topic, partition, offset, exc)
             return None
         data_id = source_data_id(msg.key(), topic, partition, offset)
@@ -523,7 +553,9 @@ class ChangeDetector:
         return self._handle(messages)[0]
 
     def _handle(self, messages: Iterable[Message]) -> tuple[list[ChangeEvent], dict[_TP, int]]:
-        """`handle`, also returning the next offset of each partition it read (stored with the state)."""
+        """`handle`, also returning the next offset of each partition it read (stored with the state).
+        Its counts go to `self.stats` once the state is stored (a batch that fails is not counted)."""
+        stats = DetectorStats()
         latest: dict[tuple[str, str], Checksum | None] = {}
         pending: list[_Pending] = []
         appended = False
@@ -551,30 +583,40 @@ class ChangeDetector:
             stored[tp] = moved[tp] = offset + 1
             until = self._replay_until.get(tp)
             if until is not None and offset < until:  # handled before (its events sent): state only
-                self.stats.replayed += 1
-                seen = self._observe(msg, quiet=True)
+                stats.replayed += 1
+                seen = self._observe(msg, stats, quiet=True)
                 if seen is not None:
                     latest[(topic, seen[0])] = seen[1]
                 continue
-            self.stats.records += 1
-            appended = self._detect(msg, latest, pending) or appended
+            stats.records += 1
+            appended = self._detect(msg, latest, pending, stats) or appended
         events = self._impacts(pending) if pending else []
-        self._emit(events, [p.trace for p in pending])
+        events = self._emit(events, [p.trace for p in pending], stats)
         if appended and not pending and self.writer is not None:
             self.writer.flush(self.operation_timeout_s)
         if latest or moved:
             self.state.write(latest, moved)
-        self.stats.batches += 1
+        stats.batches += 1
+        self.stats.add(stats)
         return events, moved
 
     def _detect(
-        self, msg: Message, latest: dict[tuple[str, str], Checksum | None], pending: list[_Pending]
+        self,
+        msg: Message,
+        latest: dict[tuple[str, str], Checksum | None],
+        pending: list[_Pending],
+        stats: DetectorStats,
     ) -> bool:
-        """Detect what a (live) source record changed: into `latest` (the batch's new state) and
-        `pending` (its events). True when it appended a `SOURCE` entry to the writer."""
+        """Detect what a (live) source record changed: into `latest` (the batch's new state), `pending`
+        (its events) and `stats`. True when it appended a `SOURCE` entry to the writer.
+
+        A `SOURCE` entry too large for a ledger record (`EntryTooLargeError`: a DataID of hundreds of kB)
+        is left out, logged and counted (`unrecorded`); the version is still detected, as without a
+        writer. It is the same every time the record is read: failing the batch would block the
+        partition (and the changes behind the record) for good."""
         topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
         appended = False
-        seen = self._observe(msg)
+        seen = self._observe(msg, stats)
         if seen is None:
             return False
         data_id, checksum = seen
@@ -583,7 +625,7 @@ class ChangeDetector:
         where = (topic, partition, offset)
         if checksum is None:
             if previous is not None:
-                self.stats.deleted += 1
+                stats.deleted += 1
                 pending.append(
                     _Pending(
                         ChangeKind.SOURCE_DELETED,
@@ -594,21 +636,34 @@ class ChangeDetector:
             latest[key] = None
             return False
         if previous == checksum:
-            self.stats.unchanged += 1
+            stats.unchanged += 1
             return False
         entry_id = None
         if self.writer is not None:
             app = Application.of_source(
                 DataRef(data_id, checksum), device_id=self.device_id, context=self.context
             )
-            self.writer.append(app)
-            entry_id = entry_id_of(app)
-            appended = True
+            try:
+                self.writer.append(app)
+            except EntryTooLargeError as exc:  # raised before anything is queued
+                stats.unrecorded += 1
+                log.warning(
+                    "source record %s/%s/%s (DataID %s): no SOURCE ledger entry, it is too large for a "
+                    "ledger record (%s); its version is still detected and reported, without one",
+                    topic,
+                    partition,
+                    offset,
+                    _brief(data_id),
+                    exc,
+                )
+            else:
+                entry_id = entry_id_of(app)
+                appended = True
         latest[key] = checksum
         if previous is None:
-            self.stats.first_seen += 1
+            stats.first_seen += 1
         else:
-            self.stats.changed += 1
+            stats.changed += 1
             pending.append(
                 _Pending(
                     ChangeKind.SOURCE_CHANGED,
@@ -634,27 +689,40 @@ class ChangeDetector:
             events.append(ChangeEvent.for_source(p.kind, p.change, impact, now))
         return events
 
-    def _emit(self, events: list[ChangeEvent], traces: Sequence[tuple[tuple[str, bytes], ...]] = ()) -> None:
+    def _emit(
+        self,
+        events: list[ChangeEvent],
+        traces: Sequence[tuple[tuple[str, bytes], ...]] = (),
+        stats: DetectorStats | None = None,
+    ) -> list[ChangeEvent]:
         """Produce and wait for every delivery; raise when any failed (nothing is committed then).
-        `traces[i]`: headers (trace context) of event i."""
+        `traces[i]`: headers (trace context) of event i. Returns the events delivered: each as it fit
+        under `max_event_bytes` (see `_fit`; one that cannot fit is left out). Counts go to `stats`
+        (default: `self.stats`)."""
+        stats = self.stats if stats is None else stats
         if not events:
-            return
+            return []
         errors: list[KafkaError] = []
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:  # a librdkafka callback: record only
                 errors.append(err)
 
-        for i, event in enumerate(events):
+        sent = []
+        for i, detected in enumerate(events):
             deadline = time.monotonic() + self.operation_timeout_s
             headers: list[tuple[str, str | bytes | None]] | None = (
                 list(traces[i]) if i < len(traces) and traces[i] else None
             )
+            fitted = self._fit(detected, headers or [], stats)
+            if fitted is None:
+                continue
+            event, value = fitted
             while True:  # retries only while the local queue is full, until the deadline
                 try:
                     self._producer.produce(
                         self.changes_topic,
-                        event.encode(),
+                        value,
                         event.key,
                         headers=headers,
                         on_delivery=on_delivery,
@@ -664,21 +732,79 @@ class ChangeDetector:
                     if time.monotonic() > deadline:
                         raise ChangeDetectorError("the producer queue stayed full") from None
                     self._producer.poll(0.05)
-        remaining = self._producer.flush(self.operation_timeout_s)
+            sent.append(event)
+        remaining = self._producer.flush(self.operation_timeout_s) if sent else 0
         if remaining or errors:
             raise ChangeDetectorError(
                 f"{len(errors)} change events failed, {remaining} undelivered: "
                 f"{errors[0].str() if errors else 'timeout'}",
                 errors[0] if errors else None,
             )
-        self.stats.events += len(events)
-        for event in events:
+        stats.events += len(sent)
+        for event in sent:
             log.info(
                 "change %s: %s, %d outputs affected",
                 event.kind.value,
-                event.key.decode("utf-8", "replace"),
+                _brief(event.key.decode("utf-8", "replace")),
                 event.impact.total,
             )
+        return sent
+
+    def _fit(
+        self, event: ChangeEvent, headers: Sequence[tuple[str, Any]], stats: DetectorStats
+    ) -> tuple[ChangeEvent, bytes] | None:
+        """`event` and its encoding when the record (key, value, headers) fits under `max_event_bytes`.
+
+        A larger one would be refused by the producer (`message.max.bytes`) or the broker (the changes
+        topic's `max.message.bytes`), every time the batch is tried: it carries the first impact
+        outputs that fit instead (`truncated`; `total` still counts them all). When even none fit (the
+        DataID itself is too long), None: logged and counted (`unreported`), the new version is stored
+        all the same, so the partition goes on."""
+        value = event.encode()
+        size = record_size(event.key, value, headers)
+        if size <= self.max_event_bytes:
+            return event, value
+        outputs = event.impact.outputs
+
+        def cut(n: int) -> tuple[ChangeEvent, bytes]:
+            e = replace(event, impact=replace(event.impact, outputs=outputs[:n], truncated=True))
+            return e, e.encode()
+
+        lo, hi = -1, len(outputs)  # the most outputs that fit: > lo ... < hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if record_size(event.key, cut(mid)[1], headers) <= self.max_event_bytes:
+                lo = mid
+            else:
+                hi = mid
+        subject = _brief(event.key.decode("utf-8", "replace"))
+        if lo < 0:
+            stats.unreported += 1
+            src = event.source
+            where = "" if src is None else f" (source record {src.topic}/{src.partition}/{src.offset})"
+            log.warning(
+                "change %s of %s%s not reported: its event needs %d bytes even without impact outputs, "
+                "above the %d a change event may have (the producer's message.max.bytes, the changes "
+                "topic's max.message.bytes): its key is %d bytes; the new version is stored",
+                event.kind.value,
+                subject,
+                where,
+                record_size(event.key, cut(0)[1], headers),
+                self.max_event_bytes,
+                len(event.key),
+            )
+            return None
+        log.warning(
+            "change %s of %s: its event carries the first %d of its %d impact outputs (all of them need "
+            "%d bytes, above the %d a change event may have)",
+            event.kind.value,
+            subject,
+            lo,
+            event.impact.total,
+            size,
+            self.max_event_bytes,
+        )
+        return cut(lo)
 
     # -- functions -------------------------------------------------------------------------------------
     def check_functions(
@@ -705,12 +831,12 @@ class ChangeDetector:
                 result = self.index.affected_by_function(fid, version, code_hash, limit=self.max_walk)
                 impact = Impact.of(result, max_outputs=self.max_outputs, ledger_size=size)
                 events.append(ChangeEvent.for_function(change, impact, now))
-        self._emit(events)
-        for event in events:
+        sent = self._emit(events)
+        for event in events:  # one left out (it can never fit) too: it is not tried again
             assert event.function is not None
             self.state.mark_reported(event.function)
         self.stats.function_changes += len(events)
-        return events
+        return sent
 
     def _sync_reported(self) -> None:
         """A state without the reported function changes (a fresh state dir, an emptyDir after a pod

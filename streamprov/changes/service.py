@@ -15,6 +15,12 @@ needs, the way the Validator has it (`streamprov.agents.lifecycle`):
   rewind that fails fails that step, and counts as a failure: nothing is consumed past a failed
   batch. After `max_consecutive_failures` in a row the service stops with an error (the
   orchestrator restarts it). A fatal Kafka error stops it at once;
+* what is wrong with one source record, and the same every time it is read, never fails the batch
+  (that would block its partition for good): a malformed header is skipped (`skipped`); a `SOURCE`
+  entry too large for a ledger record (a DataID of hundreds of kB) is left out (`unrecorded`: the
+  change is still reported); a change event over the changes topic's `max.message.bytes` (read at
+  start) carries fewer impact outputs, and one that cannot fit at all is left out (`unreported`).
+  Each is logged with the record's coordinates and the reason;
 * SIGTERM/SIGINT (`stop()`): the current batch is finished and committed, then `run()` returns.
 
 The service never writes the ledger topic (a ledger has one writer): with a `requests_topic`
@@ -35,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 
+from streamprov.agents.dead_letter import RECORD_FRAMING_BYTES
 from streamprov.agents.health import HttpEndpoints
-from streamprov.agents.kafka_io import kafka_error, missing_topics
+from streamprov.agents.kafka_io import kafka_error, missing_topics, topic_max_message_bytes
 from streamprov.agents.lifecycle import ServiceState, beating, close_probes, serve_probes, stall_limit
 from streamprov.changes.detector import ChangeDetector, ChangeDetectorError, DetectorStats
 from streamprov.changes.event import DEFAULT_MAX_OUTPUTS
@@ -226,6 +233,7 @@ class ChangeService:
         state.beat()
         self._http = serve_probes(state, s.http_host, s.http_port)
         self._check_topics()
+        self._fit_changes_topic()
         state.set_not_ready("the ledger index is catching up")
         try:
             applied = self.index.apply(beating(self.reader.read(self.index.next_offset), state.beat))
@@ -262,6 +270,25 @@ class ChangeService:
             )
         if absent:
             log.warning("source topic(s) %s do not exist yet: watched once they appear", ", ".join(absent))
+
+    def _fit_changes_topic(self) -> None:
+        """Lower the detector's change event limit to the changes topic's `max.message.bytes` when that
+        is below the producer's: the broker would refuse a larger event every time its batch is tried
+        (checked once, at start)."""
+        s, detector = self.settings, self.detector
+        limit = topic_max_message_bytes(
+            {k: v for k, v in s.kafka.items() if k not in _CONSUMER_ONLY},
+            s.changes_topic,
+            timeout_s=min(10.0, s.operation_timeout_s),
+        )
+        if limit is not None and limit - RECORD_FRAMING_BYTES < detector.max_event_bytes:
+            detector.max_event_bytes = limit - RECORD_FRAMING_BYTES
+            log.info(
+                "changes topic %s takes records of at most %d bytes (max.message.bytes): larger change "
+                "events carry fewer impact outputs",
+                s.changes_topic,
+                limit,
+            )
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self, *, idle_timeout_s: float | None = None) -> DetectorStats:
