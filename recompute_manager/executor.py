@@ -210,6 +210,10 @@ class Executor:
         self.sleep = sleep
         self._source_stamper = SourceStamper(algorithm)
         self._lineages: dict[bytes, Lineage] = {}
+        self.deltas = 0
+        """Delta tasks run against a summary (`_delta`)."""
+        self.expanded = 0
+        """Delta tasks run whole, expanded from their ledger entry (`_expand`)."""
 
     # -- inputs --------------------------------------------------------------------------------------
     def _inputs(self, refs: tuple[InputRef, ...], outputs: Mapping[str, Recomputed]) -> list[_In]:
@@ -351,6 +355,7 @@ class Executor:
             return None
         delta = self._delta(task, outputs) if task.is_delta else None
         if delta is not None:
+            self.deltas += 1
             value, header, nodes, cached, base = delta
             output = DataRef.of(task.data_id, value, self.algorithm)
             return self._finish(task, value, header, cached, attempts, [(header, nodes, output)], base)
@@ -371,6 +376,7 @@ class Executor:
                 f"task {task.task_id[:12]} lists {len(task.inputs)} of {task.input_count} inputs: "
                 "the other inputs are read from the ledger index, and this executor has none"
             )
+        self.expanded += 1
         entry = self.ledger.entry(task.entry_id)
         inputs = entry.application.inputs
         if len(inputs) != task.input_count:

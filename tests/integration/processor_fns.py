@@ -39,3 +39,15 @@ def sum_n(total: int, value: dict[str, Any], delay_ms: float = 0) -> int:
     if value["n"] < 0:
         raise ValueError(f"negative n: {value['n']}")
     return total + int(value["n"])
+
+
+def _unsum(total: int, value: dict[str, Any]) -> int:
+    """`sum_inv`'s inverse: the total without `value`."""
+    return total - int(value["n"])
+
+
+@registry.reduce("sum_inv", "1", initial=int, inverse=_unsum)
+def sum_inv(total: int, value: dict[str, Any]) -> int:
+    """`sum_n` registered with its inverse: the Recompute Manager recomputes it from its previous
+    output (a delta: only the changed inputs are read)."""
+    return total + int(value["n"])

@@ -58,11 +58,13 @@ def build_pipeline(
     *,
     n: int = N,
     groups: int = GROUPS,
+    reduce: Any = None,
 ) -> Pipeline:
     """Sources, the detector's first look, the three steps with the ledger on (detector closed).
 
     `new_topic(partitions, config, prefix=)` and `unique_group()` are the conftest factories (or
-    anything that creates topics and names groups the same way)."""
+    anything that creates topics and names groups the same way). `reduce`: the reduce step's
+    registered function (default `sum_n`)."""
     src = new_topic(2, COMPACTED, prefix="src")
     mid, tagged, sums, dlq = new_topic(2), new_topic(), new_topic(), new_topic()
     p = Pipeline(
@@ -93,7 +95,7 @@ def build_pipeline(
         run_step(bootstrap, processor_fns.tag, mid, tagged, dlq, unique_group(), writer, records=n)
         run_step(
             bootstrap,
-            processor_fns.sum_n,
+            reduce or processor_fns.sum_n,
             mid,
             sums,
             dlq,
