@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from recompute_manager.units import RecomputeUnit, UnitError
 from streamprov.errors import StreamprovError
@@ -211,6 +211,9 @@ def _headers(raw: Any) -> dict[str, bytes]:
 def read_progress(config: Mapping[str, Any], topic: str, *, timeout_s: float = 10.0) -> ProgressLog:
     """Every committed record of the progress topic up to its current end (bounded by `timeout_s`).
 
+    Each partition is read from its log start, which retention (or `delete_records`) moves past 0: a
+    partition whose records are all gone (log start = end) is read when it is assigned.
+
     Raises `StreamprovError` when the topic does not exist or the brokers do not answer in time.
     """
     if timeout_s <= 0:
@@ -220,6 +223,7 @@ def read_progress(config: Mapping[str, Any], topic: str, *, timeout_s: float = 1
             **{k: v for k, v in config.items() if k != "group.id"},
             "group.id": "streamprov-recompute-status",  # assign() only, never commits
             "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",  # retention moved the log start while we read
             "isolation.level": "read_committed",
             "enable.partition.eof": False,
         }
@@ -229,27 +233,40 @@ def read_progress(config: Mapping[str, Any], topic: str, *, timeout_s: float = 1
         meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
             raise StreamprovError(f"progress topic {topic!r} does not exist")
-        tps = [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=timeout_s)[1] for tp in tps}
-        consumer.assign(tps)
         deadline = time.monotonic() + timeout_s
+        ends: dict[int, int] = {}
+        read_to: dict[int, int] = {}  # per partition: every offset below it is read (or gone)
+        for part in sorted(meta.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=timeout_s)
+            ends[part], read_to[part] = int(high), int(low)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(ends)])
+        lows_checked = time.monotonic()
         while True:
-            behind = [
-                part
-                for part, end in ends.items()
-                if end > 0 and consumer.position([TopicPartition(topic, part)])[0].offset < end
-            ]
+            behind = _behind(consumer, topic, ends, read_to)
             if not behind:
                 break
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 out.complete = False
                 break
-            for msg in consumer.consume(500, 0.2):
+            batch = consumer.consume(500, 0.2)
+            if not batch and now - lows_checked >= _LOW_RECHECK_S:
+                # nothing comes: retention may have deleted what was left to read
+                lows_checked = now
+                for part in behind:
+                    low, _ = consumer.get_watermark_offsets(
+                        TopicPartition(topic, part), timeout=max(0.1, deadline - now)
+                    )
+                    read_to[part] = max(read_to[part], int(low))
+            for msg in batch:
                 err = msg.error()
                 if err is not None:
                     if err.code() != KafkaError._PARTITION_EOF:
                         log.warning("progress topic: %s", err.str())
                     continue
+                part, offset = msg.partition(), msg.offset()
+                if part is not None and offset is not None:
+                    read_to[part] = max(read_to[part], offset + 1)
                 out.add(msg.key(), msg.value(), _headers(msg.headers()))
     except KafkaException as exc:
         cause = exc.args[0] if exc.args else None
@@ -261,3 +278,21 @@ def read_progress(config: Mapping[str, Any], topic: str, *, timeout_s: float = 1
     finally:
         consumer.close()
     return out
+
+
+_LOW_RECHECK_S = 1.0
+"""How long `read_progress` waits for records before it asks again where the partitions start."""
+
+
+def _behind(consumer: Consumer, topic: str, ends: Mapping[int, int], read_to: dict[int, int]) -> list[int]:
+    """The partitions not read up to their end yet (`read_to` updated from the consumer's positions,
+    which step over transaction markers)."""
+    behind = []
+    for part, end in ends.items():
+        if read_to[part] < end:
+            pos = consumer.position([TopicPartition(topic, part)])[0].offset
+            if pos >= 0:  # OFFSET_INVALID before the first record of the partition
+                read_to[part] = max(read_to[part], pos)
+        if read_to[part] < end:
+            behind.append(part)
+    return behind
