@@ -57,6 +57,17 @@ LedgerId = Annotated[
 IndexPath = Annotated[Path, typer.Option("--index", "-i", help="Directory of the local RocksDB index.")]
 
 
+def _stopped_by(exc: Exception) -> str:
+    """The error line for what stopped a service's loop: a `LedgerError` says what to check (brokers
+    that do not answer, a missing topic, a batch never sealed); anything librdkafka raises otherwise
+    is reduced to its error."""
+    if isinstance(exc, LedgerError):
+        return str(exc)
+    from streamprov.agents.kafka_io import kafka_error  # noqa: PLC0415 - keep --help fast
+
+    return f"stopped on a Kafka error: {kafka_error(exc).str()}"  # type: ignore[arg-type]  # a KafkaException
+
+
 def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -491,7 +502,8 @@ def sequencer(
     Agents and recompute workers on several machines send applications (KafkaLedgerClient) to the
     requests topic; this service seals them into the ledger topic exactly once, one transaction per
     batch. Run two for a hot standby: only the one owning the requests partition seals. SIGTERM stops
-    it after the current batch and signs a final checkpoint.
+    it after the current batch and signs a final checkpoint (during start-up: at once). Exits 2 when
+    it cannot start (brokers that do not answer, missing topics) or a batch cannot be sealed.
     """
     import logging  # noqa: PLC0415 - keep --help fast
 
@@ -559,8 +571,8 @@ def sequencer(
     with seq:
         try:
             stats = seq.run(idle_timeout_s=idle_exit)
-        except LedgerError as exc:
-            _fail(str(exc))
+        except (LedgerError, KafkaException) as exc:  # a line saying what to check, not a traceback
+            _fail(_stopped_by(exc))
     typer.echo(
         f"sealed {stats.entries} entries and {stats.checkpoints} checkpoints from {stats.requests} "
         f"requests ({stats.duplicates} duplicates, {stats.dead_letters} dead letters)"

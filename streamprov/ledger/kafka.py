@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from streamprov.agents.kafka_io import KAFKA_LOG, list_all_topics
+from streamprov.agents.kafka_io import KAFKA_LOG, kafka_error, list_all_topics
 from streamprov.ledger.chain import ChainState, resume_state
 from streamprov.ledger.codec import encode_record, record_key, stored
 from streamprov.ledger.errors import (
@@ -86,10 +86,59 @@ def create_ledger_topic(
         raise LedgerError(f"cannot create ledger topic {topic}: {exc}") from exc
 
 
-def check_topic_exists(config: dict[str, Any], topic: str, timeout_s: float, *, what: str) -> Any:
+Pause = Callable[[float], bool]
+"""Waits up to the given seconds, and says False when the caller was asked to stop in the meantime
+(`ServiceState.pause`): how a start-up wait stays stop-aware."""
+METADATA_ATTEMPT_S = 1.0
+"""How long one metadata request may wait: a start-up check asks again and again until its deadline,
+so a stop request is seen within about this long."""
+
+
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return True
+
+
+def list_topics_within(config: dict[str, Any], timeout_s: float, *, pause: Pause | None = None) -> Any:
+    """Every topic of the cluster (`list_all_topics`: naming a topic may create it), asked in attempts
+    of at most `METADATA_ATTEMPT_S` until `timeout_s` has passed; between attempts it waits with
+    `pause` and returns None as soon as that says stop. Raises `LedgerError` naming the brokers and
+    what to check when none answers (librdkafka's `KafkaException` never escapes)."""
+    wait = pause or _sleep
+    deadline = time.monotonic() + timeout_s
+    admin = AdminClient(config)
+    while wait(0):
+        started = time.monotonic()
+        attempt = max(0.1, min(METADATA_ATTEMPT_S, deadline - started))
+        try:
+            return list_all_topics(admin, attempt)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err.fatal() or time.monotonic() >= deadline:
+                raise LedgerError(
+                    f"cannot list the topics on {config.get('bootstrap.servers', '?')} within "
+                    f"{timeout_s:g} s ({err.str()}): check the bootstrap servers and that the brokers "
+                    "are up and reachable from here"
+                ) from exc
+        rest = started + attempt - time.monotonic()  # an attempt that failed at once: not a busy loop
+        if rest > 0 and not wait(rest):
+            break
+    return None
+
+
+def check_topic_exists(
+    config: dict[str, Any], topic: str, timeout_s: float, *, what: str, pause: Pause | None = None
+) -> Any:
     """The topic's metadata; raises `LedgerError` when it does not exist (a transaction producing to
-    a missing topic fails every time it is retried: better refused at start)."""
-    md = list_all_topics(config, timeout_s).get(topic)  # all: naming the topic may create it
+    a missing topic fails every time it is retried: better refused at start) or the brokers do not
+    answer within `timeout_s`. None when `pause` says stop first (see `list_topics_within`)."""
+    topics = list_topics_within(config, timeout_s, pause=pause)
+    return None if topics is None else topic_metadata(topics, topic, what=what)
+
+
+def topic_metadata(topics: dict[str, Any], topic: str, *, what: str) -> Any:
+    """`topic`'s metadata among `list_all_topics`; `LedgerError` when it is not there."""
+    md = topics.get(topic)
     if md is None or md.error is not None:
         raise LedgerError(f"{what} {topic} is not available: {md.error if md else 'unknown topic'}")
     return md
@@ -102,11 +151,20 @@ def check_single_partition(
     *,
     what: str = "ledger topic",
     why: str = "a hash-chained ledger needs exactly one (one total order, one sequencer)",
-) -> None:
-    """Raise `LedgerError` unless `topic` exists with exactly one partition."""
-    md = check_topic_exists(config, topic, timeout_s, what=what)
+    pause: Pause | None = None,
+) -> bool:
+    """Raise `LedgerError` unless `topic` exists with exactly one partition; False when `pause` said
+    stop before it could tell."""
+    md = check_topic_exists(config, topic, timeout_s, what=what, pause=pause)
+    if md is None:
+        return False
+    single_partition(md, what=what, why=why)
+    return True
+
+
+def single_partition(md: Any, *, what: str, why: str) -> None:
     if len(md.partitions) != 1:
-        raise LedgerError(f"{what} {topic} has {len(md.partitions)} partitions; {why}")
+        raise LedgerError(f"{what} {md.topic} has {len(md.partitions)} partitions; {why}")
 
 
 class KafkaLedgerReader:

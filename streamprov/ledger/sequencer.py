@@ -35,9 +35,10 @@ from streamprov.ledger.errors import ChainError, LedgerError, LedgerWriterError,
 from streamprov.ledger.kafka import (
     ExtraRecord,
     KafkaLedgerSink,
-    check_single_partition,
-    check_topic_exists,
     client_config,
+    list_topics_within,
+    single_partition,
+    topic_metadata,
 )
 from streamprov.ledger.model import AppTemplate, Checkpoint
 from streamprov.ledger.requests import LedgerRequest, decode_request
@@ -178,17 +179,20 @@ class LedgerSequencer:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def check_topics(self) -> None:
+    def check_topics(self) -> bool:
         """Refuse a requests topic with several partitions (two members would each seal a part) and a
-        missing dead-letter topic (every transaction with a dead letter would fail)."""
-        check_single_partition(
-            self.config,
-            self.requests_topic,
-            self.timeout_s,
+        missing dead-letter topic (every transaction with a dead letter would fail), and brokers that
+        do not answer within `timeout_s` (`LedgerError`). Stop-aware: False when stopped first."""
+        topics = list_topics_within(self.config, self.timeout_s, pause=self.state.pause)
+        if topics is None:
+            return False
+        single_partition(
+            topic_metadata(topics, self.requests_topic, what="requests topic"),
             what="requests topic",
             why="a ledger sequencer needs exactly one (one order in, one chain out)",
         )
-        check_topic_exists(self.config, self.dead_letter_topic, self.timeout_s, what="dead-letter topic")
+        topic_metadata(topics, self.dead_letter_topic, what="dead-letter topic")
+        return True
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, *, idle_timeout_s: float | None = None, max_requests: int | None = None) -> SequencerStats:
@@ -200,7 +204,9 @@ class LedgerSequencer:
         self.state.beat()
         if not self._http:
             self._http = serve_probes(self.state, self.http_host, self.http_port)
-        self.check_topics()
+        if not self.check_topics():  # stopped while the brokers did not answer yet
+            log.info("ledger sequencer for %s: stopped while starting", self.ledger_id)
+            return self.stats
         ev = self._events
         self._consumer.subscribe(
             [self.requests_topic], on_assign=ev.on_assign, on_revoke=ev.on_revoke, on_lost=ev.on_lost
@@ -293,7 +299,7 @@ class LedgerSequencer:
             log.warning("cannot take over ledger %s yet (%s); retrying", self.ledger_id, exc)
             self._deactivate()
             self.state.set_not_ready(f"cannot take over the ledger: {exc}")
-            time.sleep(1.0)
+            self.state.pause(1.0)
             return False
         return True
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -236,3 +240,58 @@ def test_no_signatures_is_a_plain_flag() -> None:
     res = runner.invoke(ledger_app, ["verify", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
     assert res.exit_code == 0 and "--no-signatures" in res.output
     assert "--no-no-signatures" not in res.output
+
+
+# -- the sequencer with brokers that do not answer --------------------------------------------------------
+SEQUENCER = [
+    "sequencer",
+    "-b",
+    "127.0.0.1:1",
+    "--topic",
+    "t",
+    "--unsigned",
+    "--host",
+    "127.0.0.1",
+    "--http-port",
+    "0",
+]
+
+
+def test_the_sequencer_says_which_brokers_did_not_answer_and_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not an uncaught `cimpl.KafkaException` traceback and exit 1 (as a probe saw): an `error:` line
+    naming the brokers and what to check, exit 2 ("could not"). The start-up deadline is the
+    sequencer's timeout (30 s), 2 s here."""
+    import logging  # noqa: PLC0415
+
+    from streamprov.ledger.sequencer import LedgerSequencer  # noqa: PLC0415
+
+    init = LedgerSequencer.__init__
+    monkeypatch.setattr(init, "__kwdefaults__", {**(init.__kwdefaults__ or {}), "timeout_s": 2.0})
+    monkeypatch.setattr(signal, "signal", lambda *_a: None)  # not this test process's handlers
+    monkeypatch.setattr(logging, "basicConfig", lambda **_kw: None)  # nor its logging
+    res = runner.invoke(ledger_app, SEQUENCER)
+    assert res.exit_code == EXIT_ERROR, (res.output, res.exception)
+    assert "error: cannot list the topics on 127.0.0.1:1 within 2 s" in res.output
+    assert "reachable" in res.output and "Traceback" not in res.output
+
+
+def test_sigterm_while_the_brokers_do_not_answer_stops_the_sequencer_at_once(tmp_path: Path) -> None:
+    """Documented as stop-aware: before, the metadata request held the loop for the whole 30 s."""
+    streamprov = Path(sys.executable).with_name("streamprov")
+    log = tmp_path / "sequencer.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(streamprov), "ledger", *SEQUENCER], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "serving /healthz" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # started: the stop signal handlers are in place
+        time.sleep(1.0)  # inside the topic check
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, log.read_text()[-2000:]
+        assert time.monotonic() - sent < 5, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "stopped while starting" in log.read_text() and "Traceback" not in log.read_text()

@@ -4,16 +4,20 @@ A batch that keeps failing makes the sequencer not ready, then stop with an erro
 check, instead of replaying forever while reporting healthy (and never counts as idle time); a full
 local queue while producing a dead letter aborts the transaction and surfaces as a ledger write
 failure, not a crash; an entry too large for a ledger record, map rows included, is found before
-anything is sealed."""
+anything is sealed; brokers that do not answer at start-up are a `LedgerError` naming them, and a
+stop request ends the start-up at once."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 from ledger_support import chain_apps
 
 from streamprov.header import ProvenanceHeader
+from streamprov.ledger import kafka as ledger_kafka
 from streamprov.ledger import sequencer as sequencer_module
 from streamprov.ledger import writer as writer_module
 from streamprov.ledger.errors import LedgerError, LedgerWriteFailedError
@@ -183,7 +187,7 @@ def test_a_batch_that_is_never_sealed_does_not_count_as_idle(monkeypatch: pytest
     clock = _Clock()
     monkeypatch.setattr(sequencer_module, "time", clock)
     monkeypatch.setattr(seq.state, "pause", lambda s: clock.sleep(s) or True)
-    monkeypatch.setattr(seq, "check_topics", lambda: None)
+    monkeypatch.setattr(seq, "check_topics", lambda: True)
     monkeypatch.setattr(seq, "_try_activate", lambda: True)
     monkeypatch.setattr(seq, "_recover", lambda: None)
     failed = []
@@ -202,3 +206,46 @@ def test_a_batch_that_is_never_sealed_does_not_count_as_idle(monkeypatch: pytest
         assert clock.now - 1000.0 > 3.0 * MAX_FAILURES  # waited far longer than the idle timeout
     finally:
         consumer.close()
+
+
+# -- brokers that do not answer at start-up ------------------------------------------------------------------
+# A probe started `streamprov ledger sequencer -b 127.0.0.1:1`: after 30 s an uncaught
+# cimpl.KafkaException traceback (raised from run -> check_topics -> list_all_topics), exit 1; and a
+# SIGTERM sent 1-3 s after start still took 27-30 s to act, the metadata request blocking the loop.
+
+
+def _unreachable(timeout_s: float) -> LedgerSequencer:
+    return LedgerSequencer(
+        UNREACHABLE,
+        requests_topic="req",
+        ledger_topic="ledger",
+        ledger_id="unit",
+        signer=None,
+        dead_letter_topic="dlq",
+        timeout_s=timeout_s,
+    )
+
+
+def test_brokers_that_do_not_answer_are_a_ledger_error_naming_them() -> None:
+    started = time.monotonic()
+    with (
+        _unreachable(2.0) as seq,
+        pytest.raises(LedgerError, match=r"cannot list the topics on 127\.0\.0\.1:1 within 2 s .*reachable"),
+    ):
+        seq.run()
+    assert time.monotonic() - started < 10
+
+
+def test_a_stop_while_the_brokers_do_not_answer_ends_the_start_up_at_once() -> None:
+    seq = _unreachable(20.0)
+    stopper = threading.Timer(1.5, seq.stop)
+    stopper.start()
+    started = time.monotonic()
+    try:
+        with seq:
+            stats = seq.run()
+    finally:
+        stopper.cancel()
+    took = time.monotonic() - started
+    assert took < 1.5 + 2 * ledger_kafka.METADATA_ATTEMPT_S + 1.0, took  # the attempt under way, then out
+    assert stats.requests == 0 and not seq.active
