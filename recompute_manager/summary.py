@@ -212,7 +212,7 @@ class ReduceSummary:
         except (struct.error, StreamprovError) as exc:
             raise SummaryError(f"reduce summary is cut short or inconsistent: {exc}") from exc
         nodes = raw[at:]
-        if any(i >= m for i in lineage_of) or any(not 0 <= o < len(nodes) for o in offsets):
+        if max(lineage_of) >= m or max(offsets) >= len(nodes):
             raise SummaryError("reduce summary is inconsistent")
         return cls(nodes, offsets, inputs, sources, tuple(lineages), lineage_of)
 

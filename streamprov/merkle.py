@@ -8,6 +8,7 @@ domain-separation prefixes (0x00, 0x01) so a leaf can never be confused with an 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 
@@ -97,6 +98,19 @@ def root_with_hashes(levels: Sequence[Sequence[bytes]], replaced: dict[int, byte
     return changed[0]
 
 
+@functools.lru_cache(maxsize=256)
+def _tree_layout(width: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(leaves per level from the bottom, where each level starts, nodes in all) of a `FlatTree`."""
+    widths = [width]
+    while widths[-1] > 1:
+        widths.append((widths[-1] + 1) // 2)
+    starts, at = [], 0
+    for w in widths:
+        starts.append(at)
+        at += w
+    return tuple(widths), tuple(starts), at
+
+
 class FlatTree:
     """Every node of an RFC 6962 tree (`levels_from_hashes`) in one byte string, level by level from
     the leaf hashes up, `HASH_SIZE` bytes each: stored as it is, read without splitting it, and
@@ -105,15 +119,11 @@ class FlatTree:
     __slots__ = ("_starts", "_widths", "raw", "width")
 
     def __init__(self, raw: bytes, width: int) -> None:
-        widths = [width]
-        while widths[-1] > 1:
-            widths.append((widths[-1] + 1) // 2)
-        starts, at = [], 0
-        for w in widths:
-            starts.append(at)
-            at += w
-        if width < 1 or len(raw) != at * HASH_SIZE:
-            raise StreamprovError(f"a tree of {width} leaves has {at} nodes, not {len(raw) // HASH_SIZE}")
+        if width < 1:
+            raise StreamprovError(f"a tree has at least one leaf, not {width}")
+        widths, starts, nodes = _tree_layout(width)
+        if len(raw) != nodes * HASH_SIZE:
+            raise StreamprovError(f"a tree of {width} leaves has {nodes} nodes, not {len(raw) // HASH_SIZE}")
         self.raw, self.width, self._widths, self._starts = raw, width, widths, starts
 
     def __eq__(self, other: object) -> bool:
@@ -140,7 +150,7 @@ class FlatTree:
     def replaced(self, leaves: dict[int, bytes]) -> FlatTree:
         """The tree with the leaves at these positions replaced (position -> `leaf_hash`): only their
         paths are rehashed. Its root equals `root_of` of the replaced leaf list."""
-        if any(not 0 <= i < self.width for i in leaves):
+        if leaves and (min(leaves) < 0 or max(leaves) >= self.width):
             raise StreamprovError(f"a replaced leaf is outside a tree of {self.width} leaves")
         sha256 = hashlib.sha256
         buf = bytearray(self.raw)
