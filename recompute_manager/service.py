@@ -72,11 +72,12 @@ from recompute_manager.priority import PlainRecord, PriorityPublisher
 from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress, pending_key
 from recompute_manager.tracing import TraceHeaders, cause_headers
 from recompute_manager.units import RecomputeUnit, encoded_units
-from recompute_manager.views import LockedLedger, Views
+from recompute_manager.views import LockedLedger, StateError, Views
 from recompute_manager.worker import UnitWorker, WorkerSettings, instance_id
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, fit, source_of
 from streamprov.agents.kafka_io import KAFKA_LOG, kafka_error
 from streamprov.changes.event import ChangeEvent
+from streamprov.config.errors import ConfigError, ConfigProblem
 from streamprov.config.models import (
     RecomputeSettings,
     RecomputeTrigger,
@@ -101,6 +102,7 @@ __all__ = [
     "ManagerStats",
     "Progress",
     "RecomputeManager",
+    "StateDirError",
     "default_replica",
 ]
 
@@ -115,6 +117,34 @@ DEFAULT_MAX_UNIT_BYTES = 900_000
 class ManagerError(StreamprovError):
     """A stage of the manager cannot go on (a worker was fenced by a newer instance of itself, or its
     producer failed for good)."""
+
+
+class StateDirError(ConfigError, StateError):
+    """`recompute_manager.state_dir` cannot be made or written: a configuration problem (the CLI exits
+    2), naming the directory and what to do; also a `StateError` (the state dir cannot be opened)."""
+
+    def __init__(self, state_dir: Path, why: str) -> None:
+        super().__init__(
+            [
+                ConfigProblem(
+                    "recompute_manager.state_dir",
+                    f"the state directory {str(state_dir)!r} cannot be used: {why}",
+                    "set recompute_manager.state_dir (STREAMPROV__RECOMPUTE_MANAGER__STATE_DIR) to a "
+                    "writable directory, or one that can be created, of its own for each replica",
+                )
+            ]
+        )
+        self.state_dir = state_dir
+
+
+def _make_state_dir(state_dir: Path) -> None:
+    """Create the state dir (and its parents); `StateDirError` when it cannot be made or written."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # FileNotFoundError (/proc/x), NotADirectoryError (a file/x), PermissionError
+        raise StateDirError(state_dir, exc.strerror or str(exc)) from exc
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        raise StateDirError(state_dir, "it is not writable by this process")
 
 
 def default_replica() -> str:
@@ -242,7 +272,7 @@ class RecomputeManager:
         if s.workers < 0:
             raise ManagerError(f"workers must be >= 0, not {s.workers}")
         self._stats = ManagerStats()
-        s.state_dir.mkdir(parents=True, exist_ok=True)
+        _make_state_dir(s.state_dir)
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
         self._ready = False

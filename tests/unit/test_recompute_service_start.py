@@ -1,0 +1,70 @@
+"""`RecomputeManager` start-up without a broker: a state dir that cannot be made is a configuration
+error naming it (the CLI exits 2, no traceback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from recompute_manager.service import ManagerSettings, RecomputeManager
+from recompute_manager.views import StateError
+from streamprov.cli import app
+from streamprov.config import ConfigError
+from streamprov.registry import FunctionRegistry
+
+UNREACHABLE = "127.0.0.1:1"
+
+
+def _settings(state_dir: Path, **kw: object) -> ManagerSettings:
+    return ManagerSettings(
+        kafka={"bootstrap.servers": UNREACHABLE},
+        group_id="g",
+        alerts_topic="alerts",
+        changes_topic="changes",
+        tasks_topic="tasks",
+        progress_topic="progress",
+        dead_letter_topic="dlq",
+        ledger_topic="ledger",
+        sources=(),
+        outputs=(),
+        state_dir=state_dir,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _under_a_file(tmp_path: Path) -> Path:
+    a_file = tmp_path / "hostname"
+    a_file.write_text("not a directory\n")
+    return a_file / "sub"
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_a_state_dir_that_cannot_be_made_is_a_configuration_error_naming_it(
+    tmp_path: Path, where: str
+) -> None:
+    """Before: the raw FileNotFoundError / NotADirectoryError of `mkdir` (a traceback, exit 1)."""
+    state_dir = _under_a_file(tmp_path) if where == "under_a_file" else Path("/proc/streamprov-rm-nope")
+    with pytest.raises(StateError) as caught:
+        RecomputeManager(_settings(state_dir), FunctionRegistry())
+    assert isinstance(caught.value, ConfigError)  # the CLIs' configuration errors: exit 2
+    text = str(caught.value)
+    assert "recompute_manager.state_dir" in text and str(state_dir) in text
+    assert "hint:" in text and "writable directory" in text
+
+
+def test_the_cli_says_so_and_exits_2(tmp_path: Path) -> None:
+    state_dir = _under_a_file(tmp_path)
+    config = tmp_path / "streamprov.yaml"
+    config.write_text(
+        f'kafka:\n  bootstrap_servers: "{UNREACHABLE}"\nrecompute_manager:\n  state_dir: {state_dir}\n'
+    )
+    result = CliRunner().invoke(
+        app,
+        ["recompute-manager", "run", "--config", str(config), "--functions", "streamprov.demo:registry"],
+    )
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "error:" in result.output and str(state_dir) in result.output
+    assert "Traceback" not in result.output
