@@ -34,6 +34,7 @@ from streamprov.checksum import ChecksumAlgorithm, matches
 from streamprov.errors import FunctionNotFoundError, HeaderError, StreamprovError
 from streamprov.header import HEADER_KEY, ProvenanceHeader, record_fields, scan
 from streamprov.header import PREFIX as HEADER_PREFIX
+from streamprov.ledger.index import HEAD_MIN_INPUTS
 from streamprov.ledger.model import DataRef, LedgerEntry
 from streamprov.lineage import Lineage, Step, StepKind, common_prefix, decode_lineage
 from streamprov.merkle import levels_of, root_of, root_with
@@ -295,11 +296,13 @@ class Executor:
         """Run a task once; raises `ExecutionError` (or what the function raised). A task that lists
         only its changed inputs runs against its previous output's summary (`_delta`), else as the
         task with all of them (`_expand`)."""
-        quick = self._quick(task, outputs, attempts)
+        whole: list[RecomputeTask] = []  # the task with every input, expanded once when needed
+        quick = self._quick(task, outputs, attempts, whole)
         if quick is not None:
             return quick
-        whole = self._expand(task) if task.is_delta else task
-        ins = self._inputs(whole.inputs, outputs)
+        if not whole:
+            whole.append(self._expand(task) if task.is_delta else task)
+        ins = self._inputs(whole[0].inputs, outputs)
         value, header, node_refs = b"", b"", [n for _, _, n in ins]
         cached = False
         applied = []
@@ -336,7 +339,7 @@ class Executor:
                 if step.inputs is not None and step.inputs.window_start is not None:
                     window = (step.inputs.window_start, step.inputs.window_end or 0)
                 header = state.header(fn.step(params), task.data_id, value, self.algorithm, window).encode()
-                if self.cache is not None:  # for a later delta of this output (`_delta`)
+                if self.cache is not None and fn.inverse is not None:  # for a later `_delta`
                     self._keep_summary(state.inputs.root(), node_refs, [h for _, h, _ in ins])
             if self.cache is not None and hit is None:
                 self.cache.put(step, node_refs, value, key=key)
@@ -346,12 +349,16 @@ class Executor:
         return self._finish(task, value, header, cached, attempts, applied)
 
     def _quick(
-        self, task: RecomputeTask, outputs: Mapping[str, Recomputed], attempts: int
+        self,
+        task: RecomputeTask,
+        outputs: Mapping[str, Recomputed],
+        attempts: int,
+        whole: list[RecomputeTask],
     ) -> Recomputed | None:
         """A one-step reduce from its previous output, when it can: a delta task from the previous
         output's summary (`_delta`), else from the previous value with every input's header
-        (`_incremental`); None: fold every input."""
-        if not self.incremental or self.cache is None:
+        (`_incremental`); None: fold every input. `whole` gets the expanded task when one was made."""
+        if not self.incremental or self.cache is None or not self._has_inverse(task):
             return None
         delta = self._delta(task, outputs) if task.is_delta else None
         if delta is not None:
@@ -359,12 +366,22 @@ class Executor:
             value, header, nodes, cached, base = delta
             output = DataRef.of(task.data_id, value, self.algorithm)
             return self._finish(task, value, header, cached, attempts, [(header, nodes, output)], base)
-        fast = self._incremental(self._expand(task) if task.is_delta else task, outputs)
+        whole.append(self._expand(task) if task.is_delta else task)
+        fast = self._incremental(whole[0], outputs)
         if fast is None:
             return None
         value, header, node_refs, cached = fast
         output = DataRef.of(task.data_id, value, self.algorithm)
         return self._finish(task, value, header, cached, attempts, [(header, tuple(node_refs), output)])
+
+    def _has_inverse(self, task: RecomputeTask) -> bool:
+        """A one-step reduce whose function has an inverse: the only kind recomputed from its
+        previous output (and the only one a summary serves)."""
+        if len(task.steps) != 1 or task.steps[0].kind is not StepKind.REDUCE:
+            return False
+        step = task.steps[0]
+        fn = self.registry.get(step.function_id, step.function_version)
+        return fn.inverse is not None and fn.initial is not None and fn.kind is StepKind.REDUCE
 
     def _expand(self, task: RecomputeTask) -> RecomputeTask:
         """The task with every input: those it lists at their positions, the others as its ledger
@@ -429,7 +446,7 @@ class Executor:
         """Store the summary of a reduce output folded from `nodes` read with `headers` (none when a
         header does not name its node: then no delta starts from it)."""
         assert self.cache is not None
-        if not 0 < len(nodes) <= MAX_SUMMARY_INPUTS:
+        if not HEAD_MIN_INPUTS <= len(nodes) <= MAX_SUMMARY_INPUTS:  # no delta task would use it
             return
         summary = summary_of(nodes, headers)
         if summary is not None:
@@ -672,6 +689,7 @@ class Executor:
         ).encode()
         if hit is None:
             cache.put(step, nodes, value, key=key)
+            cache.put(step, (), value, key=CacheKey.of_root(step, digest[1]))  # a delta's replay
         self._keep_summary(digest[1], nodes, headers)
         return value, header_bytes, nodes, hit is not None
 

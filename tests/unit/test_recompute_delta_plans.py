@@ -254,15 +254,25 @@ def test_a_delta_runs_against_the_summary_the_last_recompute_kept(index: LedgerI
     assert read[5] == theirs["incs5"].node and read[3] == theirs["incs3"].node
 
 
-def test_a_delta_without_a_summary_runs_whole(index: LedgerIndex, tmp_path: Path) -> None:
+def test_a_delta_without_a_summary_runs_whole_and_keeps_one_when_a_delta_could_use_it(
+    index: LedgerIndex, tmp_path: Path
+) -> None:
     """The pipeline's own output has no summary (nothing recomputed it yet): the task is expanded
-    from the ledger entry, and the result keeps one for the next delta."""
+    from the ledger entry; the result keeps a summary for the next delta when the reduce has an
+    inverse (only then does a delta run), and none when it has not."""
     plan = plan_for_change(index, _change("s3", "3", "30"))
-    delta = _run(plan, tmp_path / "a", index)
-    assert not delta.dead and [r.value for r in delta.recomputed] == [b"31", b"238", b"238"]
-    with ResultCache(tmp_path / "a") as cache:
-        root = ProvenanceHeader.decode(delta.recomputed[1].header).lineage[-1].inputs
-        assert root is not None and cache.summary(root.merkle_root) is not None
+    for registry, kept in ((_inverse_registry(), True), (_registry(), False)):
+        path = tmp_path / str(kept)
+        sources = {f"s{i}": str(30 if i == 3 else i).encode() for i in range(FAN_IN)}
+        with ResultCache(path) as cache:
+            for i in range(FAN_IN):
+                cache.put_value(node(f"s{i}", str(i + 1)), str(i + 1).encode())
+            ex = Executor(registry, sources, cache=cache, ledger=index, sleep=lambda _s: None)
+            result = ex.run_plan(plan)
+            assert not result.dead and (ex.deltas, ex.expanded) == (0, 1)
+            assert [r.value for r in result.recomputed][:2] == [b"31", b"238"]
+            digest = ProvenanceHeader.decode(result.recomputed[1].header).lineage[-1].inputs
+            assert digest is not None and (cache.summary(digest.merkle_root) is not None) is kept
 
 
 def _parts(i: int, lineage: bytes = b"L") -> InputParts:

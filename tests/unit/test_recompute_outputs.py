@@ -18,7 +18,7 @@ def _index(cache: ResultCache) -> Any:
     """An OutputIndex without its topic reader (`add` is what is tested)."""
     index: Any = OutputIndex.__new__(OutputIndex)
     index.cache, index.locations, index.headers, index.trace_headers = cache, {}, {}, {}
-    index.mismatched = 0
+    index.mismatched, index.summaries = 0, None
     return index
 
 
