@@ -89,6 +89,8 @@ from streamprov.errors import FunctionNotFoundError, StreamprovError
 from streamprov.header import now_ms
 from streamprov.inspect import message_headers
 from streamprov.ledger.config import checkpoint_verifier
+from streamprov.ledger.errors import LedgerError
+from streamprov.ledger.kafka import list_topics_within
 from streamprov.ledger.signing import CheckpointVerifier
 from streamprov.registry import FunctionRegistry
 from streamprov.signing import KeyRing, Signer
@@ -100,6 +102,7 @@ __all__ = [
     "ManagerError",
     "ManagerSettings",
     "ManagerStats",
+    "ManagerStoppedError",
     "Progress",
     "RecomputeManager",
     "StateDirError",
@@ -117,6 +120,11 @@ DEFAULT_MAX_UNIT_BYTES = 900_000
 class ManagerError(StreamprovError):
     """A stage of the manager cannot go on (a worker was fenced by a newer instance of itself, or its
     producer failed for good)."""
+
+
+class ManagerStoppedError(ManagerError):
+    """A stop was requested while the manager was starting (its `stop` event, see `RecomputeManager`):
+    nothing ran and everything it had opened is closed. A stop request, not a failure (a CLI exits 0)."""
 
 
 class StateDirError(ConfigError, StateError):
@@ -195,6 +203,8 @@ class ManagerSettings:
     checkpoint_verifier: CheckpointVerifier | None = None
     """Verifies the ledger's signed checkpoints as the index reads them (`ledger.checkpoint_key`); a
     bad signature stops the indexing (None: the hash chain is checked, signatures are not)."""
+    start_timeout_s: float = 30.0
+    """How long the start-up waits for the brokers to answer (stop-aware) before `ManagerError`."""
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     """`telemetry:`: with tracing on, a span per recompute task continuing the superseded record's
     trace, linked to its cause (the alert or change event's context travels on the unit record)."""
@@ -263,17 +273,29 @@ class RecomputeManager:
     """Use as a context manager; `run()` until `stop()`."""
 
     def __init__(
-        self, settings: ManagerSettings, registry: FunctionRegistry, *, telemetry: Telemetry | None = None
+        self,
+        settings: ManagerSettings,
+        registry: FunctionRegistry,
+        *,
+        telemetry: Telemetry | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         """`telemetry` (tests: an in-memory exporter) replaces the one built from `settings.telemetry`;
-        building it raises `TelemetryError` when an exporter cannot be made."""
+        building it raises `TelemetryError` when an exporter cannot be made.
+
+        `stop`: the event `stop()` sets (default: a new one). A caller that installs its signal
+        handlers before constructing the manager passes one and sets it from them: the start-up
+        (waiting up to `start_timeout_s` for the brokers to answer, then each producer's
+        `init_transactions`) looks at it between its steps and at least every second while the
+        brokers do not answer, and raises `ManagerStoppedError` once it is set (nothing was started, all
+        is closed); `run()` of a manager whose event is set returns at once."""
         self.settings = s = settings
-        self.telemetry = telemetry or build_telemetry(s.telemetry, component="recompute-manager")
         if s.workers < 0:
             raise ManagerError(f"workers must be >= 0, not {s.workers}")
-        self._stats = ManagerStats()
         _make_state_dir(s.state_dir)
-        self._stop = threading.Event()
+        self._stop = stop if stop is not None else threading.Event()
+        self.telemetry = telemetry or build_telemetry(s.telemetry, component="recompute-manager")
+        self._stats = ManagerStats()
         self._heartbeat = time.monotonic()
         self._ready = False
         self._closed = False
@@ -285,18 +307,41 @@ class RecomputeManager:
         self._signers: dict[str, Signer | None] = {}
         self._threads: list[threading.Thread] = []
         self._http: HttpEndpoints | None = None
+        self.registry = registry
         kafka = dict(s.kafka)
         kafka.setdefault("logger", KAFKA_LOG)  # librdkafka's own log lines, repeats held back
-        # Every producer's init_transactions (here and in the workers) runs before the first read of a
-        # view in run(): it aborts what a killed predecessor left open, which read_committed reads of
-        # the priority topics would otherwise wait for.
-        self._publisher = PriorityPublisher(kafka, f"{s.group_id}.{instance_id(s.replica_id, 'planner')}")
-        self.registry = registry
         try:
+            self._await_brokers(kafka)
+            # Every producer's init_transactions (here and in the workers) runs before the first read
+            # of a view in run(): it aborts what a killed predecessor left open, which read_committed
+            # reads of the priority topics would otherwise wait for.
+            self._publisher = PriorityPublisher(kafka, f"{s.group_id}.{instance_id(s.replica_id, 'planner')}")
+            self._starting()
             self._open(kafka, registry)
+            self._starting()
         except BaseException:
             self.close()
             raise
+
+    def _starting(self) -> None:
+        """Between the steps of the start-up: `ManagerStoppedError` once a stop was requested."""
+        if self._stop.is_set():
+            raise ManagerStoppedError("stopped during start-up, before the manager ran")
+
+    def _await_brokers(self, kafka: dict[str, Any]) -> None:
+        """Wait (stop-aware, in attempts of at most a second) until the brokers answer a metadata
+        request, at most `start_timeout_s`: the producers' `init_transactions` would otherwise block
+        that long without looking at the stop request. `ManagerError` naming the brokers when none
+        answers; `ManagerStoppedError` when stopped first."""
+        self._starting()
+        try:
+            topics = list_topics_within(
+                kafka, self.settings.start_timeout_s, pause=lambda s: not self._stop.wait(s)
+            )
+        except LedgerError as exc:  # its text names the brokers and what to check
+            raise ManagerError(f"recompute manager start-up: {exc}") from exc
+        if topics is None:
+            self._starting()
 
     def _open(self, kafka: dict[str, Any], registry: FunctionRegistry) -> None:
         s = self.settings
@@ -316,6 +361,7 @@ class RecomputeManager:
         )
         tracing = self.telemetry.recompute_tracing(self.views.outputs.trace_headers)
         for i in range(s.workers):
+            self._starting()  # each worker's producer runs init_transactions
             ws = WorkerSettings(
                 kafka,
                 s.workers_group,
@@ -403,7 +449,8 @@ class RecomputeManager:
         closers: list[Callable[[], None]] = [w.close for w in self.workers]
         if hasattr(self, "_consumer"):
             closers.append(self._consumer.close)
-        closers.append(self._publisher.close)
+        if hasattr(self, "_publisher"):
+            closers.append(self._publisher.close)
         for closer in closers:
             try:
                 closer()

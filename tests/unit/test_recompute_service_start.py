@@ -1,14 +1,18 @@
 """`RecomputeManager` start-up without a broker: a state dir that cannot be made is a configuration
-error naming it (the CLI exits 2, no traceback)."""
+error naming it (the CLI exits 2, no traceback); waiting for brokers that do not answer is stop-aware
+(the caller's `stop` event, set by a signal handler installed before the construction, ends it with
+`ManagerStoppedError` within about a second) and bounded (`start_timeout_s`: `ManagerError` naming them)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from recompute_manager.service import ManagerSettings, RecomputeManager
+from recompute_manager.service import ManagerError, ManagerSettings, ManagerStoppedError, RecomputeManager
 from recompute_manager.views import StateError
 from streamprov.cli import app
 from streamprov.config import ConfigError
@@ -68,3 +72,35 @@ def test_the_cli_says_so_and_exits_2(tmp_path: Path) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "error:" in result.output and str(state_dir) in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_stop_request_while_the_brokers_do_not_answer_ends_the_construction_at_once(tmp_path: Path) -> None:
+    """Before: `init_transactions` blocked the construction for 30 s whatever was asked (there was
+    nothing to ask: `stop()` needs the object the construction has not returned yet)."""
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ManagerStoppedError, match="stopped during start-up"):
+            RecomputeManager(_settings(tmp_path / "rm"), FunctionRegistry(), stop=stop)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_stop_requested_before_the_construction_ends_it_before_any_wait(tmp_path: Path) -> None:
+    stop = threading.Event()
+    stop.set()
+    started = time.monotonic()
+    with pytest.raises(ManagerStoppedError):
+        RecomputeManager(_settings(tmp_path / "rm"), FunctionRegistry(), stop=stop)
+    assert time.monotonic() - started < 1.0
+
+
+def test_brokers_that_do_not_answer_within_the_start_timeout_are_named(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(ManagerError, match=r"127\.0\.0\.1:1.*within 1\.5 s") as caught:
+        RecomputeManager(_settings(tmp_path / "rm", start_timeout_s=1.5), FunctionRegistry())
+    assert not isinstance(caught.value, ManagerStoppedError)
+    assert time.monotonic() - started < 5.0
