@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from streamprov.changes.event import ChangeEvent, ChangeKind
@@ -299,8 +299,12 @@ class TopicPolicy:
             del self._recent[data_id]
 
     # -- decisions ---------------------------------------------------------------------------------
-    def on_alert(self, alert: Alert, now_s: float, *, tasks: int = 1) -> Decision:
-        """Decide on an alert; `tasks` is the size of the plan it would start (if already known)."""
+    def on_alert(self, alert: Alert, now_s: float, *, tasks: int | Callable[[], int] = 1) -> Decision:
+        """Decide on an alert; `tasks` is the size of the plan it would start, or a callable that
+        plans it and returns its size: called only once the alert passed the checks that need no plan
+        (a kind recompute cannot fix, recompute disabled or the trigger not enabled, the error rate
+        acceptable), so an alert that is refused for those is never planned. What it raises (e.g. a
+        `PlanError`: the output cannot be located) propagates."""
         cause = cause_of_alert(alert)
         self.errors.alert(now_s)
         trigger = trigger_of_alert(alert)
@@ -352,7 +356,12 @@ class TopicPolicy:
         return Decision(action, self.topic, data_id, reason, cause, after)
 
     def _decide(
-        self, trigger: RecomputeTrigger, data_id: str, cause: Cause, tasks: int, now_s: float
+        self,
+        trigger: RecomputeTrigger,
+        data_id: str,
+        cause: Cause,
+        size: int | Callable[[], int],
+        now_s: float,
     ) -> Decision:
         s = self.settings
         if not s.enabled:
@@ -362,6 +371,7 @@ class TopicPolicy:
             return self._no(
                 Action.DISABLED, data_id, f"trigger {trigger} is not enabled (triggers: {allowed})", cause
             )
+        tasks = size() if callable(size) else size  # planned only now: it may run
         if tasks <= 0:  # charged nothing, and not in the dedup window: a later cause may have work
             return Decision(Action.RECOMPUTE, self.topic, data_id, f"{trigger}: nothing to recompute", cause)
         self._expire_dedup(now_s)

@@ -59,6 +59,7 @@ from recompute_manager.planner import (
     plan_for_alert,
     plan_for_change,
     plan_for_changes,
+    plan_from_applications,
 )
 from recompute_manager.policy import (
     Action,
@@ -657,12 +658,18 @@ class RecomputeManager:
             if is_alert:
                 alert = Alert.decode(raw)
                 reason = DeadLetterReason.PROCESSING_ERROR
-                with self.views.lock:
-                    plan = plan_for_alert(self.views.index, alert)
-                    self._stats.ledger_plans += 1
-                tasks = len(plan)
                 policy = self.policy(alert.topic)
-                decision = policy.on_alert(alert, now, tasks=tasks)
+                made: list[RecomputePlan] = []
+
+                def size(alert: Alert = alert) -> int:  # the policy plans it once it may run
+                    with self.views.lock:
+                        made.append(plan_for_alert(self.views.index, alert))
+                        self._stats.ledger_plans += 1
+                    return len(made[-1])
+
+                decision = policy.on_alert(alert, now, tasks=size)
+                plan = made[0] if made else self._unplanned(alert, decision)
+                tasks = len(plan)
                 trigger = trigger_of_alert(alert)
             else:
                 position = _position(changes, k)
@@ -700,6 +707,15 @@ class RecomputeManager:
             except (StreamprovError, ValueError) as exc:
                 return self._dead_letter(msg, "change event", DeadLetterReason.PROCESSING_ERROR, exc)
         return plan, decision, event
+
+    def _unplanned(self, alert: Alert, decision: Decision) -> RecomputePlan:
+        """The plan of no task that reports an alert refused before it was planned (a kind recompute
+        cannot fix, recompute or its trigger disabled, the error rate acceptable): its id is over the
+        alert id alone, its cause the decision's."""
+        with self.views.lock:
+            return plan_from_applications(
+                self.views.index, [], cause_id=alert.alert_id, cause=decision.cause, topic=alert.topic
+            )
 
     def _check_registered(self, event: ChangeEvent) -> None:
         """A function change to a version this manager cannot run is refused before it is planned:

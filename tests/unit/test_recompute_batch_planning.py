@@ -18,14 +18,15 @@ from fake_messages import Msg
 from ledger_support import CTX, LEDGER, build, node, pipeline
 
 from recompute_manager.planner import plan_for_changes
-from recompute_manager.progress import KIND_PENDING, RECORD_HEADER
+from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress
 from recompute_manager.service import ManagerSettings, ManagerStats, RecomputeManager
 from recompute_manager.units import RecomputeUnit
 from streamprov.agents.dead_letter import ERROR_HEADER
 from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, FunctionChange, SourceChange
-from streamprov.config.models import RecomputeSettings, TopicSettings
+from streamprov.config.models import Criticality, RecomputeSettings, TopicSettings
 from streamprov.ledger import Application, LedgerIndex
 from streamprov.registry import FunctionRegistry
+from validator.alerts import Alert, AlertKind, Evidence
 
 
 class _Outputs:
@@ -182,3 +183,63 @@ def test_a_function_change_to_an_unregistered_version_is_dead_lettered_before_pl
     assert b"register that version" in dict(dead.headers)[ERROR_HEADER]
     assert m._stats.ledger_plans == 1 and m._stats.malformed == 1 and offsets == {"changes": 2}
     assert {u.plan_id for u in units} == {plan_for_changes(index, [A]).plan_id}
+
+
+def _alert(kind: AlertKind, data_id: str, offset: int, header: bytes | None = None) -> Alert:
+    return Alert.create(
+        kind,
+        data_id=data_id,
+        topic="out",
+        partition=0,
+        offset=offset,
+        header=header,
+        evidence=Evidence("aa", "bb", "probe"),
+        criticality=Criticality.HIGH,
+        detected_at_ms=1,
+    )
+
+
+def _progress(plain: list[Any]) -> list[Progress]:
+    return [
+        Progress.decode(r.value)
+        for r in plain
+        if r.topic == "progress" and (RECORD_HEADER, KIND_PROGRESS) in r.headers
+    ]
+
+
+def test_alerts_recompute_cannot_fix_are_decided_disabled_not_dead_lettered(index: LedgerIndex) -> None:
+    """The Validator's `malformed` alerts and `missing_source` alerts carry no provenance header (or
+    one that does not decode): before, the planner located the output first and dead-lettered them as
+    a `processing_error` ("carries no provenance header: the output cannot be located"); the policy
+    says these kinds are never recomputed, so they are decided `disabled`, with no ledger query. An
+    alert within the acceptable error rate is `alert_only` without being planned either."""
+    m = _manager(index, RecomputeSettings(acceptable_error_rate=1.0))
+    alerts = [
+        _alert(AlertKind.MALFORMED, "mal-1", 77),
+        _alert(AlertKind.MALFORMED, "mal-2", 78, b"\x01\x02junk"),
+        _alert(AlertKind.MISSING_SOURCE, "ms-1", 79),
+        _alert(AlertKind.CHECKSUM_MISMATCH, "cm-1", 80, b"\x01\x02junk"),
+    ]
+    m._batch([Msg(a.encode(), t="alerts", o=i) for i, a in enumerate(alerts)])
+    [(offsets, plain)] = m._publisher.calls
+    assert [r for r in plain if r.topic == "dlq"] == []
+    assert m._stats.malformed == 0 and m._stats.ledger_plans == 0
+    assert m._stats.decisions == {"disabled": 3, "alert_only": 1}
+    reports = _progress(plain)
+    assert [(r.subject, r.state, r.total) for r in reports] == [
+        ("mal-1", "disabled", 0),
+        ("mal-2", "disabled", 0),
+        ("ms-1", "disabled", 0),
+        ("cm-1", "alert_only", 0),
+    ]
+    assert all("is not fixed by recomputing" in r.reason for r in reports[:3])
+    assert {o.topic: o.offset for o in offsets} == {"alerts": 4}
+
+
+def test_an_alert_that_may_run_but_names_no_output_is_still_dead_lettered(index: LedgerIndex) -> None:
+    m = _manager(index, RecomputeSettings())
+    m._batch([Msg(_alert(AlertKind.CHECKSUM_MISMATCH, "cm-1", 5).encode(), t="alerts", o=0)])
+    [(_offsets, plain)] = m._publisher.calls
+    [dead] = [r for r in plain if r.topic == "dlq"]
+    assert b"carries no provenance header" in dict(dead.headers)[ERROR_HEADER]
+    assert m._stats.malformed == 1

@@ -131,3 +131,22 @@ def test_a_plan_with_nothing_to_do_is_not_charged_and_does_not_hold_back_the_nex
     later = p.on_change(change(), 1.0, tasks=3)
     assert later.action is Action.RECOMPUTE and p.budget.used(1.0) == 3
     assert p.on_change(change(), 2.0, tasks=3).action is Action.DUPLICATE
+
+
+def test_an_alert_is_planned_only_once_it_may_run() -> None:
+    """`tasks` as a callable (the manager's `plan_for_alert`): not called for an alert refused before
+    any plan is needed, so a `malformed` alert without a header is `disabled`, not a planning error."""
+    planned: list[int] = []
+
+    def plan() -> int:
+        planned.append(1)
+        return 3
+
+    assert policy().on_alert(alert(kind=AlertKind.MALFORMED), 0.0, tasks=plan).action is Action.DISABLED
+    assert policy().on_alert(alert(kind=AlertKind.MISSING_SOURCE), 0.0, tasks=plan).action is Action.DISABLED
+    assert policy(enabled=False).on_alert(alert(), 0.0, tasks=plan).action is Action.DISABLED
+    assert policy(triggers=["stale"]).on_alert(alert(), 0.0, tasks=plan).action is Action.DISABLED
+    assert policy(acceptable_error_rate=1.0).on_alert(alert(), 0.0, tasks=plan).action is Action.ALERT_ONLY
+    assert planned == []
+    d = policy().on_alert(alert(), 0.0, tasks=plan)
+    assert d.action is Action.RECOMPUTE and "3 task(s)" in d.reason and planned == [1]
