@@ -5,7 +5,8 @@ A `TopicPolicy` applies one topic's `RecomputeSettings` (streamprov.yaml `recomp
 * `enabled` and `triggers`: which kinds of finding may start a recompute at all;
 * `acceptable_error_rate`: alerts per message checked over a sliding window; at or below the rate an
   alert is only reported (ALERT_ONLY), above it the records are recomputed;
-* `dedup_window`: many alerts for one DataID within the window give one recompute;
+* `dedup_window`: many alerts for one DataID within the window give one recompute; change events are
+  de-duplicated on the DataID and the version they change it to (a second, real change runs);
 * `max_fanout`: a plan with more tasks than this waits for a person (NEEDS_APPROVAL);
 * `budget_per_hour` (sliding hour) and `rate_limit_per_s` (token bucket): how much work may start.
 
@@ -35,6 +36,7 @@ __all__ = [
     "TopicPolicy",
     "cause_of_alert",
     "cause_of_change",
+    "target_of_change",
     "trigger_of_alert",
     "trigger_of_change",
 ]
@@ -94,6 +96,9 @@ class Decision:
     reason: str
     cause: Cause
     retry_after_s: float = 0.0
+    target: str = ""
+    """The version a change event changes its DataID to (source checksum, `deleted`, or a function's
+    version and code hash), with the DataID the key of the dedup window; empty for an alert."""
 
     @property
     def runs(self) -> bool:
@@ -153,6 +158,16 @@ def cause_of_change(event: ChangeEvent) -> Cause:
     else:
         subject, detail = "?", f"change_id={event.change_id}"
     return Cause(f"change:{event.kind}", subject, f"{detail}; {event.impact.total} outputs affected")
+
+
+def target_of_change(event: ChangeEvent) -> str:
+    """What a change event changes its subject to: the source's new checksum (`deleted`), or the
+    function's new version and code hash; the second key of the dedup window (see `TopicPolicy`)."""
+    if event.source is not None:
+        return "deleted" if event.source.current is None else event.source.current.hex()
+    if event.function is not None:
+        return f"{event.function.current_version}@{event.function.current_code_hash.hex()}"
+    return event.change_id
 
 
 # ------------------------------------------------------------------------------------ primitives
@@ -283,7 +298,8 @@ class TopicPolicy:
         self.bucket = TokenBucket(settings.rate_limit_per_s)
         self.budget = HourlyBudget(settings.budget_per_hour)
         self._dedup_s = settings.dedup_window.total_seconds()
-        self._recent: dict[str, float] = {}  # DataID -> when last recomputed (insertion order = time order)
+        # DataID -> (when last recomputed, to what: `Decision.target`); insertion order = time order
+        self._recent: dict[str, tuple[float, str]] = {}
         self._max_dedup = max_dedup_entries
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -293,7 +309,7 @@ class TopicPolicy:
 
     def _expire_dedup(self, now_s: float) -> None:
         while self._recent:
-            data_id, at = next(iter(self._recent.items()))
+            data_id, (at, _target) = next(iter(self._recent.items()))
             if at > now_s - self._dedup_s and len(self._recent) <= self._max_dedup:
                 break
             del self._recent[data_id]
@@ -336,7 +352,9 @@ class TopicPolicy:
         return self._decide(trigger, alert.data_id, cause, tasks, now_s)
 
     def on_change(self, event: ChangeEvent, now_s: float, *, tasks: int | None = None) -> Decision:
-        """Decide on a change event; the plan size defaults to the event's impact total."""
+        """Decide on a change event; the plan size defaults to the event's impact total. It is a
+        `duplicate` only when the last recompute of its subject within the dedup window was to the
+        same version (`target_of_change`): the same change again, not a second, real change."""
         cause = cause_of_change(event)
         subject = (
             event.source.data_id
@@ -344,16 +362,26 @@ class TopicPolicy:
             else (f"function:{event.function.function_id}" if event.function is not None else event.change_id)
         )
         size = event.impact.total if tasks is None else tasks
-        return self._decide(trigger_of_change(event), subject, cause, size, now_s)
+        return self._decide(trigger_of_change(event), subject, cause, size, now_s, target_of_change(event))
 
     def decide(
-        self, trigger: RecomputeTrigger, data_id: str, cause: Cause, now_s: float, *, tasks: int = 1
+        self,
+        trigger: RecomputeTrigger,
+        data_id: str,
+        cause: Cause,
+        now_s: float,
+        *,
+        tasks: int = 1,
+        target: str = "",
     ) -> Decision:
-        """The general form (error-rate gating is the caller's, as for change events)."""
-        return self._decide(trigger, data_id, cause, tasks, now_s)
+        """The general form (error-rate gating is the caller's, as for change events; `target` as
+        `Decision.target`)."""
+        return self._decide(trigger, data_id, cause, tasks, now_s, target)
 
-    def _no(self, action: Action, data_id: str, reason: str, cause: Cause, after: float = 0.0) -> Decision:
-        return Decision(action, self.topic, data_id, reason, cause, after)
+    def _no(
+        self, action: Action, data_id: str, reason: str, cause: Cause, after: float = 0.0, target: str = ""
+    ) -> Decision:
+        return Decision(action, self.topic, data_id, reason, cause, after, target)
 
     def _decide(
         self,
@@ -362,7 +390,10 @@ class TopicPolicy:
         cause: Cause,
         size: int | Callable[[], int],
         now_s: float,
+        target: str = "",
     ) -> Decision:
+        """`target`: what a change event changes `data_id` to (empty for an alert: one recompute per
+        DataID and window)."""
         s = self.settings
         if not s.enabled:
             return self._no(Action.DISABLED, data_id, f"recompute is disabled for {self.topic}", cause)
@@ -373,15 +404,19 @@ class TopicPolicy:
             )
         tasks = size() if callable(size) else size  # planned only now: it may run
         if tasks <= 0:  # charged nothing, and not in the dedup window: a later cause may have work
-            return Decision(Action.RECOMPUTE, self.topic, data_id, f"{trigger}: nothing to recompute", cause)
+            return Decision(
+                Action.RECOMPUTE, self.topic, data_id, f"{trigger}: nothing to recompute", cause, 0.0, target
+            )
         self._expire_dedup(now_s)
         last = self._recent.get(data_id)
-        if last is not None and now_s - last < self._dedup_s:
+        if last is not None and now_s - last[0] < self._dedup_s and last[1] == target:
+            to = f" to the same version ({target[:24]})" if target else ""
             return self._no(
                 Action.DUPLICATE,
                 data_id,
-                f"{data_id} was recomputed {now_s - last:.3g}s ago (dedup window {self._dedup_s:g}s)",
+                f"{data_id} was recomputed{to} {now_s - last[0]:.3g}s ago (dedup window {self._dedup_s:g}s)",
                 cause,
+                target=target,
             )
         if tasks > s.max_fanout:
             return self._no(
@@ -389,6 +424,7 @@ class TopicPolicy:
                 data_id,
                 f"the plan has {tasks} tasks, more than max_fanout {s.max_fanout}: needs approval",
                 cause,
+                target=target,
             )
         budget_wait = self.budget.wait_s(tasks, now_s)
         if budget_wait is None or budget_wait > 0:
@@ -399,6 +435,7 @@ class TopicPolicy:
                 f"{used} of {s.budget_per_hour} tasks used this hour; {tasks} more do not fit",
                 cause,
                 3600.0 if budget_wait is None else budget_wait,
+                target,
             )
         wait = self.bucket.wait_s(tasks, now_s)
         if wait > 0:
@@ -408,20 +445,34 @@ class TopicPolicy:
                 f"rate limit {s.rate_limit_per_s:g} tasks/s: retry in {wait:.3g}s",
                 cause,
                 wait,
+                target,
             )
         self.bucket.take(tasks, now_s)
         self.budget.spend(tasks, now_s)
+        self._remember(data_id, target, now_s)
+        return Decision(
+            Action.RECOMPUTE, self.topic, data_id, f"{trigger}: recompute {tasks} task(s)", cause, 0.0, target
+        )
+
+    def _remember(self, data_id: str, target: str, now_s: float) -> None:
         self._recent.pop(data_id, None)
-        self._recent[data_id] = now_s
-        return Decision(Action.RECOMPUTE, self.topic, data_id, f"{trigger}: recompute {tasks} task(s)", cause)
+        self._recent[data_id] = (now_s, target)
 
     def approve(self, decision: Decision, tasks: int, now_s: float) -> Decision:
         """A person approved a NEEDS_APPROVAL plan: run it (the budget and dedup still count it)."""
         self.budget.spend(tasks, now_s)
         self.bucket.take(tasks, now_s)
-        self._recent[decision.data_id] = now_s
+        self._remember(decision.data_id, decision.target, now_s)
         approved = Cause("approved", decision.data_id, f"{tasks} tasks", (decision.cause,))
-        return Decision(Action.RECOMPUTE, self.topic, decision.data_id, "approved by an operator", approved)
+        return Decision(
+            Action.RECOMPUTE,
+            self.topic,
+            decision.data_id,
+            "approved by an operator",
+            approved,
+            0.0,
+            decision.target,
+        )
 
 
 def policies(topics: Iterable[tuple[str, RecomputeSettings]]) -> dict[str, TopicPolicy]:

@@ -700,7 +700,14 @@ class RecomputeManager:
             self._stop.wait(min(decision.retry_after_s, 5.0))
             waits += 1
             # the trigger passed already: decide again without counting the alert a second time
-            decision = policy.decide(trigger, decision.data_id, decision.cause, time.monotonic(), tasks=tasks)
+            decision = policy.decide(
+                trigger,
+                decision.data_id,
+                decision.cause,
+                time.monotonic(),
+                tasks=tasks,
+                target=decision.target,
+            )
         if plan is None and event is not None and not (decision.runs and tasks):
             try:  # refused, waiting for approval, nothing to do: reported with its own plan
                 plan = self._own_plan(event, changes, _position(changes, k))

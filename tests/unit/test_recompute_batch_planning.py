@@ -102,7 +102,7 @@ def _consume(m: Any, values: list[bytes]) -> tuple[dict[str, int], list[Any], li
 
 
 A, B = _change("g0-s0", "v0", "v9", 1), _change("g0-s2", "v0", "v8", 2)
-C = _change("g0-s0", "v0", "v7", 3)  # A's DataID again: a duplicate within the dedup window
+C = _change("g0-s0", "v0", "v9", 3)  # A again (the same version): a duplicate within the dedup window
 
 
 def test_all_run_one_traversal_and_the_batch_plan_is_published(index: LedgerIndex) -> None:
@@ -141,6 +141,23 @@ def test_a_duplicate_is_decided_without_its_own_traversal(index: LedgerIndex) ->
     assert m._stats.ledger_plans == 1
     assert m._stats.decisions == {"planned": 2, "duplicate": 1} and offsets == {"changes": 3}
     assert {u.plan_id for u in units} == {plan_for_changes(index, [A, B]).plan_id}
+
+
+def test_a_second_real_change_of_a_source_within_the_dedup_window_runs(index: LedgerIndex) -> None:
+    """Before, change events were de-duplicated on the source DataID alone: id-005 changed to 2005 and
+    was recomputed, then to 3005 within the window, and the second change was refused as `duplicate`
+    (the priority topic kept 2005's correction for good). A later change of A's DataID to another
+    version runs; A's own event again (before it) does not."""
+    m = _manager(index, RecomputeSettings())
+    m._batch([Msg(A.encode(), t="changes", o=0)])
+    later = _change("g0-s0", "v0", "v7", 4)  # to another version (the ledger still has v0 only)
+    m._batch([Msg(A.encode(), t="changes", o=1), Msg(later.encode(), t="changes", o=2)])
+    assert m._stats.decisions == {"planned": 2, "duplicate": 1}
+    [_first, (_offsets, plain)] = m._publisher.calls
+    units = [RecomputeUnit.decode(r.value) for r in plain if r.topic == "tasks"]
+    assert {u.plan_id for u in units} == {plan_for_changes(index, [later]).plan_id}
+    [refused] = [p for p in _progress(plain) if p.state == "duplicate"]
+    assert "to the same version" in refused.reason
 
 
 def test_events_waiting_for_approval_keep_their_own_plans(index: LedgerIndex) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from recompute_manager.policy import Action, HourlyBudget, TokenBucket, TopicPolicy
-from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
+from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, FunctionChange, SourceChange
 from streamprov.checksum import ChecksumAlgorithm, compute
 from streamprov.config.models import Criticality, RecomputeSettings, RecomputeTrigger
 from validator.alerts import Alert, AlertKind, Evidence
@@ -150,3 +150,50 @@ def test_an_alert_is_planned_only_once_it_may_run() -> None:
     assert planned == []
     d = policy().on_alert(alert(), 0.0, tasks=plan)
     assert d.action is Action.RECOMPUTE and "3 task(s)" in d.reason and planned == [1]
+
+
+def _source_change(data_id: str, old: bytes, new: bytes | None) -> ChangeEvent:
+    src = SourceChange(
+        "src",
+        0,
+        5,
+        data_id,
+        compute(ChecksumAlgorithm.CRC32C, old),
+        None if new is None else compute(ChecksumAlgorithm.CRC32C, new),
+    )
+    kind = ChangeKind.SOURCE_CHANGED if new is not None else ChangeKind.SOURCE_DELETED
+    return ChangeEvent.for_source(kind, src, EMPTY_IMPACT, 1)
+
+
+def test_change_events_are_deduplicated_on_the_version_they_change_to() -> None:
+    """Before, one recompute per source DataID per window: a second, real change of id-005 (2005 ->
+    3005) within the window was dropped as a duplicate and the priority topic kept 2005's correction.
+    Now a change is a duplicate only when the last recompute of that DataID within the window was to
+    the same version (the same event again, or one that changes to the same bytes)."""
+    p = policy(dedup_window="5m")
+    assert p.on_change(_source_change("s1", b"1", b"2"), 0.0, tasks=3).action is Action.RECOMPUTE
+    again = p.on_change(_source_change("s1", b"1", b"2"), 1.0, tasks=3)
+    assert again.action is Action.DUPLICATE and "s1" in again.reason
+    assert p.on_change(_source_change("s1", b"2", b"3"), 2.0, tasks=3).action is Action.RECOMPUTE
+    back = p.on_change(_source_change("s1", b"3", b"2"), 3.0, tasks=3)  # back to 2: 3 was the last run
+    assert back.action is Action.RECOMPUTE and back.data_id == "s1"
+    assert p.on_change(_source_change("s1", b"2", None), 4.0, tasks=3).action is Action.RECOMPUTE
+    assert p.on_change(_source_change("s1", b"2", None), 5.0, tasks=3).action is Action.DUPLICATE
+    # function changes: on the version (and code) they change to
+    f2 = FunctionChange("enrich", "1", b"a" * 16, "2", b"b" * 16)
+    f3 = FunctionChange("enrich", "2", b"b" * 16, "3", b"c" * 16)
+    assert p.on_change(ChangeEvent.for_function(f2, EMPTY_IMPACT, 1), 6.0, tasks=3).action is Action.RECOMPUTE
+    assert p.on_change(ChangeEvent.for_function(f2, EMPTY_IMPACT, 1), 7.0, tasks=3).action is Action.DUPLICATE
+    assert p.on_change(ChangeEvent.for_function(f3, EMPTY_IMPACT, 1), 8.0, tasks=3).action is Action.RECOMPUTE
+    # alerts keep one recompute per DataID per window, whatever they say
+    assert p.on_alert(alert("s1", offset=1), 9.0).action is Action.RECOMPUTE
+    assert p.on_alert(alert("s1", offset=2), 10.0).action is Action.DUPLICATE
+
+
+def test_an_approved_change_enters_the_dedup_window_with_its_version() -> None:
+    p = policy(max_fanout=1)
+    waiting = p.on_change(_source_change("s1", b"1", b"2"), 0.0, tasks=2)
+    assert waiting.action is Action.NEEDS_APPROVAL
+    assert p.approve(waiting, 2, 0.0).action is Action.RECOMPUTE
+    assert p.on_change(_source_change("s1", b"1", b"2"), 1.0, tasks=1).action is Action.DUPLICATE
+    assert p.on_change(_source_change("s1", b"2", b"3"), 1.0, tasks=1).action is Action.RECOMPUTE
