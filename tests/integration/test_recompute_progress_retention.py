@@ -40,7 +40,7 @@ def _units(tmp_path: Path) -> list[RecomputeUnit]:
         fc = FunctionChange("map1", "1", b"map1".ljust(16, b"."), "2", b"new-code")
         plan = plan_for_change(idx, ChangeEvent.for_function(fc, EMPTY_IMPACT, 3))
     why = Cause("policy", "function:map1", "over max_fanout")
-    return split_units(plan, subject="function:map1", cause=why, created_at_ms=7)
+    return list(split_units(plan, subject="function:map1", cause=why, created_at_ms=7))
 
 
 def _plan_record(plan_id: str, state: str, total: int, units: int) -> Progress:
