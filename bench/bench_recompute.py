@@ -189,7 +189,7 @@ def build(registry: FunctionRegistry, root: Path, n: int, group: int, summaries:
     index.apply(batch, batch_size=20_000)
     index.compact()
     if keeper is not None:  # and keep their summaries as they catch up (Views.for_planning)
-        keeper.keep(index, headers, budget=keeper.pending)
+        keeper.keep(index, headers, budget=keeper.pending, max_seconds=None)
         assert keeper.pending == 0 and keeper.given_up == 0
     return index, cache, sources, headers, entries, time.perf_counter() - started
 

@@ -18,23 +18,34 @@ pipeline's reduce output from its ledger entry's inputs and their headers.
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from streamprov.errors import HeaderError, StreamprovError
+from streamprov.errors import FunctionNotFoundError, HeaderError, StreamprovError
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger import keys
+from streamprov.ledger.index import HEAD_MIN_INPUTS
 from streamprov.ledger.model import DataRef, LedgerEntry
-from streamprov.lineage import StepKind, encode_lineage
+from streamprov.lineage import Step, StepKind, encode_lineage
 from streamprov.merkle import HASH_SIZE, FlatTree, leaf_hash
+from streamprov.registry import FunctionRegistry
 from streamprov.stamp import reduce_leaf, reduce_leaves
 
 if TYPE_CHECKING:
     from recompute_manager.cache import ResultCache
 
-__all__ = ["InputParts", "ReduceSummary", "SummaryError", "SummaryKeeper", "input_parts", "summary_of"]
+__all__ = [
+    "InputParts",
+    "ReduceSummary",
+    "SummaryError",
+    "SummaryKeeper",
+    "input_parts",
+    "summary_of",
+    "with_inverse",
+]
 
 _VERSION = 1
 _HEAD = struct.Struct(">BII")  # version, inputs, distinct lineages
@@ -278,9 +289,15 @@ class SummaryKeeper:
 
     MAX_PENDING = 100_000
     MAX_TRIES = 20
+    MAX_SECONDS = 0.25
+    """Time one `keep` may take (it runs on the planning thread, under the views lock): a busy
+    pipeline's reduce outputs are summarised over several turns, or given up, never block planning."""
 
-    def __init__(self, cache: ResultCache) -> None:
+    def __init__(self, cache: ResultCache, wanted: Callable[[Step], bool] | None = None) -> None:
+        """`wanted`: which reduce steps to summarise (a delta only runs for a reduce with an inverse:
+        the service passes its registry's answer); None: every one."""
         self.cache = cache
+        self.wanted = wanted
         self._pending: deque[tuple[DataRef, bytes, int, int]] = deque()
         self.kept = 0
         self.given_up = 0
@@ -289,7 +306,9 @@ class SummaryKeeper:
         last = header.lineage[-1] if header.lineage else None
         if last is None or last.kind is not StepKind.REDUCE or last.inputs is None:
             return
-        if not 0 < last.inputs.count <= MAX_INPUTS:
+        if not HEAD_MIN_INPUTS <= last.inputs.count <= MAX_INPUTS:  # no delta task would use it
+            return
+        if self.wanted is not None and not self.wanted(last):
             return
         if len(self._pending) >= self.MAX_PENDING:
             self._pending.popleft()
@@ -300,11 +319,22 @@ class SummaryKeeper:
     def pending(self) -> int:
         return len(self._pending)
 
-    def keep(self, index: EntryReader, headers: Mapping[DataRef, bytes], *, budget: int = 10_000) -> int:
-        """Build up to `budget` pending summaries; returns how many were kept."""
+    def keep(
+        self,
+        index: EntryReader,
+        headers: Mapping[DataRef, bytes],
+        *,
+        budget: int = 10_000,
+        max_seconds: float | None = MAX_SECONDS,
+    ) -> int:
+        """Build up to `budget` pending summaries, for at most `max_seconds` (None: no limit);
+        returns how many were kept."""
         kept = 0
         again: list[tuple[DataRef, bytes, int, int]] = []
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
         for _ in range(min(budget, len(self._pending))):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             node, root, count, tries = self._pending.popleft()
             if self.cache.summary(root) is not None:
                 continue
@@ -333,3 +363,17 @@ class SummaryKeeper:
             if summary is not None and summary.inputs_tree.root == root:
                 return summary
         return None
+
+
+def with_inverse(registry: FunctionRegistry) -> Callable[[Step], bool]:
+    """`SummaryKeeper(wanted=)` for a manager running `registry`: the reduce steps a delta can run,
+    those whose function (version) is registered with an inverse."""
+
+    def wanted(step: Step) -> bool:
+        try:
+            fn = registry.get(step.function_id, step.function_version)
+        except FunctionNotFoundError:
+            return False
+        return fn.inverse is not None
+
+    return wanted

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaException, Message
@@ -44,6 +44,7 @@ from streamprov.ledger.index import LedgerIndex
 from streamprov.ledger.kafka import KafkaLedgerReader
 from streamprov.ledger.model import DataRef, LedgerEntry
 from streamprov.ledger.signing import CheckpointVerifier
+from streamprov.lineage import Step
 
 __all__ = ["CommittedCache", "DeadTaskIndex", "StateError", "SupersededIndex", "Views"]
 
@@ -306,9 +307,11 @@ class Views:
         priority_topics: Sequence[str],
         verifier: CheckpointVerifier | None = None,
         dead_letters: str | None = None,
+        summarise: Callable[[Step], bool] | None = None,
     ) -> None:
         """`verifier`: checks the ledger's checkpoint signatures as the index reads them.
-        `dead_letters`: the topic the workers dead-letter tasks to (`DeadTaskIndex`)."""
+        `dead_letters`: the topic the workers dead-letter tasks to (`DeadTaskIndex`). `summarise`:
+        which reduce steps' outputs to summarise (`SummaryKeeper`; None: all)."""
         self.kafka = dict(kafka)
         self.lock = threading.RLock()
         self.ledger_topic = ledger_topic
@@ -326,7 +329,7 @@ class Views:
             raise StateError(f"ledger index {hint}: {exc}") from exc
         readers: list[OutputIndex | SourceIndex] = []
         try:
-            self.summaries = SummaryKeeper(self.cache)
+            self.summaries = SummaryKeeper(self.cache, summarise)
             self.outputs = OutputIndex(self.kafka, outputs, cache=self.cache, summaries=self.summaries)
             readers.append(self.outputs)
             self.sources = SourceIndex(self.kafka, sources)

@@ -24,7 +24,13 @@ from recompute_manager.planner import (
     plan_for_change,
     plan_for_changes,
 )
-from recompute_manager.summary import InputParts, ReduceSummary, SummaryError, SummaryKeeper
+from recompute_manager.summary import (
+    InputParts,
+    ReduceSummary,
+    SummaryError,
+    SummaryKeeper,
+    with_inverse,
+)
 from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
 from streamprov.errors import StreamprovError
 from streamprov.header import ProvenanceHeader
@@ -356,6 +362,22 @@ def test_the_views_keep_a_summary_of_each_pipeline_reduce_output(index: LedgerIn
         for _ in range(SummaryKeeper.MAX_TRIES):
             keeper.keep(index, headers)
         assert keeper.pending == 0 and keeper.given_up == 1  # no ledger entry ever came: bounded
+
+
+def test_the_views_summarise_only_reduces_a_delta_can_serve_and_never_block_planning(
+    index: LedgerIndex, tmp_path: Path
+) -> None:
+    out, headers = _pipeline_headers(index, _inverse_registry())
+    header = ProvenanceHeader.decode(headers[out])
+    with ResultCache(tmp_path / "c") as cache:
+        keeper = SummaryKeeper(cache, with_inverse(_registry()))  # `total` without its inverse
+        keeper.note(out, header)
+        assert keeper.pending == 0
+        keeper = SummaryKeeper(cache, with_inverse(_inverse_registry()))
+        keeper.note(out, header)
+        assert keeper.pending == 1
+        assert keeper.keep(index, headers, max_seconds=0.0) == 0 and keeper.pending == 1  # next turn
+        assert keeper.keep(index, headers) == 1 and keeper.pending == 0
 
 
 def test_the_first_recompute_of_a_pipeline_reduce_is_a_delta(index: LedgerIndex, tmp_path: Path) -> None:
