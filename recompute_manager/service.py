@@ -71,6 +71,7 @@ from recompute_manager.policy import (
 )
 from recompute_manager.priority import PlainRecord, PriorityPublisher
 from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress, pending_key
+from recompute_manager.summary import with_inverse
 from recompute_manager.tracing import TraceHeaders, cause_headers
 from recompute_manager.units import RecomputeUnit, encoded_units
 from recompute_manager.views import LockedLedger, StateError, Views
@@ -359,6 +360,7 @@ class RecomputeManager:
             priority_topics=[s.priority_topic(t) for t in s.outputs],
             verifier=s.checkpoint_verifier,
             dead_letters=s.dead_letter_topic,
+            summarise=with_inverse(registry),
         )
         tracing = self.telemetry.recompute_tracing(self.views.outputs.trace_headers)
         for i in range(s.workers):
