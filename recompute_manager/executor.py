@@ -547,11 +547,10 @@ class Executor:
             upstream = lineage if upstream is None else common_prefix([upstream, lineage])
         return upstream
 
-    def _summary_of(self, raw: bytes, want: Step, task: RecomputeTask) -> ReduceSummary | None:
-        """The summary a delta of `task` starts from: the one kept under the inputs root of the base
-        header `raw`, when that header's last step is `want` over `task.input_count` inputs in the
-        task's window."""
-        assert self.cache is not None
+    def _reduce_step(self, raw: bytes, want: Step, task: RecomputeTask, count: int) -> Step | None:
+        """The last step of a previous reduce output's header `raw` when it is `want` (id, version,
+        code hash, parameters) over `count` inputs in the task's window; else None: the previous
+        output was not made by this reduce over these inputs, and no recompute may start from it."""
         try:
             lineage = self._decode(raw).lineage
         except HeaderError:
@@ -564,10 +563,20 @@ class Executor:
             or (last.function_id, last.function_version, last.code_hash, last.parameters)
             != (want.function_id, want.function_version, want.code_hash, want.parameters)
             or last.inputs is None
-            or last.inputs.count != task.input_count
+            or last.inputs.count != count
             or (last.inputs.window_start, last.inputs.window_end)
             != ((None, None) if window is None else (window.window_start, window.window_end))
         ):
+            return None
+        return last
+
+    def _summary_of(self, raw: bytes, want: Step, task: RecomputeTask) -> ReduceSummary | None:
+        """The summary a delta of `task` starts from: the one kept under the inputs root of the base
+        header `raw`, when that header's last step is `want` over `task.input_count` inputs in the
+        task's window."""
+        assert self.cache is not None
+        last = self._reduce_step(raw, want, task, task.input_count or 0)
+        if last is None or last.inputs is None:
             return None
         found = self.cache.summary(last.inputs.merkle_root)
         if found is None:
@@ -807,22 +816,8 @@ class Executor:
             raw = cache.header(prev)
         if raw is None:
             return _MISSING
-        try:
-            lineage = self._decode(raw).lineage
-        except HeaderError:
-            return _MISSING
-        last = lineage[-1] if lineage else None
-        window = task.steps[0].inputs
-        if (
-            last is None
-            or last.kind is not StepKind.REDUCE
-            or (last.function_id, last.function_version, last.code_hash, last.parameters)
-            != (want.function_id, want.function_version, want.code_hash, want.parameters)
-            or last.inputs is None
-            or last.inputs.count != len(task.inputs)
-            or (last.inputs.window_start, last.inputs.window_end)
-            != ((None, None) if window is None else (window.window_start, window.window_end))
-        ):
+        last = self._reduce_step(raw, want, task, len(task.inputs))
+        if last is None or last.inputs is None:
             return _MISSING
         if inputs_root != last.inputs.merkle_root:
             return _MISSING
