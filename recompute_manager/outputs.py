@@ -12,13 +12,15 @@ their reader is `streamprov.agents.kafka_io.TopicReader` (re-exported here).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import Message
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from recompute_manager.cache import ResultCache
 from recompute_manager.planner import Coordinates
+from recompute_manager.policy import DEFAULT_ERROR_WINDOW_S
 from recompute_manager.summary import SummaryKeeper
 from streamprov.agents.kafka_io import TopicReader
 from streamprov.checksum import matches
@@ -53,9 +55,13 @@ class OutputIndex:
         *,
         cache: ResultCache | None = None,
         summaries: SummaryKeeper | None = None,
+        checked_window_s: float = DEFAULT_ERROR_WINDOW_S,
     ) -> None:
-        """`summaries`: told of every reduce output indexed (`SummaryKeeper.note`)."""
+        """`summaries`: told of every reduce output indexed (`SummaryKeeper.note`).
+        `checked_window_s`: records written longer ago than this are not counted (`take_checked`)."""
         self.cache = cache
+        self.checked_window_s = checked_window_s
+        self._checked: dict[str, dict[int, int]] = {}
         self.summaries = summaries
         self._reader = TopicReader(config, topics, group_id=READER_GROUP)
         self.locations: dict[DataRef, Coordinates] = {}
@@ -68,9 +74,37 @@ class OutputIndex:
 
     def catch_up(self, *, max_wait_s: float = 30.0) -> int:
         msgs = self._reader.catch_up(max_wait_s=max_wait_s)
+        now = time.time()
         for msg in msgs:
+            self._count(msg, now)
             self.add(msg)
+        if msgs:
+            self._forget_checked(now)
         return len(msgs)
+
+    def _count(self, msg: Message, now: float) -> None:
+        """Count a record read (valid or not: what the Validator checks) in the wall-clock second it
+        was written (its timestamp; none: now), unless that is longer ago than `checked_window_s`."""
+        kind, ms = msg.timestamp()
+        second = int(now) if kind == TIMESTAMP_NOT_AVAILABLE or ms < 0 else min(ms // 1000, int(now))
+        if second > now - self.checked_window_s:
+            topic = msg.topic() or ""
+            per_second = self._checked.setdefault(topic, {})
+            per_second[second] = per_second.get(second, 0) + 1
+
+    def _forget_checked(self, now: float) -> None:
+        """Drop counts that left the window before anyone took them (bounded memory)."""
+        for topic, per_second in list(self._checked.items()):
+            if len(per_second) > 2 * self.checked_window_s:
+                kept = {s: n for s, n in per_second.items() if s > now - self.checked_window_s}
+                self._checked[topic] = kept
+
+    def take_checked(self) -> dict[str, dict[int, int]]:
+        """Records read since the last call, per topic and wall-clock second written (only those
+        written within `checked_window_s` of being read): the manager reports them to the topic's
+        policy as messages checked, the denominator of `acceptable_error_rate`."""
+        out, self._checked = self._checked, {}
+        return out
 
     def add(self, msg: Message) -> None:
         value = msg.value()

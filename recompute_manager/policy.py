@@ -4,7 +4,8 @@ A `TopicPolicy` applies one topic's `RecomputeSettings` (streamprov.yaml `recomp
 
 * `enabled` and `triggers`: which kinds of finding may start a recompute at all;
 * `acceptable_error_rate`: alerts per message checked over a sliding window; at or below the rate an
-  alert is only reported (ALERT_ONLY), above it the records are recomputed;
+  alert is only reported (ALERT_ONLY), above it the records are recomputed (the manager reports the
+  topic's records as messages checked: `messages_checked`);
 * `dedup_window`: many alerts for one DataID within the window give one recompute; change events are
   de-duplicated on the DataID and the version they change it to (a second, real change runs);
 * `max_fanout`: a plan with more tasks than this waits for a person (NEEDS_APPROVAL);
@@ -262,8 +263,19 @@ class ErrorRateWindow:
             self._buckets.append([second, 0, 0])
         return self._buckets[-1]
 
-    def checked(self, count: int, now_s: float) -> None:
-        self._bucket(now_s)[1] += count
+    def checked(self, count: int, now_s: float, *, at_s: float | None = None) -> None:
+        """`count` messages checked at `at_s` (default `now_s`; same clock): counted in their own second,
+        so they leave the window with it; older than the window, not counted."""
+        last = self._bucket(now_s)
+        second = last[0] if at_s is None else min(int(at_s), last[0])
+        if second <= int(now_s) - self.window_s:
+            return
+        at = len(self._buckets) - 1
+        while at > 0 and self._buckets[at - 1][0] >= second:  # mostly the last few seconds
+            at -= 1
+        if self._buckets[at][0] != second:
+            self._buckets.insert(at, [second, 0, 0])
+        self._buckets[at][1] += count
         self._checked += count
 
     def alert(self, now_s: float, count: int = 1) -> None:
@@ -303,9 +315,11 @@ class TopicPolicy:
         self._max_dedup = max_dedup_entries
 
     # -- inputs ------------------------------------------------------------------------------------
-    def messages_checked(self, count: int, now_s: float) -> None:
-        """The Validator checked `count` messages of the topic (the error rate's denominator)."""
-        self.errors.checked(count, now_s)
+    def messages_checked(self, count: int, now_s: float, *, at_s: float | None = None) -> None:
+        """`count` messages of the topic were checked (the error rate's denominator) at `at_s` (default
+        `now_s`, on its clock). The manager reports the topic's records it reads, in the second they were
+        written (`OutputIndex.take_checked`)."""
+        self.errors.checked(count, now_s, at_s=at_s)
 
     def _expire_dedup(self, now_s: float) -> None:
         while self._recent:

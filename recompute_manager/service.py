@@ -565,6 +565,8 @@ class RecomputeManager:
         s = self.settings
         with self.views.lock:
             self.views.for_planning()
+            checked = self.views.outputs.take_checked()
+        self._report_checked(checked)
         plain: list[PlainRecord] = []
         planned: list[RecomputeUnit] = []
         decisions: list[str] = []
@@ -612,6 +614,15 @@ class RecomputeManager:
         self._stats.plans_run += len({u.plan_id for u in planned})
         for state in decisions:
             self._stats.decisions[state] = self._stats.decisions.get(state, 0) + 1
+
+    def _report_checked(self, checked: Mapping[str, Mapping[int, int]]) -> None:
+        """The output records the views read (per topic and wall-clock second written) to each topic's
+        policy as messages checked: the denominator of its `acceptable_error_rate`."""
+        mono, wall = time.monotonic(), time.time()
+        for topic, per_second in checked.items():
+            policy = self.policy(topic)
+            for second, count in per_second.items():
+                policy.messages_checked(count, mono, at_s=mono - max(0.0, wall - second))
 
     def _changes(self, msgs: list[Message]) -> _Changes | None:
         """The batch's change events (those that decode) from ONE traversal of the ledger

@@ -19,7 +19,7 @@ from typing import Any
 
 import processor_fns
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from kafka_support import FAST_GROUP_CONFIG, Record, consume_all, create_topic, produce, record_view
 from ledger_pipeline import ledger_writer, value
 from ledger_support import LEDGER, build, pipeline, signer, verifier
@@ -44,7 +44,7 @@ from streamprov.changes import ChangeEvent
 from streamprov.changes.event import EMPTY_IMPACT, FunctionChange
 from streamprov.checksum import matches
 from streamprov.cli import app
-from streamprov.config.models import TelemetrySettings
+from streamprov.config.models import Criticality, RecomputeSettings, TelemetrySettings, TopicSettings
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger import DataRef, LedgerIndex, Origin, verify_ledger
 from streamprov.ledger.kafka import KafkaLedgerReader
@@ -53,6 +53,7 @@ from streamprov.ledger.sequencer import LedgerSequencer
 from streamprov.producer import ProvenanceProducer
 from streamprov.signing import HmacSigner, Verifier
 from streamprov.telemetry.setup import build_telemetry
+from validator.alerts import Alert, AlertKind, Evidence
 
 pytestmark = pytest.mark.kafka
 
@@ -434,3 +435,64 @@ def test_dead_task_index_learns_the_task_dead_letters_any_replica_committed(
             index.close()
         assert cache.dead(dead.task_id)
         assert not cache.dead(kept.task_id) and not cache.dead(other.task_id)
+
+
+def test_alerts_within_the_acceptable_error_rate_of_the_records_read_are_only_reported(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    unique_group: Any,
+    tmp_path: Path,
+    priority_topics: list[str],  # noqa: F811
+) -> None:
+    """`acceptable_error_rate` over the output records the manager reads: the pipeline's 40 `tagged`
+    records were just written, so 3 alerts on them are 3/40 <= 0.5: `alert_only`, nothing planned.
+    Before, messages checked were never reported (rate 1.0 for every alert): all three were planned
+    and recomputed. Records written an hour ago (by their Kafka timestamp) are not in the window: an
+    alert on a topic that has only those is above the rate (planned; its header does not decode, so
+    it is dead-lettered)."""
+    bootstrap = kafka_bootstrap
+    p, _detector_group = _pipeline(bootstrap, new_topic, unique_group, tmp_path, priority_topics)
+    old = new_topic(prefix="old-out")
+    producer = Producer({"bootstrap.servers": bootstrap})
+    an_hour_ago = int(time.time() * 1000) - 3_600_000
+    for i in range(40):
+        producer.produce(old, b"v", f"o-{i}".encode(), timestamp=an_hour_ago)
+    assert producer.flush(30) == 0
+    tagged = consume_all(bootstrap, p.tagged, expected=40, timeout_s=30, grace_s=0.3)
+
+    def alert(topic: str, msg: Any, header: bytes) -> bytes:
+        return Alert.create(
+            AlertKind.CHECKSUM_MISMATCH,
+            data_id=msg.key().decode(),
+            topic=topic,
+            partition=msg.partition(),
+            offset=msg.offset(),
+            header=header,
+            evidence=Evidence("aa", "bb", "test"),
+            criticality=Criticality.HIGH,
+            detected_at_ms=int(time.time() * 1000),
+        ).encode()
+
+    alerts = new_topic(prefix="alerts")
+    produce(
+        bootstrap, alerts, [alert(p.tagged, m, dict(m.headers() or [])["streamprov"]) for m in tagged[:3]]
+    )
+    produce(bootstrap, alerts, [alert(old, tagged[0], b"\x01\x02junk")])
+    policy = RecomputeSettings(acceptable_error_rate=0.5, dedup_window=0)
+    settings = _settings(
+        bootstrap,
+        p,
+        new_topic,
+        unique_group,
+        tmp_path,
+        alerts_topic=alerts,
+        outputs=(*p.outputs, old),
+        topic_settings=lambda _t: TopicSettings(recompute=policy),
+    )
+    with RecomputeManager(settings, processor_fns.registry) as manager:
+        stats = manager.run(max_causes=4, idle_timeout_s=60)
+        _rate, counted, checked = manager.policy(p.tagged).errors.rate(time.monotonic())
+        assert (counted, checked) == (3, 40)
+        assert manager.policy(old).errors.rate(time.monotonic())[1:] == (1, 0)
+    assert stats.decisions == {"alert_only": 3} and stats.malformed == 1
+    assert (stats.plans_run, stats.published) == (0, 0)
