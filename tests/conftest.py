@@ -14,6 +14,7 @@ marked ``embedded`` automatically, so ``-m "not kafka"`` runs without Java.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 
@@ -48,6 +49,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.kafka)
         if "embedded_bootstrap" in fixtures or "new_embedded_topic" in fixtures:
             item.add_marker(pytest.mark.embedded)
+
+
+@pytest.fixture(autouse=True)
+def _root_log_handlers() -> Iterator[None]:
+    """Each test leaves the root logger's handlers as it found them: a CLI run with --verbose or
+    --log-level adds one writing to the CliRunner's captured stream, which is closed when the run
+    ends, and every later log line then prints a "--- Logging error ---" traceback into whatever a
+    later test captures."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
