@@ -24,7 +24,9 @@ Then 1% of the sources get a new value, and in the same run:
   full       every application of the pipeline replayed from the current sources (one plan over
              every ledger entry, no cache, no early cut-off): what recomputing without provenance
              would have to do;
-  replay     the selective plan again (a redelivery after a crash): the cache answers.
+  replay     the selective plan again, as a redelivery after a crash: the value store is the
+             service's `CommittedCache`, and the selective pass's corrections were never committed
+             (its unit's transaction "failed"), so the replay recomputes every task: the cache answers.
 
 Both wall times include planning. The objects the set-up built (ledger entries, sources, headers:
 millions) are frozen out of the cyclic garbage collector first (`gc.freeze()`); otherwise every
@@ -60,11 +62,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from recompute_manager.cache import ResultCache
 from recompute_manager.executor import DeadLetter, Executor, PlanResult, Recomputed
 from recompute_manager.planner import RecomputePlan, plan_for_changes, plan_from_applications
 from recompute_manager.policy import Cause
 from recompute_manager.summary import SummaryKeeper
+from recompute_manager.views import CommittedCache
 from streamprov.changes.event import EMPTY_IMPACT, ChangeEvent, ChangeKind, SourceChange
 from streamprov.header import HEADER_KEY, ProvenanceHeader
 from streamprov.ledger import (
@@ -121,7 +123,7 @@ def source_value(i: int, version: int = 0) -> bytes:
     return dumps({"n": i + 1_000_000 * version})
 
 
-Built = tuple[LedgerIndex, ResultCache, dict[str, bytes], dict[DataRef, bytes], list[LedgerEntry], float]
+Built = tuple[LedgerIndex, CommittedCache, dict[str, bytes], dict[DataRef, bytes], list[LedgerEntry], float]
 
 
 def build(registry: FunctionRegistry, root: Path, n: int, group: int, summaries: bool = True) -> Built:
@@ -129,7 +131,7 @@ def build(registry: FunctionRegistry, root: Path, n: int, group: int, summaries:
     original headers of the enrich and sum_n outputs, entries in pipeline order, seconds)."""
     started = time.perf_counter()
     enrich, tag, sum_n = registry.get("enrich"), registry.get("tag"), registry.get("sum_n")
-    cache = ResultCache(root / "cache")
+    cache = CommittedCache(root / "cache")
     signer = CheckpointSigner(Ed25519PrivateKey.from_private_bytes(bytes(32)))
     chain = LedgerChain(LEDGER, signer, checkpoint_every=10_000, dedup_window=1_000)
     index = LedgerIndex(root / "index", LEDGER)
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         plans = [plan_for_changes(index, events, created_at_ms=TS)]
         plan_s = time.perf_counter() - started
         executor = Executor(registry, sources, cache=cache, headers=headers, ledger=index)
+        cache.begin()  # a worker's unit: its corrections are staged until its transaction commits
         selective, sel_run_s = run(executor, plans)
         sel_cpu = time.process_time() - cpu
         if profile is not None:
@@ -331,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()[0]
         full_tasks, _, full_unchanged, full_dead = summary(full)
 
+        cache.staged()  # ... which it never does: the unit is redelivered
+        cache.begin()
         replay, replay_s = run(Executor(registry, sources, cache=cache, headers=headers, ledger=index), plans)
         rep_tasks, rep_hits, _, _ = summary(replay)
         compared, problems = mismatches(selective, full)

@@ -275,15 +275,18 @@ class ResultCache:
         return found
 
     # -- superseded versions -----------------------------------------------------------------------
-    def supersede(self, old: DataRef, new: DataRef, header: bytes) -> None:
+    def supersede(self, old: DataRef, new: DataRef, header: bytes, *, current: bool = True) -> None:
         """`old` (same DataID) was replaced by `new`, whose provenance header is `header`. When
         `new` is `old` (a recompute made the same bytes) only the header it stamped is kept: a later
-        part of its plan reads it with that header (`Executor`), as the whole plan would have."""
-        if old == new:
-            self._db.put(_HEADER + new.leaf_data(), header)
-            return
+        part of its plan reads it with that header (`Executor`), as the whole plan would have.
+        `current`: `new` is now the latest version, so a link from it to a version it had been
+        replaced by before is dropped (an output back at an earlier version: without that, `latest`
+        followed the old link, or stopped in the cycle it made, at a stale version)."""
         batch = WriteBatch(raw_mode=True)
-        batch.put(_LATEST + old.leaf_data(), bytes([int(new.checksum.algorithm)]) + new.checksum.value)
+        if old != new:
+            batch.put(_LATEST + old.leaf_data(), bytes([int(new.checksum.algorithm)]) + new.checksum.value)
+        if current:
+            batch.delete(_LATEST + new.leaf_data())
         batch.put(_HEADER + new.leaf_data(), header)
         self._db.write(batch)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from streamprov.header import PREFIX as HEADER_PREFIX
 from streamprov.ledger.index import HEAD_MIN_INPUTS
 from streamprov.ledger.model import DataRef, LedgerEntry
 from streamprov.lineage import Lineage, Step, StepKind, common_prefix, decode_lineage
-from streamprov.merkle import levels_of, root_of, root_with
+from streamprov.merkle import leaf_hash, levels_of, root_of, root_with
 from streamprov.registry import FunctionRegistry, RegisteredFunction
 from streamprov.stamp import (
     InputRecord,
@@ -431,7 +432,11 @@ class Executor:
     ) -> Recomputed:
         """`base`: the version of the previous output the task started from, when a recompute had
         superseded it already (`_delta`); it is superseded by the new output too."""
-        same = unchanged(task.previous_output, value)
+        # Cut-off against the output's current version, not the recorded one: a map back at its
+        # recorded value after an earlier plan changed it is a change (its dependents, a delta
+        # reduce that lists only it, must run), and one equal to the current version is not.
+        current = self.cache.latest(task.previous_node) if self.cache is not None else task.previous_node
+        same = unchanged(current.checksum, value)
         if self.cache is not None:
             new_node = DataRef.of(task.data_id, value, task.previous_output.algorithm)
             self.cache.put_value(new_node, value)
@@ -490,6 +495,9 @@ class Executor:
         if changed is None:
             return None
         changes, olds, news = changed
+        at = list(changes)
+        if not (summary.inputs_tree.consistent(at) and summary.sources_tree.consistent(at)):
+            return None  # a corrupt summary: its trees would give wrong roots
         after = summary.replaced(changes) if changes else summary
         inputs_root, sources_root = after.inputs_tree.root, after.sources_tree.root
         key = CacheKey.of_root(step, inputs_root)
@@ -509,7 +517,10 @@ class Executor:
         if step.inputs is not None and step.inputs.window_start is not None:
             window = (step.inputs.window_start, step.inputs.window_end or 0)
         digest = (after.count, inputs_root, sources_root)
-        upstream = self._shared_lineage(after)
+        try:
+            upstream = self._shared_lineage(after)
+        except HeaderError:  # a changed input's lineage does not decode: the whole fold says why
+            return None
         header = reduce_header(want, task.data_id, value, self.algorithm, window, digest, upstream).encode()
         if changes:
             cache.put_summary(inputs_root, after.encode())
@@ -531,7 +542,12 @@ class Executor:
             parts = input_parts(node, header)
             if parts is None:
                 return None
-            old = summary.node(at)
+            try:
+                old = summary.node(at)
+            except (ValueError, IndexError, struct.error):  # a corrupt summary
+                return None
+            if leaf_hash(reduce_leaf(old.data_id, old.checksum)) != summary.inputs_tree.leaf(at):
+                return None  # its node is not the one its tree was built over: corrupt
             if old != node or parts != summary.parts(at):
                 changes[at] = (node, parts)
             if old != node:
@@ -589,7 +605,14 @@ class Executor:
                 last.inputs.merkle_root.hex(),
             )
             return None
-        return summary if summary.count == task.input_count else None
+        if summary.count != task.input_count or summary.inputs_tree.root != last.inputs.merkle_root:
+            return None  # not the summary of these inputs (a corrupt or misfiled value)
+        try:
+            if self._shared_lineage(summary) != self._decode(raw).lineage[:-1]:
+                return None  # its lineages are not the ones the base header shares
+        except HeaderError:
+            return None
+        return summary
 
     def _delta_input(
         self, ref: InputRef, outputs: Mapping[str, Recomputed]

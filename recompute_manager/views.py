@@ -88,7 +88,9 @@ class CommittedCache(ResultCache):
         self._unit.staged = None
         return out
 
-    def supersede(self, old: DataRef, new: DataRef, header: bytes) -> None:
+    def supersede(self, old: DataRef, new: DataRef, header: bytes, *, current: bool = True) -> None:
+        """`current` is decided when it is recorded (`record`: unless a later correction of `new`
+        is known)."""
         staged: Staged | None = getattr(self._unit, "staged", None)
         if staged is not None:
             staged.append((old, new, header))
@@ -103,14 +105,16 @@ class CommittedCache(ResultCache):
     def record(self, old: DataRef, new: DataRef, header: bytes, at_ms: int) -> bool:
         """Write `old -> new` unless a later correction of `old` is known; True when written. The
         same node again (a recompute made the same bytes) only keeps the header it stamped: not a
-        correction, so it does not hold back one learned later with an earlier timestamp."""
+        correction, so it does not hold back one learned later with an earlier timestamp. Either
+        makes `new` current again (drops a link from it) unless a later correction of it is known."""
+        current = self._seen_ms.get(new, -1) <= at_ms
         if old == new:
-            ResultCache.supersede(self, old, new, header)
+            ResultCache.supersede(self, old, new, header, current=current)
             return False
         if self._seen_ms.get(old, -1) > at_ms:
             return False
         self._seen_ms[old] = at_ms
-        ResultCache.supersede(self, old, new, header)
+        ResultCache.supersede(self, old, new, header, current=current)
         return True
 
 

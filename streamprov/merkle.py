@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from streamprov.errors import StreamprovError
 
@@ -146,6 +146,29 @@ class FlatTree:
     @property
     def root(self) -> bytes:
         return self.raw[-HASH_SIZE:]
+
+    def consistent(self, leaves: Iterable[int]) -> bool:
+        """Does every node on the paths from these leaves to the root equal the hash of its two
+        children as stored? O(log n) hashes a leaf: a `replaced` rehashes exactly those paths with
+        their siblings, so a corrupt sibling would otherwise make a wrong root."""
+        sha256 = hashlib.sha256
+        raw, starts, widths = self.raw, self._starts, self._widths
+        for leaf in leaves:
+            if not 0 <= leaf < self.width:
+                return False
+            i = leaf
+            for depth in range(len(widths) - 1):
+                j = i >> 1
+                left = (starts[depth] + 2 * j) * HASH_SIZE
+                if 2 * j + 1 < widths[depth]:
+                    node = sha256(b"\x01" + raw[left : left + 2 * HASH_SIZE]).digest()
+                else:
+                    node = raw[left : left + HASH_SIZE]
+                up = (starts[depth + 1] + j) * HASH_SIZE
+                if raw[up : up + HASH_SIZE] != node:
+                    return False
+                i = j
+        return True
 
     def replaced(self, leaves: dict[int, bytes]) -> FlatTree:
         """The tree with the leaves at these positions replaced (position -> `leaf_hash`): only their

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from ledger_support import CTX, LEDGER, build, map_app, reduce_app
 
 from recompute_manager.cache import ResultCache
@@ -607,7 +606,7 @@ def test_a_summary_that_does_not_decode_falls_back_to_the_ledger_entry(tmp_path:
             assert (h.deltas, h.expanded) == (3, 2)
 
 
-# -- product bugs found (minimal cases) ----------------------------------------------------------------
+# -- the bugs these properties found, as minimal cases (fixed in the commit that made them pass) -------
 
 SMALL = World(chains=(1,) * 16, picks=tuple(range(16)), orig=tuple(range(100, 116)))
 """16 sources 100..115 -> inc (+1000) -> total (recorded 17720) -> publish."""
@@ -621,14 +620,6 @@ def _non_injective() -> FunctionRegistry:
     return reg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Executor._finish marks a task `unchanged` when its output equals the RECORDED output "
-    "(unchanged(task.previous_output, value)), not the latest version a recompute superseded it with "
-    "(ResultCache.latest); Executor.run_plan then skips a delta reduce task whose listed inputs are "
-    "all such tasks' outputs (no direct input), so the reduce keeps the earlier plan's value",
-)
 def test_a_map_output_back_at_its_recorded_node_is_not_seen_by_the_reduce(tmp_path: Path) -> None:
     """inc = v // 10 + 1000. Plan 1: s3 103 -> 500 (inc 1010 -> 1050, total 16166 -> 16206).
     Plan 2 (from the same ledger): s3 103 -> 104, a real change, but inc(104) = 1010 is the recorded
@@ -645,13 +636,6 @@ def test_a_map_output_back_at_its_recorded_node_is_not_seen_by_the_reduce(tmp_pa
         h.check("plan 2", latest=False)  # value b'16206', the full fold's b'16166'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="same as test_a_map_output_back_at_its_recorded_node_is_not_seen_by_the_reduce: a source "
-    "set back to its recorded value makes its map task `unchanged` (vs the recorded output) and the "
-    "delta reduce task is skipped",
-)
 def test_a_source_set_back_to_its_recorded_value_is_not_seen_by_the_reduce(tmp_path: Path) -> None:
     """Plan 1: s3 103 -> 113 (total 17730). Plan 2: s3 back to 103 (recorded): expected 17720, got
     17730."""
@@ -664,14 +648,6 @@ def test_a_source_set_back_to_its_recorded_value_is_not_seen_by_the_reduce(tmp_p
         h.check("plan 2", latest=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="ResultCache.supersede(old, new) with old == new keeps old's link to the version it "
-    "superseded before, and Executor._finish links the delta's base to the new node: T0 -> T1 -> T0 "
-    "is a cycle, ResultCache.latest(T0) returns T1, and Executor._delta starts the next plan from T1 "
-    "and T1's summary, dropping plan 2's change",
-)
 def test_an_output_back_at_an_earlier_version_is_still_the_base_of_the_next_delta(tmp_path: Path) -> None:
     """Plan 1: s3 103 -> 113 (total T0 17720 -> T1 17730). Plan 2: s5 105 -> 95 (total back to
     17720: the recorded node T0, new header). Plan 3: s7 107 -> 150: expected 17763, got 17773
@@ -688,14 +664,6 @@ def test_an_output_back_at_an_earlier_version_is_still_the_base_of_the_next_delt
         h.check("plan 3", latest=False)  # value b'17773', the full fold's b'17763'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Executor._summary_of uses the summary kept under the base header's inputs root without "
-    "checking that it is that root's (summary.inputs_tree.root != last.inputs.merkle_root is not "
-    "checked; SummaryKeeper._build does check it): a summary of other inputs there gives a wrong "
-    "value (the wrong old value retracted) and a wrong input digest",
-)
 def test_a_summary_of_other_inputs_under_the_base_root_is_not_used(tmp_path: Path) -> None:
     """Plan 1: s3 103 -> 113 (T1 17730, its summary kept under T1's root R1). R1 then holds the
     pipeline output's summary (R0's: s3 at 103). Plan 2: s3 -> 123: expected 17740, got 17750 (1103
@@ -714,13 +682,6 @@ def test_a_summary_of_other_inputs_under_the_base_root_is_not_used(tmp_path: Pat
         h.check("plan 2")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="ReduceSummary.decode does not decode the lineages it holds; Executor._shared_lineage "
-    "decodes them after _summary_of accepted the summary, and its MalformedHeaderError is not caught "
-    "by _delta: the task is dead-lettered instead of run whole (as a summary that does not decode is)",
-)
 def test_a_summary_whose_lineage_does_not_decode_falls_back(tmp_path: Path) -> None:
     """Plan 1: s3 -> 113; the lineage in its summary then says 2 steps where it has 1 (the Avro
     array count 0x02 -> 0x04). Plan 2 (s5 -> 150): dead-lettered, 'lineage is not valid Avro'."""
@@ -746,17 +707,10 @@ def _toggle(rng: random.Random, h: Harness, i: int) -> dict[int, int]:
     return {i: rng.choice([v for v in pool if v != h.current[i]])}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the two bugs above: a source (or map output) back at its recorded value is not seen by a "
-    "delta reduce (Executor._finish/run_plan cut-off), and a reduce output back at an earlier version "
-    "makes ResultCache.latest name a stale base (ResultCache.supersede cycle)",
-)
 def test_sources_going_back_and_forth_between_a_few_values(tmp_path: Path) -> None:
     """Scenarios 1-3 without the fresh-values precondition: a few sources toggling among three values
     (their recorded one included), one or two per plan, sometimes two plans from one ledger state
-    run in either order. Passes with both bugs fixed (checked with the fixes monkeypatched)."""
+    run in either order (failed before the cut-off and supersede fixes)."""
     for seed in range(8):
         rng = random.Random(900 + seed)
         w = random_world(rng, chains=(1, 2), fan_in=rng.randint(16, 30))
