@@ -314,6 +314,10 @@ def test_a_flat_tree_updated_along_the_changed_paths_is_the_tree_of_the_new_leav
             new[i] = rng.randbytes(7)
         changed = tree.replaced({i: leaf_hash(x) for i, x in enumerate(new) if x != leaves[i]})
         assert changed == FlatTree.of([leaf_hash(x) for x in new]) and changed.root == root_of(new)
+    assert tree.consistent(range(width))
+    if width > 1:  # a corrupt sibling on leaf 0's path is seen from leaf 0, not from a leaf it is not on
+        corrupt = FlatTree(tree.raw[:32] + bytes(32) + tree.raw[64:], width)
+        assert not corrupt.consistent([0]) and corrupt.consistent([width - 1]) is (width > 2)
     with pytest.raises(StreamprovError):
         FlatTree(tree.raw[:-1], width)
     with pytest.raises(StreamprovError):
