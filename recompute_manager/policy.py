@@ -9,7 +9,10 @@ A `TopicPolicy` applies one topic's `RecomputeSettings` (streamprov.yaml `recomp
 * `dedup_window`: many alerts for one DataID within the window give one recompute; change events are
   de-duplicated on the DataID and the version they change it to (a second, real change runs);
 * `max_fanout`: a plan with more tasks than this waits for a person (NEEDS_APPROVAL);
-* `budget_per_hour` (sliding hour) and `rate_limit_per_s` (token bucket): how much work may start.
+* `budget_per_hour` (sliding hour): a plan that does not fit what is left waits for a person too
+  (NEEDS_APPROVAL, the budget's evidence in its cause);
+* `rate_limit_per_s` (token bucket): RATE_LIMITED with `retry_after_s`, a delay, not a refusal: the
+  caller decides again then (the manager holds the cause back).
 
 Every `Decision` carries its `Cause` tree (STYLE.md item 8): the alert or change that led to it, and
 the evidence behind the verdict, so a person can follow why a record was (not) recomputed.
@@ -56,11 +59,14 @@ class Action(enum.StrEnum):
     DUPLICATE = "duplicate"
     """This DataID was recomputed within the de-duplication window."""
     NEEDS_APPROVAL = "needs_approval"
-    """The plan fans out wider than `max_fanout`: a person must approve it."""
+    """A person must approve the plan: it fans out wider than `max_fanout`, or it does not fit what
+    is left of `budget_per_hour` (`retry_after_s`: when it would fit; 3600 when never)."""
     OVER_BUDGET = "over_budget"
-    """The hourly budget is spent; retry after `retry_after_s`."""
+    """No longer decided (over the budget is NEEDS_APPROVAL); kept for progress records of earlier
+    versions, which were never run."""
     RATE_LIMITED = "rate_limited"
-    """The token bucket is empty; retry after `retry_after_s`."""
+    """The token bucket is empty: decide again after `retry_after_s` (the manager holds the cause
+    back, uncommitted; it never reports it as refused)."""
 
     @property
     def runs(self) -> bool:
@@ -441,13 +447,20 @@ class TopicPolicy:
                 target=target,
             )
         budget_wait = self.budget.wait_s(tasks, now_s)
-        if budget_wait is None or budget_wait > 0:
+        if budget_wait is None or budget_wait > 0:  # a person decides whether to spend more
             used = self.budget.used(now_s)
+            fits = (
+                f"more than the whole budget of {s.budget_per_hour}"
+                if budget_wait is None
+                else f"they would fit in {budget_wait:.0f}s"
+            )
+            spent = f"{used} of {s.budget_per_hour} tasks used this hour; {tasks} more do not fit ({fits})"
+            evidence = Cause("budget_per_hour", self.topic, spent)
             return self._no(
-                Action.OVER_BUDGET,
+                Action.NEEDS_APPROVAL,
                 data_id,
-                f"{used} of {s.budget_per_hour} tasks used this hour; {tasks} more do not fit",
-                cause,
+                f"over budget_per_hour: {spent}: needs approval",
+                Cause(cause.kind, cause.subject, cause.detail, (*cause.causes, evidence)),
                 3600.0 if budget_wait is None else budget_wait,
                 target,
             )

@@ -9,8 +9,10 @@ that publishes its output:
    of them together come from it), and per cause ask the topic's policy with its own plan's size
    (`TopicPolicy`; a change event is judged by its source topic's settings; an alert, and a change
    event of a batch that could not be traversed together, is planned alone: `plan_for_alert` /
-   `plan_for_change`). Rate-limited decisions
-   wait (stop-aware, bounded) and are decided again. An alert that runs is its own plan; the change
+   `plan_for_change`). A rate-limited cause is not decided: its partition is held back at it (not
+   committed, rewound and paused until the bucket allows it) while the rest of the batch is decided
+   and published, and it is decided again when the partition resumes (or, stopped first, after the
+   restart). An alert that runs is its own plan; the change
    events of the batch that run (of any source topic) run as ONE plan: the batch's plan when all of
    them run, else one planned for those that do (a reduce reached by several of them is one task
    reading all their corrections, not one per event; its cause is a `changes` tree of the events'
@@ -66,8 +68,6 @@ from recompute_manager.policy import (
     Cause,
     Decision,
     TopicPolicy,
-    trigger_of_alert,
-    trigger_of_change,
 )
 from recompute_manager.priority import PlainRecord, PriorityPublisher
 from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress, pending_key
@@ -82,7 +82,6 @@ from streamprov.changes.event import ChangeEvent
 from streamprov.config.errors import ConfigError, ConfigProblem
 from streamprov.config.models import (
     RecomputeSettings,
-    RecomputeTrigger,
     StreamprovConfig,
     TelemetrySettings,
     TopicSettings,
@@ -113,8 +112,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_RATE_WAITS = 20
-"""A rate-limited plan is decided again at most this many times in one batch."""
+MIN_HOLD_S = 0.05
+"""The shortest a partition is held back at a rate-limited cause."""
 DEFAULT_MAX_UNIT_BYTES = 900_000
 """Below librdkafka's default `message.max.bytes` (1,000,000) and the broker's default record limit."""
 
@@ -268,6 +267,8 @@ class ManagerStats:
     """Committed by the planner and this process's workers."""
     aborted: int = 0
     malformed: int = 0
+    deferred: int = 0
+    """Times a rate-limited cause was held back (not decided, not committed; decided again later)."""
     decisions: dict[str, int] = field(default_factory=dict)
 
 
@@ -305,6 +306,8 @@ class RecomputeManager:
         self._pending: set[str] = set()
         self._pending_lock = threading.Lock()
         self._last_unit = time.monotonic()
+        self._held: dict[tuple[str, int], float] = {}
+        """Partitions held back at a rate-limited cause -> when to resume them (monotonic)."""
         self.workers: list[UnitWorker] = []
         self._signers: dict[str, Signer | None] = {}
         self._threads: list[threading.Thread] = []
@@ -536,6 +539,9 @@ class RecomputeManager:
                 ):
                     break
                 last = max(last, self._last_unit)
+                if self._held:  # a cause is held back by a rate limit: not idle
+                    last = time.monotonic()
+                    self._resume_held()
                 if idle_timeout_s is not None and time.monotonic() - last >= idle_timeout_s:
                     break
                 if max_causes is not None and self._stats.causes - start >= max_causes:
@@ -563,6 +569,10 @@ class RecomputeManager:
 
     def _batch(self, msgs: list[Message]) -> None:
         s = self.settings
+        if self._held:  # fetched before its partition was held back: consumed again after it resumes
+            msgs = [m for m in msgs if (m.topic(), m.partition()) not in self._held]
+            if not msgs:
+                return
         with self.views.lock:
             self.views.for_planning()
             checked = self.views.outputs.take_checked()
@@ -571,13 +581,19 @@ class RecomputeManager:
         planned: list[RecomputeUnit] = []
         decisions: list[str] = []
         offsets: dict[tuple[str, int], int] = {}
+        held: dict[tuple[str, int], tuple[int, Decision]] = {}
         together: list[_Run] = []
         changes = self._changes(msgs)
         for k, msg in enumerate(msgs):
             at = where(msg)
+            if (at.topic, at.partition) in held:  # behind a held cause: consumed again after it
+                continue
+            handled = self._cause(msg, at.topic == s.alerts_topic, changes, k)
+            if isinstance(handled, _Held):  # rate-limited: neither decided nor committed
+                held[(at.topic, at.partition)] = (at.offset, handled.decision)
+                continue
             offsets[(at.topic, at.partition)] = at.offset + 1
             self._stats.causes += 1
-            handled = self._cause(msg, at.topic == s.alerts_topic, changes, k)
             if isinstance(handled, PlainRecord):  # not a cause it can plan: kept, with the reason
                 plain.append(handled)
                 self._stats.malformed += 1
@@ -597,6 +613,17 @@ class RecomputeManager:
             plain += records
             planned += units
             decisions += states
+        if plain or offsets:
+            self._publish(plain, planned, offsets)
+        if held:
+            self._hold(held)
+        for state in decisions:
+            self._stats.decisions[state] = self._stats.decisions.get(state, 0) + 1
+
+    def _publish(
+        self, plain: list[PlainRecord], planned: list[RecomputeUnit], offsets: Mapping[tuple[str, int], int]
+    ) -> None:
+        """One transaction: the batch's records and the offsets of the causes it decided."""
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         with self._pending_lock:  # before the commit: a worker may finish a unit right after it
             self._pending.update(u.unit_id for u in planned)
@@ -612,8 +639,39 @@ class RecomputeManager:
         self._stats.transactions += 1
         self._stats.units_planned += len(planned)
         self._stats.plans_run += len({u.plan_id for u in planned})
-        for state in decisions:
-            self._stats.decisions[state] = self._stats.decisions.get(state, 0) + 1
+
+    def _hold(self, held: Mapping[tuple[str, int], tuple[int, Decision]]) -> None:
+        """Hold back each partition at its rate-limited cause until the policy's `retry_after_s`:
+        paused, and rewound to the cause (its offset was not committed), so that cause and what follows
+        it there are consumed and decided again then; the other partitions go on meanwhile. Stopped
+        first, nothing of them was committed: consumed again after the restart."""
+        now = time.monotonic()
+        for (topic, partition), (offset, decision) in held.items():
+            self._consumer.pause([TopicPartition(topic, partition)])
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+            self._held[(topic, partition)] = now + max(decision.retry_after_s, MIN_HOLD_S)
+            self._stats.deferred += 1
+            log.info(
+                "%s/%d/%d held back: %s (%s): decided again in %.3g s",
+                topic,
+                partition,
+                offset,
+                decision.data_id,
+                decision.reason,
+                max(decision.retry_after_s, MIN_HOLD_S),
+            )
+
+    def _resume_held(self) -> None:
+        """Resume the held partitions whose time has come (their causes are consumed again)."""
+        now = time.monotonic()
+        due = [tp for tp, until in self._held.items() if until <= now]
+        for tp in due:
+            del self._held[tp]
+        if due:
+            try:
+                self._consumer.resume([TopicPartition(t, p) for t, p in due])
+            except KafkaException as exc:  # revoked meanwhile: its new owner reads the committed offset
+                log.info("resuming %s: %s", due, kafka_error(exc).str())
 
     def _report_checked(self, checked: Mapping[str, Mapping[int, int]]) -> None:
         """The output records the views read (per topic and wall-clock second written) to each topic's
@@ -654,16 +712,16 @@ class RecomputeManager:
 
     def _cause(
         self, msg: Message, is_alert: bool, changes: _Changes | None = None, k: int = -1
-    ) -> tuple[RecomputePlan | None, Decision, ChangeEvent | None] | PlainRecord:
+    ) -> tuple[RecomputePlan | None, Decision, ChangeEvent | None] | PlainRecord | _Held:
         """The cause's own plan, the policy's decision on it (judged by that plan's size) and the
         change event (None: an alert); or, for an alert or change event that does not decode or cannot
-        be planned, its dead-letter record (committed with the batch: never replayed, never lost).
+        be planned, its dead-letter record (committed with the batch: never replayed, never lost); or,
+        when the policy rate-limited it, `_Held` (not decided: `_batch` holds it back, uncommitted).
         A change event of `changes` (message `k` of the batch) that runs has no plan of its own
         (None): its size is its count in the batch, and it runs in a plan of the batch's events
         (`_planned_together`)."""
         raw = msg.value() or b""
         now = time.monotonic()
-        trigger: RecomputeTrigger | None
         event: ChangeEvent | None = None
         reason = DeadLetterReason.DESERIALIZATION_ERROR
         plan: RecomputePlan | None = None
@@ -683,7 +741,6 @@ class RecomputeManager:
                 decision = policy.on_alert(alert, now, tasks=size)
                 plan = made[0] if made else self._unplanned(alert, decision)
                 tasks = len(plan)
-                trigger = trigger_of_alert(alert)
             else:
                 position = _position(changes, k)
                 if changes is None or position is None:
@@ -700,27 +757,10 @@ class RecomputeManager:
                 topic = event.source.topic if event.source is not None else ""
                 policy = self.policy(topic)
                 decision = policy.on_change(event, now, tasks=tasks)
-                trigger = trigger_of_change(event)
         except (StreamprovError, ValueError) as exc:
             return self._dead_letter(msg, "alert" if is_alert else "change event", reason, exc)
-        waits = 0
-        while (
-            decision.action is Action.RATE_LIMITED
-            and trigger is not None
-            and waits < MAX_RATE_WAITS
-            and not self._stop.is_set()
-        ):
-            self._stop.wait(min(decision.retry_after_s, 5.0))
-            waits += 1
-            # the trigger passed already: decide again without counting the alert a second time
-            decision = policy.decide(
-                trigger,
-                decision.data_id,
-                decision.cause,
-                time.monotonic(),
-                tasks=tasks,
-                target=decision.target,
-            )
+        if decision.action is Action.RATE_LIMITED:  # a delay, not a refusal: decided again later
+            return _Held(decision)
         if plan is None and event is not None and not (decision.runs and tasks):
             try:  # refused, waiting for approval, nothing to do: reported with its own plan
                 plan = self._own_plan(event, changes, _position(changes, k))
@@ -935,6 +975,13 @@ class _Run:
     trace: TraceHeaders
     msg: Message
     position: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A cause the policy rate-limited: not decided, its partition held back (`_hold`)."""
+
+    decision: Decision
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from recompute_pipeline import (  # noqa: F401 - fixture
 )
 from typer.testing import CliRunner
 
+from recompute_manager.approval import approve as approve_plan
 from recompute_manager.cache import ResultCache
 from recompute_manager.executor import SUPERSEDES_HEADER, TASK_HEADER, DeadLetter
 from recompute_manager.planner import plan_for_change
@@ -496,3 +498,142 @@ def test_alerts_within_the_acceptable_error_rate_of_the_records_read_are_only_re
         assert manager.policy(old).errors.rate(time.monotonic())[1:] == (1, 0)
     assert stats.decisions == {"alert_only": 3} and stats.malformed == 1
     assert (stats.plans_run, stats.published) == (0, 0)
+
+
+def _two_changes(bootstrap: str, p: Pipeline, detector_group: str, tmp_path: Path) -> list[ChangeEvent]:
+    """id-001 and id-002 get new values; their change events are on the changes topic (in order)."""
+    producer = ProvenanceProducer({"bootstrap.servers": bootstrap})
+    for data_id, n in (("id-001", 3001), ("id-002", 3002)):
+        producer.produce(p.src, value(n), data_id)
+    assert producer.flush(30) == 0
+    with (
+        ledger_writer(bootstrap, p.ledger) as writer,
+        detector(bootstrap, p, detector_group, tmp_path, writer) as d,
+    ):
+        seen = d.run(max_records=2, idle_timeout_s=20)
+        assert (seen.changed, seen.events) == (2, 2)
+    msgs = consume_all(bootstrap, p.changes, expected=2, timeout_s=30, grace_s=0.3)
+    return [ChangeEvent.decode(m.value()) for m in msgs]
+
+
+def _states(bootstrap: str, progress: str, expected: int) -> list[tuple[str, str]]:
+    """(subject, state) of the plans' progress records, in order."""
+    out = []
+    for m in consume_all(bootstrap, progress, expected=expected, timeout_s=20, grace_s=1.0):
+        if dict(m.headers() or []).get("streamprov.recompute.record") == b"progress":
+            r = Progress.decode(m.value())
+            if r.unit < 0:
+                out.append((r.subject, r.state))
+    return out
+
+
+def test_a_rate_limited_change_is_held_back_never_refused(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    unique_group: Any,
+    tmp_path: Path,
+    priority_topics: list[str],  # noqa: F811
+) -> None:
+    """Two change events in one batch, 3 tasks each, `rate_limit_per_s` 1: id-001 runs at once and
+    borrows the bucket; id-002's partition is held back (rewound, paused) about 3 s and then decided
+    again, so both run, id-001's plan published before id-002's wait. Then another group on the same
+    events at 0.05/s is stopped while id-002 is held (as by SIGTERM): only id-001's offset is
+    committed, and the restarted manager decides and runs id-002. Before: id-002 was published as
+    `rate_limited` with its offset committed (at once on the stop, else after 20 waits of up to 5 s
+    that held id-001's plan back too), never recomputed, and `recompute approve` refused it."""
+    bootstrap = kafka_bootstrap
+    p, detector_group = _pipeline(bootstrap, new_topic, unique_group, tmp_path, priority_topics)
+    _two_changes(bootstrap, p, detector_group, tmp_path)
+
+    def limited(rate: float, **kw: Any) -> ManagerSettings:
+        settings = RecomputeSettings(rate_limit_per_s=rate)
+        return _settings(
+            bootstrap,
+            p,
+            new_topic,
+            unique_group,
+            tmp_path / f"rm-{rate}",
+            **kw,
+            topic_settings=lambda _t: TopicSettings(recompute=settings),
+        )
+
+    # held back, then decided once the bucket allows it
+    settings = limited(1.0)
+    started = time.monotonic()
+    with RecomputeManager(settings, processor_fns.registry) as manager:
+        stats = manager.run(max_causes=2, idle_timeout_s=60)
+    assert stats.decisions == {"planned": 2} and stats.deferred >= 1
+    assert (stats.causes, stats.plans_run, stats.units_done) == (2, 2, 2)
+    assert time.monotonic() - started >= 2.5  # id-002 waited for the bucket (3 tasks at 1/s)
+    # id-001's plan was published first, on its own (not held back with id-002)
+    assert _states(bootstrap, settings.progress_topic, 4) == [("id-001", "planned"), ("id-002", "planned")]
+    assert _committed(bootstrap, settings.group_id, p.changes) == 2
+
+    # stopped while id-002 is held: not committed, consumed again by the restarted manager
+    slow = limited(0.05)
+    with RecomputeManager(slow, processor_fns.registry) as manager:
+        thread = threading.Thread(target=manager.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while manager.stats.deferred < 1 or manager.stats.units_done < 1:
+            assert time.monotonic() < deadline and thread.is_alive(), manager.stats
+            time.sleep(0.1)
+        manager.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert manager.stats.decisions == {"planned": 1}
+    assert _committed(bootstrap, slow.group_id, p.changes) == 1
+    restarted = replace(slow, topic_settings=lambda _t: TopicSettings())
+    with RecomputeManager(restarted, processor_fns.registry) as manager:
+        stats = manager.run(max_causes=1, idle_timeout_s=60)
+    assert stats.decisions == {"planned": 1} and stats.units_done == 1
+    assert _committed(bootstrap, slow.group_id, p.changes) == 2
+    assert _states(bootstrap, slow.progress_topic, 4) == [("id-001", "planned"), ("id-002", "planned")]
+
+
+def test_a_change_over_the_hourly_budget_waits_for_approval_and_runs_once_approved(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    unique_group: Any,
+    tmp_path: Path,
+    priority_topics: list[str],  # noqa: F811
+) -> None:
+    """`budget_per_hour: 2` against 3-task plans: both events `needs_approval` (before: `over_budget`,
+    which `recompute approve` refused: lost); approving one runs it."""
+    bootstrap = kafka_bootstrap
+    p, detector_group = _pipeline(bootstrap, new_topic, unique_group, tmp_path, priority_topics)
+    _two_changes(bootstrap, p, detector_group, tmp_path)
+    budget = RecomputeSettings(budget_per_hour=2)
+    settings = _settings(
+        bootstrap,
+        p,
+        new_topic,
+        unique_group,
+        tmp_path,
+        topic_settings=lambda _t: TopicSettings(recompute=budget),
+    )
+    with RecomputeManager(settings, processor_fns.registry) as manager:
+        stats = manager.run(max_causes=2, idle_timeout_s=60)
+    assert stats.decisions == {"needs_approval": 2} and stats.plans_run == 0
+    assert _committed(bootstrap, settings.group_id, p.changes) == 2
+    reports = [
+        Progress.decode(m.value())
+        for m in consume_all(bootstrap, settings.progress_topic, expected=4, timeout_s=20, grace_s=1.0)
+        if dict(m.headers() or []).get("streamprov.recompute.record") == b"progress"
+    ]
+    assert [r.state for r in reports] == ["needs_approval"] * 2
+    assert all(
+        "over budget_per_hour" in r.reason and "more than the whole budget" in r.reason for r in reports
+    )
+    done = approve_plan(
+        settings.kafka,
+        group_id=settings.group_id,
+        tasks_topic=settings.tasks_topic,
+        progress_topic=settings.progress_topic,
+        prefix=reports[0].plan_id[:16],
+        by="test",
+    )
+    assert (done.already, done.tasks) == (False, 3)
+    with RecomputeManager(settings, processor_fns.registry) as manager:
+        stats = manager.run(idle_timeout_s=8)
+    assert (stats.units_done, stats.tasks_recomputed, stats.causes) == (1, 3, 0)

@@ -8,7 +8,8 @@ tests/integration/test_recompute_service.py."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,24 @@ class _Publisher:
         self.calls.append((list(offsets), list(plain)))
 
 
+class _Consumer:
+    """What the planner asks of its consumer besides consuming: holding a partition back."""
+
+    def __init__(self) -> None:
+        self.paused: list[tuple[str, int]] = []
+        self.resumed: list[tuple[str, int]] = []
+        self.seeks: list[tuple[str, int, int]] = []
+
+    def pause(self, tps: list[Any]) -> None:
+        self.paused += [(tp.topic, tp.partition) for tp in tps]
+
+    def resume(self, tps: list[Any]) -> None:
+        self.resumed += [(tp.topic, tp.partition) for tp in tps]
+
+    def seek(self, tp: Any) -> None:
+        self.seeks.append((tp.topic, tp.partition, tp.offset))
+
+
 @pytest.fixture
 def index(tmp_path: Path) -> Iterator[LedgerIndex]:
     apps = pipeline(2, chain_len=2, fan_in=3)
@@ -65,8 +84,15 @@ def index(tmp_path: Path) -> Iterator[LedgerIndex]:
         yield idx
 
 
-def _manager(index: LedgerIndex, recompute: RecomputeSettings, *, stopping: bool = False) -> Any:
-    """A RecomputeManager whose planner stage runs on stand-ins (no consumer, no broker)."""
+def _manager(
+    index: LedgerIndex,
+    recompute: RecomputeSettings,
+    *,
+    stopping: bool = False,
+    settings_of: Callable[[str], RecomputeSettings] | None = None,
+) -> Any:
+    """A RecomputeManager whose planner stage runs on stand-ins (no broker); `settings_of`: each
+    topic's settings (default: `recompute` for all)."""
     m: Any = RecomputeManager.__new__(RecomputeManager)
     m.settings = ManagerSettings(
         kafka={},
@@ -80,18 +106,24 @@ def _manager(index: LedgerIndex, recompute: RecomputeSettings, *, stopping: bool
         sources=(),
         outputs=(),
         state_dir=Path("/nonexistent"),
-        topic_settings=lambda _t: TopicSettings(recompute=recompute),
+        topic_settings=lambda t: TopicSettings(recompute=settings_of(t) if settings_of else recompute),
     )
     m.views, m._stats, m._policies, m._stop = _Views(index), ManagerStats(), {}, threading.Event()
     m.registry = FunctionRegistry()  # no function registered: a function change cannot run here
-    m._pending_lock, m._pending, m._publisher, m._consumer = threading.Lock(), set(), _Publisher(), None
+    m._pending_lock, m._pending, m._publisher, m._consumer = (
+        threading.Lock(),
+        set(),
+        _Publisher(),
+        _Consumer(),
+    )
+    m._held = {}
     if stopping:
         m._stop.set()
     return m
 
 
-def _change(data_id: str, old: str, new: str, offset: int) -> ChangeEvent:
-    sc = SourceChange("src", 0, offset, data_id, node(data_id, old).checksum, node(data_id, new).checksum)
+def _change(data_id: str, old: str, new: str, offset: int, topic: str = "src") -> ChangeEvent:
+    sc = SourceChange(topic, 0, offset, data_id, node(data_id, old).checksum, node(data_id, new).checksum)
     return ChangeEvent.for_source(ChangeKind.SOURCE_CHANGED, sc, EMPTY_IMPACT, 5)
 
 
@@ -174,11 +206,85 @@ def test_events_waiting_for_approval_keep_their_own_plans(index: LedgerIndex) ->
     assert {plan_for_changes(index, [A]).plan_id, plan_for_changes(index, [B]).plan_id} <= pending
 
 
-def test_a_rate_limited_event_on_stop_is_reported_and_the_other_runs_alone(index: LedgerIndex) -> None:
-    m = _manager(index, RecomputeSettings(rate_limit_per_s=0.001), stopping=True)
-    offsets, _plain, units = _consume(m, [A.encode(), B.encode()])
-    assert m._stats.ledger_plans == 1 and m._stats.decisions == {"planned": 1, "rate_limited": 1}
-    assert {u.plan_id for u in units} == {plan_for_changes(index, [A]).plan_id} and offsets == {"changes": 2}
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_rate_limited_event_is_held_back_uncommitted_not_refused(
+    index: LedgerIndex, stopping: bool
+) -> None:
+    """Before: B waited in the batch (up to 20 x 5 s, A's plan held back with it), then, or at once
+    when a stop (SIGTERM) was requested, it was published as `rate_limited` with its offset committed:
+    never recomputed, and `recompute approve` refused it. Now B is not decided at all: A's plan is
+    published at once with A's offset only, and B's partition is rewound to B and paused until the
+    bucket allows it (consumed again after a restart when stopped)."""
+    m = _manager(index, RecomputeSettings(rate_limit_per_s=0.001), stopping=stopping)
+    started = time.monotonic()
+    offsets, plain, units = _consume(m, [A.encode(), B.encode()])
+    assert time.monotonic() - started < 5.0  # nothing waits in the batch
+    assert m._stats.ledger_plans == 1 and m._stats.decisions == {"planned": 1}
+    assert (m._stats.causes, m._stats.deferred) == (1, 1)
+    assert {u.plan_id for u in units} == {plan_for_changes(index, [A]).plan_id}
+    assert offsets == {"changes": 1}  # B (offset 1) is not committed
+    assert [p.state for p in _progress(plain)] == ["planned"]  # no `rate_limited` refusal
+    assert m._consumer.paused == [("changes", 0)] and m._consumer.seeks == [("changes", 0, 1)]
+    assert m._held[("changes", 0)] - time.monotonic() > 100  # A borrowed the bucket: B waits
+
+
+def test_a_held_partition_resumes_when_its_time_comes_and_the_cause_is_decided_again(
+    index: LedgerIndex,
+) -> None:
+    m = _manager(index, RecomputeSettings(rate_limit_per_s=0.001))
+    _consume(m, [A.encode(), B.encode()])
+    m._resume_held()
+    assert m._consumer.resumed == [] and ("changes", 0) in m._held  # not yet
+    m._held[("changes", 0)] = time.monotonic() - 1.0
+    m._resume_held()
+    assert m._consumer.resumed == [("changes", 0)] and m._held == {}
+    m.policy("src").bucket.tokens = 1.0  # refilled meanwhile
+    m.policy("src").bucket.updated_s = time.monotonic()
+    m._batch([Msg(B.encode(), t="changes", o=1)])
+    assert m._stats.decisions == {"planned": 2} and m._stats.causes == 2
+    offsets, plain = m._publisher.calls[-1]
+    assert [(o.topic, o.partition, o.offset) for o in offsets] == [("changes", 0, 2)]
+    units = [RecomputeUnit.decode(r.value) for r in plain if r.topic == "tasks"]
+    assert {u.plan_id for u in units} == {plan_for_changes(index, [B]).plan_id}
+
+
+def test_the_other_partitions_are_decided_while_one_is_held(index: LedgerIndex) -> None:
+    """A runs, B (same source topic, same partition) is rate-limited: B and E behind it are held; D,
+    of another source topic on another partition, is decided in the same batch."""
+    m = _manager(
+        index,
+        RecomputeSettings(),
+        settings_of=lambda t: RecomputeSettings(rate_limit_per_s=0.001 if t == "src" else 50.0),
+    )
+    d = _change("g1-s1", "v0", "v6", 4, topic="src2")
+    e = _change("g1-s0", "v0", "v5", 5)
+    m._batch(
+        [
+            Msg(A.encode(), t="changes", p=0, o=0),
+            Msg(B.encode(), t="changes", p=0, o=1),
+            Msg(d.encode(), t="changes", p=1, o=7),
+            Msg(e.encode(), t="changes", p=0, o=2),
+        ]
+    )
+    [(offsets, plain)] = m._publisher.calls
+    assert sorted((o.topic, o.partition, o.offset) for o in offsets) == [("changes", 0, 1), ("changes", 1, 8)]
+    assert m._stats.decisions == {"planned": 2} and m._stats.deferred == 1
+    units = [RecomputeUnit.decode(r.value) for r in plain if r.topic == "tasks"]
+    assert {u.plan_id for u in units} == {plan_for_changes(index, [A, d]).plan_id}
+    assert m._consumer.seeks == [("changes", 0, 1)]
+
+
+def test_over_the_hourly_budget_a_plan_waits_for_approval(index: LedgerIndex) -> None:
+    """Before: `over_budget`, committed, never decided again and refused by `recompute approve`. Now
+    `needs_approval` with the budget as its reason, its units left on the progress topic."""
+    m = _manager(index, RecomputeSettings(budget_per_hour=1))
+    offsets, plain, units = _consume(m, [A.encode()])
+    assert units == [] and offsets == {"changes": 1} and m._stats.decisions == {"needs_approval": 1}
+    [report] = _progress(plain)
+    assert report.state == "needs_approval" and "over budget_per_hour" in report.reason
+    assert report.plan_id == plan_for_changes(index, [A]).plan_id
+    pending = [RecomputeUnit.decode(r.value) for r in plain if (RECORD_HEADER, KIND_PENDING) in r.headers]
+    assert {u.plan_id for u in pending} == {report.plan_id} and len(pending) == report.units
 
 
 def test_garbage_among_change_events_is_dead_lettered_and_the_rest_planned(index: LedgerIndex) -> None:

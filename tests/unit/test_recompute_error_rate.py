@@ -161,6 +161,7 @@ def test_the_manager_reports_the_output_records_it_read_as_messages_checked(tmp_
         m._stop = threading.Event()
         m.registry = FunctionRegistry()
         m._pending_lock, m._pending, m._publisher, m._consumer = threading.Lock(), set(), _Publisher(), None
+        m._held = {}
         m._batch([Msg(_alert(f"d{i}", i).encode(), t="alerts", o=i) for i in range(3)])
     states = [
         Progress.decode(r.value).state

@@ -95,11 +95,17 @@ def test_rate_limit_token_bucket() -> None:
 
 
 def test_hourly_budget() -> None:
+    """Over the budget a plan needs approval (before: `over_budget`, which nobody could approve and
+    nothing decided again: the cause was lost)."""
     p = policy(budget_per_hour=3, rate_limit_per_s=1000, dedup_window=0)
-    assert [p.on_alert(alert(f"d{i}"), float(i)).action for i in range(4)][-1] is Action.OVER_BUDGET
+    assert [p.on_alert(alert(f"d{i}"), float(i)).action for i in range(4)][-1] is Action.NEEDS_APPROVAL
     d = p.on_alert(alert("z"), 10.0)
-    assert d.action is Action.OVER_BUDGET and d.retry_after_s == 3590.0
+    assert d.action is Action.NEEDS_APPROVAL and d.retry_after_s == 3590.0
+    assert "over budget_per_hour: 3 of 3 tasks used this hour" in d.reason and "fit in 3590s" in d.reason
+    assert d.cause.causes[-1].kind == "budget_per_hour"
     assert p.on_alert(alert("z"), 3600.0).action is Action.RECOMPUTE
+    big = policy(budget_per_hour=2).on_change(change(), 0.0, tasks=3)
+    assert big.action is Action.NEEDS_APPROVAL and "more than the whole budget of 2" in big.reason
 
 
 def test_change_event_triggers() -> None:
