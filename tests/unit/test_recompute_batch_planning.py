@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from fake_messages import Msg
 from ledger_support import CTX, LEDGER, build, node, pipeline
 
+from recompute_manager import service as service_module
 from recompute_manager.planner import plan_for_changes
 from recompute_manager.progress import KIND_PENDING, KIND_PROGRESS, RECORD_HEADER, Progress
 from recompute_manager.service import ManagerSettings, ManagerStats, RecomputeManager
@@ -369,3 +371,69 @@ def test_an_alert_that_may_run_but_names_no_output_is_still_dead_lettered(index:
     [dead] = [r for r in plain if r.topic == "dlq"]
     assert b"carries no provenance header" in dict(dead.headers)[ERROR_HEADER]
     assert m._stats.malformed == 1
+
+
+class _Polled(Msg):
+    def error(self) -> None:
+        return None
+
+
+class _LoopConsumer(_Consumer):
+    """`run()`'s consumer: the given batches, then nothing (after the poll timeout)."""
+
+    def __init__(self, batches: list[list[_Polled]]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def subscribe(self, _topics: list[str]) -> None:
+        pass
+
+    def consume(self, _n: int, timeout: float) -> list[_Polled]:
+        if self.batches:
+            return self.batches.pop(0)
+        time.sleep(timeout)
+        return []
+
+
+def test_the_manager_stays_alive_while_a_cause_is_held_by_the_rate_limit(
+    index: LedgerIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the rate-limited cause waited inside the batch (up to 20 x 5 s) and `_heartbeat` was
+    only set at the top of the loop, so `/healthz` said `503 not ok: the planning loop has not turned
+    for 120 s` and the Helm liveness probe restarted the pod (which lost the cause: bug 1). Now the
+    cause is held back outside the batch and the loop keeps turning. The manager's clock is moved
+    200 s on while B is held (B waits for a bucket borrowed by A's plan)."""
+    ahead = [0.0]
+    clock = type(
+        "Clock",
+        (),
+        {
+            "monotonic": staticmethod(lambda: time.monotonic() + ahead[0]),
+            "time": staticmethod(lambda: time.time() + ahead[0]),
+        },
+    )
+    monkeypatch.setattr(service_module, "time", clock)
+    m = _manager(index, RecomputeSettings(rate_limit_per_s=0.001))
+    m._consumer = _LoopConsumer(
+        [[_Polled(A.encode(), t="changes", o=0), _Polled(B.encode(), t="changes", o=1)]]
+    )
+    m.settings = replace(m.settings, poll_timeout_s=0.05)
+    m._http, m.workers, m._threads, m._ready, m._closed = None, [], [], False, False
+    m._heartbeat = m._last_unit = clock.monotonic()
+    thread = threading.Thread(target=m.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while m._stats.causes < 1:  # A decided; B held (before the fix: B waits inside the batch)
+            assert time.monotonic() < deadline, m._stats
+            time.sleep(0.02)
+        time.sleep(0.2)
+        ahead[0] = 200.0
+        time.sleep(0.5)
+        assert m.alive() == (True, "alive")
+    finally:
+        m.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert m._stats.decisions == {"planned": 1} and m._stats.deferred == 1
+    assert ("changes", 0) in m._held  # B still held when stopped: never committed
