@@ -325,7 +325,7 @@ class RecomputeManager:
             self._open(kafka, registry)
             self._starting()
         except BaseException:
-            self.close()
+            self._close(stop=False)  # the caller's event is theirs: a failed start-up is no stop request
             raise
 
     def _starting(self) -> None:
@@ -446,10 +446,15 @@ class RecomputeManager:
         return out
 
     def close(self) -> None:
+        """Stop (`stop()`) and release everything."""
+        self._close(stop=True)
+
+    def _close(self, *, stop: bool) -> None:
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
+        if stop:
+            self._stop.set()
         for t in self._threads:
             t.join(timeout=60)
         closers: list[Callable[[], None]] = [w.close for w in self.workers]

@@ -104,3 +104,14 @@ def test_brokers_that_do_not_answer_within_the_start_timeout_are_named(tmp_path:
         RecomputeManager(_settings(tmp_path / "rm", start_timeout_s=1.5), FunctionRegistry())
     assert not isinstance(caught.value, ManagerStoppedError)
     assert time.monotonic() - started < 5.0
+
+
+def test_a_start_up_that_fails_does_not_set_the_callers_stop_event(tmp_path: Path) -> None:
+    """The construction closes what it opened when it fails; closing must not set the caller's stop
+    event, or the CLI (whose signal handlers share it) takes the failure for a stop request and exits
+    0 with 'stopped:  during start-up' instead of the error (found re-probing unreachable.py none)."""
+    stop = threading.Event()
+    with pytest.raises(ManagerError) as caught:
+        RecomputeManager(_settings(tmp_path / "rm", start_timeout_s=1.0), FunctionRegistry(), stop=stop)
+    assert not isinstance(caught.value, ManagerStoppedError)
+    assert not stop.is_set()
