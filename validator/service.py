@@ -46,7 +46,6 @@ from streamprov.agents.kafka_io import (
     RebalanceEvents,
     TopicPartitionKey,
     kafka_error,
-    missing_topics,
     produce_blocking,
     seek_retrying,
 )
@@ -55,7 +54,7 @@ from streamprov.agents.serde import Serde
 from streamprov.header import now_ms
 from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.index import LedgerIndex
-from streamprov.ledger.kafka import KafkaLedgerReader
+from streamprov.ledger.kafka import KafkaLedgerReader, list_topics_within
 from streamprov.registry import FunctionRegistry
 from streamprov.telemetry.propagation import trace_headers
 from validator.alerts import Alert
@@ -283,7 +282,10 @@ class Validator:
         self.close()
 
     def start(self) -> None:
-        """Serve HTTP, check the topics exist, bring the source view up to date, join the group."""
+        """Serve HTTP, wait for the brokers, check the topics exist, bring the source view up to date,
+        join the group. Stop-aware: it returns early once `stop()` is called (nothing is consumed
+        then); the wait for the brokers asks in attempts of at most a second for at most
+        `operation_timeout_s`, then raises `ValidatorError` naming them."""
         state = self.state
         if state.started:
             return
@@ -295,7 +297,10 @@ class Validator:
         self._http = serve_probes(
             state, s.http_host, s.http_port, metrics_port=s.metrics_port, render_metrics=self.metrics.render
         )
-        self._check_topics()
+        topics = self._await_brokers()
+        if topics is None:  # stopped while the brokers did not answer
+            return
+        self._check_topics(topics)
         self.view.start()
         while not self.view.caught_up:  # stop-aware; /readyz says why it is not ready meanwhile
             if not state.beat():
@@ -304,8 +309,8 @@ class Validator:
         if self.ledger is not None:  # a long catch-up (a first start on a big ledger) keeps beating
             state.set_not_ready("the ledger index is catching up")
             self.ledger.catch_up(beat=state.beat)
-            if state.stopping:
-                return
+        if state.stopping:
+            return
         state.set_not_ready("no partitions assigned")
         r = self._rebalance
         self._consumer.subscribe(
@@ -320,14 +325,28 @@ class Validator:
             ",".join(self.settings.sources) or "none",
         )
 
-    def _check_topics(self) -> None:
+    def _await_brokers(self) -> dict[str, Any] | None:
+        """Every topic of the cluster once the brokers answer (`list_topics_within`: attempts of at
+        most a second, pausing on the stop flag, for at most `operation_timeout_s`); None when a stop
+        is requested first: against brokers that do not answer, the later steps would each block in
+        librdkafka calls that do not look at it (5-10 s each, about 40 s in all). `ValidatorError`
+        naming the brokers when none answers."""
         s = self.settings
-        missing, absent = missing_topics(
-            self._producer,
-            (s.alerts_topic, s.dead_letter_topic),
-            s.topics,
-            timeout_s=min(10.0, s.operation_timeout_s),
-        )
+        admin = {k: v for k, v in s.kafka.items() if k not in _CONSUMER_ONLY}
+        admin.setdefault("logger", KAFKA_LOG)
+        try:
+            topics: dict[str, Any] | None = list_topics_within(
+                admin, s.operation_timeout_s, pause=self.state.pause
+            )
+        except LedgerError as exc:  # its text names the brokers and what to check
+            raise ValidatorError(f"validator start-up: {exc}") from exc
+        return topics
+
+    def _check_topics(self, topics: dict[str, Any]) -> None:
+        """`topics`: every topic of the cluster (`_await_brokers`)."""
+        s = self.settings
+        missing = [t for t in (s.alerts_topic, s.dead_letter_topic) if t not in topics]
+        absent = [t for t in s.topics if t not in topics]
         if missing:
             raise ValidatorConfigError(
                 f"topic(s) {', '.join(missing)} do not exist: create the alerts and dead-letter topics "
