@@ -1,7 +1,9 @@
 """`streamprov changes run`: the change detector service (see `streamprov.changes.service`).
 
 Exit codes as the Validator's: 0 stopped cleanly (SIGTERM/SIGINT: the current batch is finished and
-committed), 1 the service failed, 2 bad configuration, 3 a fatal Kafka error (restart the process).
+committed; during start-up they end it before it runs), 1 the service failed, 2 bad configuration, 3
+a fatal Kafka error (restart the process). The signals are handled as the Validator's
+(`validator.cli.StopRequests`, `start_up`).
 
 Settings come from `changes:` in `streamprov.yaml`; command-line options override them.
 """
@@ -16,7 +18,7 @@ from typing import Annotated
 import typer
 
 from streamprov.errors import StreamprovError
-from validator.cli import check_log_level
+from validator.cli import StopRequests, check_log_level, start_up
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,12 @@ def run(
     ] = "info",
 ) -> None:
     """Run the change detector until SIGTERM/SIGINT."""
-    from streamprov.agents.lifecycle import install_stop_signals  # noqa: PLC0415 - keep --help fast
-    from streamprov.changes.detector import ChangeDetectorError  # noqa: PLC0415
+    from validator.cli import configure_logging  # noqa: PLC0415 - looked up when run (tests patch it)
+
+    configure_logging(log_level, json_logs)
+    stops = StopRequests(log)
+    stops.install()  # before anything slow: a stop request during start-up is honoured too
+    from streamprov.changes.detector import ChangeDetectorError  # noqa: PLC0415 - keep --help fast
     from streamprov.changes.service import (  # noqa: PLC0415
         ChangeService,
         ChangeServiceConfigError,
@@ -99,11 +105,9 @@ def run(
         FatalChangeServiceError,
     )
     from streamprov.config import ConfigError, load_config  # noqa: PLC0415
-    from validator.cli import configure_logging  # noqa: PLC0415
     from validator.errors import ValidatorConfigError  # noqa: PLC0415 - load_registry's
     from validator.rederive import load_registry  # noqa: PLC0415
 
-    configure_logging(log_level, json_logs)
     try:
         loaded = load_config(config)
         settings = ChangeServiceSettings.from_config(
@@ -118,14 +122,17 @@ def run(
             progress_interval_s=progress_interval,
         )
         registry = load_registry(functions) if functions else None
+        log.info("change detector starting: brokers %s", settings.kafka.get("bootstrap.servers"))
         service = ChangeService(settings, registry=registry)
     except (ConfigError, ChangeServiceConfigError, ValidatorConfigError) as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
     except StreamprovError as exc:
         raise _fail(EXIT_FAILED, str(exc)) from None
 
-    install_stop_signals(service.stop)
     try:
+        if not start_up(service, stops):  # closed
+            log.info("stopped: %s during start-up, before the change detector ran", stops.signal_name)
+            return
         with service:
             stats = service.run()
     except ChangeServiceConfigError as exc:

@@ -43,14 +43,14 @@ from confluent_kafka import KafkaException
 
 from streamprov.agents.dead_letter import RECORD_FRAMING_BYTES
 from streamprov.agents.health import HttpEndpoints
-from streamprov.agents.kafka_io import kafka_error, missing_topics, topic_max_message_bytes
+from streamprov.agents.kafka_io import KAFKA_LOG, kafka_error, topic_max_message_bytes
 from streamprov.agents.lifecycle import ServiceState, beating, close_probes, serve_probes, stall_limit
 from streamprov.changes.detector import ChangeDetector, ChangeDetectorError, DetectorStats
 from streamprov.changes.event import DEFAULT_MAX_OUTPUTS
 from streamprov.ledger.config import checkpoint_verifier
 from streamprov.ledger.errors import LedgerError
 from streamprov.ledger.index import LedgerIndex
-from streamprov.ledger.kafka import KafkaLedgerReader
+from streamprov.ledger.kafka import KafkaLedgerReader, list_topics_within
 from streamprov.ledger.requests import KafkaLedgerClient
 from streamprov.ledger.signing import CheckpointVerifier
 from streamprov.registry import FunctionRegistry
@@ -223,7 +223,10 @@ class ChangeService:
         self.close()
 
     def start(self) -> None:
-        """Serve the probes, check the topics, catch the ledger index up (stop-aware)."""
+        """Serve the probes, wait for the brokers, check the topics, catch the ledger index up.
+        Stop-aware: it returns early once `stop()` is called (nothing is consumed then); the wait for
+        the brokers asks in attempts of at most a second for at most `operation_timeout_s`, then
+        raises `ChangeDetectorError` naming them."""
         state, s = self.state, self.settings
         if state.started:
             return
@@ -232,8 +235,13 @@ class ChangeService:
         state.started = True
         state.beat()
         self._http = serve_probes(state, s.http_host, s.http_port)
-        self._check_topics()
+        topics = self._await_brokers()
+        if topics is None:  # stopped while the brokers did not answer
+            return
+        self._check_topics(topics)
         self._fit_changes_topic()
+        if state.stopping:
+            return
         state.set_not_ready("the ledger index is catching up")
         try:
             applied = self.index.apply(beating(self.reader.read(self.index.next_offset), state.beat))
@@ -255,14 +263,28 @@ class ChangeService:
             s.ledger_topic,
         )
 
-    def _check_topics(self) -> None:
+    def _await_brokers(self) -> dict[str, Any] | None:
+        """Every topic of the cluster once the brokers answer (`list_topics_within`: attempts of at
+        most a second, pausing on the stop flag, for at most `operation_timeout_s`); None when a stop
+        is requested first: against brokers that do not answer, the later steps would each block in
+        librdkafka calls that do not look at it (10 s each, about 30 s in all).
+        `ChangeDetectorError` naming the brokers when none answers."""
         s = self.settings
-        missing, absent = missing_topics(
-            {k: v for k, v in s.kafka.items() if k not in _CONSUMER_ONLY},
-            (s.changes_topic, s.ledger_topic),
-            s.sources,
-            timeout_s=min(10.0, s.operation_timeout_s),
-        )
+        admin = {k: v for k, v in s.kafka.items() if k not in _CONSUMER_ONLY}
+        admin.setdefault("logger", KAFKA_LOG)
+        try:
+            topics: dict[str, Any] | None = list_topics_within(
+                admin, s.operation_timeout_s, pause=self.state.pause
+            )
+        except LedgerError as exc:  # its text names the brokers and what to check
+            raise ChangeDetectorError(f"change detector start-up: {exc}") from exc
+        return topics
+
+    def _check_topics(self, topics: dict[str, Any]) -> None:
+        """`topics`: every topic of the cluster (`_await_brokers`)."""
+        s = self.settings
+        missing = [t for t in (s.changes_topic, s.ledger_topic) if t not in topics]
+        absent = [t for t in s.sources if t not in topics]
         if missing:
             raise ChangeServiceConfigError(
                 f"topic(s) {', '.join(missing)} do not exist: create the changes topic and the ledger "
