@@ -193,6 +193,12 @@ def seek_retrying(consumer: Consumer, topic: str, partition: int, offset: int, t
             time.sleep(0.1)
 
 
+def _with_logger(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Client settings whose librdkafka log lines go to `KAFKA_LOG` (repeats held back), not raw to
+    stderr, unless they name a logger of their own."""
+    return {"logger": KAFKA_LOG, **settings}
+
+
 def list_all_topics(
     client: AdminClient | Producer | Consumer | Mapping[str, Any], timeout_s: float
 ) -> dict[str, Any]:
@@ -203,7 +209,7 @@ def list_all_topics(
     `auto.create.topics.enable`), so asking whether a topic exists must not name it.
     """
     if isinstance(client, Mapping):
-        client = AdminClient(dict(client))
+        client = AdminClient(_with_logger(client))
     topics: dict[str, Any] = client.list_topics(timeout=timeout_s).topics
     return topics
 
@@ -236,7 +242,7 @@ def topic_max_message_bytes(settings: Mapping[str, Any], topic: str, *, timeout_
     """The topic's `max.message.bytes`: the broker refuses a larger record batch, whatever the
     producer allows. None when it cannot be read (no such topic, no DescribeConfigs permission, no
     answer within `timeout_s`): the caller keeps its producer's limit."""
-    admin = AdminClient(dict(settings))
+    admin = AdminClient(_with_logger(settings))
     try:
         future = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)])
         (entries,) = (f.result(timeout=timeout_s) for f in future.values())
