@@ -26,6 +26,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from recompute_manager.executor import Recomputed
+from streamprov.agents.kafka_io import list_all_topics
 from streamprov.agents.processor import FatalProcessorError, FencedError, ProcessorError
 from streamprov.header import now_ms
 from streamprov.signing import Signer, signed_headers
@@ -176,7 +177,8 @@ class PriorityPublisher:
     def partitions(self, topic: str) -> int:
         n = self._partitions.get(topic)
         if n is None:
-            meta = self._producer.list_topics(topic, timeout=self.timeout_s).topics.get(topic)
+            # all topics: a metadata request naming a topic creates it on a broker that auto-creates
+            meta = list_all_topics(self._producer, self.timeout_s).get(topic)
             if meta is None or meta.error is not None or not meta.partitions:
                 raise ProcessorError(f"priority topic {topic!r} does not exist")
             n = self._partitions[topic] = len(meta.partitions)

@@ -708,7 +708,7 @@ class RecomputeManager:
             return None
         try:
             with self.views.lock:
-                batch = ChangeBatch.of(self.views.index, events, supersedes=self.views.outputs.locations)
+                batch = ChangeBatch.of(self.views.index, events, supersedes=self.views.locations)
             self._stats.ledger_plans += 1
         except (StreamprovError, ValueError) as exc:
             log.warning("%d change events not planned together (%s): each is planned alone", len(events), exc)
@@ -806,7 +806,7 @@ class RecomputeManager:
 
     def _plan_alone(self, event: ChangeEvent) -> RecomputePlan:
         with self.views.lock:
-            plan = plan_for_change(self.views.index, event, supersedes=self.views.outputs.locations)
+            plan = plan_for_change(self.views.index, event, supersedes=self.views.locations)
         self._stats.ledger_plans += 1
         return plan
 
@@ -850,7 +850,7 @@ class RecomputeManager:
                     plan = plan_for_changes(
                         self.views.index,
                         [r.event for r in runs],
-                        supersedes=self.views.outputs.locations,
+                        supersedes=self.views.locations,
                         cause=cause,
                     )
                     self._stats.ledger_plans += 1

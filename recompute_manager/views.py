@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -152,6 +152,9 @@ class SupersededIndex:
         self._indexed = -1
         self._admin_client: AdminClient | None = None
         self.corrections = 0
+        self.locations: dict[DataRef, Coordinates] = {}
+        """Each corrected node -> the original record it replaces (its `streamprov.supersedes`): a
+        plan that recomputes a correction again publishes to that record's topic."""
 
     def _open_missing(self) -> None:
         if not self._missing or time.monotonic() - self._checked < self.recheck_s:
@@ -208,6 +211,8 @@ class SupersededIndex:
         if old is None or header is None:
             return 0
         new = DataRef(header.data_id, header.checksum)
+        if where is not None:
+            self.locations[new] = where
         self.cache.put_value(new, value)
         _kind, ts = msg.timestamp()
         if self.cache.record(old, new, header.encode(), ts):
@@ -355,7 +360,15 @@ class Views:
         self.index.catch_up(reader)
         self.outputs.catch_up()
         self.sources.catch_up()
+        self.superseded.catch_up()
         self.summaries.keep(self.index, self.outputs.headers)
+
+    @property
+    def locations(self) -> Mapping[DataRef, Coordinates]:
+        """Where the record each output node stands for sits, for a plan's `supersedes`: an original
+        output's own coordinates, a correction's the original record's it replaces. Without the
+        second, a correction recomputed again had no topic and was published to `.priority`."""
+        return ChainMap(self.outputs.locations, self.superseded.locations)
 
     def for_execution(self, plan_id: str) -> bool:
         """Make the views fit to run a unit of `plan_id` (lock held); True when it caught up.

@@ -32,13 +32,13 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from recompute_manager.executor import Executor, PlanResult
+from recompute_manager.executor import DeadLetter, Executor, PlanResult
 from recompute_manager.ledger_entries import ledger_requests
 from recompute_manager.outputs import where
 from recompute_manager.priority import PlainRecord, PriorityPublisher, PriorityRecord
 from recompute_manager.progress import KIND_PROGRESS, RECORD_HEADER, Progress
 from recompute_manager.units import RecomputeUnit, UnitError
-from recompute_manager.views import Views
+from recompute_manager.views import Staged, Views
 from streamprov.agents.dead_letter import DeadLetterReason, dead_letter_headers, fit, source_of
 from streamprov.agents.kafka_io import RebalanceEvents, is_fenced, kafka_error, seek_retrying
 from streamprov.agents.processor import FatalProcessorError, FencedError
@@ -267,6 +267,7 @@ class UnitWorker:
                 result = self.executor.run_plan(unit.plan(), causes=[msg.headers() or []])
             finally:
                 staged = self.views.cache.staged()
+            staged = _unplaced(result, staged)
             t2 = time.monotonic()
             progress = unit_progress(unit, result)
             records, plain = self._outputs(unit, result, progress)
@@ -344,3 +345,29 @@ class UnitWorker:
             seek_retrying(self._consumer, at.topic, at.partition, at.offset, 5.0)
         except KafkaException as exc:  # no longer ours: its next owner starts from the committed offset
             log.info("worker %s: rewind %s/%d: %s", s.member, at.topic, at.partition, exc)
+
+
+def _unplaced(result: PlanResult, staged: Staged) -> Staged:
+    """Dead-letter the changed results whose task names no output topic (the manager has not indexed
+    the record the output replaces: its topic is not among the configured outputs, or was not read
+    yet): published, they went to a topic named `.priority`. Their corrections are not committed to
+    the cache. Returns the staged corrections that remain."""
+    unplaced = [r for r in result.changed if not r.task.topic]
+    if not unplaced:
+        return staged
+    for r in unplaced:
+        log.error(
+            "task %s: no output topic is known for %s: dead-lettered", r.task.task_id[:12], r.task.data_id
+        )
+        result.recomputed.remove(r)
+        result.dead.append(
+            DeadLetter(
+                r.task,
+                f"no output topic is known for {r.task.data_id!r}: the record it replaces was not read "
+                "from the configured output topics (add its topic to the outputs, then replay this task)",
+                r.attempts,
+                r.trace,
+            )
+        )
+    nodes = {r.node for r in unplaced}
+    return [e for e in staged if e[1] not in nodes]
