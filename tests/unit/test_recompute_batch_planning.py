@@ -47,6 +47,10 @@ class _Views:
     def for_planning(self) -> None:
         pass
 
+    @property
+    def locations(self) -> Any:
+        return self.outputs.locations
+
     def mark_fresh(self, _plan_id: str) -> None:
         pass
 
