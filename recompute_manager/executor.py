@@ -336,9 +336,7 @@ class Executor:
                     value = self.serde.dumps(state.accumulator)
                 else:
                     value, cached = hit, True
-                window = None
-                if step.inputs is not None and step.inputs.window_start is not None:
-                    window = (step.inputs.window_start, step.inputs.window_end or 0)
+                window = _window(step)
                 header = state.header(fn.step(params), task.data_id, value, self.algorithm, window).encode()
                 if self.cache is not None and fn.inverse is not None:  # for a later `_delta`
                     self._keep_summary(state.inputs.root(), node_refs, [h for _, h, _ in ins])
@@ -474,17 +472,15 @@ class Executor:
         changed leaves' paths rehashed; the shared lineage is the prefix of the distinct lineages
         still present. O(changed · log n) hashes: no unchanged input is read.
 
-        None (run whole) when: not a one-step reduce with an inverse, the function is forced, the
-        base's header, summary or value is missing or does not fit, or a changed input's header does
-        not name its node."""
+        Called for a one-step reduce with an inverse (`_has_inverse`). None (run whole) when: the
+        function is forced, the base's header, summary or value is missing or does not fit, or a
+        changed input's header does not name its node."""
         cache = self.cache
         assert cache is not None
-        step = task.steps[0]
-        if step.kind is not StepKind.REDUCE or cache.forced(step):
+        step = task.steps[0]  # a one-step reduce with an inverse: `_quick` checked (`_has_inverse`)
+        if cache.forced(step):
             return None
         fn = self.registry.get(step.function_id, step.function_version)
-        if fn.inverse is None or fn.initial is None or fn.kind is not StepKind.REDUCE:
-            return None
         want = fn.step(step.params)
         base = cache.latest(task.previous_node)
         raw = cache.header(base) or self.headers.get(base)
@@ -513,9 +509,7 @@ class Executor:
             cache.put(step, (), value, key=key)
         else:
             value = hit
-        window = None
-        if step.inputs is not None and step.inputs.window_start is not None:
-            window = (step.inputs.window_start, step.inputs.window_end or 0)
+        window = _window(step)
         digest = (after.count, inputs_root, sources_root)
         try:
             upstream = self._shared_lineage(after)
@@ -563,14 +557,18 @@ class Executor:
             upstream = lineage if upstream is None else common_prefix([upstream, lineage])
         return upstream
 
-    def _reduce_step(self, raw: bytes, want: Step, task: RecomputeTask, count: int) -> Step | None:
-        """The last step of a previous reduce output's header `raw` when it is `want` (id, version,
-        code hash, parameters) over `count` inputs in the task's window; else None: the previous
-        output was not made by this reduce over these inputs, and no recompute may start from it."""
+    def _lineage_of(self, raw: bytes) -> Lineage | None:
+        """The lineage of a previous output's header (None when it does not decode)."""
         try:
-            lineage = self._decode(raw).lineage
+            return self._decode(raw).lineage
         except HeaderError:
             return None
+
+    @staticmethod
+    def _reduce_step(lineage: Lineage, want: Step, task: RecomputeTask, count: int) -> Step | None:
+        """The last step of a previous reduce output's lineage when it is `want` (id, version, code
+        hash, parameters) over `count` inputs in the task's window; else None: the previous output
+        was not made by this reduce over these inputs, and no recompute may start from it."""
         last = lineage[-1] if lineage else None
         window = task.steps[0].inputs
         if (
@@ -591,8 +589,9 @@ class Executor:
         header `raw`, when that header's last step is `want` over `task.input_count` inputs in the
         task's window."""
         assert self.cache is not None
-        last = self._reduce_step(raw, want, task, task.input_count or 0)
-        if last is None or last.inputs is None:
+        lineage = self._lineage_of(raw)
+        last = None if lineage is None else self._reduce_step(lineage, want, task, task.input_count or 0)
+        if lineage is None or last is None or last.inputs is None:
             return None
         found = self.cache.summary(last.inputs.merkle_root)
         if found is None:
@@ -608,9 +607,9 @@ class Executor:
         if summary.count != task.input_count or summary.inputs_tree.root != last.inputs.merkle_root:
             return None  # not the summary of these inputs (a corrupt or misfiled value)
         try:
-            if self._shared_lineage(summary) != self._decode(raw).lineage[:-1]:
+            if self._shared_lineage(summary) != lineage[:-1]:
                 return None  # its lineages are not the ones the base header shares
-        except HeaderError:
+        except HeaderError:  # one of its lineages does not decode
             return None
         return summary
 
@@ -712,9 +711,7 @@ class Executor:
             value = self.serde.dumps(accumulator)
         else:
             value = hit
-        window = None
-        if step.inputs is not None and step.inputs.window_start is not None:
-            window = (step.inputs.window_start, step.inputs.window_end or 0)
+        window = _window(step)
         digest = (len(leaves), root_with(old_tree, replaced), sources_root)
         header_bytes = reduce_header(
             want, task.data_id, value, self.algorithm, window, digest, upstream
@@ -839,7 +836,8 @@ class Executor:
             raw = cache.header(prev)
         if raw is None:
             return _MISSING
-        last = self._reduce_step(raw, want, task, len(task.inputs))
+        lineage = self._lineage_of(raw)
+        last = None if lineage is None else self._reduce_step(lineage, want, task, len(task.inputs))
         if last is None or last.inputs is None:
             return _MISSING
         if inputs_root != last.inputs.merkle_root:
@@ -965,6 +963,13 @@ class Executor:
             for i in task.inputs
             if i.origin is InputOrigin.STORED and i.from_task is not None and self.cache.dead(i.from_task)
         ]
+
+
+def _window(step: Step) -> tuple[int, int] | None:
+    """The (start, end) of a reduce step's window as a task carries it, for its output header."""
+    if step.inputs is None or step.inputs.window_start is None:
+        return None
+    return (step.inputs.window_start, step.inputs.window_end or 0)
 
 
 def values_of(result: PlanResult) -> dict[str, Any]:
