@@ -113,7 +113,7 @@ class RecomputeTask:
     """None: `inputs` is every input. Else the application (a reduce over many inputs) has this many,
     `inputs` holds those the plan changes (with their positions), and the others are what its
     previous output was folded from: a delta, run against the previous output's summary, or expanded
-    from the ledger entry (`recompute_manager.delta`)."""
+    from the ledger entry (`Executor._delta`, `Executor._expand`)."""
 
     @property
     def is_delta(self) -> bool:

@@ -40,7 +40,7 @@ class GraphLookup(Protocol):
 
 
 class EdgeLookup(GraphLookup, Protocol):
-    """What a traversal that records its edges asks besides (`downstream(..., edges=True)`)."""
+    """What a traversal that records its edges asks besides (`downstream_edges`)."""
 
     def consumers_at(self, node: DataRef) -> list[tuple[bytes, tuple[int, ...] | None]]:
         """(entry_id, the node's positions among its inputs, None when not known) of each
