@@ -31,7 +31,10 @@ Guarantees
   dead-lettered as ``record_too_large`` (a map: its input; a reduce: the window's result, cut to fit).
 * Map: at-least-once. faust flushes the producer before it commits an offset, so an output is on
   the broker before its input counts as done; after a crash the input is processed again and the
-  output written twice (same DataID, value and checksums; only the header timestamp differs).
+  output written twice (same DataID, value and checksums; only the header timestamp differs). A
+  worker restarted before it ever committed (a crash in its first commit interval) reads its
+  partitions from their first offset again, so records it processed during the recovery's final
+  seek are processed twice (`faust_rewind`): duplicates, never gaps.
 * Reduce (``state="table"``, the default): every open (key, window) state lives in a faust Table,
   i.e. in a compacted changelog topic, so a restart (or a rebalance that moves the partition)
   resumes the open windows instead of losing them. Each state carries the offset of the last
@@ -58,11 +61,12 @@ faust-streaming notes (0.15.3, aiokafka 0.14, Apache Kafka 4.4)
   changelog is read back, which leaves recovery retrying undecodable records forever.
 * ``faust worker`` sets ``web_enabled`` from its own ``--with-web/--without-web`` flag (default on,
   binding 0.0.0.0:6066) whatever the App says: pass ``--without-web`` (or set ``web_bind``).
-* Seen in tests: now and then a restarted worker logs "Worker ready" after table recovery and then
-  hands no event to any agent (no error; a further restart recovers). aiokafka's
-  ``seek_to_committed`` does not seek partitions that have no committed offset, which is one way
-  records fetched during recovery could be lost to the stream. Watch for workers that are ready but
-  idle (faust's "Stream stopped processing" warning) and restart them.
+* At the end of a recovery faust clears the agents' queues after seeking only the partitions that
+  have a committed offset: records fetched during that seek were lost to a partition without one
+  (a worker restarted before its first commit). `streamprov.agents.faust_rewind.SeekAgain` seeks
+  the agents' source partitions again right before the queues are cleared. Before it, tests saw a
+  restarted worker that was "ready" but handed no event to any agent (its whole backlog had been
+  cleared), or a reduce window short of one input.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ from streamprov.agents.dead_letter import (
     record_size,
     source_of,
 )
+from streamprov.agents.faust_rewind import SeekAgain
 from streamprov.agents.kafka_io import topic_max_message_bytes
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import Checksum, ChecksumAlgorithm, matches
@@ -753,6 +758,8 @@ class ProvenanceAgents:
         self._sink_limits: dict[str, int | None] = {}
         """Each sink topic's `max.message.bytes`, read once (None: could not be read)."""
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
+        self._sources: set[str] = set()
+        SeekAgain(app, lambda: self._sources)
 
     def topic(self, name: str, partitions: int | None = None) -> Any:
         """A raw-bytes faust topic: no (de)serialisation between the wire and the checksum."""
@@ -919,6 +926,7 @@ class ProvenanceAgents:
             self.topic(source, partitions), name=f"streamprov.{kind}.{function_id}"
         )(run)
         self.handlers[function_id] = handler
+        self._sources.add(source)
 
     def _tombstone(self, message: Any, ts: int | None) -> Outgoing:
         """A record without a value: nothing to decode or checksum, so it is dead-lettered as is."""

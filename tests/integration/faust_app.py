@@ -9,9 +9,11 @@ worker behind. The web server is off (``--without-web``: the worker command over
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import faust
@@ -87,6 +89,55 @@ def scale(value: dict[str, Any], factor: int) -> dict[str, Any]:
 )
 def total(acc: int, value: dict[str, Any]) -> int:
     return acc + int(value["v"])
+
+
+def _clear_during_seek(source: str, within_s: float) -> None:
+    """Fault injection: make faust's end-of-recovery race happen every time.
+
+    faust resumes the stream partitions, seeks them to their committed offsets, then clears the
+    agents' queues (`flow_control.resume()`), so records fetched during the seek can be dropped
+    (`streamprov.agents.faust_rewind`). Here the records of `source` that arrive while
+    `seek_to_committed` runs are dropped as that clear drops them, and the seek waits (at most
+    `within_s`) until one has been: the worker's log says how many.
+    """
+    dropping = False
+    dropped: list[int] = []
+
+    @app.on_partitions_assigned.connect
+    async def wrap(sender: Any, *_: Any, **__: Any) -> None:
+        nonlocal dropping
+        consumer = app.consumer
+        if getattr(consumer, "_clear_during_seek", False):
+            return
+        consumer._clear_during_seek = True
+        deliver = consumer.callback  # the fetcher reads it when it starts, after the assignment
+        seek = consumer.seek_to_committed
+
+        async def callback(message: Any) -> Any:
+            if dropping and message.topic == source:
+                dropped.append(message.offset)
+                return None
+            return await deliver(message)
+
+        async def seek_to_committed() -> Any:
+            nonlocal dropping
+            dropping = True
+            try:
+                committed = await seek()
+                deadline = time.monotonic() + within_s
+                while not dropped and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            finally:
+                dropping = False
+            print(f"fault injection: dropped {len(dropped)} record(s) of {source} {dropped}", flush=True)
+            return committed
+
+        consumer.callback = callback
+        consumer.seek_to_committed = seek_to_committed
+
+
+if ENV.get("STREAMPROV_FAUST_CLEAR_DURING_SEEK"):
+    _clear_during_seek(ENV["STREAMPROV_FAUST_SOURCE"], float(ENV["STREAMPROV_FAUST_CLEAR_DURING_SEEK"]))
 
 
 if __name__ == "__main__":
