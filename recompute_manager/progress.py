@@ -6,6 +6,8 @@ compaction keeps one of each that matters (never a unit's record under its plan'
 * `progress`, key = plan id: the plan's state as the planner (or `approve`) left it: `planned`,
   `approved`, or the policy's refusal (`needs_approval`, `over_budget`, ...), or `done` for a plan
   with nothing to run; tasks in the plan, units in the plan. JSON (`Progress`, `unit` = -1).
+* `progress`, key = `<plan id>/duplicate`: the same cause refused as a repeat (`duplicate`), under a
+  key of its own: it has the plan id of the plan it repeats, whose record it must not replace.
 * `progress`, key = `<plan id>/<unit>`: one unit done (or `failed`: some task dead-lettered), with
   its counts. Written in the unit's own transaction, so a unit counts once however often it ran.
 * `pending-unit`, key = `<plan id>/pending/<unit>`: a unit of a plan waiting for approval, in the
@@ -26,6 +28,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from recompute_manager.policy import Action
 from recompute_manager.units import RecomputeUnit, UnitError
 from streamprov.errors import StreamprovError
 
@@ -46,6 +49,9 @@ log = logging.getLogger(__name__)
 
 RECORD_HEADER = "streamprov.recompute.record"
 KIND_PROGRESS = b"progress"
+DUPLICATE = Action.DUPLICATE.value
+"""The plan state of a cause the policy refused as a repeat. A cause repeated exactly has the plan id
+of the plan it repeats; its record must not replace that plan's."""
 KIND_PENDING = b"pending-unit"
 
 RUNNING_STATES = ("planned", "approved")
@@ -98,7 +104,11 @@ class Progress:
 
     @property
     def key(self) -> bytes:
-        return self.plan_id.encode("ascii") if self.unit < 0 else unit_key(self.plan_id, self.unit)
+        if self.unit >= 0:
+            return unit_key(self.plan_id, self.unit)
+        if self.state == DUPLICATE:  # a repeat of the plan's cause: compaction must keep the plan's own
+            return f"{self.plan_id}/duplicate".encode("ascii")
+        return self.plan_id.encode("ascii")
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:
@@ -169,6 +179,8 @@ class PlanStatus:
         for p in records:
             status = plans.setdefault(p.plan_id, cls())
             if p.unit < 0:
+                if p.state == DUPLICATE and status.plan is not None:
+                    continue  # the same cause again: the plan it repeats keeps its state
                 status.plan = p
             else:
                 status.units[p.unit] = p

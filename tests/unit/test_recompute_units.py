@@ -231,3 +231,15 @@ def test_instance_ids_are_what_kafka_accepts() -> None:
     assert instance_id("pod-7.a", "worker-0") == "pod-7.a.worker-0"
     assert instance_id("host/with spaces:1", "planner") == "host_with_spaces_1.planner"
     assert len(instance_id("x" * 300)) == 249
+
+
+def test_a_repeated_cause_does_not_replace_the_state_of_the_plan_it_repeats() -> None:
+    """A cause repeated exactly gets the plan id of the plan it repeats; its `duplicate` record was
+    published under that plan's key, so `recompute status` (and compaction) lost the plan's state:
+    a plan waiting for approval could no longer be approved."""
+    waiting = Progress("p1", "alert", "id-1", "needs_approval", "too many", 9, 0, 0, 0, 0, 0, 1)
+    repeat = Progress("p1", "alert", "id-1", "duplicate", "recomputed 2s ago", 9, 0, 0, 0, 0, 0, 2)
+    assert repeat.key == b"p1/duplicate" and waiting.key == b"p1"
+    for records in ([waiting, repeat], [repeat, waiting]):  # two keys: two partitions, either order
+        assert PlanStatus.of(records)["p1"].state == "needs_approval"
+    assert PlanStatus.of([repeat])["p1"].state == "duplicate"  # the plan's own record is gone
