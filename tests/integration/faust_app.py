@@ -94,24 +94,25 @@ def total(acc: int, value: dict[str, Any]) -> int:
 def _clear_during_seek(source: str, within_s: float) -> None:
     """Fault injection: make faust's end-of-recovery race happen every time.
 
-    faust resumes the stream partitions, seeks them to their committed offsets, then clears the
+    faust resumes the stream partitions, seeks them (`Consumer.perform_seek`), then clears the
     agents' queues (`flow_control.resume()`), so records fetched during the seek can be dropped
-    (`streamprov.agents.faust_rewind`). Here the records of `source` that arrive while
-    `seek_to_committed` runs are dropped as that clear drops them, and the seek waits (at most
-    `within_s`) until one has been: the worker's log says how many.
+    (`streamprov.agents.faust_rewind`). Here the records of `source` delivered while `perform_seek`
+    runs are dropped, as that clear drops them, and faust's own seek waits (at most `within_s`) until
+    one has been; `SeekAgain`'s seeks, after faust's and without a pause, are not delayed. The
+    worker's log says how many were dropped.
     """
     dropping = False
     dropped: list[int] = []
 
     @app.on_partitions_assigned.connect
     async def wrap(sender: Any, *_: Any, **__: Any) -> None:
-        nonlocal dropping
         consumer = app.consumer
         if getattr(consumer, "_clear_during_seek", False):
             return
         consumer._clear_during_seek = True
         deliver = consumer.callback  # the fetcher reads it when it starts, after the assignment
-        seek = consumer.seek_to_committed
+        perform_seek = consumer.perform_seek
+        seek_to_committed = consumer.seek_to_committed  # faust's: wrapped before SeekAgain wraps it
 
         async def callback(message: Any) -> Any:
             if dropping and message.topic == source:
@@ -119,21 +120,25 @@ def _clear_during_seek(source: str, within_s: float) -> None:
                 return None
             return await deliver(message)
 
-        async def seek_to_committed() -> Any:
+        async def seeking() -> None:
             nonlocal dropping
             dropping = True
             try:
-                committed = await seek()
-                deadline = time.monotonic() + within_s
-                while not dropped and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)
+                await perform_seek()
             finally:
                 dropping = False
             print(f"fault injection: dropped {len(dropped)} record(s) of {source} {dropped}", flush=True)
+
+        async def slow_seek_to_committed() -> Any:
+            committed = await seek_to_committed()
+            deadline = time.monotonic() + within_s
+            while not dropped and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             return committed
 
         consumer.callback = callback
-        consumer.seek_to_committed = seek_to_committed
+        consumer.perform_seek = seeking
+        consumer.seek_to_committed = slow_seek_to_committed
 
 
 if ENV.get("STREAMPROV_FAUST_CLEAR_DURING_SEEK"):
