@@ -64,20 +64,32 @@ DEFAULT_MAX_ENTRY_BYTES = 900_000  # under Kafka's default 1 MiB message limit, 
 _IDLE_POLL_S = 0.1
 
 
+def text_bytes(text: str) -> int:
+    """`text`'s UTF-8 length; an ASCII string (`isascii` is a flag check) is not encoded to count it."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def approx_size(app: Application) -> int:
-    """An upper-bound estimate of an application's encoded size, cheap enough for the data path."""
-    refs = sum(len(r.data_id) * 4 + len(r.checksum.value) + 24 for r in (*app.inputs, app.output))
-    params = sum(len(k) * 4 + len(v) * 4 + 16 for k, v in app.parameters)
+    """An upper bound of an application's encoded entry size, cheap enough for the data path: text in
+    UTF-8 bytes, plus room for every length prefix and the entry's fixed fields."""
+    refs = sum(text_bytes(r.data_id) + len(r.checksum.value) + 24 for r in (*app.inputs, app.output))
+    params = sum(text_bytes(k) + text_bytes(v) + 16 for k, v in app.parameters)
     ctx = app.context
-    text = (
-        app.function_id
-        + app.function_version
-        + app.device_id
-        + ctx.source
-        + ctx.location
-        + (app.task_id or "")
+    texts = (
+        app.function_id,
+        app.function_version,
+        app.device_id,
+        ctx.source,
+        ctx.location,
+        app.task_id or "",
     )
-    return 256 + refs + params + len(text) * 4 + sum(len(r) * 4 + 8 for r in ctx.access_rights)
+    return (
+        256
+        + refs
+        + params
+        + sum(text_bytes(t) + 8 for t in texts)
+        + sum(text_bytes(r) + 8 for r in ctx.access_rights)
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -114,7 +126,7 @@ def approx_map_row_size(static: int, row: MapRow, limit: int) -> int:
     if bound <= limit:
         return bound
     _, inputs, output, *_ = expand(row)
-    return static + sum(len(r[0].encode("utf-8")) + len(r[2]) + 24 for r in (*inputs, output))
+    return static + sum(text_bytes(r[0]) + len(r[2]) + 24 for r in (*inputs, output))
 
 
 Pending = LedgerRecord | tuple[bytes, bytes]
@@ -369,13 +381,20 @@ class LedgerWriter:
             raise LedgerWriteFailedError(f"the ledger writer failed: {self._failure!r}") from self._failure
         budget = self.max_entry_bytes - 1024
         for row in rows:
-            if row[0] not in self._templates:
+            template = self._templates.get(row[0])
+            if template is None:
                 raise LedgerWriterError(f"no template {row[0]} registered with this writer")
-            if len(row) != 6:  # a MapRow: one input, both nodes from headers of bounded size
+            if len(row) != 6:  # a MapRow: bounded by its headers' lengths unless they are long
+                size = approx_map_row_size(template_size(template), row, budget)
+                if size > budget:
+                    raise EntryTooLargeError(
+                        f"map application needs about {size} bytes, above max_entry_bytes="
+                        f"{self.max_entry_bytes} (its DataID or headers are too long)"
+                    )
                 continue
             inputs = row[1]
             if len(inputs) > 1 or len(row[2][0]) > 4096:
-                size = sum(len(r[0]) * 4 + len(r[2]) + 24 for r in (*inputs, row[2]))
+                size = sum(text_bytes(r[0]) + len(r[2]) + 24 for r in (*inputs, row[2]))
                 if size > budget:
                     raise EntryTooLargeError(
                         f"application with {len(inputs)} inputs needs about {size} bytes of data nodes, "
