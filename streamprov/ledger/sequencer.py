@@ -25,9 +25,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from streamprov.agents.dead_letter import dead_letter_headers, fit, source_of
+from streamprov.agents.dead_letter import RECORD_FRAMING_BYTES, dead_letter_headers, fit, source_of
 from streamprov.agents.health import HttpEndpoints
-from streamprov.agents.kafka_io import RebalanceEvents, kafka_error
+from streamprov.agents.kafka_io import RebalanceEvents, kafka_error, topic_max_message_bytes
 from streamprov.agents.lifecycle import ServiceState, close_probes, serve_probes, stall_limit
 from streamprov.ledger.chain import DEFAULT_CHECKPOINT_EVERY, DEFAULT_DEDUP_WINDOW, LedgerChain
 from streamprov.ledger.codec import encode_record, record_key
@@ -120,6 +120,9 @@ class LedgerSequencer:
         self.poll_timeout_s = poll_timeout_s
         self.timeout_s = timeout_s
         self.stats = SequencerStats()
+        self.max_entry_bytes = DEFAULT_MAX_ENTRY_BYTES
+        """The largest entry sealed; a larger application is dead-lettered as `entry_too_large`.
+        `check_topics` lowers it to the ledger topic's `max.message.bytes` less framing."""
         self.state = ServiceState(stall_limit(timeout_s))
         self.http_host = http_host
         self.http_port = http_port
@@ -192,7 +195,23 @@ class LedgerSequencer:
             why="a ledger sequencer needs exactly one (one order in, one chain out)",
         )
         topic_metadata(topics, self.dead_letter_topic, what="dead-letter topic")
+        self._fit_ledger_topic()
         return True
+
+    def _fit_ledger_topic(self) -> None:
+        """The broker refuses a record over the ledger topic's `max.message.bytes`: an entry over it
+        would fail its transaction on every retry and restart, so such an application is
+        dead-lettered instead, as one over `DEFAULT_MAX_ENTRY_BYTES` is. Unreadable: the default."""
+        limit = topic_max_message_bytes(self.config, self.ledger_topic, timeout_s=self.timeout_s)
+        if limit is not None and limit - RECORD_FRAMING_BYTES < self.max_entry_bytes:
+            self.max_entry_bytes = limit - RECORD_FRAMING_BYTES
+            log.info(
+                "ledger topic %s takes records of at most %d bytes (max.message.bytes): larger entries "
+                "are dead-lettered as %s",
+                self.ledger_topic,
+                limit,
+                ENTRY_TOO_LARGE,
+            )
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, *, idle_timeout_s: float | None = None, max_requests: int | None = None) -> SequencerStats:
@@ -394,7 +413,7 @@ class LedgerSequencer:
                 problem = f"request for ledger {request.ledger_id!r}; this sequencer seals {self.ledger_id!r}"
                 extra.append(self._dead_letter(msg, WRONG_LEDGER, problem))
                 continue
-            too_large = _too_large(request, DEFAULT_MAX_ENTRY_BYTES)
+            too_large = _too_large(request, self.max_entry_bytes)
             if too_large is not None:  # checked before any of it is sealed: a request is all or nothing
                 extra.append(self._dead_letter(msg, ENTRY_TOO_LARGE, too_large))
                 continue

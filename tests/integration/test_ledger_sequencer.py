@@ -9,6 +9,7 @@ a sequencer killed with SIGKILL mid-stream and restarted leaves each application
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -29,7 +30,13 @@ from ledger_pipeline import produce_sources, run_step, value
 from ledger_support import LEDGER, SEED, chain_apps, map_app, node, pipeline, signer, verifier
 from test_validator import http_get, wait_until
 
-from streamprov.agents.dead_letter import CUT_HEADER, MAX_DEAD_LETTER_BYTES, REASON_HEADER, SOURCE_HEADER
+from streamprov.agents.dead_letter import (
+    CUT_HEADER,
+    ERROR_HEADER,
+    MAX_DEAD_LETTER_BYTES,
+    REASON_HEADER,
+    SOURCE_HEADER,
+)
 from streamprov.header import ProvenanceHeader
 from streamprov.ledger import DataRef, LedgerEntry, entry_id_of, verify_ledger
 from streamprov.ledger import kafka as ledger_kafka
@@ -365,3 +372,41 @@ def test_a_map_row_too_large_for_a_ledger_record_is_dead_lettered_and_the_rest_i
     assert entries[2].application.output.data_id == "Y" * 150_000
     (dead,) = consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=20.0)
     assert dict(dead.headers() or [])[REASON_HEADER] == b"entry_too_large"
+
+
+def test_an_entry_over_the_ledger_topics_max_message_bytes_is_dead_lettered(
+    kafka_bootstrap: str, new_topic: Any
+) -> None:
+    """The ledger topic takes records of at most 50,000 bytes, far under the 900 kB the sequencer
+    allowed an entry: a map row with an 80 kB DataID that does not compress (a ~160 kB entry) was
+    sealed and the broker refused the transaction's record. It reads the topic's limit when it
+    starts; the bound is on the entry before compression, as the producer's own is."""
+    ledger = new_topic(1, {**LEDGER_TOPIC_CONFIG, "max.message.bytes": "50000"}, prefix="ledger")
+    requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
+    template = AppTemplate(ApplicationKind.MAP, "f", "1", b"0123456789abcdef", (), "pod", Context("s", "l"))
+
+    def row(data_id: str) -> MapRow:
+        return (0, None, (0, b"1234"), ProvenanceHeader.for_source(data_id, b"v", timestamp_ms=1).encode())
+
+    before, after = chain_apps(2, prefix="a"), chain_apps(2, prefix="b")
+    produce(
+        kafka_bootstrap,
+        requests,
+        [
+            encode_request(LEDGER, before),
+            encode_request(LEDGER, [], [(template, [row(base64.b64encode(os.urandom(60_000)).decode())])]),
+            encode_request(LEDGER, [], [(template, [row("Y" * 10_000)])]),  # a ~20 kB entry fits
+            encode_request(LEDGER, after),
+        ],
+    )
+    with _sequencer(kafka_bootstrap, requests, ledger, dlq) as seq:
+        stats = seq.run(idle_timeout_s=3.0)
+    assert (stats.dead_letters, stats.entries, stats.recoveries) == (1, 5, 0), stats
+    assert seq.max_entry_bytes == 50_000 - 1024
+    entries = _entries(kafka_bootstrap, ledger)
+    assert [e.entry_id for e in entries[:2] + entries[3:]] == [entry_id_of(a) for a in before + after]
+    assert entries[2].application.output.data_id == "Y" * 10_000
+    (dead,) = consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=20.0)
+    headers = dict(dead.headers() or [])
+    assert headers[REASON_HEADER] == b"entry_too_large"
+    assert b"above max_entry_bytes=48976" in headers[ERROR_HEADER]
