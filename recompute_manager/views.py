@@ -207,12 +207,13 @@ class SupersededIndex:
         except HeaderError:
             return 0
         where = _coordinates(at if isinstance(at, bytes) else str(at).encode())
-        old = None if where is None or header is None else self._original(where)
-        if old is None or header is None:
+        if where is None or header is None:
+            return 0
+        old = self._original(where)
+        if old is None:
             return 0
         new = DataRef(header.data_id, header.checksum)
-        if where is not None:
-            self.locations[new] = where
+        self.locations[new] = where
         self.cache.put_value(new, value)
         _kind, ts = msg.timestamp()
         if self.cache.record(old, new, header.encode(), ts):
