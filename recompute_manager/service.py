@@ -407,6 +407,10 @@ class RecomputeManager:
         """Return from `run()` after the current batch and units; safe from signal handlers."""
         self._stop.set()
 
+    def _beat(self) -> None:
+        """The planning loop is turning (also from inside a long step, e.g. a ledger catch-up)."""
+        self._heartbeat = time.monotonic()
+
     def alive(self) -> tuple[bool, str]:
         now = time.monotonic()
         idle = now - self._heartbeat
@@ -533,7 +537,7 @@ class RecomputeManager:
         start = self._stats.causes
         try:
             while not self._stop.is_set():
-                self._heartbeat = time.monotonic()
+                self._beat()
                 failed = next((w for w in self.workers if w.error is not None), None)
                 if failed is not None:
                     raise ManagerError(f"worker {failed.settings.member} stopped: {failed.error}")
@@ -579,7 +583,7 @@ class RecomputeManager:
             if not msgs:
                 return
         with self.views.lock:
-            self.views.for_planning()
+            self.views.for_planning(beat=self._beat)
             checked = self.views.outputs.take_checked()
         self._report_checked(checked)
         plain: list[PlainRecord] = []

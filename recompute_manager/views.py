@@ -51,6 +51,8 @@ __all__ = ["CommittedCache", "DeadTaskIndex", "StateError", "SupersededIndex", "
 log = logging.getLogger(__name__)
 
 Staged = list[tuple[DataRef, DataRef, bytes]]
+CATCH_UP_LOG_EVERY_S = 10.0
+"""A ledger catch-up longer than this logs its progress this often."""
 MAX_FRESH_PLANS = 10_000
 """Plans whose units run without another catch-up (see `Views.for_execution`), most recent kept."""
 
@@ -355,10 +357,28 @@ class Views:
             self.cache.close()
             raise
 
-    def for_planning(self) -> None:
-        """Ledger, output coordinates and sources up to now (call with the lock held)."""
+    def for_planning(self, beat: Callable[[], None] | None = None) -> None:
+        """Ledger, output coordinates and sources up to now (call with the lock held).
+
+        `beat()` after each batch of the ledger catch-up: indexing a large ledger (the first start,
+        or a long pause) takes minutes on the planner's thread, whose liveness probe would otherwise
+        report it dead after 120 s. A catch-up that long logs its progress."""
         reader = KafkaLedgerReader(self.kafka, self.ledger_topic, idle_timeout_s=self.ledger_idle_s)
-        self.index.catch_up(reader)
+        started = last_log = time.monotonic()
+
+        def progress(applied: int) -> None:
+            nonlocal last_log
+            if beat is not None:
+                beat()
+            if time.monotonic() - last_log >= CATCH_UP_LOG_EVERY_S:
+                last_log = time.monotonic()
+                log.info(
+                    "ledger index: %d records indexed in %.0f s, catching up", applied, last_log - started
+                )
+
+        applied = self.index.catch_up(reader, on_progress=progress)
+        if time.monotonic() - started >= CATCH_UP_LOG_EVERY_S:
+            log.info("ledger index: caught up, %d records in %.0f s", applied, time.monotonic() - started)
         self.outputs.catch_up()
         self.sources.catch_up()
         self.superseded.catch_up()

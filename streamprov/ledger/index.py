@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -232,27 +232,39 @@ class LedgerIndex:
         *,
         batch_size: int = DEFAULT_BATCH,
         compact_after: int | None = COMPACT_AFTER,
+        on_progress: Callable[[int], None] | None = None,
     ) -> int:
         """Index what `source` holds beyond the resume position; returns records applied.
 
         After a bulk catch-up (at least `compact_after` records) the database is compacted: freshly
         written data sits in many overlapping files that every lookup must consult, and a query's
-        cost should depend on its answer, not on how the index was loaded.
+        cost should depend on its answer, not on how the index was loaded. `on_progress` as `apply`'s,
+        and once more after the compaction.
         """
-        applied = self.apply(source.read(self._next_offset), batch_size=batch_size)
+        applied = self.apply(source.read(self._next_offset), batch_size=batch_size, on_progress=on_progress)
         if compact_after is not None and applied >= compact_after:
             self.compact()
+            if on_progress is not None:
+                on_progress(applied)
         return applied
 
     def compact(self) -> None:
         """Compact the whole database (seconds per million entries); queries get one sorted run."""
         self._db.compact_range(None, None)
 
-    def apply(self, records: Iterable[StoredRecord], *, batch_size: int = DEFAULT_BATCH) -> int:
+    def apply(
+        self,
+        records: Iterable[StoredRecord],
+        *,
+        batch_size: int = DEFAULT_BATCH,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
         """Index `records` (in storage order) in atomic batches; returns how many were applied.
 
         Raises `ChainError` at the first record that does not continue the chain; everything before
-        it stays indexed, so fixing the source and calling again resumes there.
+        it stays indexed, so fixing the source and calling again resumes there. `on_progress(n)`
+        after each batch (n applied so far): a service indexing a large ledger on its loop's thread
+        beats its liveness there.
         """
         applied = 0
         pending = 0
@@ -276,6 +288,8 @@ class LedgerIndex:
                     in_batch.clear()
                     applied += pending
                     pending = 0
+                    if on_progress is not None:
+                        on_progress(applied)
         except ChainError:  # raised before touching the batch: what is in it is consistent
             self._commit()
             raise

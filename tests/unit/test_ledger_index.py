@@ -185,6 +185,16 @@ def test_resumes_where_it_stopped(tmp_path: Path) -> None:
             )
 
 
+def test_a_catch_up_reports_its_progress_after_each_batch_and_the_compaction(tmp_path: Path) -> None:
+    """A service indexing a large ledger on its loop's thread beats its liveness from here."""
+    total = len(list(STORE.read()))
+    seen: list[int] = []
+    with LedgerIndex(tmp_path / "idx", LEDGER) as idx:
+        assert idx.catch_up(STORE, batch_size=7, compact_after=1, on_progress=seen.append) == total
+    assert total % 7 != 0  # the last batch is a partial one: reported only after the compaction
+    assert seen == [*range(7, total, 7), total]
+
+
 def test_applying_records_again_changes_nothing(index: LedgerIndex) -> None:
     before = (index.size, index.root_hash, index.next_offset)
     assert index.apply(STORE.read()) == 0  # offsets already applied: skipped

@@ -44,7 +44,7 @@ class _Views:
     def __init__(self, index: LedgerIndex) -> None:
         self.index, self.lock, self.outputs = index, threading.RLock(), _Outputs()
 
-    def for_planning(self) -> None:
+    def for_planning(self, beat: Callable[[], None] | None = None) -> None:
         pass
 
     @property
@@ -441,3 +441,24 @@ def test_the_manager_stays_alive_while_a_cause_is_held_by_the_rate_limit(
     assert not thread.is_alive()
     assert m._stats.decisions == {"planned": 1} and m._stats.deferred == 1
     assert ("changes", 0) in m._held  # B still held when stopped: never committed
+
+
+def test_a_long_ledger_catch_up_keeps_the_planner_alive(index: LedgerIndex) -> None:
+    """The planner indexes the ledger up to now before each batch: on a first start or after a long
+    pause that takes minutes, and /healthz said the planning loop had not turned for 120 s (a
+    Kubernetes liveness probe restarts the pod, which starts the catch-up again). The views beat the
+    loop's liveness after each indexed batch."""
+    m = _manager(index, RecomputeSettings())
+    m._heartbeat, m.workers, m._closed = time.monotonic(), [], False
+    probes: list[bool] = []
+
+    def slow_catch_up(beat: Callable[[], None] | None = None) -> None:
+        m._heartbeat -= 300  # five minutes of indexing
+        probes.append(m.alive()[0])
+        assert beat is not None
+        beat()  # after an indexed batch
+        probes.append(m.alive()[0])
+
+    m.views.for_planning = slow_catch_up
+    m._batch([Msg(A.encode(), t="changes", o=0)])
+    assert probes == [False, True]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ class _Views:
     def __init__(self, index: LedgerIndex, checked: dict[str, dict[int, int]]) -> None:
         self.index, self.lock, self.outputs = index, threading.RLock(), _Outputs(checked)
 
-    def for_planning(self) -> None:
+    def for_planning(self, beat: Callable[[], None] | None = None) -> None:
         pass
 
     def mark_fresh(self, _plan_id: str) -> None:
