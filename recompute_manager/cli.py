@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from streamprov.errors import StreamprovError
+from streamprov.stop_requests import StopRequests, start_up_by_building
 from validator.cli import EXIT_CONFIG, EXIT_FAILED, check_log_level, configure_logging
-
-if TYPE_CHECKING:
-    from recompute_manager.service import RecomputeManager
 
 log = logging.getLogger(__name__)
 
@@ -55,115 +48,6 @@ def _recompute_group() -> None:
 def _fail(code: int, message: str) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=code)
-
-
-STOP_GRACE_S = 3.0
-"""How long a stop request during start-up waits for the manager's construction to return, so that
-what it built is closed (it takes about 1 s against a broker that answers), before the command exits
-without it (a second signal: at once)."""
-
-
-class _StopRequests:
-    """SIGTERM/SIGINT for `run`, installed before the manager is built. A signal sets `event`, which
-    is also the manager's stop event (`RecomputeManager(stop=)`): its start-up looks at it between
-    steps and raises `ManagerStoppedError`, and `_start` stops waiting for the construction at once;
-    once `manager` is set, a signal stops it after its current batch."""
-
-    def __init__(self) -> None:
-        self.manager: RecomputeManager | None = None
-        self.signal_name = ""
-        self.count = 0
-        self.event = threading.Event()
-
-    @property
-    def requested(self) -> bool:
-        return self.event.is_set()
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
-
-    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        self.count += 1
-        manager = self.manager
-        if manager is not None:
-            log.info("%s: stopping after the current batch", name)
-            manager.stop()
-        elif self.count == 1:
-            log.info("%s: stopping during start-up", name)
-        else:
-            log.info("%s again: not waiting for the start-up", name)
-        self.signal_name = self.signal_name or name
-        self.event.set()
-
-    def wait(self, done: threading.Event, seconds: float | None) -> None:
-        """Until `done`, `seconds` (None: no limit) or a stop request (with `seconds`: a second one).
-        Polls, so that the signal handlers run in this thread while the other one waits on Kafka."""
-        deadline = None if seconds is None else time.monotonic() + seconds
-        count = self.count
-        while not done.wait(0.05):
-            if deadline is None and self.requested:
-                return
-            if deadline is not None and (time.monotonic() >= deadline or self.count > count):
-                return
-
-
-class _Construction:
-    """The manager built in another thread: a step of its start-up can block in a librdkafka call that
-    does not look at the stop event (a producer's init_transactions: up to 30 s, e.g. while the
-    transaction coordinator is not available), where the main thread would not run a signal handler
-    until it returned."""
-
-    def __init__(self, build: Callable[[], RecomputeManager]) -> None:
-        self.done = threading.Event()
-        self.manager: RecomputeManager | None = None
-        self.error: BaseException | None = None
-        self._build = build
-        self._lock = threading.Lock()
-        self._abandoned = False
-        threading.Thread(target=self._run, name="recompute-manager-start", daemon=True).start()
-
-    def _run(self) -> None:
-        manager: RecomputeManager | None = None
-        error: BaseException | None = None
-        try:
-            manager = self._build()
-        except BaseException as exc:  # handed to the main thread
-            error = exc
-        with self._lock:
-            if not self._abandoned:
-                self.manager, self.error = manager, error
-                self.done.set()
-                return
-        if manager is not None:  # the command has gone on without it: nobody else closes it
-            manager.close()
-        if error is not None:
-            log.debug("start-up after the stop request: %s", error)
-
-    def abandon(self) -> RecomputeManager | None:
-        """Give up on the construction; what it built if it has returned (the caller closes it)."""
-        with self._lock:
-            self._abandoned = True
-            return self.manager
-
-
-def _start(build: Callable[[], RecomputeManager], stops: _StopRequests) -> RecomputeManager | None:
-    """`build()` unless a stop is requested first: None then (after waiting `STOP_GRACE_S`, or until a
-    second signal, for the construction to return; what it built is closed)."""
-    if stops.requested:
-        return None
-    construction = _Construction(build)
-    stops.wait(construction.done, None)
-    if stops.requested:
-        stops.wait(construction.done, STOP_GRACE_S)
-        built = construction.abandon()
-        if built is not None:
-            built.close()
-        return None
-    if construction.error is not None:
-        raise construction.error
-    return construction.manager
 
 
 @recompute_manager_app.command("run")
@@ -203,7 +87,7 @@ def run(
     from streamprov.telemetry.setup import TelemetryError  # noqa: PLC0415
     from validator.rederive import FunctionsLoadError, load_registry  # noqa: PLC0415
 
-    stops = _StopRequests()
+    stops = StopRequests(log)  # its event is the manager's stop event (stop=): the start-up watches it
     stops.install()  # before anything slow: a stop request during start-up is honoured too
     try:
         loaded = load_config(config)
@@ -220,18 +104,14 @@ def run(
         registry = load_registry(functions)
         brokers = settings.kafka.get("bootstrap.servers")
         log.info("recompute manager starting: brokers %s", brokers)
-        manager = _start(lambda: RecomputeManager(settings, registry, stop=stops.event), stops)
+        manager = start_up_by_building(lambda: RecomputeManager(settings, registry, stop=stops.event), stops)
     except ManagerStoppedError:  # the start-up saw the stop request (stops.event) itself
         manager = None
     except (ConfigError, TelemetryError, FunctionsLoadError) as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
     except StreamprovError as exc:
         raise _fail(EXIT_FAILED, str(exc)) from None
-    stops.manager = manager  # from now on a signal stops it after the current batch
-    if manager is not None and stops.requested:  # the signal came as the construction returned
-        manager.close()
-        manager = None
-    if manager is None:
+    if manager is None:  # a stop request during start-up; from now on a signal stops it after a batch
         log.info("stopped: %s during start-up, before the manager ran", stops.signal_name)
         return
     try:

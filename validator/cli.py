@@ -2,9 +2,7 @@
 
 Exit codes: 0 stopped cleanly (SIGTERM/SIGINT: the current batch is finished and committed; during
 start-up they end it before it runs), 1 the service failed, 2 bad configuration, 3 a fatal Kafka
-error (restart the process).
-
-`StopRequests` and `start_up` are shared with `streamprov changes run`.
+error (restart the process). Stop requests: `streamprov.stop_requests`.
 """
 
 from __future__ import annotations
@@ -13,18 +11,15 @@ import dataclasses
 import gc
 import json
 import logging
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from streamprov.errors import StreamprovError
+from streamprov.stop_requests import StopRequests, start_up
 
 if TYPE_CHECKING:
     from streamprov.config.models import StreamprovConfig
@@ -139,141 +134,6 @@ def _fail(code: int, message: str) -> typer.Exit:
     return typer.Exit(code=code)
 
 
-STOP_GRACE_S = 3.0
-"""How long a stop request during start-up waits for the service's start-up to return, so that what
-it opened is closed (about a second against brokers that do not answer: the start-up looks at the
-stop flag between its attempts), before the command exits without it (a second signal: at once)."""
-
-
-class Startable(Protocol):
-    """A service as `start_up` drives it (the Validator, the change detector service)."""
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class StopRequests:
-    """SIGTERM/SIGINT of a service command, installed before anything slow (loading the config and
-    the functions, building and starting the service), so that a stop request during start-up is
-    honoured too: a signal sets `event` and calls the stop of the service once `start_up` knows it;
-    once `running` (the start-up is done), a signal stops it after its current batch. `logger`: the
-    command's (default: this module's)."""
-
-    def __init__(self, logger: logging.Logger | None = None) -> None:
-        self.log = logger or log
-        self.event = threading.Event()
-        self.signal_name = ""
-        self.count = 0
-        self.running = False
-        self._stop: Callable[[], None] | None = None  # the service's, once it is built
-
-    @property
-    def requested(self) -> bool:
-        return self.event.is_set()
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
-
-    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        self.count += 1
-        if self.running:
-            self.log.info("%s: stopping after the current batch", name)
-        elif self.count == 1:
-            self.log.info("%s: stopping during start-up", name)
-        else:
-            self.log.info("%s again: not waiting for the start-up", name)
-        self.signal_name = self.signal_name or name
-        self.event.set()
-        stop = self._stop
-        if stop is not None:
-            stop()
-
-    def watch(self, service: Startable) -> None:
-        """From now on a signal also calls `service.stop()` (at once when one came before)."""
-        self._stop = service.stop
-        if self.requested:
-            service.stop()
-
-    def wait(self, done: threading.Event, seconds: float | None) -> None:
-        """Until `done`, `seconds` (None: no limit) or a stop request (with `seconds`: a second one).
-        Polls, so that the signal handlers run in this thread while another one waits on Kafka."""
-        deadline = None if seconds is None else time.monotonic() + seconds
-        count = self.count
-        while not done.wait(0.05):
-            if deadline is None and self.requested:
-                return
-            if deadline is not None and (time.monotonic() >= deadline or self.count > count):
-                return
-
-
-class _Starting:
-    """`service.start()` in another thread: a step of a start-up can block in a librdkafka call that
-    does not look at the stop flag (a metadata or offsets request: up to 30 s once the brokers have
-    answered and then stopped answering), where the main thread would not run a signal handler until
-    it returned."""
-
-    def __init__(self, service: Startable) -> None:
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        self._service = service
-        self._lock = threading.Lock()
-        self._abandoned = False
-        threading.Thread(target=self._run, name="service-start", daemon=True).start()
-
-    def _run(self) -> None:
-        error: BaseException | None = None
-        try:
-            self._service.start()
-        except BaseException as exc:  # handed to the main thread
-            error = exc
-        with self._lock:
-            if not self._abandoned:
-                self.error = error
-                self.done.set()
-                return
-        try:  # the command has gone on without it: nobody else closes the service
-            self._service.close()
-        except Exception as exc:  # the process is on its way out
-            log.debug("closing after the stop request: %s", exc)
-        if error is not None:
-            log.debug("start-up after the stop request: %s", error)
-
-    def abandon(self) -> bool:
-        """Give up on the start-up; True when it has returned (the caller closes the service)."""
-        with self._lock:
-            self._abandoned = True
-            return self.done.is_set()
-
-
-def start_up(service: Startable, stops: StopRequests) -> bool:
-    """Start `service` unless a stop is requested first; True when it started: the caller runs it
-    (`stops.running` is set) and closes it. False on a stop request: the service is closed, after
-    waiting up to `STOP_GRACE_S` (a second signal: not at all) for its start-up to return (past that,
-    the start-up's thread closes it when it returns). What `start()` raised is raised here, the
-    service closed."""
-    stops.watch(service)
-    if stops.requested:
-        service.close()
-        return False
-    starting = _Starting(service)
-    stops.wait(starting.done, None)
-    if stops.requested:
-        stops.wait(starting.done, STOP_GRACE_S)
-        if starting.abandon():
-            service.close()
-        return False
-    if starting.error is not None:
-        service.close()
-        raise starting.error
-    stops.running = True
-    return True
-
-
 @validator_app.command("run")
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="streamprov.yaml", exists=False)],
@@ -297,7 +157,7 @@ def run(
 ) -> None:
     """Run the Validator until SIGTERM/SIGINT."""
     configure_logging(log_level, json_logs)
-    stops = StopRequests()
+    stops = StopRequests(log)
     stops.install()  # before anything slow: a stop request during start-up is honoured too
     from streamprov.agents.serde import JsonSerde, RawSerde, Serde  # noqa: PLC0415 - keep --help fast
     from streamprov.config import ConfigError, load_config  # noqa: PLC0415

@@ -3,7 +3,7 @@
 Exit codes as the Validator's: 0 stopped cleanly (SIGTERM/SIGINT: the current batch is finished and
 committed; during start-up they end it before it runs), 1 the service failed, 2 bad configuration, 3
 a fatal Kafka error (restart the process). The signals are handled as the Validator's
-(`validator.cli.StopRequests`, `start_up`).
+(`streamprov.stop_requests`).
 
 Settings come from `changes:` in `streamprov.yaml`; command-line options override them.
 """
@@ -18,7 +18,8 @@ from typing import Annotated
 import typer
 
 from streamprov.errors import StreamprovError
-from validator.cli import StopRequests, check_log_level, start_up
+from streamprov.stop_requests import StopRequests, start_up
+from validator.cli import check_log_level
 
 log = logging.getLogger(__name__)
 

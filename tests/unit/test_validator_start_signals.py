@@ -2,37 +2,28 @@
 (127.0.0.1:1): SIGTERM and SIGINT end it within seconds as a stop request (exit 0) with a line saying
 so; before, the start-up's librdkafka calls (10 s, then 5 s attempts for 30 s) did not look at the
 stop flag and the command failed about 40 s later (exit 1). The Validator's start-up itself waits for
-the brokers stop-aware and bounded. And the shared `validator.cli.start_up` without a broker: a
-start-up that does not look at the stop flag does not hold the command."""
+the brokers stop-aware and bounded. And the shared `streamprov.stop_requests.start_up` without a
+broker: a start-up that does not look at the stop flag does not hold the command."""
 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from signal_support import STOP_SIGNALS, assert_stops_during_start_up, free_port, start_command
 
-from validator import cli
+from streamprov import stop_requests
 from validator.errors import ValidatorError
 from validator.service import Validator
 from validator.settings import ServiceSettings
 
-STREAMPROV = Path(sys.executable).parent / "streamprov"
 PROMPT_S = 8.0
 """About a second to see the stop, the exit, and room for a loaded machine (before the fix: exit 1
 about 40 s after the signal)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -40,52 +31,21 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
     config.write_text(
         'kafka:\n  bootstrap_servers: "127.0.0.1:1"\n'
         "sources: [src]\ntopics:\n  out: {}\n"
-        f"validator:\n  state_dir: {tmp_path / 'state'}\n  http_port: {_free_port()}\n"
+        f"validator:\n  state_dir: {tmp_path / 'state'}\n  http_port: {free_port()}\n"
         "telemetry:\n  metrics:\n    prometheus: false\n"
     )
-    cmd = [str(STREAMPROV), "validator", "run", "--config", str(config), "--host", "127.0.0.1"]
+    args = ["validator", "run", "--config", str(config), "--host", "127.0.0.1"]
     log_path = tmp_path / "validator.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 8  # imports and settings take ~1 s
-    while "validator starting" not in log_path.read_text():  # its handlers are installed
-        assert proc.poll() is None, log_path.read_text()[-2000:]
-        if time.monotonic() >= deadline:
-            break  # no such line before the fix: signalled all the same, and it fails below
-        time.sleep(0.1)
-    time.sleep(0.5)  # inside the start-up (waiting for the brokers)
-    return proc, log_path
+    return start_command(args, log_path, "validator starting"), log_path  # waiting for the brokers
 
 
-@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT], [signal.SIGINT, signal.SIGTERM]])
+@STOP_SIGNALS
 def test_a_stop_request_during_start_up_exits_promptly_and_cleanly(
     tmp_path: Path, signals: list[signal.Signals]
 ) -> None:
     proc, log_path = _start(tmp_path)
-    try:
-        assert proc.poll() is None, log_path.read_text()[-2000:]
-        sent = time.monotonic()
-        for sig in signals:
-            proc.send_signal(sig)
-            time.sleep(0.1)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running 15 s after {signals}: {log_path.read_text()[-2000:]}")
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    out = log_path.read_text()
-    assert proc.returncode == 0, out[-2000:]
-    assert took < PROMPT_S, f"exited {took:.1f} s after the signal: {out[-2000:]}"
-    first = signals[0].name
-    assert f"{first}: stopping during start-up" in out, out
-    assert f"stopped: {first} during start-up, before the validator ran" in out, out
-    if len(signals) > 1:
-        assert f"{signals[1].name} again: not waiting for the start-up" in out, out
-    assert "Traceback" not in out and "error:" not in out, out
+    out = assert_stops_during_start_up(proc, log_path, signals, "the validator", PROMPT_S)
+    assert "error:" not in out, out
 
 
 # -- the Validator's start-up, no broker -------------------------------------------------------------
@@ -150,20 +110,20 @@ class _Service:
         self.closed.set()
 
 
-def _signal_soon(stops: cli.StopRequests, after_s: float, signum: int = signal.SIGTERM) -> None:
+def _signal_soon(stops: stop_requests.StopRequests, after_s: float, signum: int = signal.SIGTERM) -> None:
     threading.Timer(after_s, stops.on_signal, args=(signum, None)).start()
 
 
 def test_a_start_up_that_does_not_look_at_the_stop_request_is_left_behind_and_closed_later(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cli, "STOP_GRACE_S", 0.3)
+    monkeypatch.setattr(stop_requests, "STOP_GRACE_S", 0.3)
     release = threading.Event()
     service = _Service(release=release)
-    stops = cli.StopRequests()
+    stops = stop_requests.StopRequests()
     _signal_soon(stops, 0.1)
     started = time.monotonic()
-    assert cli.start_up(service, stops) is False
+    assert stop_requests.start_up(service, stops) is False
     assert time.monotonic() - started < 2.0
     assert service.stopped.is_set() and not service.closed.is_set()  # still starting: not closed under it
     release.set()
@@ -172,15 +132,15 @@ def test_a_start_up_that_does_not_look_at_the_stop_request_is_left_behind_and_cl
 
 
 def test_a_second_signal_does_not_wait_for_the_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "STOP_GRACE_S", 30.0)
+    monkeypatch.setattr(stop_requests, "STOP_GRACE_S", 30.0)
     release = threading.Event()
     service = _Service(release=release)
-    stops = cli.StopRequests()
+    stops = stop_requests.StopRequests()
     _signal_soon(stops, 0.1, signal.SIGINT)
     _signal_soon(stops, 0.4)
     started = time.monotonic()
     try:
-        assert cli.start_up(service, stops) is False
+        assert stop_requests.start_up(service, stops) is False
         assert time.monotonic() - started < 3.0
         assert stops.signal_name == "SIGINT" and stops.count == 2
     finally:
@@ -191,31 +151,31 @@ def test_a_second_signal_does_not_wait_for_the_start_up(monkeypatch: pytest.Monk
 def test_a_start_up_that_returns_within_the_grace_is_closed_and_not_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cli, "STOP_GRACE_S", 5.0)
+    monkeypatch.setattr(stop_requests, "STOP_GRACE_S", 5.0)
     release = threading.Event()
     service = _Service(release=release)
-    stops = cli.StopRequests()
+    stops = stop_requests.StopRequests()
     _signal_soon(stops, 0.1)
     threading.Timer(0.5, release.set).start()
-    assert cli.start_up(service, stops) is False
+    assert stop_requests.start_up(service, stops) is False
     assert service.closed.is_set() and not stops.running
 
 
 def test_without_a_stop_the_start_up_s_result_or_error_is_the_command_s() -> None:
     service = _Service()
-    stops = cli.StopRequests()
-    assert cli.start_up(service, stops) is True
+    stops = stop_requests.StopRequests()
+    assert stop_requests.start_up(service, stops) is True
     assert stops.running and not service.closed.is_set()  # the caller runs and closes it
     stops.on_signal(signal.SIGTERM, None)  # now a stop after the current batch
     assert service.stopped.is_set()
 
     failing = _Service(error=ValidatorError("brokers gone"))
     with pytest.raises(ValidatorError, match="brokers gone"):
-        cli.start_up(failing, cli.StopRequests())
+        stop_requests.start_up(failing, stop_requests.StopRequests())
     assert failing.closed.is_set()
 
-    stopped = cli.StopRequests()
+    stopped = stop_requests.StopRequests()
     stopped.on_signal(signal.SIGINT, None)
     never = _Service()
-    assert cli.start_up(never, stopped) is False
+    assert stop_requests.start_up(never, stopped) is False
     assert not never.started.is_set() and never.stopped.is_set() and never.closed.is_set()
