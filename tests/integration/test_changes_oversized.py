@@ -3,12 +3,14 @@ them (found by probing: a legal 300 kB key blocked the service for good, `batch 
 of @ with 0 inputs needs about 1200292 bytes, above max_entry_bytes=900000)` on every try and after
 every restart, and the real change behind it was never reported).
 
-Here, with `record_sources` on (the default) and a changes topic that takes records of at most
-700,000 bytes: a 240 kB key without a provenance header and a 400 kB DataID from a provenance header
-get no `SOURCE` ledger entry (logged, counted `unrecorded`); the change of the 240 kB key is still
-reported (without a ledger entry id), the change of the 400 kB DataID cannot be a change event on
+Here, with `record_sources` on (the default), a source topic and clients that take records of up to
+4 MB and a changes topic that takes at most 2.5 MB: a 950 kB key without a provenance header and a
+1.3 MB DataID from a provenance header get no `SOURCE` ledger entry (over the ledger client's
+900,000-byte `max_entry_bytes`; logged, counted `unrecorded`); the change of the 950 kB key is still
+reported (without a ledger entry id), the change of the 1.3 MB DataID cannot be a change event on
 that topic (logged, counted `unreported`); the real change to `id-001` between them is reported; no
-batch fails, every record is counted once, and the offsets are committed."""
+batch fails, every record is counted once, and the offsets are committed. (Before the ledger counted
+text in UTF-8 bytes rather than 4 bytes a character, 240 kB and 400 kB were enough.)"""
 
 from __future__ import annotations
 
@@ -32,16 +34,17 @@ from streamprov.producer import ProvenanceProducer
 
 pytestmark = pytest.mark.kafka
 
-BIG_KEY = "K" * 240_000  # a SOURCE entry over max_entry_bytes; its change event (~480 kB) fits
-BIG_ID = "H" * 400_000  # from the header: no SOURCE entry, and its change event (~800 kB) cannot fit
+BIG_KEY = "K" * 950_000  # a SOURCE entry over max_entry_bytes; its change event (~1.9 MB) fits
+BIG_ID = "H" * 1_300_000  # from the header: no SOURCE entry, and its change event (~2.6 MB) cannot fit
+LARGE = '"message.max.bytes": 4000000'
 
 
 def test_source_records_too_large_for_a_ledger_entry_or_an_event_do_not_block_the_service(
     kafka_bootstrap: str, new_topic: Any, unique_group: Any, tmp_path: Path
 ) -> None:
     n = 3
-    src = new_topic(2, COMPACTED, prefix="src")
-    changes = new_topic(2, {"max.message.bytes": "700000"}, prefix="changes")
+    src = new_topic(2, {**COMPACTED, "max.message.bytes": "4000000"}, prefix="src")
+    changes = new_topic(2, {"max.message.bytes": "2500000"}, prefix="changes")
     ledger_topic = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
     requests = new_topic(1, prefix="ledger-requests")
     sources = produce_sources(kafka_bootstrap, src, ((f"id-{i:03d}", value(i)) for i in range(n)))
@@ -56,6 +59,7 @@ def test_source_records_too_large_for_a_ledger_entry_or_an_event_do_not_block_th
         changes=changes,
         ledger=ledger_topic,
         requests=requests,
+        client=LARGE,
     )
     log_path = tmp_path / "changes.log"
     group = unique_group()
@@ -68,7 +72,7 @@ def test_source_records_too_large_for_a_ledger_entry_or_an_event_do_not_block_th
         wait_until(lambda: "watching" in log() or proc.poll() is not None, 60, "the service to start")
         assert proc.poll() is None, log()[-3000:]
         wait_until(lambda: f'"first_seen": {n}' in log(), 60, "the first sightings in a progress line")
-        producer = ProvenanceProducer({"bootstrap.servers": kafka_bootstrap})
+        producer = ProvenanceProducer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 4_000_000})
         producer.producer.produce(src, b"big-key-1", BIG_KEY.encode())  # no provenance header
         producer.produce(src, b"big-id-1", "hdr-big", data_id=BIG_ID)
         producer.produce(src, value(1001), "id-001")  # a real change behind them
@@ -100,7 +104,7 @@ def test_source_records_too_large_for_a_ledger_entry_or_an_event_do_not_block_th
     assert all(e.kind is ChangeKind.SOURCE_CHANGED for e in events.values())
     # each set-aside record named in the log (its DataID cut short) with the reason
     assert text.count("no SOURCE ledger entry, it is too large for a ledger record") == 4
-    assert "(400000 characters) (source record " in text and "not reported" in text
+    assert "(1300000 characters) (source record " in text and "not reported" in text
     assert BIG_KEY not in text and BIG_ID not in text
     (stopped,) = [line for line in text.splitlines() if "stopped: " in line]
     for counter in ('"records": 8', '"first_seen": 5', '"changed": 3', '"events": 2'):

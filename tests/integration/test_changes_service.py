@@ -33,12 +33,16 @@ COMPACTED = {"cleanup.policy": "compact"}
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def write_config(path: Path, bootstrap: str, *, src: str, changes: str, ledger: str, requests: str) -> Path:
+def write_config(
+    path: Path, bootstrap: str, *, src: str, changes: str, ledger: str, requests: str, client: str = ""
+) -> Path:
+    """`client`: more librdkafka settings, as `"name": value` pairs separated by commas."""
+    extra = f", {client}" if client else ""
     path.write_text(
         f"""
 kafka:
   bootstrap_servers: "{bootstrap}"
-  client: {{"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}}
+  client: {{"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000{extra}}}
 streams: {{changes: {changes}, ledger: {ledger}, ledger_requests: {requests}}}
 sources: [{src}]
 """

@@ -25,7 +25,8 @@ from streamprov.ledger.model import ApplicationKind, DataRef
 from streamprov.stamp import SourceStamper
 
 SRC = "src"
-BIG_KEY = "K" * 300_000  # legal in Kafka; its SOURCE entry is over the ledger's max_entry_bytes
+MAX_ENTRY_BYTES = 200_000  # as a ledger topic taking smaller records would need
+BIG_KEY = "K" * 300_000  # legal in Kafka; its SOURCE entry is over the writer's max_entry_bytes
 BIG_ID = "H" * 300_000
 
 
@@ -65,7 +66,7 @@ def msg(offset: int, key: str | None, value: bytes, data_id: str | None = None) 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[ChangeDetector, FakeProducer, MemoryLedgerStore]]:
     store = MemoryLedgerStore()
-    writer = LedgerWriter(store, LEDGER, None)
+    writer = LedgerWriter(store, LEDGER, None, max_entry_bytes=MAX_ENTRY_BYTES)
     writer.start()
     writer.append(map_app("enrich", node("id-1", "v1"), node("id-1", "v1!")))
     writer.flush()
