@@ -40,6 +40,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]  # not in its __all__
 
+from streamprov.agents.dead_letter import RECORD_FRAMING_BYTES
 from streamprov.errors import StreamprovError
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,68 @@ def topic_max_message_bytes(settings: Mapping[str, Any], topic: str, *, timeout_
     return None
 
 
+def record_limit_below(
+    settings: Mapping[str, Any], topic: str, current: int, *, timeout_s: float
+) -> int | None:
+    """The largest record `topic` takes (its `max.message.bytes` less `RECORD_FRAMING_BYTES`) when
+    that is below `current`, a writer's own limit; else None (not lower, or not readable). A record
+    over it is refused by the broker on every retry: a writer lowers its limit to it at start."""
+    limit = topic_max_message_bytes(settings, topic, timeout_s=timeout_s)
+    if limit is None or limit - RECORD_FRAMING_BYTES >= current:
+        return None
+    return limit - RECORD_FRAMING_BYTES
+
+
 _NO_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
+
+
+def read_range(
+    settings: Mapping[str, Any],
+    topic: str,
+    partition: int,
+    start: int,
+    end: int,
+    *,
+    isolation_level: str = "read_uncommitted",
+    timeout_s: float = 30.0,
+) -> list[Message]:
+    """The records of `topic`/`partition` at offsets `start` to `end` - 1 that exist (transaction
+    markers and compacted records do not), read by a consumer of its own that joins no group and
+    commits nothing. Raises `StreamprovError` when they cannot be read within `timeout_s`."""
+    consumer = Consumer(
+        _with_logger(
+            {
+                **settings,
+                "group.id": "streamprov-read-back",  # assign() only: never joins, never commits
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",  # retention moved the log start past `start`
+                "isolation.level": isolation_level,
+            }
+        )
+    )
+    records: list[Message] = []
+    try:
+        consumer.assign([TopicPartition(topic, partition, start)])
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            msg = consumer.poll(min(0.5, left))
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    return records
+                raise StreamprovError(f"reading {topic}/{partition} from offset {start}: {err.str()}")
+            if (msg.offset() or 0) >= end:
+                return records
+            records.append(msg)
+        raise StreamprovError(
+            f"offsets {start} to {end - 1} of {topic}/{partition} were not read within {timeout_s:g} s "
+            f"({len(records)} read)"
+        )
+    finally:
+        consumer.close()
 
 
 class TopicMissingError(StreamprovError):

@@ -65,8 +65,8 @@ from streamprov.agents.kafka_io import (
     is_fenced,
     kafka_error,
     produce_blocking,
+    record_limit_below,
     seek_retrying,
-    topic_max_message_bytes,
 )
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import ChecksumAlgorithm, matches
@@ -838,16 +838,19 @@ class Processor:
         the producer's: the broker refuses a larger record, the batch is retried until the processor
         gives up, and on every restart again (found by probing); checked once, at start."""
         transform = self.transform
-        limit = topic_max_message_bytes(
-            self._admin_config, transform.output_topic, timeout_s=self.operation_timeout_s
+        lower = record_limit_below(
+            self._admin_config,
+            transform.output_topic,
+            transform.max_output_bytes,
+            timeout_s=self.operation_timeout_s,
         )
-        if limit is not None and limit - RECORD_FRAMING_BYTES < transform.max_output_bytes:
-            transform.max_output_bytes = limit - RECORD_FRAMING_BYTES
+        if lower is not None:
+            transform.max_output_bytes = lower
             log.info(
-                "output topic %s takes records of at most %d bytes (max.message.bytes): larger outputs "
-                "are dead-lettered as record_too_large",
+                "output topic %s takes records of at most %d bytes less framing (max.message.bytes): "
+                "larger outputs are dead-lettered as record_too_large",
                 transform.output_topic,
-                limit,
+                lower,
             )
 
     def run(

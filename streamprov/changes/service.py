@@ -41,9 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 
-from streamprov.agents.dead_letter import RECORD_FRAMING_BYTES
 from streamprov.agents.health import HttpEndpoints
-from streamprov.agents.kafka_io import KAFKA_LOG, kafka_error, topic_max_message_bytes
+from streamprov.agents.kafka_io import KAFKA_LOG, kafka_error, record_limit_below
 from streamprov.agents.lifecycle import ServiceState, beating, close_probes, serve_probes, stall_limit
 from streamprov.changes.detector import ChangeDetector, ChangeDetectorError, DetectorStats
 from streamprov.changes.event import DEFAULT_MAX_OUTPUTS
@@ -298,18 +297,19 @@ class ChangeService:
         is below the producer's: the broker would refuse a larger event every time its batch is tried
         (checked once, at start)."""
         s, detector = self.settings, self.detector
-        limit = topic_max_message_bytes(
+        lower = record_limit_below(
             {k: v for k, v in s.kafka.items() if k not in _CONSUMER_ONLY},
             s.changes_topic,
+            detector.max_event_bytes,
             timeout_s=min(10.0, s.operation_timeout_s),
         )
-        if limit is not None and limit - RECORD_FRAMING_BYTES < detector.max_event_bytes:
-            detector.max_event_bytes = limit - RECORD_FRAMING_BYTES
+        if lower is not None:
+            detector.max_event_bytes = lower
             log.info(
-                "changes topic %s takes records of at most %d bytes (max.message.bytes): larger change "
-                "events carry fewer impact outputs",
+                "changes topic %s takes records of at most %d bytes less framing (max.message.bytes): "
+                "larger change events carry fewer impact outputs",
                 s.changes_topic,
-                limit,
+                lower,
             )
 
     # -- the loop --------------------------------------------------------------------------------------

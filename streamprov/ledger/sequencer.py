@@ -25,9 +25,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from streamprov.agents.dead_letter import RECORD_FRAMING_BYTES, dead_letter_headers, fit, source_of
+from streamprov.agents.dead_letter import dead_letter_headers, fit, source_of
 from streamprov.agents.health import HttpEndpoints
-from streamprov.agents.kafka_io import RebalanceEvents, kafka_error, topic_max_message_bytes
+from streamprov.agents.kafka_io import RebalanceEvents, kafka_error, record_limit_below
 from streamprov.agents.lifecycle import ServiceState, close_probes, serve_probes, stall_limit
 from streamprov.ledger.chain import DEFAULT_CHECKPOINT_EVERY, DEFAULT_DEDUP_WINDOW, LedgerChain
 from streamprov.ledger.codec import encode_record, record_key
@@ -202,14 +202,16 @@ class LedgerSequencer:
         """The broker refuses a record over the ledger topic's `max.message.bytes`: an entry over it
         would fail its transaction on every retry and restart, so such an application is
         dead-lettered instead, as one over `DEFAULT_MAX_ENTRY_BYTES` is. Unreadable: the default."""
-        limit = topic_max_message_bytes(self.config, self.ledger_topic, timeout_s=self.timeout_s)
-        if limit is not None and limit - RECORD_FRAMING_BYTES < self.max_entry_bytes:
-            self.max_entry_bytes = limit - RECORD_FRAMING_BYTES
+        lower = record_limit_below(
+            self.config, self.ledger_topic, self.max_entry_bytes, timeout_s=self.timeout_s
+        )
+        if lower is not None:
+            self.max_entry_bytes = lower
             log.info(
-                "ledger topic %s takes records of at most %d bytes (max.message.bytes): larger entries "
-                "are dead-lettered as %s",
+                "ledger topic %s takes records of at most %d bytes less framing (max.message.bytes): "
+                "larger entries are dead-lettered as %s",
                 self.ledger_topic,
-                limit,
+                lower,
                 ENTRY_TOO_LARGE,
             )
 

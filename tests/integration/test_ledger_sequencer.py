@@ -346,6 +346,13 @@ def test_a_map_row_too_large_for_a_ledger_record_is_dead_lettered_and_the_rest_i
     sealed nothing). Now it is dead-lettered as entry_too_large; a 150 kB DataID (a ~300 kB entry)
     is sealed."""
     ledger = new_topic(1, LEDGER_TOPIC_CONFIG, prefix="ledger")
+    dead = _seal_two_map_rows(kafka_bootstrap, new_topic, ledger, "X" * 600_000, "Y" * 150_000)
+    assert dict(dead.headers() or [])[REASON_HEADER] == b"entry_too_large"
+
+
+def _seal_two_map_rows(kafka_bootstrap: str, new_topic: Any, ledger: str, too_large: str, fits: str) -> Any:
+    """Two chains around a map row whose DataID is `too_large` and one whose DataID `fits`: the
+    sequencer seals all but the first row, whose request it dead-letters (returned)."""
     requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
     template = AppTemplate(ApplicationKind.MAP, "f", "1", b"0123456789abcdef", (), "pod", Context("s", "l"))
 
@@ -358,8 +365,8 @@ def test_a_map_row_too_large_for_a_ledger_record_is_dead_lettered_and_the_rest_i
         requests,
         [
             encode_request(LEDGER, before),
-            encode_request(LEDGER, [], [(template, [row("X" * 600_000)])]),
-            encode_request(LEDGER, [], [(template, [row("Y" * 150_000)])]),
+            encode_request(LEDGER, [], [(template, [row(too_large)])]),
+            encode_request(LEDGER, [], [(template, [row(fits)])]),
             encode_request(LEDGER, after),
         ],
         config={"message.max.bytes": 2_000_000},
@@ -369,9 +376,9 @@ def test_a_map_row_too_large_for_a_ledger_record_is_dead_lettered_and_the_rest_i
     assert (stats.dead_letters, stats.entries, stats.recoveries) == (1, 5, 0), stats
     entries = _entries(kafka_bootstrap, ledger)
     assert [e.entry_id for e in entries[:2] + entries[3:]] == [entry_id_of(a) for a in before + after]
-    assert entries[2].application.output.data_id == "Y" * 150_000
+    assert entries[2].application.output.data_id == fits
     (dead,) = consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=20.0)
-    assert dict(dead.headers() or [])[REASON_HEADER] == b"entry_too_large"
+    return dead
 
 
 def test_an_entry_over_the_ledger_topics_max_message_bytes_is_dead_lettered(
@@ -382,31 +389,8 @@ def test_an_entry_over_the_ledger_topics_max_message_bytes_is_dead_lettered(
     sealed and the broker refused the transaction's record. It reads the topic's limit when it
     starts; the bound is on the entry before compression, as the producer's own is."""
     ledger = new_topic(1, {**LEDGER_TOPIC_CONFIG, "max.message.bytes": "50000"}, prefix="ledger")
-    requests, dlq = new_topic(1, prefix="ledger-req"), new_topic(1, prefix="dlq")
-    template = AppTemplate(ApplicationKind.MAP, "f", "1", b"0123456789abcdef", (), "pod", Context("s", "l"))
-
-    def row(data_id: str) -> MapRow:
-        return (0, None, (0, b"1234"), ProvenanceHeader.for_source(data_id, b"v", timestamp_ms=1).encode())
-
-    before, after = chain_apps(2, prefix="a"), chain_apps(2, prefix="b")
-    produce(
-        kafka_bootstrap,
-        requests,
-        [
-            encode_request(LEDGER, before),
-            encode_request(LEDGER, [], [(template, [row(base64.b64encode(os.urandom(60_000)).decode())])]),
-            encode_request(LEDGER, [], [(template, [row("Y" * 10_000)])]),  # a ~20 kB entry fits
-            encode_request(LEDGER, after),
-        ],
-    )
-    with _sequencer(kafka_bootstrap, requests, ledger, dlq) as seq:
-        stats = seq.run(idle_timeout_s=3.0)
-    assert (stats.dead_letters, stats.entries, stats.recoveries) == (1, 5, 0), stats
-    assert seq.max_entry_bytes == 50_000 - 1024
-    entries = _entries(kafka_bootstrap, ledger)
-    assert [e.entry_id for e in entries[:2] + entries[3:]] == [entry_id_of(a) for a in before + after]
-    assert entries[2].application.output.data_id == "Y" * 10_000
-    (dead,) = consume_all(kafka_bootstrap, dlq, expected=1, timeout_s=20.0)
+    incompressible = base64.b64encode(os.urandom(60_000)).decode()  # a ~160 kB entry, even with lz4
+    dead = _seal_two_map_rows(kafka_bootstrap, new_topic, ledger, incompressible, "Y" * 10_000)  # ~20 kB
     headers = dict(dead.headers() or [])
     assert headers[REASON_HEADER] == b"entry_too_large"
     assert b"above max_entry_bytes=48976" in headers[ERROR_HEADER]
