@@ -34,7 +34,7 @@ Guarantees
   output written twice (same DataID, value and checksums; only the header timestamp differs). A
   worker restarted before it ever committed (a crash in its first commit interval) reads its
   partitions from their first offset again, so records it processed during the recovery's final
-  seek are processed twice (`faust_rewind`): duplicates, never gaps.
+  seek are processed twice (`faust_delivery`): duplicates, never gaps.
 * Reduce (``state="table"``, the default): every open (key, window) state lives in a faust Table,
   i.e. in a compacted changelog topic, so a restart (or a rebalance that moves the partition)
   resumes the open windows instead of losing them. Each state carries the offset of the last
@@ -63,10 +63,13 @@ faust-streaming notes (0.15.3, aiokafka 0.14, Apache Kafka 4.4)
   binding 0.0.0.0:6066) whatever the App says: pass ``--without-web`` (or set ``web_bind``).
 * At the end of a recovery faust clears the agents' queues after seeking only the partitions that
   have a committed offset: records fetched during that seek were lost to a partition without one
-  (a worker restarted before its first commit). `streamprov.agents.faust_rewind.SeekAgain` seeks
+  (a worker restarted before its first commit). `streamprov.agents.faust_delivery.SeekAgain` seeks
   the agents' source partitions again right before the queues are cleared. Before it, tests saw a
   restarted worker that was "ready" but handed no event to any agent (its whole backlog had been
-  cleared), or a reduce window short of one input.
+  cleared), or a reduce window short of one input. A batch still being delivered when the queues
+  are cleared lost records even so (faust-streaming issue 596, open): `DeliveryWatch` sees the gap
+  in what an agent is handed after the seek, logs it ("were not delivered") and the agent reads those
+  offsets back from Kafka itself, then processes them in order (`delivery.gaps`, `delivery.read_back`).
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
+
+from confluent_kafka import KafkaException, Message
 
 from streamprov.agents.dead_letter import (
     DEFAULT_MAX_OUTPUT_BYTES,
@@ -88,8 +93,8 @@ from streamprov.agents.dead_letter import (
     record_size,
     source_of,
 )
-from streamprov.agents.faust_rewind import SeekAgain
-from streamprov.agents.kafka_io import topic_max_message_bytes
+from streamprov.agents.faust_delivery import DeliveryWatch, SeekAgain
+from streamprov.agents.kafka_io import read_range, topic_max_message_bytes
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import Checksum, ChecksumAlgorithm, matches
 from streamprov.errors import ProcessingError, SerdeError, StreamprovError
@@ -111,6 +116,7 @@ from streamprov.reduce import LateRecordError, ReduceOutput, WindowedReducer
 from streamprov.registry import FunctionRegistry, RegisteredFunction
 from streamprov.stamp import (
     ChecksumMismatchError,
+    Headers,
     InputRecord,
     MapStamper,
     ReduceState,
@@ -127,6 +133,8 @@ PRODUCER_LIMIT = "the producer's producer_max_request_size"
 """Where a handler's `max_output_bytes` comes from unless its sink topic takes less."""
 SINK_CONFIG_TIMEOUT_S = 10.0
 """How long an agent waits at start for its sink topic's `max.message.bytes`."""
+READ_BACK_TIMEOUT_S = 30.0
+"""How long an agent reads back the records faust did not hand it (`ProvenanceAgents._missed`)."""
 
 
 def too_large(what: str, size: int, limit: int, limit_of: str) -> str:
@@ -680,6 +688,22 @@ class ReduceHandler:
         result.closed.clear()
 
 
+def read_back_record(msg: Message) -> tuple[InputRecord, int | None]:
+    """A record read back with confluent-kafka (`ProvenanceAgents._missed`) as the stampers see it,
+    with its timestamp (None when it has none)."""
+    headers = cast(Headers, list(msg.headers() or []))
+    record = InputRecord(
+        cast(bytes, msg.value()),
+        headers,
+        msg.key(),
+        msg.topic() or "",
+        msg.partition() or 0,
+        msg.offset() or 0,
+    )
+    _kind, ts = msg.timestamp()
+    return record, (ts if ts >= 0 else None)
+
+
 # -- faust wiring ----------------------------------------------------------------------------------
 def _faust_timestamp(ms: int | None) -> float | None:
     """faust takes seconds and sends int(seconds * 1000): half a millisecond keeps that exact."""
@@ -758,8 +782,9 @@ class ProvenanceAgents:
         self._sink_limits: dict[str, int | None] = {}
         """Each sink topic's `max.message.bytes`, read once (None: could not be read)."""
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
-        self._sources: set[str] = set()
-        SeekAgain(app, lambda: self._sources)
+        self.delivery = DeliveryWatch()
+        """Records faust did not deliver to an agent (`DeliveryWatch.gaps`)."""
+        SeekAgain(app, self.delivery)
 
     def topic(self, name: str, partitions: int | None = None) -> Any:
         """A raw-bytes faust topic: no (de)serialisation between the wire and the checksum."""
@@ -803,6 +828,9 @@ class ProvenanceAgents:
 
             async def one(event: Any) -> None:
                 message = event.message
+                for record, record_ts in await self._missed(function_id, message):
+                    missed = self._tombstone(record, record_ts) if record.value is None else None
+                    await self.send(missed or handler.handle(record, record_ts))
                 ts = _event_ms(message.timestamp)
                 if message.value is None:
                     out = self._tombstone(message, ts)
@@ -882,13 +910,15 @@ class ProvenanceAgents:
                 async for event in stream.events():
                     message = event.message
                     ts = _event_ms(message.timestamp)
-                    if message.value is None:
-                        await self.send(self._tombstone(message, ts))
-                        continue
-                    result = handler.handle(input_record(message), ts)
-                    await self.deliver(result)
-                    await self._flush_ledger(handler.recorder)  # entries before the state goes
-                    handler.release(result)
+                    records = [*await self._missed(function_id, message), (input_record(message), ts)]
+                    for record, record_ts in records:
+                        if record.value is None:
+                            await self.send(self._tombstone(record, record_ts))
+                            continue
+                        result = handler.handle(record, record_ts)
+                        await self.deliver(result)
+                        await self._flush_ledger(handler.recorder)  # entries before the state goes
+                        handler.release(result)
 
             self._agent(function_id, "reduce", source, run, handler, partitions)
             return registered
@@ -926,13 +956,15 @@ class ProvenanceAgents:
             self.topic(source, partitions), name=f"streamprov.{kind}.{function_id}"
         )(run)
         self.handlers[function_id] = handler
-        self._sources.add(source)
+        self.delivery.agent(function_id, source)
 
     def _tombstone(self, message: Any, ts: int | None) -> Outgoing:
-        """A record without a value: nothing to decode or checksum, so it is dead-lettered as is."""
+        """A record without a value: nothing to decode or checksum, so it is dead-lettered as is.
+        `message`: faust's, or an `InputRecord` read back (`_missed`)."""
+        record = message if isinstance(message, InputRecord) else input_record(message)
         return dead_letter(
             self.dead_letter_topic,
-            input_record(message),  # value None, kept so the dead-letter record is the original
+            record,  # value None, kept so the dead-letter record is the original
             DeadLetterReason.DESERIALIZATION_ERROR,
             "record has no value (tombstone)",
             timestamp_ms=ts,
@@ -963,20 +995,62 @@ class ProvenanceAgents:
                 handler.function.function_id,
             )
 
-    async def _read_max_message_bytes(self, topic: str) -> int | None:
-        """`kafka_io.topic_max_message_bytes` off the event loop, on the app's brokers
-        (`app.conf.broker`, ``kafka://host:port`` URLs, faust's default port 9092). None when it
-        cannot be read, or when faust connects with credentials (not translated to librdkafka)."""
+    def _client_settings(self) -> dict[str, Any] | None:
+        """librdkafka settings for the app's brokers (`app.conf.broker`, ``kafka://host:port`` URLs,
+        faust's default port 9092); None when faust connects with credentials (not translated)."""
         if self.app.conf.broker_credentials is not None:
+            return None
+        return {"bootstrap.servers": ",".join(f"{u.host}:{u.port or 9092}" for u in self.app.conf.broker)}
+
+    async def _read_max_message_bytes(self, topic: str) -> int | None:
+        """`kafka_io.topic_max_message_bytes` off the event loop, on the app's brokers. None when it
+        cannot be read, or when faust connects with credentials."""
+        settings = self._client_settings()
+        if settings is None:
             logger.warning(
                 "faust broker credentials are set: max.message.bytes of sink topic %s is not read, its "
                 "outputs are limited by the producer's producer_max_request_size only",
                 topic,
             )
             return None
-        settings = {"bootstrap.servers": ",".join(f"{u.host}:{u.port or 9092}" for u in self.app.conf.broker)}
         read = functools.partial(topic_max_message_bytes, settings, topic, timeout_s=SINK_CONFIG_TIMEOUT_S)
         return await asyncio.get_running_loop().run_in_executor(None, read)
+
+    async def _missed(self, name: str, message: Any) -> list[tuple[InputRecord, int | None]]:
+        """The records agent `name` should have been handed before `message` but faust dropped
+        (`DeliveryWatch.delivered`: the race at the end of a recovery), read back from Kafka, in order,
+        with their timestamps; none when there is no such gap. Read with faust's isolation level;
+        what cannot be read back is logged as an error, with its offsets: it is not processed."""
+        gap = self.delivery.delivered(name, message.topic, message.partition, message.offset)
+        if gap is None:
+            return []
+        start, end = gap
+        where = f"offsets {start} to {end - 1} of {message.topic}/{message.partition}"
+        settings = self._client_settings()
+        if settings is None:
+            logger.error("agent %s: %s cannot be read back (faust broker credentials are set)", name, where)
+            return []
+        exactly_once = str(self.app.conf.processing_guarantee).endswith("exactly_once")
+        read = functools.partial(
+            read_range,
+            settings,
+            message.topic,
+            message.partition,
+            start,
+            end,
+            isolation_level="read_committed" if exactly_once else "read_uncommitted",
+            timeout_s=READ_BACK_TIMEOUT_S,
+        )
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(None, read)
+        except (StreamprovError, KafkaException) as exc:
+            logger.error(
+                "agent %s: %s could not be read back, so they were not processed: %s", name, where, exc
+            )
+            return []
+        self.delivery.read_back += len(found)
+        logger.warning("agent %s: %s read back from Kafka: %d record(s) to process", name, where, len(found))
+        return [read_back_record(m) for m in found]
 
     async def send(self, out: Outgoing, *, force: bool = False) -> Any:
         """Produce one record; returns faust's future of its delivery."""
@@ -1004,5 +1078,6 @@ class ProvenanceAgents:
         If it comes back, the reducer is rebuilt from the table faust recovered for it.
         """
         tps = {(tp.topic, tp.partition) for tp in revoked}
+        self.delivery.forget(tps)
         for handler in self._reducers:
             handler.forget(tps)

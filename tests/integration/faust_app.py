@@ -10,6 +10,7 @@ worker behind. The web server is off (``--without-web``: the worker command over
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -91,18 +92,24 @@ def total(acc: int, value: dict[str, Any]) -> int:
     return acc + int(value["v"])
 
 
-def _clear_during_seek(source: str, within_s: float) -> None:
+def _clear_during_seek(source: str, within_s: float, quiet_s: float) -> None:
     """Fault injection: make faust's end-of-recovery race happen every time.
 
     faust resumes the stream partitions, seeks them (`Consumer.perform_seek`), then clears the
     agents' queues (`flow_control.resume()`), so records fetched during the seek can be dropped
-    (`streamprov.agents.faust_rewind`). Here the records of `source` delivered while `perform_seek`
+    (`streamprov.agents.faust_delivery`). Here the records of `source` delivered while `perform_seek`
     runs are dropped, as that clear drops them, and faust's own seek waits (at most `within_s`) until
-    one has been; `SeekAgain`'s seeks, after faust's and without a pause, are not delayed. The
-    worker's log says how many were dropped.
+    one has been and no more arrived for `quiet_s`; `SeekAgain`'s seeks, after faust's and without
+    a pause, are not delayed. The worker's log says how many were dropped.
+
+    `quiet_s` 0: the seek ends right after the first drop, while the fetcher is still delivering
+    that batch: its rest is delivered after the clear, faust's read offset moves past the dropped
+    records, and faust drops them again when they are fetched again (see `faust_delivery`).
     """
     dropping = False
     dropped: list[int] = []
+    last_drop = 0.0
+    first_drop = asyncio.Event()
 
     @app.on_partitions_assigned.connect
     async def wrap(sender: Any, *_: Any, **__: Any) -> None:
@@ -115,8 +122,13 @@ def _clear_during_seek(source: str, within_s: float) -> None:
         seek_to_committed = consumer.seek_to_committed  # faust's: wrapped before SeekAgain wraps it
 
         async def callback(message: Any) -> Any:
+            nonlocal last_drop
+            if dropping and message.topic == source and not quiet_s:
+                await asyncio.sleep(0.1)  # a slow delivery: the batch straddles the end of the seek
             if dropping and message.topic == source:
                 dropped.append(message.offset)
+                last_drop = time.monotonic()
+                first_drop.set()
                 return None
             return await deliver(message)
 
@@ -131,8 +143,14 @@ def _clear_during_seek(source: str, within_s: float) -> None:
 
         async def slow_seek_to_committed() -> Any:
             committed = await seek_to_committed()
+            if not quiet_s:  # back on the first drop: the rest of its batch is still to come
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(first_drop.wait(), within_s)
+                return committed
             deadline = time.monotonic() + within_s
-            while not dropped and time.monotonic() < deadline:
+            # until a fetched batch was dropped whole: the fetcher is then between batches, as it
+            # is when faust's own seek takes longer than delivering one
+            while time.monotonic() < deadline and (not dropped or time.monotonic() - last_drop < quiet_s):
                 await asyncio.sleep(0.01)
             return committed
 
@@ -142,7 +160,11 @@ def _clear_during_seek(source: str, within_s: float) -> None:
 
 
 if ENV.get("STREAMPROV_FAUST_CLEAR_DURING_SEEK"):
-    _clear_during_seek(ENV["STREAMPROV_FAUST_SOURCE"], float(ENV["STREAMPROV_FAUST_CLEAR_DURING_SEEK"]))
+    _clear_during_seek(
+        ENV["STREAMPROV_FAUST_SOURCE"],
+        float(ENV["STREAMPROV_FAUST_CLEAR_DURING_SEEK"]),
+        float(ENV.get("STREAMPROV_FAUST_CLEAR_QUIET_S", "0.3")),
+    )
 
 
 if __name__ == "__main__":

@@ -223,10 +223,14 @@ def test_map_then_reduce_keep_provenance(kafka_bootstrap: str, new_topic: Any, t
         assert list(msg.headers())[: len(original.headers)] == original.headers  # kept as consumed
 
 
-@pytest.mark.parametrize("stop", ["sigterm", "sigkill", "sigkill-cleared"])
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill", "sigkill-cleared", "sigkill-cleared-mid-batch"])
 def test_reduce_windows_survive_a_worker_restart(
     kafka_bootstrap: str, new_topic: Any, tmp_path: Path, stop: str
 ) -> None:
+    restart_scenario(kafka_bootstrap, new_topic, tmp_path, stop)
+
+
+def restart_scenario(kafka_bootstrap: str, new_topic: Any, tmp_path: Path, stop: str) -> None:
     """Open windows outlive the worker that folded them.
 
     sigterm: a clean stop (offsets mostly committed; faust may still replay a few). sigkill: a crash
@@ -236,7 +240,9 @@ def test_reduce_windows_survive_a_worker_restart(
     new records at new offsets. sigkill-cleared: the same, and the second worker drops the source
     records fetched while faust seeks at the end of its recovery, as faust's queue clear does to
     partitions without a committed offset (tests/integration/faust_app.py): without
-    `streamprov.agents.faust_rewind.SeekAgain` they were never processed.
+    `streamprov.agents.faust_delivery.SeekAgain` they were never processed. sigkill-cleared-mid-batch:
+    the seek ends while that batch is still being delivered, so faust drops the records again when
+    they are fetched again: the map reads them back itself (`ProvenanceAgents._missed`).
     """
     window_ms = 3000
     topics = {name: new_topic(prefix=f"faust-r-{name}") for name in ("source", "mapped", "totals", "dlq")}
@@ -266,16 +272,25 @@ def test_reduce_windows_survive_a_worker_restart(
     time.sleep(max(0.0, (last - last % window_ms + window_ms) / 1000 - time.time()) + 0.2)
     tick(kafka_bootstrap, topics["source"])
     groups = expected_windows(mapped, window_ms)  # a replay's map outputs keep their event time
-    second_env = {**env, "STREAMPROV_FAUST_CLEAR_DURING_SEEK": "10"} if stop == "sigkill-cleared" else env
+    second_env = env
+    if stop.startswith("sigkill-cleared"):
+        quiet_s = "0" if stop.endswith("mid-batch") else "0.3"
+        second_env = {
+            **env,
+            "STREAMPROV_FAUST_CLEAR_DURING_SEEK": "10",
+            "STREAMPROV_FAUST_CLEAR_QUIET_S": quiet_s,
+        }
     with faust_worker(second_env, log):
         totals = consume_all(
             kafka_bootstrap, topics["totals"], expected=len(groups), timeout_s=30, grace_s=1.0
         )
     assert len(totals) == len(groups), log_tail(log)
     text = log.read_text(errors="replace")
-    if stop == "sigkill-cleared":
+    if stop.startswith("sigkill-cleared"):
         dropped = re.search(r"fault injection: dropped (\d+) record", text)
         assert dropped and int(dropped.group(1)) >= 1, log_tail(log)  # the race did happen
+    if stop == "sigkill-cleared-mid-batch":  # the rest of the batch came after the clear
+        assert "were not delivered" in text and "read back from Kafka" in text, log_tail(log)
     # The tick is the last source record, so every map output (replays included) precedes the totals.
     mapped = consume_all(kafka_bootstrap, topics["mapped"], expected=10**6, timeout_s=3)
     if killed:  # nothing committed: every input is mapped again, some twice (at-least-once)
