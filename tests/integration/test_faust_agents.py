@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -227,7 +228,22 @@ def test_map_then_reduce_keep_provenance(kafka_bootstrap: str, new_topic: Any, t
 def test_reduce_windows_survive_a_worker_restart(
     kafka_bootstrap: str, new_topic: Any, tmp_path: Path, stop: str
 ) -> None:
-    restart_scenario(kafka_bootstrap, new_topic, tmp_path, stop)
+    """`restart_scenario`. A cleared variant whose fault injection found nothing to drop (now and
+    then the fetcher delivers nothing while faust seeks) did not stage the race: it runs again, at
+    most three times in all, visibly."""
+    for attempt in (1, 2, 3):
+        where = tmp_path / f"attempt-{attempt}"
+        where.mkdir()
+        try:
+            restart_scenario(kafka_bootstrap, new_topic, where, stop)
+            return
+        except RaceNotStagedError as exc:
+            warnings.warn(f"{stop}, attempt {attempt}: {exc}", stacklevel=1)
+    pytest.fail(f"{stop}: the fault injection did not stage the race in three attempts")
+
+
+class RaceNotStagedError(Exception):
+    """The fault injection found no record to drop while faust sought: the race was not staged."""
 
 
 def restart_scenario(kafka_bootstrap: str, new_topic: Any, tmp_path: Path, stop: str) -> None:
@@ -288,9 +304,13 @@ def restart_scenario(kafka_bootstrap: str, new_topic: Any, tmp_path: Path, stop:
     text = log.read_text(errors="replace")
     if stop.startswith("sigkill-cleared"):
         dropped = re.search(r"fault injection: dropped (\d+) record", text)
-        assert dropped and int(dropped.group(1)) >= 1, log_tail(log)  # the race did happen
+        assert dropped, log_tail(log)
+        if int(dropped.group(1)) == 0:
+            raise RaceNotStagedError("no source record was delivered while faust sought")
     if stop == "sigkill-cleared-mid-batch":  # the rest of the batch came after the clear
-        assert "were not delivered" in text and "read back from Kafka" in text, log_tail(log)
+        if "were not delivered" not in text:
+            raise RaceNotStagedError("the whole batch was delivered before the seek ended")
+        assert "read back from Kafka" in text, log_tail(log)
     # The tick is the last source record, so every map output (replays included) precedes the totals.
     mapped = consume_all(kafka_bootstrap, topics["mapped"], expected=10**6, timeout_s=3)
     if killed:  # nothing committed: every input is mapped again, some twice (at-least-once)
