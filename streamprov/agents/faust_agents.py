@@ -33,8 +33,8 @@ Guarantees
   the broker before its input counts as done; after a crash the input is processed again and the
   output written twice (same DataID, value and checksums; only the header timestamp differs). A
   worker restarted before it ever committed (a crash in its first commit interval) reads its
-  partitions from their first offset again, so records it processed during the recovery's final
-  seek are processed twice (`faust_delivery`): duplicates, never gaps.
+  partitions from their first offset again. A record handed again after the recovery's final seek
+  (`faust_delivery`) is processed again: duplicates, never gaps.
 * Reduce (``state="table"``, the default): every open (key, window) state lives in a faust Table,
   i.e. in a compacted changelog topic, so a restart (or a rebalance that moves the partition)
   resumes the open windows instead of losing them. Each state carries the offset of the last
@@ -1020,8 +1020,14 @@ class ProvenanceAgents:
         """The records agent `name` should have been handed before `message` but faust dropped
         (`DeliveryWatch.delivered`: the race at the end of a recovery), read back from Kafka, in order,
         with their timestamps; none when there is no such gap. Read with faust's isolation level;
-        what cannot be read back is logged as an error, with its offsets: it is not processed."""
-        gap = self.delivery.delivered(name, message.topic, message.partition, message.offset)
+        what cannot be read back is logged as an error, with its offsets: it is not processed.
+
+        The offsets read back are then marked as a gap in faust's offset tracking (its private
+        `Consumer._add_gap`, as faust does for the gaps it sees): faust never acked them, and without
+        it no offset of the partition would be committed again until the next rebalance."""
+        gap = self.delivery.delivered(
+            name, message.topic, message.partition, message.offset, rebalancing=bool(self.app.rebalancing)
+        )
         if gap is None:
             return []
         start, end = gap
@@ -1030,7 +1036,7 @@ class ProvenanceAgents:
         if settings is None:
             logger.error("agent %s: %s cannot be read back (faust broker credentials are set)", name, where)
             return []
-        exactly_once = str(self.app.conf.processing_guarantee).endswith("exactly_once")
+        exactly_once = bool(self.app.in_transaction)  # faust reads read_committed then
         read = functools.partial(
             read_range,
             settings,
@@ -1050,6 +1056,9 @@ class ProvenanceAgents:
             return []
         self.delivery.read_back += len(found)
         logger.warning("agent %s: %s read back from Kafka: %d record(s) to process", name, where, len(found))
+        add_gap = getattr(self.app.consumer, "_add_gap", None)
+        if add_gap is not None:
+            await add_gap(message.tp, start, end - 1)
         return [read_back_record(m) for m in found]
 
     async def send(self, out: Outgoing, *, force: bool = False) -> Any:

@@ -16,11 +16,12 @@ records fetched while the seek waits on the broker reach the agents' queues and 
   records out of its windows (seen in this project's CI, and in 2 of 40 restart tests under load).
 
 `SeekAgain` wraps the app consumer's ``seek_to_committed`` (installed when the first recovery
-completes, which is before its seek) to seek the agents' source partitions once more, back to back
-at the end: each to the first record an agent has not taken yet (`DeliveryWatch`), so records taken
-during the seek are not processed twice; else to its committed offset; else to its first offset,
-looked up before faust's seek (when ``consumer_auto_offset_reset`` is "earliest", faust's default;
-with "latest" a worker starts at the end anyway).
+completes, which is before its seek; faust also calls it when a fetch finds the flow stopped, during
+a revocation) to seek the agents' source partitions once more, back to back at the end: each to the
+first record an agent has not taken yet (`DeliveryWatch`), so records taken during the seek are not
+handed again (with several agents on a topic: the slowest one's); else to its committed offset;
+else to its first offset, looked up before faust's seek (when ``consumer_auto_offset_reset`` is
+"earliest", faust's default; with "latest" a worker starts at the end anyway).
 
 Not covered by the seek: the fetcher still delivering a batch when the queues are cleared. The
 rest of that batch is delivered after the clear, faust's read offset (`Consumer._read_offset`) moves
@@ -33,6 +34,7 @@ of its own and processes them before the record that revealed the gap, in order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -40,6 +42,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+FIRST_OFFSETS_TIMEOUT_S = 5.0
+"""How long `SeekAgain` waits for the source partitions' first offsets (inside faust's seek)."""
 INSTALLED = "_streamprov_seek_again"
 """Attribute set on the consumer once its ``seek_to_committed`` is wrapped."""
 
@@ -96,18 +100,26 @@ class DeliveryWatch:
             del self._next[key]
         self._after_seek = {k for k in self._after_seek if (k[1], k[2]) not in gone}
 
-    def delivered(self, name: str, topic: str, partition: int, offset: int) -> tuple[int, int] | None:
+    def delivered(
+        self, name: str, topic: str, partition: int, offset: int, *, rebalancing: bool = False
+    ) -> tuple[int, int] | None:
         """Agent `name` was handed this record: the offsets it missed right before it (start, end)
-        when it is the first record after a seek, else None."""
+        when it is the first record after a seek, else None. A record handed while faust is still
+        `rebalancing` (between the seek and the clear) does not count as that first record: the gap
+        the clear makes comes after it."""
         key = (name, topic, partition)
         expected = self._next.get(key)
         self._next[key] = offset + 1
         after_seek = key in self._after_seek
-        self._after_seek.discard(key)
+        if not rebalancing:
+            self._after_seek.discard(key)
         if expected is None or offset <= expected:
             return None
         self._report(key, expected, offset)
-        return (expected, offset) if after_seek else None
+        if after_seek:
+            self._after_seek.discard(key)
+            return (expected, offset)
+        return None
 
     def _report(self, key: tuple[str, str, int], expected: int, offset: int) -> None:
         name, topic, partition = key
@@ -150,7 +162,13 @@ class SeekAgain:
         async def seek_to_committed() -> Mapping[Any, int | None]:
             sources = self.watch.topics()
             ours = sorted(tp for tp in consumer.assignment() if tp.topic in sources)
-            earliest = await self._first_offsets(consumer, ours)
+            try:  # inside faust's bounded wait for the seek: a slow broker must not use it up
+                earliest = await asyncio.wait_for(
+                    self._first_offsets(consumer, ours), FIRST_OFFSETS_TIMEOUT_S
+                )
+            except TimeoutError:
+                logger.warning("the first offsets of the source partitions were not read in time")
+                earliest = {}
             committed: Mapping[Any, int | None] = await original()
             await self.seek(consumer, ours, committed, earliest)
             return committed
@@ -183,11 +201,12 @@ class SeekAgain:
         committed: Mapping[Any, int | None],
         earliest: Mapping[Any, int],
     ) -> None:
-        """Seek `partitions` once more, back to back: faust's `Consumer.seek` does not yield, so no
-        record fetched after these seeks reaches a queue before faust clears them. Each to the first
-        record an agent has not taken yet (`DeliveryWatch.resume_at`: records taken during the seek
-        are not processed again), else its committed offset, else its first offset (looked up
-        before faust's seek, for the same reason)."""
+        """Seek `partitions` once more, back to back (faust's `Consumer.seek` does not yield), as
+        close to faust's clear as this code gets: a couple of event-loop turns still pass before it,
+        in which the fetcher may deliver what `DeliveryWatch` then finds missing. Each to the first
+        record an agent has not taken yet (`DeliveryWatch.resume_at`; with several agents on a topic,
+        the slowest one's: the others are handed some records again), else its committed offset,
+        else its first offset (looked up before faust's seek)."""
         sought = []
         for tp in partitions:
             offset, where = self.watch.resume_at(tp.topic, tp.partition), "next not taken"

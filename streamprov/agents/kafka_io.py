@@ -286,7 +286,8 @@ def read_range(
 ) -> list[Message]:
     """The records of `topic`/`partition` at offsets `start` to `end` - 1 that exist (transaction
     markers and compacted records do not), read by a consumer of its own that joins no group and
-    commits nothing. Raises `StreamprovError` when they cannot be read within `timeout_s`."""
+    commits nothing. Raises `StreamprovError` when they cannot be read within `timeout_s`, or at
+    once for a fatal error or a topic or partition that does not exist."""
     consumer = Consumer(
         _with_logger(
             {
@@ -311,7 +312,9 @@ def read_range(
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     return records
-                raise StreamprovError(f"reading {topic}/{partition} from offset {start}: {err.str()}")
+                if err.fatal() or err.code() in _NO_TOPIC:
+                    raise StreamprovError(f"reading {topic}/{partition} from offset {start}: {err.str()}")
+                continue  # a broker or transport hiccup: librdkafka retries until the deadline
             if (msg.offset() or 0) >= end:
                 return records
             records.append(msg)

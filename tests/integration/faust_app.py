@@ -92,6 +92,9 @@ def total(acc: int, value: dict[str, Any]) -> int:
     return acc + int(value["v"])
 
 
+MID_BATCH_DROPS = 2
+
+
 def _clear_during_seek(source: str, within_s: float, quiet_s: float) -> None:
     """Fault injection: make faust's end-of-recovery race happen every time.
 
@@ -102,14 +105,16 @@ def _clear_during_seek(source: str, within_s: float, quiet_s: float) -> None:
     one has been and no more arrived for `quiet_s`; `SeekAgain`'s seeks, after faust's and without
     a pause, are not delayed. The worker's log says how many were dropped.
 
-    `quiet_s` 0: the seek ends right after the first drop, while the fetcher is still delivering
-    that batch: its rest is delivered after the clear, faust's read offset moves past the dropped
+    `quiet_s` 0: the seek ends right after the first drop; after `MID_BATCH_DROPS` drops the rest
+    of the batch is held until the seek has ended and then delivered, as when the fetcher is still
+    delivering a batch when faust clears the queues: faust's read offset moves past the dropped
     records, and faust drops them again when they are fetched again (see `faust_delivery`).
     """
     dropping = False
     dropped: list[int] = []
     last_drop = 0.0
     first_drop = asyncio.Event()
+    seek_ended = asyncio.Event()
 
     @app.on_partitions_assigned.connect
     async def wrap(sender: Any, *_: Any, **__: Any) -> None:
@@ -123,8 +128,8 @@ def _clear_during_seek(source: str, within_s: float, quiet_s: float) -> None:
 
         async def callback(message: Any) -> Any:
             nonlocal last_drop
-            if dropping and message.topic == source and not quiet_s:
-                await asyncio.sleep(0.1)  # a slow delivery: the batch straddles the end of the seek
+            if dropping and message.topic == source and not quiet_s and len(dropped) >= MID_BATCH_DROPS:
+                await seek_ended.wait()  # the rest of the batch: delivered as the seek ends, and after
             if dropping and message.topic == source:
                 dropped.append(message.offset)
                 last_drop = time.monotonic()
@@ -139,6 +144,7 @@ def _clear_during_seek(source: str, within_s: float, quiet_s: float) -> None:
                 await perform_seek()
             finally:
                 dropping = False
+                seek_ended.set()
             print(f"fault injection: dropped {len(dropped)} record(s) of {source} {dropped}", flush=True)
 
         async def slow_seek_to_committed() -> Any:

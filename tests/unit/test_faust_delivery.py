@@ -207,3 +207,15 @@ def test_the_gap_on_the_first_record_after_a_seek_is_returned_for_reading_back()
     watch.sought("mapped", 0, 12)
     assert watch.delivered("sum", "mapped", 0, 12) is None  # as expected after the seek: no gap
     assert watch.delivered("sum", "mapped", 0, 14) is None  # the first record after it was the one
+
+
+def test_records_handed_before_faust_clears_the_queues_keep_the_read_back_armed() -> None:
+    """Between SeekAgain's seek and faust's clear the agent may still take a record or two; the gap
+    the clear makes comes after them, and must still be read back."""
+    watch = DeliveryWatch()
+    watch.agent("scale", "src")
+    watch.sought("src", 0, 100)
+    assert watch.delivered("scale", "src", 0, 100, rebalancing=True) is None
+    assert watch.delivered("scale", "src", 0, 101, rebalancing=True) is None
+    assert watch.delivered("scale", "src", 0, 140) == (102, 140)  # after the clear: read back
+    assert watch.delivered("scale", "src", 0, 150) is None  # once
