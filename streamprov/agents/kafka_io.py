@@ -286,8 +286,8 @@ def read_range(
 ) -> list[Message]:
     """The records of `topic`/`partition` at offsets `start` to `end` - 1 that exist (transaction
     markers and compacted records do not), read by a consumer of its own that joins no group and
-    commits nothing. Raises `StreamprovError` when they cannot be read within `timeout_s`, or at
-    once for a fatal error or a topic or partition that does not exist."""
+    commits nothing. Raises `StreamprovError` when they cannot be read within `timeout_s` (a
+    partition that does not exist included), or at once for a fatal error."""
     consumer = Consumer(
         _with_logger(
             {
