@@ -269,6 +269,8 @@ class LedgerWriter:
         self._state_lock = threading.Condition()
         self._sealer: RowSealer | None = None
         self._templates: dict[int, AppTemplate] = {}
+        self._map_static: dict[int, int] = {}
+        """Each template's `template_size`, for the size bound of its map rows."""
         self._template_keys: dict[AppTemplate, int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -366,6 +368,7 @@ class LedgerWriter:
                 f"applications of {template.function_id}@{template.function_version} need about {static} "
                 f"bytes before any input, above max_entry_bytes={self.max_entry_bytes}"
             )
+        self._map_static[key] = template_size(template)  # per row on the data path: no hashing there
         self._templates[key] = template  # before the key is handed out: the writer thread reads it
         self._template_keys[template] = key
 
@@ -385,7 +388,7 @@ class LedgerWriter:
             if template is None:
                 raise LedgerWriterError(f"no template {row[0]} registered with this writer")
             if len(row) != 6:  # a MapRow: bounded by its headers' lengths unless they are long
-                size = approx_map_row_size(template_size(template), row, budget)
+                size = approx_map_row_size(self._map_static[row[0]], row, budget)
                 if size > budget:
                     raise EntryTooLargeError(
                         f"map application needs about {size} bytes, above max_entry_bytes="
