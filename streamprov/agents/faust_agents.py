@@ -94,7 +94,7 @@ from streamprov.agents.dead_letter import (
     source_of,
 )
 from streamprov.agents.faust_delivery import DeliveryWatch, SeekAgain
-from streamprov.agents.kafka_io import read_range, topic_max_message_bytes
+from streamprov.agents.kafka_io import limit_below, read_range, topic_max_message_bytes
 from streamprov.agents.serde import JsonSerde, Serde
 from streamprov.checksum import Checksum, ChecksumAlgorithm, matches
 from streamprov.errors import ProcessingError, SerdeError, StreamprovError
@@ -984,8 +984,9 @@ class ProvenanceAgents:
         if handler.sink not in self._sink_limits:
             self._sink_limits[handler.sink] = await self._read_max_message_bytes(handler.sink)
         limit = self._sink_limits[handler.sink]
-        if limit is not None and limit - RECORD_FRAMING_BYTES < handler.max_output_bytes:
-            handler.max_output_bytes = limit - RECORD_FRAMING_BYTES
+        lower = limit_below(limit, handler.max_output_bytes)
+        if lower is not None:
+            handler.max_output_bytes = lower
             handler.limit_of = f"the sink topic's max.message.bytes, {limit}"
             logger.info(
                 "sink topic %s takes records of at most %d bytes (max.message.bytes): larger outputs of "

@@ -265,10 +265,15 @@ def record_limit_below(
     """The largest record `topic` takes (its `max.message.bytes` less `RECORD_FRAMING_BYTES`) when
     that is below `current`, a writer's own limit; else None (not lower, or not readable). A record
     over it is refused by the broker on every retry: a writer lowers its limit to it at start."""
-    limit = topic_max_message_bytes(settings, topic, timeout_s=timeout_s)
-    if limit is None or limit - RECORD_FRAMING_BYTES >= current:
+    return limit_below(topic_max_message_bytes(settings, topic, timeout_s=timeout_s), current)
+
+
+def limit_below(max_message_bytes: int | None, current: int) -> int | None:
+    """The largest record a topic of this `max.message.bytes` takes (less `RECORD_FRAMING_BYTES`)
+    when that is below `current`; else None (not lower, or the limit is not known)."""
+    if max_message_bytes is None or max_message_bytes - RECORD_FRAMING_BYTES >= current:
         return None
-    return limit - RECORD_FRAMING_BYTES
+    return max_message_bytes - RECORD_FRAMING_BYTES
 
 
 _NO_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
